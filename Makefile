@@ -1,0 +1,42 @@
+# pyvmm: `make demo` and `make test` on a fresh Debian-based machine, as root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: deps venv lab-assets test unit lint demo shell clean
+
+deps: .deps-stamp venv
+
+.deps-stamp: scripts/install-deps.sh
+	bash scripts/install-deps.sh
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+lab-assets: deps
+	$(BIN)/pyvmm-lab build
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+
+unit: venv
+	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)
+
+test: lab-assets lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: lab-assets
+	$(BIN)/python -m pyvmm.lab.demo
+
+shell: lab-assets
+	$(BIN)/pyvmm-lab shell
+
+clean:
+	rm -rf $(VENV) .deps-stamp .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""pyvmm.devices"""
