@@ -1,0 +1,37 @@
+#!/bin/sh
+# Init of pyvmm's test guests (busybox), used both in the guest initramfs and on the guest disk.
+# root=DEV on the command line: mount it and switch to it (initramfs only); else pyvmm.cmd="..." runs that
+# command, prints PYVMM-GUEST-EXIT=<status> and powers off; else a shell on the console.
+PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "pyvmm-guest: init"
+for a in /sys/bus/pci/devices/*/modalias; do [ -r "$a" ] && modprobe -q "$(cat "$a")" 2>/dev/null; done
+cmdline=$(cat /proc/cmdline)
+param() { echo "$cmdline" | sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p"; }
+root=$(param root)
+if [ -f /pyvmm-initramfs ] && [ -n "$root" ]; then
+  modprobe -q virtio_blk; modprobe -q ext4
+  mode=ro
+  case " $cmdline " in *" rw "*) mode=rw;; esac
+  i=0
+  while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  mkdir -p /newroot
+  if mount -o "$mode" "$root" /newroot; then
+    mount --move /dev /newroot/dev
+    umount /proc /sys
+    exec switch_root /newroot /sbin/init
+  fi
+  echo "pyvmm-guest: cannot mount root=$root"
+fi
+cmd=$(echo "$cmdline" | sed -n 's/.*pyvmm\.cmd="\([^"]*\)".*/\1/p')
+if [ -n "$cmd" ]; then
+  sh -c "$cmd"
+  status=$?
+  sync
+  echo "PYVMM-GUEST-EXIT=$status"
+  poweroff -f
+  sleep 5
+fi
+exec setsid cttyhack sh

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Runs inside the lab's root (the outside tree): bring the host up as a passthrough host boots.
+printf '1 4 1 7\n' > /proc/sys/kernel/printk  # only errors reach the console; dmesg has the rest
+# Native drivers for every PCI device present, by modalias, as udev would load them.
+for a in /sys/bus/pci/devices/*/modalias; do modprobe -q -b "$(cat "$a")" 2>/dev/null; done
+# What a VFIO host has loaded: the IOMMU type1 backend, vfio-pci and KVM (AMD: ccp provides sev symbols).
+modprobe -a vfio_iommu_type1 vfio-pci ccp kvm_amd || exit 1
+udevadm --version >/dev/null 2>&1 || true
+# Wait until every device that has a driver available is bound (probes run asynchronously).
+i=0
+while [ $i -lt 50 ]; do
+  pending=0
+  for d in /sys/bus/pci/devices/*; do
+    [ -e "$d/driver" ] && continue
+    case "$(cat "$d/class")" in 0x0300*|0x0380*|0x0b40*|0x00ff*|0x060100*|0x060000*|0x0c0500*) continue;; esac
+    pending=1
+  done
+  [ $pending = 0 ] && break
+  sleep 0.1; i=$((i + 1))
+done
+exit 0
