@@ -1,0 +1,924 @@
+"""The `pyvmm` command line turned into validated configuration (ch-vfio-spec §1.2-§1.10, §1.13).
+
+`parse_vm_config(argv)` parses and validates everything that needs no file system, KVM or sysfs binding
+state; `check_paths(config)` then checks that the files and PCI functions named exist. Both raise
+`ConfigError`, whose str() is one line naming the option.
+
+Project rules on top of cloud-hypervisor's:
+- a key CH has but pyvmm does not implement is accepted only with CH's default value (so command lines
+  that spell out defaults still work) and otherwise refused as "not supported by pyvmm yet";
+- `x_nv_gpudirect_clique` must be 0-15 (the capability has 4 bits for it, spec §4.5.4);
+- duplicate `--device path=`s are found after normalising (realpath), not textually;
+- `max` above `boot` (CPU hotplug) is refused; `--disk image_type` may only be raw (and defaults to it);
+- two devices asking for the same PCI slot are refused here rather than at device creation;
+- a single-valued flag given twice is an error (argparse would silently keep the last one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+from pyvmm import __version__, layout
+from pyvmm.options import OptionError, Options, parse_byte_size, parse_options
+
+MAX_VCPUS = 8192  # KVM's limit on x86_64 as CH enforces it; the host's KVM_CAP_MAX_VCPUS is checked later
+MAX_PCI_SEGMENTS = 96
+PCI_SLOTS = 32
+MAX_BAR_INDEX = 5
+MAX_CLIQUE_ID = 15
+MAX_DISK_SERIAL_BYTES = 20  # virtio-blk device ID size
+PAGE_SIZE = 4096
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A command-line error; str() is one line: `<option>: <message>`."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(option, message)
+        self.option = option
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.option}: {self.message}".replace("\n", "\\n")
+
+
+class ConsoleMode(Enum):
+    OFF = "off"
+    NULL = "null"
+    TTY = "tty"
+    PTY = "pty"
+    FILE = "file"
+    SOCKET = "socket"
+
+
+class ImageType(Enum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+    VHD = "vhd"
+    VHDX = "vhdx"
+    VMDK = "vmdk"
+
+
+SUPPORTED_IMAGE_TYPES = frozenset({ImageType.RAW})
+SERIAL_MODES = frozenset(ConsoleMode)
+CONSOLE_MODES = frozenset({ConsoleMode.OFF, ConsoleMode.NULL, ConsoleMode.TTY, ConsoleMode.FILE})
+
+
+@dataclass(frozen=True)
+class PayloadConfig:
+    kernel: Path | None = None
+    initramfs: Path | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class CpuTopology:
+    threads_per_core: int
+    cores_per_die: int
+    dies_per_package: int
+    packages: int
+
+    @property
+    def vcpus(self) -> int:
+        return self.threads_per_core * self.cores_per_die * self.dies_per_package * self.packages
+
+
+@dataclass(frozen=True)
+class CpusConfig:
+    boot: int = 1
+    max: int = 1
+    topology: CpuTopology | None = None
+    max_phys_bits: int = layout.DEFAULT_MAX_PHYS_BITS
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    size: int = 512 * layout.MiB
+    shared: bool = False
+    hugepages: bool = False
+    hugepage_size: int | None = None  # None: the host's default huge page size
+    prefault: bool = False
+    thp: bool = True
+    mergeable: bool = False
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """`--serial` (16550 COM1) or `--console` (virtio-console); the PCI keys apply to --console only."""
+
+    mode: ConsoleMode
+    path: Path | None = None  # for FILE and SOCKET
+    id: str | None = None
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: Path
+    readonly: bool = False
+    direct: bool = False
+    id: str | None = None
+    num_queues: int = 1
+    queue_size: int = 128
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+    serial: str | None = None
+    image_type: ImageType = ImageType.RAW
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One host PCI function passed through with VFIO."""
+
+    path: Path  # the function's sysfs directory, as given
+    id: str | None = None
+    iommu: bool = False
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+    x_nv_gpudirect_clique: int | None = None
+    x_exclude_mmap_bars: tuple[int, ...] = ()
+    managed: bool = False  # pyvmm-only: bind to vfio-pci before the VM starts, restore the driver after
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    num_pci_segments: int = 1
+    vfio_p2p_dma: bool = True
+    iommu_segments: tuple[int, ...] = ()  # always empty for now: needs virtio-iommu
+    iommu_address_width: int = 64
+    iommufd: bool = False  # always False for now: container/group mode only
+
+
+@dataclass(frozen=True)
+class PciSegmentConfig:
+    pci_segment: int = 0
+    mmio32_aperture_weight: int = 1
+    mmio64_aperture_weight: int = 1
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    payload: PayloadConfig = field(default_factory=PayloadConfig)
+    cpus: CpusConfig = field(default_factory=CpusConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    serial: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.NULL))
+    console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.TTY))
+    disks: tuple[DiskConfig, ...] = ()
+    devices: tuple[DeviceConfig, ...] = ()
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+    pci_segments: tuple[PciSegmentConfig, ...] = ()
+    verbosity: int = 0
+    dry_run: bool = False
+
+
+def aperture_weights(config: VmConfig) -> list[tuple[int, int]]:
+    """(mmio32, mmio64) weight of every segment; later `--pci-segment` entries win (spec §1.10)."""
+    weights = [(1, 1)] * config.platform.num_pci_segments
+    for seg in config.pci_segments:
+        weights[seg.pci_segment] = (seg.mmio32_aperture_weight, seg.mmio64_aperture_weight)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys CH knows but pyvmm does not implement: the values accepted are CH's defaults (what pyvmm does).
+
+_TOGGLE_WORDS = {"on": True, "true": True, "off": False, "false": False}
+
+_CPUS_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    "kvm_hyperv": frozenset({"off"}),
+    "affinity": frozenset(),
+    "features": frozenset(),
+    "nested": frozenset({"on"}),
+    "core_scheduling": frozenset({"off"}),
+    "profile": frozenset({"host"}),
+}
+_MEMORY_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    "hotplug_method": frozenset({"acpi"}),
+    "hotplug_size": frozenset(),
+    "hotplugged_size": frozenset(),
+    "reserve": frozenset({"off"}),
+}
+_DISK_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    "iommu": frozenset({"off"}),
+    "vhost_user": frozenset({"off"}),
+    "socket": frozenset(),
+    "bw_size": frozenset(),
+    "bw_one_time_burst": frozenset(),
+    "bw_refill_time": frozenset(),
+    "ops_size": frozenset(),
+    "ops_one_time_burst": frozenset(),
+    "ops_refill_time": frozenset(),
+    "rate_limit_group": frozenset(),
+    "queue_affinity": frozenset(),
+    "backing_files": frozenset({"off"}),
+    "sparse": frozenset({"on"}),
+    "lock_granularity": frozenset(),
+}
+_DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    "fd": frozenset(),
+    "iommu": frozenset({"off"}),
+}
+_CONSOLE_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
+_PLATFORM_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    "iommufd": frozenset({"off"}),
+    "iommufd_fd": frozenset(),
+    "tdx": frozenset({"off"}),
+    "sev_snp": frozenset({"off"}),
+    **{
+        key: frozenset()
+        for key in (
+            "system_manufacturer",
+            "system_product_name",
+            "system_version",
+            "system_serial_number",
+            "system_uuid",
+            "system_sku_number",
+            "system_family",
+            "chassis_asset_tag",
+            "oem_strings",
+            "serial_number",
+            "uuid",
+        )
+    },
+}
+_UNSUPPORTED_HINTS = {
+    "affinity": "pin the pyvmm process with taskset instead",
+    "hotplug_size": "give the whole amount with size=",
+    "hotplugged_size": "give the whole amount with size=",
+    "iommufd": "the default container/group mode (iommufd=off) is used",
+    "iommu": "a virtio-iommu is not available; leave iommu off",
+}
+
+
+def _refuse_unsupported(opts: Options, table: Mapping[str, frozenset[str]]) -> None:
+    for key, accepted in table.items():
+        raw = opts.get(key)
+        if raw is None:
+            continue
+        value = raw.lower()
+        if value in _TOGGLE_WORDS and accepted <= {"on", "off"}:
+            value = "on" if _TOGGLE_WORDS[value] else "off"
+        if value in accepted:
+            continue
+        what = f"{key}={raw}" if accepted else key
+        hint = _UNSUPPORTED_HINTS.get(key)
+        raise OptionError(f"{what} is not supported by pyvmm yet" + (f"; {hint}" if hint else ""))
+
+
+def _keys(*names: str, unsupported: Mapping[str, frozenset[str]] | None = None) -> frozenset[str]:
+    return frozenset(names) | frozenset(unsupported or {})
+
+
+def _check_id(opts: Options) -> str | None:
+    ident = opts.get("id")
+    if ident is not None and ident.startswith("__"):
+        raise OptionError(f"Identifier {ident} is not valid: identifiers must not start with '__'")
+    return ident
+
+
+def _pci_placement(opts: Options) -> tuple[int, int | None]:
+    segment = opts.integer("pci_segment", 0, bits=16)
+    assert segment is not None
+    slot = opts.integer("pci_device_id", None, bits=8)
+    if slot is not None:
+        if slot >= PCI_SLOTS:
+            raise OptionError(f"Given PCI device ID ({slot}) is out of the supported range of 0..{PCI_SLOTS}")
+        if slot == 0 and segment == 0:
+            raise OptionError("Given PCI device ID (0) is reserved (segment 0's host bridge); use 1..31")
+    return segment, slot
+
+
+def _required_int(opts: Options, key: str, default: int, bits: int) -> int:
+    value = opts.integer(key, default, bits=bits)
+    assert value is not None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# One parser per flag. Each takes the option string and raises OptionError (the caller adds the flag).
+
+_CPUS_KEYS = _keys("boot", "max", "topology", "max_phys_bits", unsupported=_CPUS_UNSUPPORTED)
+_BARE_NUMBER = re.compile(r"\d+")
+
+
+def parse_topology(text: str) -> CpuTopology:
+    parts = text.split(":")
+    example = "e.g. topology=1:2:1:1 for 2 single-threaded cores"
+    if len(parts) != 4:
+        raise OptionError(
+            f"topology={text} must have 4 parts threads_per_core:cores_per_die:dies_per_package:packages, "
+            + example
+        )
+    numbers = [int(p) for p in parts if _BARE_NUMBER.fullmatch(p.strip())]
+    if len(numbers) != 4 or any(n > 255 for n in numbers):
+        raise OptionError(f"topology={text}: each part must be an integer 1..255, {example}")
+    if 0 in numbers:
+        raise OptionError("No part of the CPU topology can be zero")
+    topo = CpuTopology(*numbers)
+    if topo.threads_per_core > 2:
+        raise OptionError("CPU topology supports at most 2 threads per core")
+    return topo
+
+
+def parse_cpus(text: str) -> CpusConfig:
+    if _BARE_NUMBER.fullmatch(text.strip()):
+        text = f"boot={text.strip()}"  # older walkthroughs write `--cpus 2`
+    opts = parse_options(text, _CPUS_KEYS)
+    _refuse_unsupported(opts, _CPUS_UNSUPPORTED)
+    boot = _required_int(opts, "boot", 1, bits=32)
+    max_vcpus = _required_int(opts, "max", boot, bits=32)
+    if boot == 0:
+        raise OptionError("boot=0: a VM needs at least one vCPU")
+    for n in (boot, max_vcpus):
+        if n > MAX_VCPUS:
+            raise OptionError(f"Too many CPUs: specified {n} but {MAX_VCPUS} is the limit")
+    if max_vcpus < boot:
+        raise OptionError(f"Max CPUs ({max_vcpus}) lower than boot CPUs ({boot})")
+    if max_vcpus > boot:
+        raise OptionError(
+            f"CPU hotplug (max={max_vcpus} above boot={boot}) is not supported by pyvmm yet; "
+            "drop max= or make it equal to boot"
+        )
+    topo_text = opts.get("topology")
+    topology = parse_topology(topo_text) if topo_text is not None else None
+    if topology is not None and topology.vcpus != max_vcpus:
+        raise OptionError(
+            f"Product of CPU topology parts does not match maximum vCPU ({topology.vcpus} != {max_vcpus})"
+        )
+    phys_bits = _required_int(opts, "max_phys_bits", layout.DEFAULT_MAX_PHYS_BITS, bits=8)
+    if not 32 < phys_bits <= 64:
+        raise OptionError(
+            f"max_phys_bits={phys_bits} must be in 33..64 (default {layout.DEFAULT_MAX_PHYS_BITS})"
+        )
+    return CpusConfig(boot=boot, max=max_vcpus, topology=topology, max_phys_bits=phys_bits)
+
+
+_MEMORY_KEYS = _keys(
+    "size", "shared", "hugepages", "hugepage_size", "prefault", "thp", "mergeable",
+    unsupported=_MEMORY_UNSUPPORTED,
+)  # fmt: skip
+
+
+def parse_memory(text: str) -> MemoryConfig:
+    try:
+        opts = parse_options(text, _MEMORY_KEYS)
+    except OptionError as e:
+        if "=" not in text and "," not in text:
+            try:
+                parse_byte_size(text)
+            except OptionError:
+                pass
+            else:
+                raise OptionError(f"{e}; did you mean size={text.strip()}?") from None
+        raise
+    _refuse_unsupported(opts, _MEMORY_UNSUPPORTED)
+    size = opts.byte_size("size", 512 * layout.MiB)
+    assert size is not None
+    if size == 0:
+        raise OptionError(
+            "size=0 (memory zones) is not supported by pyvmm yet; give the RAM size, e.g. size=1G"
+        )
+    hugepages = opts.toggle("hugepages", False)
+    hugepage_size = opts.byte_size("hugepage_size")
+    if hugepage_size is not None:
+        if not hugepages:
+            raise OptionError("Huge page size specified but huge pages not enabled: add hugepages=on")
+        if hugepage_size & (hugepage_size - 1) or hugepage_size == 0:
+            raise OptionError(f"Huge page size is not power of 2: {hugepage_size}")
+    align = hugepage_size or PAGE_SIZE
+    if size % align:
+        raise OptionError(
+            f"Memory size is misaligned with default page size or its hugepage size: {size} is not a "
+            f"multiple of {align}"
+        )
+    shared = opts.toggle("shared", False)
+    mergeable = opts.toggle("mergeable", False)
+    if shared and mergeable:
+        raise OptionError("Invalid to set both 'mergeable' and 'shared' for memory")
+    return MemoryConfig(
+        size=size,
+        shared=shared,
+        hugepages=hugepages,
+        hugepage_size=hugepage_size,
+        prefault=opts.toggle("prefault", False),
+        thp=opts.toggle("thp", True),
+        mergeable=mergeable,
+    )
+
+
+_CONSOLE_VALUELESS = ("off", "pty", "tty", "null")  # CH's order: the first one present wins
+_SERIAL_KEYS = frozenset({"file", "socket"})
+_CONSOLE_KEYS = _keys(
+    "file", "socket", "id", "pci_segment", "pci_device_id", unsupported=_CONSOLE_UNSUPPORTED
+)
+
+
+def parse_console(text: str, flag: str = "--console") -> ConsoleConfig:
+    """`--serial` (flag="--serial") or `--console`: a mode and, for --console, PCI placement."""
+    is_console = flag == "--console"
+    opts = parse_options(text, _CONSOLE_KEYS if is_console else _SERIAL_KEYS, _CONSOLE_VALUELESS)
+    mode: ConsoleMode | None = next((ConsoleMode(m) for m in _CONSOLE_VALUELESS if m in opts.flags), None)
+    path: Path | None = None
+    if mode is None:
+        for key in ("file", "socket"):
+            if opts.has(key) or key in opts.blank:
+                mode = ConsoleMode(key)
+                raw = opts.get(key)
+                if raw is None:
+                    raise OptionError(f"Path missing when using {key} console mode: write {key}=<path>")
+                path = Path(raw)
+                break
+    if mode is None:
+        raise OptionError("invalid console mode given: use off, null, tty, pty, file=<path> or socket=<path>")
+    allowed = CONSOLE_MODES if is_console else SERIAL_MODES
+    if mode not in allowed:
+        names = ", ".join(m.value for m in ConsoleMode if m in allowed)
+        raise OptionError(f"{flag} {mode.value} is not supported by pyvmm yet; use one of {names}")
+    if not is_console:
+        return ConsoleConfig(mode=mode, path=path)
+    _refuse_unsupported(opts, _CONSOLE_UNSUPPORTED)
+    segment, slot = _pci_placement(opts)
+    return ConsoleConfig(mode=mode, path=path, id=_check_id(opts), pci_segment=segment, pci_device_id=slot)
+
+
+_DISK_KEYS = _keys(
+    "path", "readonly", "direct", "id", "num_queues", "queue_size", "pci_segment", "pci_device_id",
+    "serial", "image_type", "_disable_io_uring", "_disable_aio",
+    unsupported=_DISK_UNSUPPORTED,
+)  # fmt: skip
+
+
+def parse_disk(text: str) -> DiskConfig:
+    opts = parse_options(text, _DISK_KEYS)
+    _refuse_unsupported(opts, _DISK_UNSUPPORTED)
+    # pyvmm uses neither io_uring nor AIO, so the hidden switches that disable them are no-ops.
+    opts.toggle("_disable_io_uring", False)
+    opts.toggle("_disable_aio", False)
+    path = opts.get("path")
+    if path is None:
+        raise OptionError("path missing: give the raw disk image, e.g. path=rootfs.img")
+    image_type = ImageType.RAW
+    raw_type = opts.get("image_type")
+    if raw_type is not None:
+        try:
+            image_type = ImageType(raw_type.lower())
+        except ValueError:
+            names = ", ".join(t.value for t in ImageType)
+            raise OptionError(f"image_type={raw_type} is not one of {names}") from None
+        if image_type not in SUPPORTED_IMAGE_TYPES:
+            raise OptionError(
+                f"image_type={image_type.value} is not supported by pyvmm yet; only raw images are "
+                "(convert with: qemu-img convert -O raw <image> <image>.raw)"
+            )
+    num_queues = _required_int(opts, "num_queues", 1, bits=16)
+    if num_queues == 0:
+        raise OptionError("num_queues must be at least 1")
+    queue_size = _required_int(opts, "queue_size", 128, bits=16)
+    if queue_size & (queue_size - 1) or queue_size == 0:
+        raise OptionError(f"Queue size must be a power of 2, e.g. 128 or 256, not {queue_size}")
+    if queue_size <= 2:
+        raise OptionError(f"Block queue size must be greater than 2: {queue_size}")
+    serial = opts.get("serial")
+    if serial is not None and len(serial.encode()) > MAX_DISK_SERIAL_BYTES:
+        raise OptionError(
+            f"serial is {len(serial.encode())} bytes; virtio-blk allows at most {MAX_DISK_SERIAL_BYTES}"
+        )
+    segment, slot = _pci_placement(opts)
+    return DiskConfig(
+        path=Path(path),
+        readonly=opts.toggle("readonly", False),
+        direct=opts.toggle("direct", False),
+        id=_check_id(opts),
+        num_queues=num_queues,
+        queue_size=queue_size,
+        pci_segment=segment,
+        pci_device_id=slot,
+        serial=serial,
+        image_type=image_type,
+    )
+
+
+_DEVICE_KEYS = _keys(
+    "path", "id", "pci_segment", "pci_device_id", "x_nv_gpudirect_clique", "x_exclude_mmap_bars",
+    "managed", unsupported=_DEVICE_UNSUPPORTED,
+)  # fmt: skip
+
+
+def parse_device(text: str) -> DeviceConfig:
+    opts = parse_options(text, _DEVICE_KEYS)
+    _refuse_unsupported(opts, _DEVICE_UNSUPPORTED)
+    path = opts.get("path")
+    if path is None:
+        raise OptionError(
+            "VFIO device config must specify path=: the host function's sysfs directory, "
+            "e.g. path=/sys/bus/pci/devices/0000:01:00.0/"
+        )
+    clique = opts.integer("x_nv_gpudirect_clique", None, bits=8)
+    if clique is not None and clique > MAX_CLIQUE_ID:
+        raise OptionError(
+            f"x_nv_gpudirect_clique={clique} is out of range 0..{MAX_CLIQUE_ID} "
+            "(the P2P capability holds a 4-bit clique id)"
+        )
+    bars = opts.int_list("x_exclude_mmap_bars")
+    for bar in bars:
+        if bar > MAX_BAR_INDEX:
+            raise OptionError(f"x_exclude_mmap_bars entry {bar} is out of range 0..{MAX_BAR_INDEX}")
+    segment, slot = _pci_placement(opts)
+    return DeviceConfig(
+        path=Path(path),
+        id=_check_id(opts),
+        pci_segment=segment,
+        pci_device_id=slot,
+        x_nv_gpudirect_clique=clique,
+        x_exclude_mmap_bars=tuple(sorted(set(bars))),
+        managed=opts.toggle("managed", False),
+    )
+
+
+_PLATFORM_KEYS = _keys(
+    "num_pci_segments", "iommu_segments", "iommu_address_width", "vfio_p2p_dma",
+    unsupported=_PLATFORM_UNSUPPORTED,
+)  # fmt: skip
+
+
+def parse_platform(text: str) -> PlatformConfig:
+    opts = parse_options(text, _PLATFORM_KEYS)
+    _refuse_unsupported(opts, _PLATFORM_UNSUPPORTED)
+    num = _required_int(opts, "num_pci_segments", 1, bits=16)
+    if not 1 <= num <= MAX_PCI_SEGMENTS:
+        raise OptionError(f"Number of PCI segments ({num}) not in range of 1 to {MAX_PCI_SEGMENTS}")
+    iommu_segments = opts.int_list("iommu_segments")
+    for seg in iommu_segments:
+        if seg >= num:
+            raise OptionError(f"Invalid PCI segment id: {seg} in iommu_segments (num_pci_segments={num})")
+    if iommu_segments:
+        raise OptionError("iommu_segments is not supported by pyvmm yet (it needs a virtio-iommu)")
+    width = _required_int(opts, "iommu_address_width", 64, bits=8)
+    if width > 64:
+        raise OptionError(f"IOMMU address width in bits ({width}) should be less than or equal to 64")
+    return PlatformConfig(
+        num_pci_segments=num,
+        vfio_p2p_dma=opts.toggle("vfio_p2p_dma", True),
+        iommu_address_width=width,
+    )
+
+
+_PCI_SEGMENT_KEYS = frozenset({"pci_segment", "mmio32_aperture_weight", "mmio64_aperture_weight"})
+
+
+def parse_pci_segment(text: str) -> PciSegmentConfig:
+    opts = parse_options(text, _PCI_SEGMENT_KEYS)
+    weights = []
+    for key in ("mmio32_aperture_weight", "mmio64_aperture_weight"):
+        weight = _required_int(opts, key, 1, bits=32)
+        if weight == 0:
+            raise OptionError(f"Invalid PCI segment aperture weight: 0 ({key}); weights start at 1")
+        weights.append(weight)
+    return PciSegmentConfig(_required_int(opts, "pci_segment", 0, bits=16), *weights)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks across flags.
+
+
+def _device_label(kind: str, path: Path) -> str:
+    return f"{kind} path={path}"
+
+
+def _normalised(path: Path) -> str:
+    return os.path.realpath(path)  # also resolves /sys/bus/pci/devices/<BDF> symlinks
+
+
+def validate(config: VmConfig) -> None:
+    """Cross-flag checks of a parsed VmConfig (no file system access)."""
+    num = config.platform.num_pci_segments
+    boot = config.cpus.boot
+
+    def check_segment(label: str, segment: int) -> None:
+        if segment >= num:
+            raise ConfigError(
+                label,
+                f"Invalid PCI segment id: {segment} (there are {num} segment(s); "
+                f"raise --platform num_pci_segments)",
+            )
+
+    ids: dict[str, str] = {}
+    slots: dict[tuple[int, int], str] = {}
+
+    def claim(label: str, ident: str | None, segment: int, slot: int | None) -> None:
+        check_segment(label, segment)
+        if ident is not None:
+            if ident in ids:
+                raise ConfigError(label, f"Identifier {ident} is not unique (also used by {ids[ident]})")
+            ids[ident] = label
+        if slot is not None:
+            if (segment, slot) in slots:
+                raise ConfigError(
+                    label,
+                    f"PCI device ID {slot} on segment {segment} is already taken by {slots[segment, slot]}",
+                )
+            slots[segment, slot] = label
+
+    console = config.console
+    claim("--console", console.id, console.pci_segment, console.pci_device_id)
+    for disk in config.disks:
+        label = _device_label("--disk", disk.path)
+        claim(label, disk.id, disk.pci_segment, disk.pci_device_id)
+        if disk.num_queues > boot:
+            raise ConfigError(label, f"Queue count ({disk.num_queues}) must not exceed boot vCPUs ({boot})")
+    seen_paths: dict[str, Path] = {}
+    for dev in config.devices:
+        label = _device_label("--device", dev.path)
+        claim(label, dev.id, dev.pci_segment, dev.pci_device_id)
+        key = _normalised(dev.path)
+        if key in seen_paths:
+            raise ConfigError(
+                label, f"Duplicated device path: {dev.path} (same function as {seen_paths[key]})"
+            )
+        seen_paths[key] = dev.path
+        if dev.x_nv_gpudirect_clique is not None and not config.platform.vfio_p2p_dma:
+            raise ConfigError(
+                label, "Device with x_nv_gpudirect_clique requires vfio_p2p_dma=on (--platform)"
+            )
+    for seg in config.pci_segments:
+        check_segment(f"--pci-segment pci_segment={seg.pci_segment}", seg.pci_segment)
+
+    start, end = layout.mmio64_area(config.memory.size, config.cpus.max_phys_bits)
+    if end <= start:
+        raise ConfigError(
+            "--cpus",
+            f"max_phys_bits={config.cpus.max_phys_bits} leaves no room for 64-bit PCI BARs above "
+            f"{config.memory.size >> 20} MiB of RAM; raise it (default {layout.DEFAULT_MAX_PHYS_BITS})",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and PCI functions (kept apart so that grammar tests need no files).
+
+
+def _check_readable_file(label: str, path: Path, what: str) -> None:
+    if not path.exists():
+        raise ConfigError(label, f"{what} {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(label, f"{what} {path} is a directory, not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(label, f"{what} {path} is not readable (check its permissions)")
+
+
+def check_paths(config: VmConfig) -> None:
+    """Check that the kernel, initramfs, disk images, device directories and output files can be used."""
+    payload = config.payload
+    if payload.kernel is not None:
+        _check_readable_file("--kernel", payload.kernel, "kernel")
+    if payload.initramfs is not None:
+        _check_readable_file("--initramfs", payload.initramfs, "initramfs")
+    for disk in config.disks:
+        label = _device_label("--disk", disk.path)
+        _check_readable_file(label, disk.path, "disk image")
+        if not disk.readonly and not os.access(disk.path, os.W_OK):
+            raise ConfigError(
+                label, f"disk image {disk.path} is not writable; add readonly=on or fix permissions"
+            )
+    for dev in config.devices:
+        label = _device_label("--device", dev.path)
+        if not dev.path.is_dir():
+            hint = ""
+            if "/" not in str(dev.path):
+                hint = f"; give the sysfs directory, e.g. path=/sys/bus/pci/devices/{dev.path}/"
+            raise ConfigError(label, f"{dev.path} is not a directory{hint}")
+        if not (dev.path / "config").is_file() or not (dev.path / "vendor").is_file():
+            raise ConfigError(
+                label,
+                f"{dev.path} is not a PCI function (no config/vendor files); "
+                "expected a directory like /sys/bus/pci/devices/0000:01:00.0/",
+            )
+    for flag, console in (("--serial", config.serial), ("--console", config.console)):
+        if console.path is not None:
+            parent = console.path.parent
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"{flag} {console.mode.value}={console.path}", f"directory {parent} does not exist"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------
+# argparse.
+
+_DESCRIPTION = """\
+pyvmm: a virtual machine monitor on Linux KVM for VFIO PCI passthrough, with cloud-hypervisor's
+command line. Structured options take one string of comma-separated key=value items; put a value that
+contains commas in double quotes, and write lists in brackets: x_exclude_mmap_bars=[0,2-3]. An option
+given as key= keeps its default; a key given twice keeps its last value. Sizes take the binary suffixes
+K, M, G (upper case). Toggles are on|off (or true|false)."""
+
+_EPILOG = """\
+examples:
+  boot a kernel with its console on the serial port:
+    pyvmm --kernel bzImage --initramfs initrd.img --cmdline "console=ttyS0" \\
+          --serial tty --console off
+
+  pass through two host PCI functions, with 4 vCPUs, 4 GiB RAM and a raw root disk:
+    pyvmm --kernel bzImage --cmdline "console=ttyS0 root=/dev/vda rw" \\
+          --cpus boot=4 --memory size=4G --disk path=rootfs.img,image_type=raw \\
+          --device path=/sys/bus/pci/devices/0000:01:00.0/ path=/sys/bus/pci/devices/0000:02:00.0/ \\
+          --serial tty --console off
+
+  two PCI segments, segment 0 getting 2/3 of the 32-bit MMIO space, a GPU on segment 1:
+    pyvmm ... --platform num_pci_segments=2 \\
+          --pci-segment pci_segment=0,mmio32_aperture_weight=2 \\
+          --device path=/sys/bus/pci/devices/0000:41:00.0/,pci_segment=1,x_nv_gpudirect_clique=0
+
+A function passed through must be bound to vfio-pci first (or given managed=on), e.g.:
+  echo vfio-pci > /sys/bus/pci/devices/0000:01:00.0/driver_override
+  echo 0000:01:00.0 > /sys/bus/pci/devices/0000:01:00.0/driver/unbind
+  echo 0000:01:00.0 > /sys/bus/pci/drivers_probe
+
+Exit status 2 means a command-line error."""
+
+_HELP = {
+    "--kernel": "guest kernel, a Linux bzImage (required)",
+    "--initramfs": "initramfs image, loaded at the top of RAM below 3 GiB",
+    "--cmdline": f"""kernel command line, passed verbatim, at most {layout.CMDLINE_MAX_SIZE - 1} bytes
+  e.g. "console=ttyS0 root=/dev/vda rw\"""",
+    "--cpus": f"""vCPUs (a bare number N means boot=N):
+  boot=<n>              vCPUs at boot (default 1)
+  max=<n>               must equal boot: CPU hotplug is not supported yet
+  topology=<t>:<c>:<d>:<p>
+                        threads per core (1-2) : cores per die : dies per
+                        package : packages; the product must equal max
+  max_phys_bits=<bits>  cap on guest physical address bits (default {layout.DEFAULT_MAX_PHYS_BITS})""",
+    "--memory": """guest RAM (VFIO pins it, so all of it is allocated at start):
+  size=<size>           RAM size, e.g. 4G (default 512M)
+  shared=on|off         back RAM with a shared memfd (default off)
+  hugepages=on|off      back RAM with huge pages (default off)
+  hugepage_size=<size>  huge page size, e.g. 2M or 1G (default: the host's)
+  prefault=on|off       populate all RAM at start (default off)
+  thp=on|off            transparent huge pages (default on)
+  mergeable=on|off      KSM; not with shared=on (default off)""",
+    "--serial": """16550 UART COM1 (I/O port 0x3f8, IRQ 4), one of (default null):
+  off | null | tty | pty | file=<path> | socket=<path>""",
+    "--console": """virtio-console PCI device (default tty):
+  off | null | tty | file=<path>
+  id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
+    "--disk": """virtio-blk disks; each CONFIG is one disk, the option may be repeated:
+  path=<file>           raw disk image (required)
+  readonly=on|off       (default off)
+  direct=on|off         open with O_DIRECT (default off)
+  image_type=raw        only raw images are supported (default raw)
+  num_queues=<n>        at most boot vCPUs (default 1)
+  queue_size=<n>        power of 2 above 2 (default 128)
+  serial=<string>       up to 20 bytes
+  id=<name>, pci_segment=<n> (default 0), pci_device_id=<slot 1-31>""",
+    "--device": """VFIO passthrough; each CONFIG is one host PCI function, the option may
+be repeated:
+  path=<dir>            the function's sysfs directory (required),
+                        e.g. /sys/bus/pci/devices/0000:01:00.0/
+  managed=on|off        on: pyvmm binds the function to vfio-pci and gives
+                        it back to its driver at exit; off: bind it
+                        yourself beforehand (default off)
+  id=<name>             device name (default: generated)
+  pci_segment=<n>       guest PCI segment (default 0)
+  pci_device_id=<slot>  guest slot 1-31 (default: lowest free)
+  x_nv_gpudirect_clique=<0-15>
+                        add the NVIDIA GPUDirect P2P capability with this
+                        clique id (needs --platform vfio_p2p_dma=on)
+  x_exclude_mmap_bars=[<bar>,...]
+                        BARs 0-5 never mapped into the guest (every access
+                        trapped), e.g. [0,2-3]""",
+    "--platform": f"""PCI segments and DMA:
+  num_pci_segments=<n>  PCI segments (host bridges), 1-{MAX_PCI_SEGMENTS} (default 1)
+  vfio_p2p_dma=on|off   also DMA-map device BARs for peer-to-peer (default on;
+                        turn off if the host IOMMU cannot reach them)
+  iommu_address_width=<bits>  at most 64 (default 64)""",
+    "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
+is one segment, the option may be repeated (a later one for a segment wins):
+  pci_segment=<n>               segment number (default 0)
+  mmio32_aperture_weight=<w>    relative weight, at least 1 (default 1)
+  mmio64_aperture_weight=<w>    relative weight, at least 1 (default 1)""",
+}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
+        if m:
+            option = m.group(1).split("/")[-1]  # "-v/--verbose" -> "--verbose"
+            raise ConfigError(option, m.group(2))
+        m = re.fullmatch(r"unrecognized arguments: (.*)", message, re.DOTALL)
+        if m:
+            raise ConfigError(m.group(1).split()[0], "unrecognized argument (see pyvmm --help)")
+        raise ConfigError("pyvmm", message)
+
+
+class _Once(argparse.Action):
+    """A single-valued option: giving it twice is an error rather than a silent override."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, "given more than once; give it once with all its keys")
+        setattr(namespace, self.dest, values)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="pyvmm",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawTextHelpFormatter,
+        allow_abbrev=False,
+    )
+    for flag, metavar in (
+        ("--kernel", "PATH"),
+        ("--initramfs", "PATH"),
+        ("--cmdline", "STRING"),
+        ("--cpus", "CONFIG"),
+        ("--memory", "CONFIG"),
+        ("--serial", "MODE"),
+        ("--console", "CONFIG"),
+        ("--platform", "CONFIG"),
+    ):
+        parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
+    for flag in ("--disk", "--device", "--pci-segment"):
+        parser.add_argument(flag, action="extend", nargs="+", default=[], metavar="CONFIG", help=_HELP[flag])
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output on stderr: -v info, -vv debug, -vvv trace",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse and check the configuration, then stop before creating the VM",
+    )
+    parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
+    return parser
+
+
+def _parse_each(flag: str, texts: Iterable[str], parse: Callable[[str], T]) -> list[T]:
+    results: list[T] = []
+    for text in texts:
+        try:
+            results.append(parse(text))
+        except OptionError as e:
+            raise ConfigError(f"{flag} {text}", str(e)) from None
+    return results
+
+
+def _parse_one(flag: str, text: str | None, parse: Callable[[str], T], default: T) -> T:
+    if text is None:
+        return default
+    return _parse_each(flag, [text], parse)[0]
+
+
+def parse_vm_config(argv: Sequence[str]) -> VmConfig:
+    """Parse and validate a pyvmm command line (without the program name)."""
+    ns = build_arg_parser().parse_args(list(argv))
+    if not ns.kernel:
+        raise ConfigError("--kernel", "no kernel given: pyvmm needs --kernel <bzImage> (see pyvmm --help)")
+    cmdline = ns.cmdline or ""
+    if len(cmdline.encode()) >= layout.CMDLINE_MAX_SIZE:
+        raise ConfigError(
+            "--cmdline", f"{len(cmdline.encode())} bytes is too long: at most {layout.CMDLINE_MAX_SIZE - 1}"
+        )
+    payload = PayloadConfig(
+        kernel=Path(ns.kernel),
+        initramfs=Path(ns.initramfs) if ns.initramfs else None,
+        cmdline=cmdline,
+    )
+    config = VmConfig(
+        payload=payload,
+        cpus=_parse_one("--cpus", ns.cpus, parse_cpus, CpusConfig()),
+        memory=_parse_one("--memory", ns.memory, parse_memory, MemoryConfig()),
+        serial=_parse_one(
+            "--serial", ns.serial, lambda t: parse_console(t, "--serial"), ConsoleConfig(ConsoleMode.NULL)
+        ),
+        console=_parse_one("--console", ns.console, parse_console, ConsoleConfig(ConsoleMode.TTY)),
+        disks=tuple(_parse_each("--disk", ns.disk, parse_disk)),
+        devices=tuple(_parse_each("--device", ns.device, parse_device)),
+        platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
+        pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
+        verbosity=ns.verbose,
+        dry_run=ns.dry_run,
+    )
+    validate(config)
+    return config
