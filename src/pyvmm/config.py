@@ -257,6 +257,7 @@ _UNSUPPORTED_HINTS = {
     "hotplugged_size": "give the whole amount with size=",
     "iommufd": "the default container/group mode (iommufd=off) is used",
     "iommu": "a virtio-iommu is not available; leave iommu off",
+    "fd": "give the function's sysfs directory with path=",
 }
 
 
@@ -275,10 +276,6 @@ def _refuse_unsupported(opts: Options, table: Mapping[str, frozenset[str]]) -> N
         raise OptionError(f"{what} is not supported by pyvmm yet" + (f"; {hint}" if hint else ""))
 
 
-def _keys(*names: str, unsupported: Mapping[str, frozenset[str]] | None = None) -> frozenset[str]:
-    return frozenset(names) | frozenset(unsupported or {})
-
-
 def _check_id(opts: Options) -> str | None:
     ident = opts.get("id")
     if ident is not None and ident.startswith("__"):
@@ -289,7 +286,7 @@ def _check_id(opts: Options) -> str | None:
 def _pci_placement(opts: Options) -> tuple[int, int | None]:
     segment = opts.integer("pci_segment", 0, bits=16)
     assert segment is not None
-    slot = opts.integer("pci_device_id", None, bits=8)
+    slot = opts.integer("pci_device_id", None, bits=16)  # wide, so 300 gets the range message
     if slot is not None:
         if slot >= PCI_SLOTS:
             raise OptionError(f"Given PCI device ID ({slot}) is out of the supported range of 0..{PCI_SLOTS}")
@@ -307,7 +304,7 @@ def _required_int(opts: Options, key: str, default: int, bits: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # One parser per flag. Each takes the option string and raises OptionError (the caller adds the flag).
 
-_CPUS_KEYS = _keys("boot", "max", "topology", "max_phys_bits", unsupported=_CPUS_UNSUPPORTED)
+_CPUS_KEYS = frozenset({"boot", "max", "topology", "max_phys_bits"})
 _BARE_NUMBER = re.compile(r"\d+")
 
 
@@ -333,7 +330,7 @@ def parse_topology(text: str) -> CpuTopology:
 def parse_cpus(text: str) -> CpusConfig:
     if _BARE_NUMBER.fullmatch(text.strip()):
         text = f"boot={text.strip()}"  # older walkthroughs write `--cpus 2`
-    opts = parse_options(text, _CPUS_KEYS)
+    opts = parse_options(text, _CPUS_KEYS, hidden=_CPUS_UNSUPPORTED)
     _refuse_unsupported(opts, _CPUS_UNSUPPORTED)
     boot = _required_int(opts, "boot", 1, bits=32)
     max_vcpus = _required_int(opts, "max", boot, bits=32)
@@ -363,15 +360,12 @@ def parse_cpus(text: str) -> CpusConfig:
     return CpusConfig(boot=boot, max=max_vcpus, topology=topology, max_phys_bits=phys_bits)
 
 
-_MEMORY_KEYS = _keys(
-    "size", "shared", "hugepages", "hugepage_size", "prefault", "thp", "mergeable",
-    unsupported=_MEMORY_UNSUPPORTED,
-)  # fmt: skip
+_MEMORY_KEYS = frozenset({"size", "shared", "hugepages", "hugepage_size", "prefault", "thp", "mergeable"})
 
 
 def parse_memory(text: str) -> MemoryConfig:
     try:
-        opts = parse_options(text, _MEMORY_KEYS)
+        opts = parse_options(text, _MEMORY_KEYS, hidden=_MEMORY_UNSUPPORTED)
     except OptionError as e:
         if "=" not in text and "," not in text:
             try:
@@ -418,15 +412,16 @@ def parse_memory(text: str) -> MemoryConfig:
 
 _CONSOLE_VALUELESS = ("off", "pty", "tty", "null")  # CH's order: the first one present wins
 _SERIAL_KEYS = frozenset({"file", "socket"})
-_CONSOLE_KEYS = _keys(
-    "file", "socket", "id", "pci_segment", "pci_device_id", unsupported=_CONSOLE_UNSUPPORTED
-)
+_CONSOLE_KEYS = frozenset({"file", "socket", "id", "pci_segment", "pci_device_id"})
 
 
 def parse_console(text: str, flag: str = "--console") -> ConsoleConfig:
     """`--serial` (flag="--serial") or `--console`: a mode and, for --console, PCI placement."""
     is_console = flag == "--console"
-    opts = parse_options(text, _CONSOLE_KEYS if is_console else _SERIAL_KEYS, _CONSOLE_VALUELESS)
+    if is_console:
+        opts = parse_options(text, _CONSOLE_KEYS, _CONSOLE_VALUELESS, hidden=_CONSOLE_UNSUPPORTED)
+    else:
+        opts = parse_options(text, _SERIAL_KEYS, _CONSOLE_VALUELESS)
     mode: ConsoleMode | None = next((ConsoleMode(m) for m in _CONSOLE_VALUELESS if m in opts.flags), None)
     path: Path | None = None
     if mode is None:
@@ -443,7 +438,7 @@ def parse_console(text: str, flag: str = "--console") -> ConsoleConfig:
     allowed = CONSOLE_MODES if is_console else SERIAL_MODES
     if mode not in allowed:
         names = ", ".join(m.value for m in ConsoleMode if m in allowed)
-        raise OptionError(f"{flag} {mode.value} is not supported by pyvmm yet; use one of {names}")
+        raise OptionError(f"{mode.value} is not supported by pyvmm yet for {flag}; use one of {names}")
     if not is_console:
         return ConsoleConfig(mode=mode, path=path)
     _refuse_unsupported(opts, _CONSOLE_UNSUPPORTED)
@@ -451,15 +446,14 @@ def parse_console(text: str, flag: str = "--console") -> ConsoleConfig:
     return ConsoleConfig(mode=mode, path=path, id=_check_id(opts), pci_segment=segment, pci_device_id=slot)
 
 
-_DISK_KEYS = _keys(
+_DISK_KEYS = frozenset({
     "path", "readonly", "direct", "id", "num_queues", "queue_size", "pci_segment", "pci_device_id",
     "serial", "image_type", "_disable_io_uring", "_disable_aio",
-    unsupported=_DISK_UNSUPPORTED,
-)  # fmt: skip
+})  # fmt: skip
 
 
 def parse_disk(text: str) -> DiskConfig:
-    opts = parse_options(text, _DISK_KEYS)
+    opts = parse_options(text, _DISK_KEYS, hidden=_DISK_UNSUPPORTED)
     _refuse_unsupported(opts, _DISK_UNSUPPORTED)
     # pyvmm uses neither io_uring nor AIO, so the hidden switches that disable them are no-ops.
     opts.toggle("_disable_io_uring", False)
@@ -508,14 +502,13 @@ def parse_disk(text: str) -> DiskConfig:
     )
 
 
-_DEVICE_KEYS = _keys(
-    "path", "id", "pci_segment", "pci_device_id", "x_nv_gpudirect_clique", "x_exclude_mmap_bars",
-    "managed", unsupported=_DEVICE_UNSUPPORTED,
-)  # fmt: skip
+_DEVICE_KEYS = frozenset({
+    "path", "id", "pci_segment", "pci_device_id", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed",
+})  # fmt: skip
 
 
 def parse_device(text: str) -> DeviceConfig:
-    opts = parse_options(text, _DEVICE_KEYS)
+    opts = parse_options(text, _DEVICE_KEYS, hidden=_DEVICE_UNSUPPORTED)
     _refuse_unsupported(opts, _DEVICE_UNSUPPORTED)
     path = opts.get("path")
     if path is None:
@@ -545,14 +538,11 @@ def parse_device(text: str) -> DeviceConfig:
     )
 
 
-_PLATFORM_KEYS = _keys(
-    "num_pci_segments", "iommu_segments", "iommu_address_width", "vfio_p2p_dma",
-    unsupported=_PLATFORM_UNSUPPORTED,
-)  # fmt: skip
+_PLATFORM_KEYS = frozenset({"num_pci_segments", "iommu_segments", "iommu_address_width", "vfio_p2p_dma"})
 
 
 def parse_platform(text: str) -> PlatformConfig:
-    opts = parse_options(text, _PLATFORM_KEYS)
+    opts = parse_options(text, _PLATFORM_KEYS, hidden=_PLATFORM_UNSUPPORTED)
     _refuse_unsupported(opts, _PLATFORM_UNSUPPORTED)
     num = _required_int(opts, "num_pci_segments", 1, bits=16)
     if not 1 <= num <= MAX_PCI_SEGMENTS:

@@ -188,8 +188,14 @@ class Options:
         return self._convert(key, parse_int_list, [])
 
 
-def parse_options(text: str, keys: Collection[str], valueless: Collection[str] = ()) -> Options:
-    """Parse `text` against the keys a flag knows (`keys` need a value, `valueless` must not have one)."""
+def parse_options(
+    text: str, keys: Collection[str], valueless: Collection[str] = (), hidden: Collection[str] = ()
+) -> Options:
+    """Parse `text` against the keys a flag knows.
+
+    `keys` need a value, `valueless` must not have one; `hidden` keys need a value too but are left out of
+    the list of known keys that an unknown key's error shows (keys the caller only accepts to refuse).
+    """
     values: dict[str, str] = {}
     flags: set[str] = set()
     blank: set[str] = set()
@@ -204,7 +210,7 @@ def parse_options(text: str, keys: Collection[str], valueless: Collection[str] =
             if eq:
                 raise OptionError(f"Invalid syntax: {key} takes no value (write just {key!r})")
             flags.add(key)
-        elif key in keys:
+        elif key in keys or key in hidden:
             if not eq:
                 raise OptionError(f"Invalid syntax: {key} needs a value ({key}=...)")
             value = value.strip()
@@ -215,6 +221,6 @@ def parse_options(text: str, keys: Collection[str], valueless: Collection[str] =
                 values.pop(key, None)  # `key=` means "not given", even after an earlier value
                 blank.add(key)
         else:
-            known = ", ".join(sorted({*keys, *valueless}))
+            known = ", ".join(sorted(k for k in {*keys, *valueless} if not k.startswith("_")))
             raise OptionError(f"Unknown option: {key} (known: {known})")
     return Options(values=values, flags=frozenset(flags), blank=frozenset(blank))

@@ -267,8 +267,8 @@ def test_console_modes_and_pci_keys() -> None:
         ("--console", "file=", "Path missing when using file console mode"),
         ("--console", "", "invalid console mode given"),
         ("--serial", "", "invalid console mode given"),
-        ("--console", "pty", "--console pty is not supported by pyvmm yet"),
-        ("--console", "socket=/tmp/x", "--console socket is not supported by pyvmm yet"),
+        ("--console", "pty", "pty is not supported by pyvmm yet for --console"),
+        ("--console", "socket=/tmp/x", "socket is not supported by pyvmm yet for --console"),
         ("--serial", "tty,id=x", "Unknown option: id"),
         ("--console", "tty,iommu=on", "iommu=on is not supported by pyvmm yet"),
         ("--console", "tty,pci_device_id=32", "out of the supported range of 0..32"),
@@ -325,6 +325,13 @@ def test_disk_errors(value: str, message: str) -> None:
 # --- --device ---
 
 
+def test_unknown_disk_key_lists_only_supported_keys() -> None:
+    err = error("--disk", "path=/img,foo=1")
+    assert "Unknown option: foo" in err.message
+    assert "readonly" in err.message
+    assert "vhost_user" not in err.message and "_disable_aio" not in err.message
+
+
 def test_device_keys() -> None:
     dev = parse(
         "--device",
@@ -351,7 +358,9 @@ def test_device_path_last_occurrence_wins() -> None:
         (f"path={DEV0},x_nv_gpudirect_clique=256", "must be at most 255"),
         (f"path={DEV0},pci_device_id=32", "Given PCI device ID (32) is out of the supported range of 0..32"),
         (f"path={DEV0},pci_device_id=0", "Given PCI device ID (0) is reserved"),
+        (f"path={DEV0},pci_device_id=300", "Given PCI device ID (300) is out of the supported range"),
         (f"path={DEV0},pci_segment=1", "Invalid PCI segment id: 1"),
+        (f"path={DEV0},pci_segment=65536", "must be at most 65535"),
         (f"path={DEV0},fd=5", "fd is not supported by pyvmm yet"),
         (f"path={DEV0},iommu=on", "iommu=on is not supported by pyvmm yet"),
         (f"path={DEV0},id=__vfio", "Identifier __vfio is not valid"),

@@ -229,3 +229,10 @@ def test_int_list_round_trips(numbers: list[int]) -> None:
 def test_items_round_trip(items: dict[str, str]) -> None:
     opts = parse_options(",".join(f"{k}={v}" for k, v in items.items()), KEYS)
     assert dict(opts.values) == items
+
+
+def test_hidden_keys_are_accepted_but_not_listed() -> None:
+    assert parse_options("legacy=1", KEYS, hidden={"legacy"}).get("legacy") == "1"
+    with pytest.raises(OptionError) as exc:
+        parse_options("bogus=1", {"path", "_private"}, hidden={"legacy"})
+    assert "known: path)" in str(exc.value)
