@@ -284,8 +284,7 @@ def _check_id(opts: Options) -> str | None:
 
 
 def _pci_placement(opts: Options) -> tuple[int, int | None]:
-    segment = opts.integer("pci_segment", 0, bits=16)
-    assert segment is not None
+    segment = _required_int(opts, "pci_segment", 0, bits=16)
     slot = opts.integer("pci_device_id", None, bits=16)  # wide, so 300 gets the range message
     if slot is not None:
         if slot >= PCI_SLOTS:
