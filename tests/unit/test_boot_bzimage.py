@@ -177,7 +177,7 @@ def test_syssize_rounding_is_tolerated() -> None:
     assert len(image.kernel) == 100
 
 
-# --- load_linux: placement ---------------------------------------------------------------------------
+# --- load_linux: placement -------------------------------------------------------------------------
 
 
 def test_kernel_loaded_at_1mib_with_64bit_entry(memory: GuestMemory) -> None:
@@ -302,7 +302,7 @@ def test_ebda_pointer_written(memory: GuestMemory) -> None:
     assert memory.read_u16(0x40E) == 0xA000  # segment of 0xA0000
 
 
-# --- load_linux: the zero page, field by field ----------------------------------------------------------
+# --- load_linux: the zero page, field by field -----------------------------------------------------
 
 
 def zero_page(memory: GuestMemory) -> bytes:
@@ -388,7 +388,7 @@ def test_bad_e820_entry(memory: GuestMemory, entry: tuple[int, int, int]) -> Non
         load_linux(memory, make_bzimage(), "", None, [entry])
 
 
-# --- a real kernel, when the lab cache has one ---------------------------------------------------------
+# --- a real kernel, when the lab cache has one -----------------------------------------------------
 
 
 def _cached_kernels() -> list[Path]:

@@ -25,7 +25,7 @@ def booted() -> tuple[GuestMemory, BootVcpuState]:
     return memory, setup_boot_vcpu(memory, 0x100200, 0x7000)
 
 
-# --- GDT and segments ----------------------------------------------------------------------------------
+# --- GDT and segments ------------------------------------------------------------------------------
 
 
 def test_gdt_has_boot_cs_and_ds_at_protocol_selectors(booted) -> None:
@@ -139,7 +139,7 @@ def test_descriptor_errors(bad: dict) -> None:
         encode_descriptor(seg)
 
 
-# --- page tables -------------------------------------------------------------------------------------------
+# --- page tables -----------------------------------------------------------------------------------
 
 
 @given(st.integers(0, 4 * GiB - 1))
@@ -188,7 +188,7 @@ def _paged_memory() -> GuestMemory:
     return memory
 
 
-# --- registers, control registers, FPU and MSRs -----------------------------------------------------------
+# --- registers, control registers, FPU and MSRs ----------------------------------------------------
 
 
 def test_general_registers(booted) -> None:

@@ -198,9 +198,9 @@ def adjust_cpuid(
     them) are rebuilt for the topology with this vCPU's x2APIC id in EDX. Leaf 4: cores per package and
     cache sharing. Leaf 0x80000008: EAX[7:0] and EAX[23:16] = phys_bits. Other leaves pass through.
     """
-    topo = topology if topology is not None else CpuTopology.single_package(num_vcpus)
     if num_vcpus < 1:
         raise CpuidError(f"num_vcpus={num_vcpus} must be at least 1")
+    topo = topology if topology is not None else CpuTopology.single_package(num_vcpus)
     if topo.total != num_vcpus:
         raise CpuidError(f"CPU topology has {topo.total} vCPUs but num_vcpus is {num_vcpus}")
     if not 0 <= vcpu_id < num_vcpus:
