@@ -6,8 +6,19 @@ PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp 2>/dev/null
 echo "pyvmm-guest: init"
-for a in /sys/bus/pci/devices/*/modalias; do [ -r "$a" ] && modprobe -q "$(cat "$a")" 2>/dev/null; done
+# Drivers by modalias, as udev's coldplug would load them, until no new device shows up (an SD host
+# finds its card, which wants mmc_block).
+coldplug() {
+  find /sys/devices -name uevent -type f 2>/dev/null | xargs sed -n 's/^MODALIAS=//p' | sort -u > /tmp/.ma
+  cmp -s /tmp/.ma /tmp/.ma.old && return 1
+  mv /tmp/.ma /tmp/.ma.old
+  xargs modprobe -q -a < /tmp/.ma.old 2>/dev/null
+  return 0
+}
+n=0
+while coldplug && [ $n -lt 5 ]; do sleep 0.2; n=$((n + 1)); done
 cmdline=$(cat /proc/cmdline)
 param() { echo "$cmdline" | sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p"; }
 root=$(param root)
@@ -20,7 +31,7 @@ if [ -f /pyvmm-initramfs ] && [ -n "$root" ]; then
   mkdir -p /newroot
   if mount -o "$mode" "$root" /newroot; then
     mount --move /dev /newroot/dev
-    umount /proc /sys
+    umount /proc /sys /tmp
     exec switch_root /newroot /sbin/init
   fi
   echo "pyvmm-guest: cannot mount root=$root"

@@ -1,11 +1,20 @@
 #!/bin/sh
 # Runs inside the lab's root (the outside tree): bring the host up as a passthrough host boots.
 printf '1 4 1 7\n' > /proc/sys/kernel/printk  # only errors reach the console; dmesg has the rest
-# Native drivers for every PCI device present, by modalias, as udev would load them.
-for a in /sys/bus/pci/devices/*/modalias; do modprobe -q -b "$(cat "$a")" 2>/dev/null; done
+# Drivers for every device present, by modalias, as udev's coldplug would load them; repeated because
+# drivers create new devices (an SD host finds its card, which wants mmc_block).
+coldplug() {
+  find /sys/devices/pci0000:00 -name uevent -type f 2>/dev/null | xargs -r sed -n 's/^MODALIAS=//p' \
+    | sort -u > /run/pyvmm-lab-modaliases.new
+  if cmp -s /run/pyvmm-lab-modaliases.new /run/pyvmm-lab-modaliases; then return 1; fi
+  mv /run/pyvmm-lab-modaliases.new /run/pyvmm-lab-modaliases
+  xargs -r modprobe -q -b -a < /run/pyvmm-lab-modaliases 2>/dev/null
+  return 0
+}
+n=0
+while coldplug && [ $n -lt 6 ]; do sleep 0.3; n=$((n + 1)); done
 # What a VFIO host has loaded: the IOMMU type1 backend, vfio-pci and KVM (AMD: ccp provides sev symbols).
 modprobe -a vfio_iommu_type1 vfio-pci ccp kvm_amd || exit 1
-udevadm --version >/dev/null 2>&1 || true
 # Wait until every device that has a driver available is bound (probes run asynchronously).
 i=0
 while [ $i -lt 50 ]; do

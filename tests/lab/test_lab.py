@@ -1,0 +1,144 @@
+"""The lab itself (issue: Foundation and the lab), checked against its real kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm.lab.assets import load_manifest
+from pyvmm.lab.paths import AssetPaths
+
+pytestmark = pytest.mark.lab
+
+INVENTORY = r"""
+set -u
+for g in /sys/kernel/iommu_groups/*; do echo "GROUP $(basename $g): $(ls $g/devices | tr '\n' ' ')"; done
+for d in /sys/bus/pci/devices/*; do
+  drv=$(basename "$(readlink $d/driver)" 2>/dev/null || true)
+  echo "DEV $(basename $d) $(cat $d/vendor):$(cat $d/device) ${drv:--}"
+done
+test -c /dev/vfio/vfio && echo VFIO-CONTAINER-OK
+test -c /dev/kvm && echo KVM-OK
+echo "SD-SHA $(sha256sum /dev/mmcblk0 | cut -d' ' -f1) $PYVMM_LAB_SD_SHA256"
+echo "NVME-SHA $(sha256sum /dev/nvme0n1 | cut -d' ' -f1) $PYVMM_LAB_NVME_SHA256"
+"""
+
+
+def _parse_inventory(out: str) -> tuple[dict[str, set[str]], dict[str, tuple[str, str]]]:
+    groups: dict[str, set[str]] = {}
+    devices: dict[str, tuple[str, str]] = {}
+    for line in out.splitlines():
+        if line.startswith("GROUP "):
+            name, members = line[6:].split(":", 1)
+            groups[name] = set(members.split())
+        elif line.startswith("DEV "):
+            bdf, ids, driver = line[4:].split()
+            devices[bdf] = (ids, driver)
+    return groups, devices
+
+
+def test_default_lab_is_a_passthrough_host(lab) -> None:
+    proc = lab(INVENTORY)
+    out = proc.stdout
+    assert proc.returncode == 0, out
+    groups, devices = _parse_inventory(out)
+    by_ids = {ids: bdf for bdf, (ids, _) in devices.items()}
+    display, audio = by_ids["0x1234:0x1111"], by_ids["0x8086:0x293e"]
+    shared = [members for members in groups.values() if display in members]
+    assert shared == [{display, audio}], groups  # the pair, and nothing else, in one group
+    assert devices[by_ids["0x1b36:0x0007"]][1] == "sdhci-pci"
+    assert devices[by_ids["0x1b36:0x0010"]][1] == "nvme"
+    assert devices[by_ids["0x8086:0x10d3"]][1] == "e1000e"
+    assert devices[by_ids["0x1af4:0x1009"]][1] == "virtio-pci"  # the lab's own root filesystem
+    assert "VFIO-CONTAINER-OK" in out and "KVM-OK" in out
+    for tag in ("SD-SHA", "NVME-SHA"):
+        line = next(x for x in out.splitlines() if x.startswith(tag))
+        seen, expected = line.split()[1:]
+        assert seen == expected, line  # the native driver reads the card and the drive
+    # No default VGA or NIC from QEMU: every device is the lab's, the 9p root or the q35 chipset.
+    assert all(bdf.startswith("0000:00:") for bdf in devices)
+    chipset = {bdf for bdf in devices if bdf.endswith(("00:00.0", "00:1f.0", "00:1f.2", "00:1f.3"))}
+    assert len(devices) - len(chipset) == 1 + 6  # 9p + sd, display, audio, nvme, nic, edu
+
+
+def test_nested_kvm_runs_real_mode_code(lab) -> None:
+    proc = lab([sys.executable, "-m", "pyvmm.kvm.selftest"], devices="none")
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_exit_status_is_the_commands(lab) -> None:
+    assert lab("false", devices="none").returncode == 1
+    assert lab("exit 7", devices="none").returncode == 7
+
+
+def test_repeated_devices(lab) -> None:
+    script = (
+        "for d in /sys/bus/pci/devices/*; do "
+        '[ "$(cat $d/device)" = 0x1111 ] && echo "VGA $(head -1 $d/resource)"; done; true'
+    )
+    proc = lab(script, devices="vga16,vga16")
+    assert proc.returncode == 0, proc.stdout
+    bars = [line.split()[1:3] for line in proc.stdout.splitlines() if line.startswith("VGA ")]
+    assert len(bars) == 2, proc.stdout
+    for start, end in bars:
+        assert int(end, 16) - int(start, 16) + 1 == 16 << 20
+
+
+def test_each_run_starts_from_fresh_images(lab) -> None:
+    """Writes to the lab's drives and the guest disk inside one run never leak into the next."""
+    dirty = (
+        "echo scribble | dd of=/dev/nvme0n1 conv=notrunc status=none && sync && "
+        'echo scribble | dd of="$PYVMM_GUEST_DISK" conv=notrunc status=none && '
+        'sha256sum /dev/nvme0n1 "$PYVMM_GUEST_DISK"'
+    )
+    manifest = load_manifest()
+    first = lab(dirty, devices="nvme")
+    assert first.returncode == 0, first.stdout
+    assert manifest.nvme_sha256 not in first.stdout  # the scribble really changed both
+    assert manifest.guest_disk_sha256 not in first.stdout
+    second = lab('sha256sum /dev/nvme0n1 "$PYVMM_GUEST_DISK"', devices="nvme")
+    assert second.returncode == 0, second.stdout
+    assert manifest.nvme_sha256 in second.stdout and manifest.guest_disk_sha256 in second.stdout
+
+
+GUEST_BOOTS = r"""
+set -u
+run() { timeout 300 qemu-system-x86_64 -enable-kvm -M q35 -cpu host -m 512 -nodefaults -nographic \
+  -no-reboot -serial stdio -kernel "$PYVMM_GUEST_KERNEL" "$@" 2>&1 | tr -d '\r'; }
+echo "== initramfs"
+run -initrd "$PYVMM_GUEST_INITRAMFS" \
+  -append 'console=ttyS0 panic=-1 pyvmm.cmd="echo GUEST-SAYS-$((6*7)); grep -c ^processor /proc/cpuinfo"'
+echo "== disk"
+run -initrd "$PYVMM_GUEST_INITRAMFS" -drive file="$PYVMM_GUEST_DISK",if=virtio,format=raw \
+  -append 'console=ttyS0 panic=-1 root=/dev/vda1 rw pyvmm.cmd="cat /etc/hostname; grep -c vda1 /proc/mounts"'
+"""
+
+
+def test_guest_assets_boot_under_qemu_in_the_lab(lab) -> None:
+    proc = lab(GUEST_BOOTS, devices="none")
+    out = proc.stdout
+    assert proc.returncode == 0, out
+    initramfs_part, disk_part = out.split("== disk")
+    assert "GUEST-SAYS-42" in initramfs_part and "PYVMM-GUEST-EXIT=0" in initramfs_part, out
+    assert "pyvmm-guest" in disk_part and "PYVMM-GUEST-EXIT=0" in disk_part, out
+    assert "\n1\n" in disk_part  # the root filesystem really is /dev/vda1
+
+
+def test_second_build_downloads_nothing() -> None:
+    paths = AssetPaths()
+    before = {p.name: p.stat().st_mtime_ns for p in paths.assets.iterdir()}
+    debs_before = sorted(p.name for p in paths.debs.iterdir())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyvmm.lab", "build"], capture_output=True, text=True, env=os.environ
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "downloading" not in proc.stdout and "building" not in proc.stdout, proc.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in paths.assets.iterdir()}
+    changed = {k for k in before if before[k] != after.get(k) and k != "manifest.json"}
+    assert not changed
+    assert sorted(p.name for p in paths.debs.iterdir()) == debs_before
+    assert json.loads(paths.manifest.read_text())["kernel_release"]

@@ -1,0 +1,75 @@
+"""Pure logic of the lab: cpio packing, module metadata, device specs."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from pyvmm.lab.cpio import CpioArchive, read_newc
+from pyvmm.lab.devices import (
+    CATALOGUE,
+    DEFAULT_DEVICES,
+    FIRST_DEVICE_SLOT,
+    DeviceSpecError,
+    parse_device_spec,
+    qemu_device_args,
+)
+from pyvmm.lab.kmod import canonical, modinfo_fields
+
+
+def test_cpio_roundtrip_keeps_modes_links_and_parents() -> None:
+    a = CpioArchive()
+    a.add_file("bin/tool", b"#!/bin/sh\necho hi\n", 0o755)
+    a.add_symlink("sbin/x", "/bin/tool")
+    a.add_file("etc/deep/nested/file", b"data")
+    packed = a.pack()
+    assert len(packed) % 512 == 0
+    entries = read_newc(packed)
+    assert entries["bin/tool"] == (stat.S_IFREG | 0o755, b"#!/bin/sh\necho hi\n")
+    assert entries["sbin/x"] == (stat.S_IFLNK | 0o777, b"/bin/tool")
+    for d in ("bin", "sbin", "etc", "etc/deep", "etc/deep/nested"):
+        assert stat.S_ISDIR(entries[d][0])
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
+def test_cpio_archive_is_read_by_gnu_cpio(tmp_path) -> None:
+    a = CpioArchive()
+    a.add_file("a/b.txt", b"hello\n")
+    a.add_symlink("a/link", "b.txt")
+    proc = subprocess.run(["cpio", "-t", "-v"], input=a.pack(), capture_output=True, check=True)
+    listing = proc.stdout.decode()
+    assert "a/b.txt" in listing and "a/link -> b.txt" in listing
+
+
+def test_modinfo_fields_are_found_in_a_module_image() -> None:
+    blob = b"\x7fELF....\0license=GPL\0depends=vfio,irqbypass\0name=vfio_pci_core\0vermagic=6.1\0"
+    assert modinfo_fields(blob) == {"depends": "vfio,irqbypass", "name": "vfio_pci_core"}
+    assert canonical("snd-hda-intel") == "snd_hda_intel"
+
+
+def test_device_spec_default_none_and_repeats() -> None:
+    assert parse_device_spec(None) == list(DEFAULT_DEVICES)
+    assert parse_device_spec("none") == []
+    assert parse_device_spec("vga16,vga16,vga16") == ["vga16"] * 3
+    with pytest.raises(DeviceSpecError, match="unknown lab device 'gpu'"):
+        parse_device_spec("sd,gpu")
+
+
+def test_every_catalogue_device_gets_its_own_slot() -> None:
+    names = list(CATALOGUE)
+    args = qemu_device_args(names, "/sd.img", "/nvme.img")
+    assert list(args.slots.values()) == names
+    assert min(args.slots) == FIRST_DEVICE_SLOT
+    joined = " ".join(args.args)
+    # The display and audio functions share one slot: that is what puts them in one IOMMU group.
+    slot = next(s for s, n in args.slots.items() if n == "gpu-audio")
+    assert f"addr={slot:#04x}.0,multifunction=on" in joined and f"addr={slot:#04x}.1" in joined
+    assert "snapshot=on" in joined  # guests' writes never reach the cached images
+
+
+def test_too_many_devices_is_refused() -> None:
+    with pytest.raises(DeviceSpecError, match="too many"):
+        qemu_device_args(["edu"] * 40, "/sd", "/nv")
