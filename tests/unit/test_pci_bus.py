@@ -13,6 +13,7 @@ from pyvmm.pci.bus import (
     BarPlacement,
     PciConfigIo,
     PciConfigMmio,
+    PciError,
     PciSegment,
     SlotError,
 )
@@ -191,7 +192,7 @@ def test_2_to_1_split_segment1_holds_thirteen_16mib_bars() -> None:
 def test_io_bar_without_io_allocator() -> None:
     windows = segment_windows([1], [1], mmio64_aperture(GiB))[0]
     seg = PciSegment(0, windows)
-    with pytest.raises(Exception, match="I/O"):
+    with pytest.raises(PciError, match="I/O port allocator"):
         seg.add_device(Dev(bars=((0, BarKind.IO, 0x10),)))
 
 

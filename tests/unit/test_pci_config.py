@@ -186,6 +186,7 @@ def test_bar_register_encoding() -> None:
         (6, BarKind.MEM32, 4096, "index"),
         (0, BarKind.ROM, 4096, "BAR index 6"),
         (0, BarKind.MEM32, 8 * GiB, "32-bit"),
+        (0, BarKind.MEM32, 4 * GiB, "32-bit"),
     ],
 )
 def test_bad_bars(index: int, kind: BarKind, size: int, message: str) -> None:

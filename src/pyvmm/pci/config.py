@@ -294,8 +294,10 @@ class PciConfiguration:
         }.get(kind, MEM_BAR_MIN_SIZE)
         if size < minimum or size & (size - 1):
             raise ValueError(f"BAR{index} size {size:#x} is not a power of two >= {minimum:#x}")
-        if kind != BarKind.MEM64 and size > 1 << 32:
+        if kind != BarKind.MEM64 and size >= 1 << 32:
             raise ValueError(f"BAR{index} size {size:#x} does not fit a 32-bit BAR")
+        if align < 0 or align & (align - 1):
+            raise ValueError(f"BAR{index} alignment {align:#x} is not a power of two")
         bar = _Bar(BarInfo(index, kind, size, prefetchable and kind != BarKind.IO, align), 0, rom_enable)
         regs = [bar.low_reg, bar.low_reg + 1] if kind == BarKind.MEM64 else [bar.low_reg]
         if any(r in self._bar_regs for r in regs):
