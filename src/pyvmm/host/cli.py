@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import binding, hostfacts
-from .actions import Step
 from .errors import HostError, UsageError
 from .inventory import DeviceInfo, describe_devices, group_json, iommu_groups
 from .journal import BindMethod
@@ -206,5 +205,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-__all__ = ["Step", "build_parser", "main"]
