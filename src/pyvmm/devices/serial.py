@@ -1,0 +1,270 @@
+"""A 16550A UART for the guest console (8 byte-wide registers from layout.SERIAL_COM1_PORT).
+
+Output is immediate (THR is always empty again after a write), input is queued by a reader thread through
+`queue_input`. The interrupt line is level-modelled: asserted while an enabled interrupt is pending, so a
+new pending condition after the guest has serviced the previous one is a 0->1 edge, which is what the
+edge-triggered IOAPIC pin of ISA IRQ 4 needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from enum import IntEnum, IntFlag
+from typing import Protocol
+
+
+class InterruptLine(Protocol):
+    # TODO: import from pyvmm.devices.bus once it exists (same shape as docs/ARCHITECTURE.md).
+    def set_level(self, asserted: bool) -> None: ...
+
+
+class Reg(IntEnum):
+    RBR_THR_DLL = 0
+    IER_DLM = 1
+    IIR_FCR = 2
+    LCR = 3
+    MCR = 4
+    LSR = 5
+    MSR = 6
+    SCR = 7
+
+
+class Ier(IntFlag):
+    RDA = 1 << 0  # received data available
+    THRE = 1 << 1  # transmitter holding register empty
+    RLS = 1 << 2  # receiver line status
+    MS = 1 << 3  # modem status
+
+
+IER_MASK = 0x0F  # the upper IER bits do not exist on a 16550A (Linux probes that they read back 0)
+
+
+class Iir(IntEnum):
+    """Interrupt identification, highest priority first (bits 3:0)."""
+
+    RLS = 0x06
+    RDA = 0x04
+    THRE = 0x02
+    MS = 0x00
+    NONE = 0x01
+
+
+IIR_FIFO_ENABLED = 0xC0  # bits 7:6 both set: what makes Linux's autoconfig report a 16550A
+
+
+class Fcr(IntFlag):
+    ENABLE_FIFO = 1 << 0
+    CLEAR_RCVR = 1 << 1
+    CLEAR_XMIT = 1 << 2
+
+
+class Lcr(IntFlag):
+    DLAB = 1 << 7
+
+
+class Mcr(IntFlag):
+    DTR = 1 << 0
+    RTS = 1 << 1
+    OUT1 = 1 << 2
+    OUT2 = 1 << 3
+    LOOP = 1 << 4
+
+
+MCR_MASK = 0x1F
+
+
+class Lsr(IntFlag):
+    DR = 1 << 0
+    OE = 1 << 1
+    THRE = 1 << 5
+    TEMT = 1 << 6
+
+
+class Msr(IntFlag):
+    DCTS = 1 << 0
+    DDSR = 1 << 1
+    TERI = 1 << 2
+    DDCD = 1 << 3
+    CTS = 1 << 4
+    DSR = 1 << 5
+    RI = 1 << 6
+    DCD = 1 << 7
+
+
+MSR_DELTAS = Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD
+# A console with nothing to flow-control: carrier, data set ready and clear to send all asserted.
+MSR_CONNECTED = Msr.DCD | Msr.DSR | Msr.CTS
+INPUT_FIFO_SIZE = 64
+DEFAULT_DIVISOR = 0x0C  # 9600 baud from the 1.8432 MHz clock
+REGISTER_COUNT = 8
+
+
+class Serial16550:
+    """Bus device implementing a 16550A; `output` receives transmitted bytes (outside the device lock)."""
+
+    def __init__(self, interrupt: InterruptLine, output: Callable[[bytes], object] | None = None) -> None:
+        self._irq = interrupt
+        self._output = output
+        self._lock = threading.Lock()
+        self._rx: deque[int] = deque()
+        self._ier = 0
+        self._lcr = 0
+        self._mcr = 0
+        self._fcr = 0
+        self._scr = 0
+        self._divisor = DEFAULT_DIVISOR
+        self._overrun = False
+        self._thr_pending = False  # THRE interrupt raised and not yet acknowledged
+        self._msr_deltas = Msr(0)
+        self._asserted = False
+
+    # --- bus-device interface --------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        _check_access(offset, size)
+        with self._lock:
+            value = self._read(offset)
+            self._update_irq()
+        # Only the addressed register answers; the upper bytes of a wider access read like an empty bus.
+        return value | (((1 << (8 * size)) - 1) & ~0xFF)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        _check_access(offset, size)
+        with self._lock:
+            sent = self._write(offset, value & 0xFF)
+            self._update_irq()
+        if sent is not None and self._output is not None:
+            self._output(bytes([sent]))
+
+    # --- input from the host ---------------------------------------------------------------------------
+
+    def queue_input(self, data: bytes) -> int:
+        """Queue bytes typed on the host console; returns how many fit (the rest is an overrun)."""
+        with self._lock:
+            accepted = self._receive(data)
+            self._update_irq()
+        return accepted
+
+    # --- register logic (called with the lock held) --------------------------------------------------
+
+    def _receive(self, data: bytes) -> int:
+        room = max(0, INPUT_FIFO_SIZE - len(self._rx))
+        self._rx.extend(data[:room])
+        if len(data) > room:
+            self._overrun = True
+        return min(room, len(data))
+
+    def _dlab(self) -> bool:
+        return bool(self._lcr & Lcr.DLAB)
+
+    def _read(self, offset: int) -> int:
+        if offset == Reg.RBR_THR_DLL:
+            if self._dlab():
+                return self._divisor & 0xFF
+            return self._rx.popleft() if self._rx else 0
+        if offset == Reg.IER_DLM:
+            return (self._divisor >> 8) & 0xFF if self._dlab() else self._ier
+        if offset == Reg.IIR_FCR:
+            iir = self._pending()
+            if iir == Iir.THRE:
+                self._thr_pending = False  # reading IIR acknowledges a THRE interrupt
+            fifo = IIR_FIFO_ENABLED if self._fcr & Fcr.ENABLE_FIFO else 0
+            return fifo | iir
+        if offset == Reg.LCR:
+            return self._lcr
+        if offset == Reg.MCR:
+            return self._mcr
+        if offset == Reg.LSR:
+            lsr = Lsr.THRE | Lsr.TEMT
+            if self._rx:
+                lsr |= Lsr.DR
+            if self._overrun:
+                lsr |= Lsr.OE
+                self._overrun = False  # error bits clear on read
+            return int(lsr)
+        if offset == Reg.MSR:
+            msr = self._modem_status() | self._msr_deltas
+            self._msr_deltas = Msr(0)
+            return int(msr)
+        return self._scr
+
+    def _write(self, offset: int, value: int) -> int | None:
+        """Apply a register write; returns the byte to transmit, if any."""
+        if offset == Reg.RBR_THR_DLL:
+            if self._dlab():
+                self._divisor = (self._divisor & 0xFF00) | value
+                return None
+            # The byte leaves at once, so THR is empty again: a fresh THRE interrupt.
+            self._thr_pending = True
+            if self._mcr & Mcr.LOOP:
+                self._receive(bytes([value]))
+                return None
+            return value
+        if offset == Reg.IER_DLM:
+            if self._dlab():
+                self._divisor = (self._divisor & 0x00FF) | (value << 8)
+                return None
+            enabling_thre = value & Ier.THRE and not self._ier & Ier.THRE
+            self._ier = value & IER_MASK
+            # Enabling THRE with THR empty raises it (Linux's 8250 startup tests rely on this).
+            if enabling_thre:
+                self._thr_pending = True
+            elif not self._ier & Ier.THRE:
+                self._thr_pending = False
+            return None
+        if offset == Reg.IIR_FCR:
+            if value & Fcr.CLEAR_RCVR or (value ^ self._fcr) & Fcr.ENABLE_FIFO:
+                self._rx.clear()  # toggling FIFO mode also resets the FIFOs
+            self._fcr = value & Fcr.ENABLE_FIFO
+            return None
+        if offset == Reg.LCR:
+            self._lcr = value
+        elif offset == Reg.MCR:
+            before = self._modem_status()
+            self._mcr = value & MCR_MASK
+            self._record_modem_change(before, self._modem_status())
+        elif offset == Reg.SCR:
+            self._scr = value
+        return None  # LSR and MSR writes are ignored (factory test only)
+
+    def _modem_status(self) -> Msr:
+        if not self._mcr & Mcr.LOOP:
+            return MSR_CONNECTED
+        status = Msr(0)
+        for out, into in ((Mcr.RTS, Msr.CTS), (Mcr.DTR, Msr.DSR), (Mcr.OUT1, Msr.RI), (Mcr.OUT2, Msr.DCD)):
+            if self._mcr & out:
+                status |= into
+        return status
+
+    def _record_modem_change(self, before: Msr, after: Msr) -> None:
+        changed = before ^ after
+        for line, delta in ((Msr.CTS, Msr.DCTS), (Msr.DSR, Msr.DDSR), (Msr.DCD, Msr.DDCD)):
+            if changed & line:
+                self._msr_deltas |= delta
+        if before & Msr.RI and not after & Msr.RI:  # trailing edge of ring indicator
+            self._msr_deltas |= Msr.TERI
+
+    def _pending(self) -> Iir:
+        """The highest-priority enabled interrupt."""
+        if self._ier & Ier.RLS and self._overrun:
+            return Iir.RLS
+        if self._ier & Ier.RDA and self._rx:
+            return Iir.RDA
+        if self._ier & Ier.THRE and self._thr_pending:
+            return Iir.THRE
+        if self._ier & Ier.MS and self._msr_deltas:
+            return Iir.MS
+        return Iir.NONE
+
+    def _update_irq(self) -> None:
+        asserted = self._pending() != Iir.NONE
+        if asserted != self._asserted:
+            self._asserted = asserted
+            self._irq.set_level(asserted)
+
+
+def _check_access(offset: int, size: int) -> None:
+    if size not in (1, 2, 4) or not 0 <= offset < REGISTER_COUNT:
+        raise ValueError(f"invalid UART access of {size} bytes at offset {offset}")
