@@ -253,3 +253,15 @@ def test_iasl_disassembles_cleanly(tables: AcpiTables, signature: bytes, expect:
     dsl = " ".join((tmp_path / "table.dsl").read_text().split())
     for text in expect:
         assert " ".join(text.split()) in dsl, text
+
+
+@needs_iasl
+@pytest.mark.parametrize("serial", [True, False])
+def test_dsdt_round_trips_through_iasl(serial: bool, tmp_path: Path) -> None:
+    """Disassembling our DSDT and compiling the ASL again with iasl gives back exactly our AML."""
+    table = find(build_acpi_tables(platform(nseg=3, serial=serial)), b"DSDT")
+    (tmp_path / "dsdt.dat").write_bytes(table)
+    for args in (["-d", "dsdt.dat"], ["-on", "-p", "again", "dsdt.dsl"]):
+        proc = subprocess.run([IASL, *args], cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "again.aml").read_bytes()[36:].hex() == table[36:].hex()

@@ -12,10 +12,8 @@ from enum import IntEnum, IntFlag
 
 from pyvmm import layout
 from pyvmm.acpi.dsdt import dsdt_body
-from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform, AcpiPlatformError
+from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
 from pyvmm.devices.acpi_pm import REGISTER_WIDTH_BITS, RESET_VALUE, PmRegister, register_port
-
-__all__ = ["AcpiPciSegment", "AcpiPlatform", "AcpiPlatformError", "AcpiTables", "build_acpi_tables"]
 
 OEM_ID = b"PYVMM "
 OEM_REVISION = 1
