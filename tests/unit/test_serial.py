@@ -326,3 +326,12 @@ def test_input_thread_and_vcpu_concurrently() -> None:
     assert bytes(received) == data
     assert not u.inb(LSR) & LSR_OE
     assert not u.line.level
+
+
+def test_builder_name_and_signature() -> None:
+    from pyvmm.devices.serial import Serial
+
+    line, out = Line(), bytearray()
+    dev = Serial(line, out.extend)
+    dev.write(THR, 1, ord("k"))
+    assert out == b"k"

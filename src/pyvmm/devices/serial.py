@@ -268,3 +268,6 @@ class Serial16550:
 def _check_access(offset: int, size: int) -> None:
     if size not in (1, 2, 4) or not 0 <= offset < REGISTER_COUNT:
         raise ValueError(f"invalid UART access of {size} bytes at offset {offset}")
+
+
+Serial = Serial16550  # the name the VM builder uses
