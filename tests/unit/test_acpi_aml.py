@@ -258,7 +258,7 @@ ORACLE_CASES: list[tuple[str, str, aml.Term]] = [
     ("string", 'Name (S000, "hello")', Name("S000", "hello")),
     ("buffer", "Name (B000, Buffer () {0x21})", Name("B000", Buffer(b"\x21"))),
     *[(f"buffer{n}", "Name (B000, Buffer () {" + ", ".join(["0x01"] * n) + "})",
-       Name("B000", Buffer(b"\x01" * n))) for n in (60, 61, 62, 300, 4090)],
+       Name("B000", Buffer(b"\x01" * n))) for n in (60, 61, 62, 300, 4090, 4091, 4092)],
     ("uuid", 'Name (U000, ToUUID ("E5C937D0-3553-4D7A-9117-EA4D19C3434D"))',
      Name("U000", to_uuid("E5C937D0-3553-4D7A-9117-EA4D19C3434D"))),
     ("eisaid", 'Name (E000, EISAID ("PNP0A08"))\nName (E001, EISAID ("PNP0000"))',
@@ -322,6 +322,32 @@ ORACLE_CASES: list[tuple[str, str, aml.Term]] = [
      aml.Raw(Device("D000", [Name("_HID", eisa_id("PNP0A06"))]).to_aml()
              + Method("M001", 1, [Return(Arg(0))]).to_aml()
              + Method("M002", 0, [Notify(NamePath("D000"), 3), Return(MethodCall("M001", [7]))]).to_aml())),
+    ("mutex-and-arith",
+     "Mutex (MTX0, 0x03)\n"
+     "Method (M003, 1, Serialized) {\n"
+     "  Store (Arg0, Local0)\n"
+     "  Store (Arg0, Local1)\n"
+     "  Increment (Local0)\n"
+     "  Decrement (Local1)\n"
+     "  And (Arg0, 0xFF00, Local2)\n"
+     "  Or (Local2, 0x10000, Local3)\n"
+     "  ShiftRight (Local3, 0x04, Local4)\n"
+     "  Store (SizeOf (Arg0), Local5)\n"
+     "  Store (Add (Local4, Local5), Local6)\n"
+     "  Return (Local6)\n"
+     "}",
+     aml.Raw(aml.Mutex("MTX0", 3).to_aml() + Method("M003", 1, [
+         Store(Arg(0), Local(0)),
+         Store(Arg(0), Local(1)),
+         aml.Increment(Local(0)),
+         aml.Decrement(Local(1)),
+         aml.And(Arg(0), 0xFF00, Local(2)),
+         aml.Or(Local(2), 0x10000, Local(3)),
+         aml.ShiftRight(Local(3), 4, Local(4)),
+         Store(aml.SizeOf(Arg(0)), Local(5)),
+         Store(Add(Local(4), Local(5)), Local(6)),
+         Return(Local(6)),
+     ], serialized=True).to_aml())),
     ("opregion-field",
      "OperationRegion (PMRG, SystemIO, 0x0600, 0x08)\n"
      "Field (PMRG, ByteAcc, NoLock, WriteAsZeros) { SLPC, 8, SLPS, 8, Offset (0x04), RST, 8 }\n"
