@@ -344,11 +344,11 @@ def _bind_failure(failed: Sequence[PciFunction]) -> str:
 def _rollback(error: HostError, pending: Sequence[PciFunction], changer: Changer, journal: Journal) -> str:
     """Give back what this bind changed; the message says whether that worked."""
     try:
+        _drop_new_ids(changer, journal)
         for fn in pending:
             record = journal.state.devices.get(str(fn.bdf))
             if record is not None:
                 _give_back(changer, journal, fn.bdf, record)
-        _drop_new_ids(changer, journal)
     except HostError as again:
         return f"{error}; giving the devices back failed too ({again}): run `pyvmm-host restore --all`"
     return f"{error}; the devices were given back to their drivers"
@@ -425,11 +425,13 @@ def restore(
     journal_dir: Path = JOURNAL_DIR,
 ) -> Outcome:
     """Give devices back: the named ones, or (None) everything the journal holds. A named device that the
-    journal does not know but that sits on vfio-pci is unbound and reprobed. Once the journal holds no
-    device, dynamic ids it recorded are removed and module parameters restored."""
+    journal does not know but that sits on vfio-pci is unbound and reprobed. Dynamic ids the journal holds
+    (left by an interrupted new_id bind) go first, so no reprobe lands on vfio-pci again; once the journal
+    holds no device, module parameters are restored."""
     changer = Changer(dry_run, on_step)
     outcomes: list[DeviceOutcome] = []
     with _journal(journal_dir, dry_run) as journal:
+        _drop_new_ids(changer, journal)
         if devices is None:
             bdfs = []
             for name in journal.state.devices:
@@ -442,7 +444,6 @@ def restore(
         for bdf in bdfs:
             outcomes.append(_give_back(changer, journal, bdf, journal.state.devices.get(str(bdf))))
         if not journal.state.devices:
-            _drop_new_ids(changer, journal)
             _restore_params(changer, journal)
     return Outcome(tuple(outcomes), tuple(changer.steps), (), dry_run)
 
