@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.host.bdf import parse_bdf
-from pyvmm.host.binding import select_targets
 from pyvmm.host.errors import RefusedError
 from pyvmm.host.pciids import PciIds
+from pyvmm.host.selection import select_targets
 from pyvmm.host.sysfs import PciFunction
 
 DB = PciIds(subclasses={(0x04, 0x03): "Audio device", (0x06, 0x01): "ISA bridge", (0x03, 0x00): "VGA"})

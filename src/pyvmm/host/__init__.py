@@ -8,15 +8,18 @@ VMM uses it for `--device ...,managed=on`:
 
 from .actions import Step
 from .bdf import Bdf, parse_bdf
-from .binding import DeviceOutcome, Outcome, bind_to_vfio, restore, select_targets, unbind
+from .binding import bind_to_vfio
 from .errors import HostError, RefusedError, UsageError
 from .groups import IommuGroup, blocks_group, build_groups
 from .hostfacts import HostFacts, parse_size
 from .inuse import HostUse, UseKind, host_uses
 from .inventory import DeviceInfo, describe_devices, iommu_groups
 from .journal import BindMethod, JournalState
+from .outcome import DeviceOutcome, Outcome
 from .pciids import PciIds, load_pci_ids
 from .preflight import Finding, Problem, Severity, Verdict
+from .restoring import restore, unbind
+from .selection import select_targets
 from .sysfs import PciFunction, read_function, resolve, scan
 
 __all__ = [

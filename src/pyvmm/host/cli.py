@@ -8,10 +8,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import binding, hostfacts
+from . import binding, hostfacts, restoring
 from .errors import HostError, UsageError
 from .inventory import DeviceInfo, describe_devices, group_json, iommu_groups
 from .journal import BindMethod
+from .outcome import Outcome
 from .pciids import load_pci_ids
 from .preflight import Severity
 from .sysfs import resolve
@@ -143,7 +144,7 @@ def _step_printer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return None
 
 
-def _report(outcome: binding.Outcome, verb: str) -> int:
+def _report(outcome: Outcome, verb: str) -> int:
     for w in outcome.warnings:
         print(f"{PROG}: warning: {w}", file=sys.stderr)
     if outcome.dry_run:
@@ -168,7 +169,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 
 def cmd_unbind(args: argparse.Namespace) -> int:
-    outcome = binding.unbind(args.devices, dry_run=args.dry_run, on_step=_step_printer(args))
+    outcome = restoring.unbind(args.devices, dry_run=args.dry_run, on_step=_step_printer(args))
     return _report(outcome, "unbind")
 
 
@@ -176,9 +177,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.all and args.devices:
         raise UsageError("restore: give DEVICEs or --all, not both")
     devices = args.devices or None
-    outcome = binding.restore(devices, dry_run=args.dry_run, on_step=_step_printer(args))
+    outcome = restoring.restore(devices, dry_run=args.dry_run, on_step=_step_printer(args))
     if not outcome.devices and not outcome.steps:
         print("nothing to restore: the journal is empty")
+        return 0
     return _report(outcome, "restore")
 
 

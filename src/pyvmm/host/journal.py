@@ -213,3 +213,23 @@ def read_state(directory: Path = JOURNAL_DIR) -> JournalState:
         return JournalState.from_text(text)
     except ValueError as e:
         raise HostError(f"the journal {path} is damaged: {e}; repair or remove it by hand") from None
+
+
+class DryRunJournal(Journal):
+    """Reads the real journal but never writes or locks it: what a dry run records stays in memory."""
+
+    def __enter__(self) -> Journal:
+        self.state = read_state(self.directory)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+
+def open_journal(directory: Path = JOURNAL_DIR, dry_run: bool = False) -> Journal:
+    return DryRunJournal(directory) if dry_run else Journal(directory)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ DRIVERS_PROBE = Path("/sys/bus/pci/drivers_probe")
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
 DEV_VFIO = Path("/dev/vfio")
 VFIO_DRIVER = "vfio-pci"
+SETTLE_SECONDS = 5.0  # how long a driver link or /dev/vfio node may take to appear
 
 _PCI_CLASS_BRIDGE = 0x06
 
@@ -133,6 +136,35 @@ def resolve(spelling: str | Bdf) -> Bdf:
 
 def driver_dir(driver: str) -> Path:
     return PCI_DRIVERS / driver
+
+
+def device_attr(bdf: Bdf, attr: str) -> str:
+    return str(device_dir(bdf) / attr)
+
+
+def driver_attr(driver: str, attr: str) -> str:
+    return str(driver_dir(driver) / attr)
+
+
+def resolve_all(devices: Iterable[str | Bdf]) -> list[Bdf]:
+    """Resolve each spelling, dropping repeats, in the order given."""
+    bdfs: list[Bdf] = []
+    for d in devices:
+        bdf = resolve(d)
+        if bdf not in bdfs:
+            bdfs.append(bdf)
+    return bdfs
+
+
+def settle(check: Callable[[], bool], seconds: float = SETTLE_SECONDS) -> bool:
+    """Poll `check` until it holds or `seconds` pass: driver links and /dev/vfio nodes lag a little."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def write_attr(path: str, value: str) -> None:
