@@ -186,6 +186,3 @@ def _rollback(error: HostError, pending: Sequence[PciFunction], changer: Changer
     except HostError as again:
         return f"{error}; giving the devices back failed too ({again}): run `pyvmm-host restore --all`"
     return f"{error}; the devices were given back to their drivers"
-
-
-# --- giving back -------------------------------------------------------------------------------------

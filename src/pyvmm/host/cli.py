@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import binding, hostfacts, restoring
+from .actions import StepHook
 from .errors import HostError, UsageError
 from .inventory import DeviceInfo, describe_devices, group_json, iommu_groups
 from .journal import BindMethod
@@ -138,7 +139,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if blocked else 0
 
 
-def _step_printer(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _step_printer(args: argparse.Namespace) -> StepHook | None:
     if args.dry_run or args.verbose:
         return lambda step: print(step.shell() if args.dry_run else f"+ {step.shell()}", flush=True)
     return None
