@@ -49,7 +49,7 @@ sec in-use
 i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 modprobe ext4; mkfs.ext4 -q -F /dev/nvme0n1 && mkdir -p "$TMPDIR/m" && mount /dev/nvme0n1 "$TMPDIR/m"
 mkswap /dev/mmcblk0 >/dev/null && swapon /dev/mmcblk0
-ip link set eth0 up
+busybox ip link set eth0 up  # busybox-static is a project dependency; iproute2 is not
 pyvmm-host check --json 00:03.0 00:05.0 00:06.0; echo "rc=$?"
 sec refused; pyvmm-host bind 00:05.0; echo "rc=$?"; drv 0000:00:05.0
 sec forced
