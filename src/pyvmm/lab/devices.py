@@ -20,7 +20,7 @@ CATALOGUE: dict[str, LabDevice] = {
         LabDevice(
             "gpu-audio",
             "GPU with its HDMI audio function: display 1234:1111 + audio 8086:293e in one IOMMU group",
-            "snd_hda_intel (audio; the display has no driver)",
+            "bochs-drm (display), snd_hda_intel (audio)",
             functions=2,
         ),
         LabDevice("nvme", "NVMe drive (1b36:0010) with MSI-X", "nvme"),
