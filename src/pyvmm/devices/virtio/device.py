@@ -1,0 +1,63 @@
+"""What a virtio device type implements; the transport (pci.py) does everything else."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue
+from pyvmm.devices.virtio.spec import VirtioDeviceType
+from pyvmm.memory import GuestMemory
+
+
+class VirtioDevice(ABC):
+    """A device type (block, net, ...). Queue methods run on the transport's worker thread, config
+    methods on vCPU threads; neither may raise on guest input."""
+
+    device_type: VirtioDeviceType
+    name: str = "virtio"
+    pci_class: tuple[int, int] = (0xFF, 0x00)  # (class, subclass) for the PCI header
+
+    def __init__(self, queue_sizes: list[int]) -> None:
+        if not queue_sizes:
+            raise ValueError("a virtio device needs at least one queue")
+        self.queue_sizes = list(queue_sizes)
+        self.memory: GuestMemory | None = None
+        self.acked_features = 0
+
+    @property
+    @abstractmethod
+    def features(self) -> int:
+        """Device-specific feature bits offered (the transport adds the ring and version bits)."""
+
+    @abstractmethod
+    def config_bytes(self) -> bytes:
+        """The device configuration structure as the driver sees it."""
+
+    def read_config(self, offset: int, size: int) -> int:
+        data = self.config_bytes()
+        chunk = data[offset : offset + size] if offset >= 0 else b""
+        return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:  # noqa: B027 - read-only default
+        """Writable configuration fields (none by default)."""
+
+    def activate(self, memory: GuestMemory, features: int) -> None:
+        """DRIVER_OK: the negotiated features are final and the rings may be used."""
+        self.memory = memory
+        self.acked_features = features
+
+    def reset(self) -> None:
+        """The driver reset the device (queues are reset by the transport)."""
+        self.acked_features = 0
+
+    def process_queue(self, queue: Virtqueue) -> None:
+        """Consume every available chain of `queue` (the transport handles notifications)."""
+        while (chain := queue.pop()) is not None:
+            queue.push(chain.head, self.handle_chain(queue.index, chain))
+
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        """Serve one request; returns the number of bytes written into its writable buffers."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release host resources (files, sockets)."""

@@ -1,0 +1,376 @@
+"""virtio-blk over the PCI transport, driven like a guest driver, on a real image file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_virtio_driver import (
+    BAR_ADDRESS,
+    F_NEXT,
+    F_WRITE,
+    Driver,
+    FakeVectors,
+    FakeVm,
+    MiB,
+    Ring,
+    wait_used,
+)
+
+from pyvmm.devices.virtio import BlockParams, DiskImageError, VirtioBlock, VirtioPciDevice, vector_count
+from pyvmm.devices.virtio.block import BlkFeature, BlkStatus, RequestType
+from pyvmm.memory import GuestMemory
+
+RAM = 8 * MiB
+IMAGE_SECTORS = 2048  # 1 MiB
+HDR, DATA, STATUS = 0x200000, 0x300000, 0x2FF000
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed + i // 512) & 0xFF for i in range(n))
+
+
+@dataclass
+class Blk:
+    path: Path
+    memory: GuestMemory
+    dev: VirtioPciDevice
+    driver: Driver
+    vectors: FakeVectors
+    features: int
+
+    @property
+    def ring(self) -> Ring:
+        return self.driver.rings[0]
+
+    def submit(self, req_type: int, sector: int = 0, out: bytes = b"", in_len: int = 0, queue: int = 0,
+               indirect: bool = False, split_header: bool = False) -> tuple[int, int, bytes]:
+        """One request; returns (status, used length, data read)."""
+        ring = self.driver.rings[queue]
+        self.memory.write(HDR, struct.pack("<IIQ", req_type, 0, sector))
+        self.memory.write(STATUS, b"\xff")
+        bufs: list[tuple[int, int, bool]] = [(HDR, 8, False), (HDR + 8, 8, False)] if split_header else [
+            (HDR, 16, False)]
+        if out:
+            self.memory.write(DATA, out)
+            bufs.append((DATA, len(out), False))
+        if in_len:
+            self.memory.write(DATA, b"\xee" * in_len)
+            bufs.append((DATA, in_len, True))
+        bufs.append((STATUS, 1, True))
+        head = ring.add_indirect(0x280000, bufs) if indirect else ring.add(bufs)
+        ring.publish(head)
+        self.driver.notify(queue)
+        [(used_head, used_len)] = wait_used(ring, 1)
+        assert used_head == head
+        return self.memory.read(STATUS, 1)[0], used_len, self.memory.read(DATA, in_len)
+
+    def close(self) -> None:
+        self.dev.close()
+
+
+def make_image(tmp_path: Path, name: str = "disk.img", sectors: int = IMAGE_SECTORS) -> Path:
+    path = tmp_path / name
+    path.write_bytes(pattern(sectors * 512))
+    return path
+
+
+def start(path: Path, readonly: bool = False, direct: bool = False, params: BlockParams | None = None,
+          want: int | None = None) -> Blk:
+    memory = GuestMemory([(0, RAM)])
+    blk = VirtioBlock.open(str(path), readonly=readonly, direct=direct, params=params)
+    vectors = FakeVectors(vector_count(blk))
+    dev = VirtioPciDevice(blk, memory, vectors, bar64=False, ioeventfds=FakeVm())
+    dev.assign_bar(0, BAR_ADDRESS)
+    driver = Driver(dev, memory)
+    features = driver.init(want=want)
+    return Blk(path, memory, dev, driver, vectors, features)
+
+
+@pytest.fixture
+def blk(tmp_path: Path) -> Iterator[Blk]:
+    b = start(make_image(tmp_path))
+    yield b
+    b.close()
+
+
+def test_identity_and_config(blk: Blk) -> None:
+    assert blk.dev.config_read(0, 2) == 0x1AF4
+    assert blk.dev.config_read(2, 2) == 0x1042
+    assert blk.dev.config_read(0x08, 1) >= 1  # modern-only revision
+    assert blk.driver.device_cfg(0, 8) == IMAGE_SECTORS
+    assert blk.driver.device_cfg(12, 4) == 126  # seg_max = queue size - 2
+    assert blk.driver.device_cfg(20, 4) == 512
+    f = blk.features
+    for feature in (BlkFeature.FLUSH, BlkFeature.SEG_MAX, BlkFeature.DISCARD, BlkFeature.WRITE_ZEROES):
+        assert f >> feature & 1
+    assert not f >> BlkFeature.RO & 1
+    assert f >> 32 & 1 and f >> 29 & 1 and f >> 28 & 1  # VERSION_1, EVENT_IDX, INDIRECT_DESC
+
+
+def test_read(blk: Blk) -> None:
+    status, used, data = blk.submit(RequestType.IN, sector=3, in_len=4096)
+    assert status == BlkStatus.OK and used == 4097
+    assert data == pattern(IMAGE_SECTORS * 512)[3 * 512 : 3 * 512 + 4096]
+    assert blk.vectors.triggers[1] >= 1  # queue 0's MSI-X vector
+
+
+def test_write_then_read_back_and_in_the_file(blk: Blk) -> None:
+    payload = os.urandom(8192)
+    status, used, _ = blk.submit(RequestType.OUT, sector=100, out=payload)
+    assert status == BlkStatus.OK and used == 1
+    status, _, data = blk.submit(RequestType.IN, sector=100, in_len=8192, indirect=True)
+    assert status == BlkStatus.OK and data == payload
+    assert blk.submit(RequestType.FLUSH)[0] == BlkStatus.OK
+    with open(blk.path, "rb") as f:
+        f.seek(100 * 512)
+        assert f.read(8192) == payload
+
+
+def test_header_split_across_descriptors(blk: Blk) -> None:
+    status, _, data = blk.submit(RequestType.IN, sector=1, in_len=512, split_header=True)
+    assert status == BlkStatus.OK and data == pattern(1024)[512:]
+
+
+def test_get_id_default_and_serial(tmp_path: Path, blk: Blk) -> None:
+    status, used, data = blk.submit(RequestType.GET_ID, in_len=20)
+    st = os.stat(blk.path)
+    expected = f"{st.st_dev:x}{st.st_rdev:x}{st.st_ino:x}".encode()[:20]
+    assert status == BlkStatus.OK and used == 21 and data.rstrip(b"\0") == expected
+    other = start(make_image(tmp_path, "b.img"), params=BlockParams(serial="pyvmm-disk-1"))
+    try:
+        _, _, data = other.submit(RequestType.GET_ID, in_len=20)
+        assert data == b"pyvmm-disk-1".ljust(20, b"\0")
+    finally:
+        other.close()
+
+
+def test_out_of_range_and_partial_sectors_fail_with_ioerr(blk: Blk) -> None:
+    before = blk.path.read_bytes()
+    assert blk.submit(RequestType.IN, sector=IMAGE_SECTORS - 1, in_len=1024)[0] == BlkStatus.IOERR
+    assert blk.submit(RequestType.OUT, sector=IMAGE_SECTORS, out=b"x" * 512)[0] == BlkStatus.IOERR
+    assert blk.submit(RequestType.OUT, sector=(1 << 64) - 1, out=b"x" * 512)[0] == BlkStatus.IOERR
+    assert blk.submit(RequestType.IN, sector=0, in_len=100)[0] == BlkStatus.IOERR
+    assert blk.submit(RequestType.OUT, sector=0, out=b"y" * 100)[0] == BlkStatus.IOERR
+    assert blk.path.read_bytes() == before
+    assert blk.submit(RequestType.IN, sector=IMAGE_SECTORS - 1, in_len=512)[0] == BlkStatus.OK
+
+
+def test_unknown_request_is_unsupp(blk: Blk) -> None:
+    status, used, _ = blk.submit(0x55, in_len=0)
+    assert status == BlkStatus.UNSUPP and used == 1
+
+
+def test_discard_and_write_zeroes(blk: Blk) -> None:
+    seg = struct.pack("<QII", 8, 16, 0)
+    assert blk.submit(RequestType.WRITE_ZEROES, out=seg)[0] == BlkStatus.OK
+    data = blk.path.read_bytes()
+    assert data[8 * 512 : 24 * 512] == bytes(16 * 512)
+    assert data[7 * 512 : 8 * 512] == pattern(IMAGE_SECTORS * 512)[7 * 512 : 8 * 512]
+    unmap = struct.pack("<QII", 64, 8, 1)
+    assert blk.submit(RequestType.WRITE_ZEROES, out=unmap)[0] == BlkStatus.OK
+    assert blk.path.read_bytes()[64 * 512 : 72 * 512] == bytes(8 * 512)
+    assert blk.submit(RequestType.DISCARD, out=struct.pack("<QII", 256, 8, 0))[0] == BlkStatus.OK
+    # unmap flag on discard, two segments, beyond the end, malformed payload
+    assert blk.submit(RequestType.DISCARD, out=struct.pack("<QII", 0, 8, 1))[0] == BlkStatus.UNSUPP
+    assert blk.submit(RequestType.DISCARD, out=seg + seg)[0] == BlkStatus.UNSUPP
+    assert blk.submit(RequestType.DISCARD, out=struct.pack("<QII", IMAGE_SECTORS, 1, 0))[0] == BlkStatus.IOERR
+    assert blk.submit(RequestType.WRITE_ZEROES, out=seg[:10])[0] == BlkStatus.IOERR
+
+
+def test_discard_unsupp_when_not_negotiated(tmp_path: Path) -> None:
+    b = start(make_image(tmp_path), want=~(1 << BlkFeature.DISCARD))
+    try:
+        assert b.submit(RequestType.DISCARD, out=struct.pack("<QII", 0, 8, 0))[0] == BlkStatus.UNSUPP
+    finally:
+        b.close()
+
+
+def test_readonly_disk_refuses_writes_and_keeps_the_image(tmp_path: Path) -> None:
+    path = make_image(tmp_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    b = start(path, readonly=True)
+    try:
+        assert b.features >> BlkFeature.RO & 1
+        assert not b.features >> BlkFeature.DISCARD & 1
+        assert b.submit(RequestType.OUT, sector=0, out=b"z" * 512)[0] == BlkStatus.IOERR
+        assert b.submit(RequestType.WRITE_ZEROES, out=struct.pack("<QII", 0, 8, 0))[0] == BlkStatus.IOERR
+        assert b.submit(RequestType.FLUSH)[0] == BlkStatus.OK
+        status, _, data = b.submit(RequestType.IN, sector=0, in_len=512)
+        assert status == BlkStatus.OK and data == pattern(512)
+    finally:
+        b.close()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_direct_io_aligned_and_unaligned_buffers(tmp_path: Path) -> None:
+    path = make_image(tmp_path)
+    try:
+        b = start(path, direct=True)
+    except DiskImageError as exc:
+        pytest.skip(f"no O_DIRECT on {tmp_path}: {exc}")
+    try:
+        payload = os.urandom(4096)
+        assert b.submit(RequestType.OUT, sector=8, out=payload)[0] == BlkStatus.OK  # aligned
+        assert b.submit(RequestType.IN, sector=8, in_len=4096)[2] == payload
+        # A buffer at an odd guest address and a sector offset that is not block aligned: bounced.
+        ring = b.ring
+        b.memory.write(0x200000, struct.pack("<IIQ", RequestType.OUT, 0, 3))
+        b.memory.write(0x300003, payload[:1536])
+        head = ring.add([(0x200000, 16, False), (0x300003, 1536, False), (0x2FF000, 1, True)])
+        ring.publish(head)
+        b.driver.notify(0)
+        wait_used(ring, 1)
+        assert b.memory.read(0x2FF000, 1) == b"\0"
+        data = path.read_bytes()
+        assert data[3 * 512 : 6 * 512] == payload[:1536]
+        assert data[6 * 512 : 8 * 512] == pattern(IMAGE_SECTORS * 512)[6 * 512 : 8 * 512]
+        b.memory.write(0x200000, struct.pack("<IIQ", RequestType.IN, 0, 3))
+        head = ring.add([(0x200000, 16, False), (0x400005, 1536, True), (0x2FF000, 1, True)])
+        ring.publish(head)
+        b.driver.notify(0)
+        wait_used(ring, 1)
+        assert b.memory.read(0x400005, 1536) == payload[:1536]
+    finally:
+        b.close()
+
+
+# ---- hostile chains ---------------------------------------------------------------------------------------
+
+
+def raw_chain(b: Blk, descs: list[tuple[int, int, int, int]], head: int = 0) -> tuple[int, int]:
+    """Write descriptors verbatim (addr, len, flags, next) from index 0, publish `head`, kick, wait."""
+    ring = b.ring
+    for i, (addr, length, flags, nxt) in enumerate(descs):
+        ring.write_desc(i, addr, length, flags, nxt)
+    ring.publish(head)
+    b.driver.notify(0)
+    [(used_head, used_len)] = wait_used(ring, 1)
+    return used_head, used_len
+
+
+def test_data_buffer_outside_ram_fails_request(blk: Blk) -> None:
+    before = blk.path.read_bytes()
+    blk.memory.write(HDR, struct.pack("<IIQ", RequestType.OUT, 0, 0))
+    blk.memory.write(STATUS, b"\xff")
+    descs = [(HDR, 16, F_NEXT, 1), (RAM - 512, 1 << 20, F_NEXT, 2), (STATUS, 1, F_WRITE, 0)]
+    head, used = raw_chain(blk, descs)
+    assert head == 0 and used == 1
+    assert blk.memory.read(STATUS, 1)[0] == BlkStatus.IOERR
+    assert blk.path.read_bytes() == before
+
+
+def test_huge_read_length_outside_ram(blk: Blk) -> None:
+    blk.memory.write(HDR, struct.pack("<IIQ", RequestType.IN, 0, 0))
+    raw_chain(blk, [(HDR, 16, F_NEXT, 1), (DATA, 0xFFFF_F000, F_WRITE | F_NEXT, 2), (STATUS, 1, F_WRITE, 0)])
+    assert blk.memory.read(STATUS, 1)[0] == BlkStatus.IOERR
+
+
+def test_looping_chain_fails_and_device_keeps_working(blk: Blk) -> None:
+    blk.memory.write(HDR, struct.pack("<IIQ", RequestType.IN, 0, 0))
+    head, used = raw_chain(blk, [(HDR, 16, F_NEXT, 1), (DATA, 512, F_WRITE | F_NEXT, 0)])
+    assert head == 0 and used in (0, 1)
+    status, _, data = blk.submit(RequestType.IN, sector=0, in_len=512)
+    assert status == BlkStatus.OK and data == pattern(512)
+
+
+def test_chain_without_status_byte_and_short_header(blk: Blk) -> None:
+    blk.memory.write(HDR, struct.pack("<IIQ", RequestType.IN, 0, 0))
+    assert raw_chain(blk, [(HDR, 16, 0, 0)]) == (0, 0)
+    blk.memory.write(STATUS, b"\xff")
+    assert raw_chain(blk, [(HDR, 8, F_NEXT, 1), (STATUS, 1, F_WRITE, 0)]) == (0, 1)
+    assert blk.memory.read(STATUS, 1)[0] == BlkStatus.IOERR
+
+
+def test_corrupt_ring_sets_needs_reset_and_reset_recovers(blk: Blk) -> None:
+    ring = blk.ring
+    blk.memory.write_u16(ring.avail + 4, 1000)  # head outside the table
+    blk.memory.write_u16(ring.avail + 2, 1)
+    config_irqs = blk.vectors.triggers[0]
+    blk.driver.notify(0)
+    assert blk.vectors.wait(0, config_irqs)
+    assert blk.driver.status & 64  # DEVICE_NEEDS_RESET
+    blk.driver.common_write(0x14, 1, 0)
+    assert blk.driver.status == 0
+    blk.driver.init(ring_base=0x40000)
+    status, _, data = blk.submit(RequestType.IN, sector=1, in_len=512)
+    assert status == BlkStatus.OK and data == pattern(1024)[512:]
+
+
+def test_multiqueue(tmp_path: Path) -> None:
+    b = start(make_image(tmp_path), params=BlockParams(num_queues=2, queue_size=64))
+    try:
+        assert b.features >> BlkFeature.MQ & 1
+        assert b.driver.device_cfg(34, 2) == 2
+        assert b.driver.rings[1].size == 64
+        status, _, data = b.submit(RequestType.IN, sector=2, in_len=512, queue=1)
+        assert status == BlkStatus.OK and data == pattern(1536)[1024:]
+        assert b.vectors.triggers[2] >= 1
+    finally:
+        b.close()
+
+
+# ---- opening images ---------------------------------------------------------------------------------------
+
+
+def test_missing_image(tmp_path: Path) -> None:
+    with pytest.raises(DiskImageError, match="no such file"):
+        VirtioBlock.open(str(tmp_path / "nope.img"))
+
+
+def test_directory_is_not_an_image(tmp_path: Path) -> None:
+    with pytest.raises(DiskImageError, match="directory"):
+        VirtioBlock.open(str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
+def test_unreadable_image(tmp_path: Path) -> None:
+    path = make_image(tmp_path)
+    path.chmod(0)
+    with pytest.raises(DiskImageError, match="permission denied"):
+        VirtioBlock.open(str(path), readonly=True)
+
+
+def test_second_writer_is_refused_and_lock_released_on_close(tmp_path: Path) -> None:
+    path = make_image(tmp_path)
+    first = VirtioBlock.open(str(path))
+    with pytest.raises(DiskImageError, match="in use"):
+        VirtioBlock.open(str(path))
+    with pytest.raises(DiskImageError, match="in use"):
+        VirtioBlock.open(str(path), readonly=True)
+    first.close()
+    VirtioBlock.open(str(path)).close()
+
+
+def test_two_readonly_users_share_the_image(tmp_path: Path) -> None:
+    path = make_image(tmp_path)
+    a = VirtioBlock.open(str(path), readonly=True)
+    b = VirtioBlock.open(str(path), readonly=True)
+    with pytest.raises(DiskImageError, match="in use"):
+        VirtioBlock.open(str(path))
+    a.close()
+    b.close()
+
+
+def test_second_process_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = make_image(tmp_path)
+    first = VirtioBlock.open(str(path))
+    try:
+        code = (
+            "import sys\nfrom pyvmm.devices.virtio import VirtioBlock, DiskImageError\n"
+            f"try:\n    VirtioBlock.open({str(path)!r})\nexcept DiskImageError as e:\n"
+            "    print(e); sys.exit(2)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "in use" in proc.stdout
+        assert len(proc.stdout.strip().splitlines()) == 1
+    finally:
+        first.close()
