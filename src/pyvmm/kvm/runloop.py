@@ -1,0 +1,279 @@
+"""The per-vCPU run loop: KVM_RUN, dispatch of I/O exits to the buses, and why the vCPU stopped.
+
+One thread per vCPU calls `VcpuLoop.run()`. Any thread may call `request_stop()`: it sets
+kvm_run.immediate_exit (so a KVM_RUN that has not started yet returns at once) and sends the kick signal
+to the vCPU thread (so a KVM_RUN that is blocked, e.g. in a guest HLT, returns EINTR). The kick signal
+needs a handler, installed once from the main thread with `install_kick_handler()`: with the default
+disposition the signal would kill the process, and an ignored signal would not interrupt KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+from pyvmm.devices.bus import IoBus
+from pyvmm.kvm.bindings import (
+    KvmExit,
+    KvmExitIo,
+    KvmInternalError,
+    KvmSystemEvent,
+    _kvm_run_io,
+    _kvm_run_mmio,
+    kvm_regs,
+    kvm_run,
+    kvm_sregs,
+)
+from pyvmm.kvm.regs import format_registers
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+
+# Plain ints: comparing against these is cheaper than against enum members on the hot path.
+_EXIT_IO = int(KvmExit.KVM_EXIT_IO)
+_EXIT_MMIO = int(KvmExit.KVM_EXIT_MMIO)
+_EXIT_INTR = int(KvmExit.KVM_EXIT_INTR)
+_IO_OUT = int(KvmExitIo.KVM_EXIT_IO_OUT)
+_EXIT_U_OFFSET = kvm_run.u.offset
+_MMIO_DATA_OFFSET = _EXIT_U_OFFSET + _kvm_run_mmio.data.offset
+_UINT = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}
+
+
+class StopReason(IntEnum):
+    STOPPED = 0  # request_stop() was called
+    POWEROFF = 1  # the guest powered off (KVM_SYSTEM_EVENT_SHUTDOWN)
+    RESET = 2  # the guest asked for a reset (KVM_SYSTEM_EVENT_RESET)
+    HALTED = 3  # HLT reached userspace: only without the in-kernel irqchip, nothing can wake the vCPU
+    ERROR = 4  # triple fault, entry failure, internal error, crash, device exception...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Why a vCPU loop ended. For ERROR, `message` is one line and `registers` a multi-line dump."""
+
+    reason: StopReason
+    vcpu: int
+    message: str = ""
+    registers: str = ""
+
+    def describe(self) -> str:
+        """Text for stderr: 'vCPU n: <message>' followed by the register dump, if any."""
+        text = f"vCPU {self.vcpu}: {self.message or self.reason.name.lower()}"
+        return f"{text}\n{self.registers}" if self.registers else text
+
+
+class RunnableVcpu(Protocol):
+    """What the loop needs of a vCPU (pyvmm.kvm.system.Vcpu provides it)."""
+
+    index: int
+    run_address: int
+    kvm_run: kvm_run
+
+    def run(self) -> int: ...
+    def get_regs(self) -> kvm_regs: ...
+    def get_sregs(self) -> kvm_sregs: ...
+
+
+def install_kick_handler(signum: int = KICK_SIGNAL) -> None:
+    """Give the kick signal a no-op handler; call from the main thread before starting vCPU threads."""
+    if signal.getsignal(signum) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signum, _ignore_kick)
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick only has to interrupt KVM_RUN; there is nothing to do when it is delivered."""
+
+
+class VcpuLoop:
+    """Runs one vCPU until it stops; `on_stop(result)` is called on the vCPU thread as the loop ends."""
+
+    def __init__(
+        self,
+        vcpu: RunnableVcpu,
+        pio_bus: IoBus,
+        mmio_bus: IoBus,
+        on_stop: Callable[[RunResult], None] | None = None,
+        kick_signal: int = KICK_SIGNAL,
+        debug: bool = False,
+    ) -> None:
+        self.vcpu = vcpu
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.on_stop = on_stop
+        self.kick_signal = kick_signal
+        self.debug = debug
+        self.result: RunResult | None = None
+        self._stop = False
+        self._thread_id: int | None = None
+        self._thread_lock = threading.Lock()
+        # Typed views into the kvm_run page, made once: field reads then allocate nothing but the int.
+        self._io = _kvm_run_io.from_address(vcpu.run_address + _EXIT_U_OFFSET)
+        self._mmio = _kvm_run_mmio.from_address(vcpu.run_address + _EXIT_U_OFFSET)
+        self._views: dict[tuple[int, int], ctypes._SimpleCData] = {}
+
+    # --- control (any thread) ------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Make the loop end with STOPPED as soon as possible (idempotent, safe from any thread)."""
+        self._stop = True
+        self.vcpu.kvm_run.immediate_exit = 1
+        with self._thread_lock:
+            # The lock keeps the thread alive while it is signalled (run() clears the id under it).
+            if self._thread_id is not None and self._thread_id != threading.get_ident():
+                signal.pthread_kill(self._thread_id, self.kick_signal)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    def start_thread(self) -> threading.Thread:
+        """Run the loop on a new daemon thread named vcpu<N>."""
+        thread = threading.Thread(target=self.run, name=f"vcpu{self.vcpu.index}", daemon=True)
+        thread.start()
+        return thread
+
+    # --- the loop (vCPU thread) ----------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        handler = signal.getsignal(self.kick_signal)
+        if handler in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise RuntimeError(
+                f"signal {signal.Signals(self.kick_signal).name} has no handler: "
+                "call install_kick_handler() in the main thread first"
+            )
+        with self._thread_lock:
+            self._thread_id = threading.get_ident()
+        try:
+            result = self._loop()
+        finally:
+            with self._thread_lock:
+                self._thread_id = None
+        self.result = result
+        if self.on_stop is not None:
+            self.on_stop(result)
+        return result
+
+    def _loop(self) -> RunResult:
+        vcpu = self.vcpu
+        run = vcpu.kvm_run
+        io_exit = self._io_exit
+        mmio_exit = self._mmio_exit
+        debug = self.debug
+        try:
+            while not self._stop:
+                reason = vcpu.run()
+                if debug:
+                    log.debug("vCPU %d: exit %s", vcpu.index, _exit_name(reason))
+                if reason == _EXIT_IO:
+                    io_exit()
+                elif reason == _EXIT_MMIO:
+                    mmio_exit()
+                elif reason != _EXIT_INTR:
+                    result = self._other_exit(reason, run)
+                    if result is not None:
+                        return result
+        except Exception as e:  # a device or KVM_RUN failed: the VM cannot go on, report it
+            return self._error(f"{type(e).__name__}: {e}")
+        return RunResult(StopReason.STOPPED, vcpu.index)
+
+    def _view(self, offset: int, size: int) -> ctypes._SimpleCData:
+        view = self._views.get((offset, size))
+        if view is None:
+            view = _UINT[size].from_address(self.vcpu.run_address + offset)
+            self._views[(offset, size)] = view
+        return view
+
+    def _io_exit(self) -> None:
+        io = self._io
+        port, size, offset = io.port, io.size, io.data_offset
+        bus = self.pio_bus
+        # count > 1 for string I/O (rep ins/outs): the elements are consecutive in the data area.
+        if io.direction == _IO_OUT:
+            for i in range(io.count):
+                bus.write(port, size, self._view(offset + i * size, size).value)
+        else:
+            for i in range(io.count):
+                self._view(offset + i * size, size).value = bus.read(port, size)
+
+    def _mmio_exit(self) -> None:
+        mmio = self._mmio
+        addr, length = mmio.phys_addr, mmio.len
+        if length in _UINT:
+            view = self._view(_MMIO_DATA_OFFSET, length)
+            if mmio.is_write:
+                self.mmio_bus.write(addr, length, view.value)
+            else:
+                view.value = self.mmio_bus.read(addr, length)
+            return
+        # Odd lengths do not occur for ordinary instructions; handle them anyway, byte-exactly.
+        data = mmio.data
+        if mmio.is_write:
+            self.mmio_bus.write(addr, length, int.from_bytes(bytes(data[:length]), "little"))
+        else:
+            value = self.mmio_bus.read(addr, length)
+            for i in range(length):
+                data[i] = (value >> (8 * i)) & 0xFF
+
+    # --- rare exits ----------------------------------------------------------------------------------------
+
+    def _other_exit(self, reason: int, run: kvm_run) -> RunResult | None:
+        index = self.vcpu.index
+        if reason == KvmExit.KVM_EXIT_HLT:
+            return RunResult(StopReason.HALTED, index, "halted with no irqchip to wake it")
+        if reason == KvmExit.KVM_EXIT_SYSTEM_EVENT:
+            event = run.system_event.type
+            if event == KvmSystemEvent.KVM_SYSTEM_EVENT_SHUTDOWN:
+                return RunResult(StopReason.POWEROFF, index)
+            if event == KvmSystemEvent.KVM_SYSTEM_EVENT_RESET:
+                return RunResult(StopReason.RESET, index)
+            if event == KvmSystemEvent.KVM_SYSTEM_EVENT_CRASH:
+                return self._error("guest crashed (KVM_SYSTEM_EVENT_CRASH)")
+            return self._error(f"unexpected system event {_enum_name(KvmSystemEvent, event)}")
+        if reason == KvmExit.KVM_EXIT_SHUTDOWN:
+            return self._error("triple fault (KVM_EXIT_SHUTDOWN)")
+        if reason == KvmExit.KVM_EXIT_FAIL_ENTRY:
+            fail = run.fail_entry
+            return self._error(
+                f"VM entry failed (KVM_EXIT_FAIL_ENTRY): hardware reason "
+                f"{fail.hardware_entry_failure_reason:#x} on host CPU {fail.cpu}"
+            )
+        if reason == KvmExit.KVM_EXIT_INTERNAL_ERROR:
+            internal = run.internal
+            data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+            return self._error(
+                f"KVM internal error {_enum_name(KvmInternalError, internal.suberror)}"
+                + (f" data: {data}" if data else "")
+            )
+        if reason == KvmExit.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return None
+        return self._error(f"unhandled exit {_exit_name(reason)}")
+
+    def _error(self, message: str) -> RunResult:
+        try:
+            registers = format_registers(self.vcpu.get_regs(), self.vcpu.get_sregs())
+        except Exception as e:  # the report must not be lost because the registers are unreadable
+            registers = f"(registers unavailable: {e})"
+        return RunResult(StopReason.ERROR, self.vcpu.index, message, registers)
+
+
+def stop_all(loops: Iterable[VcpuLoop]) -> None:
+    for loop in loops:
+        loop.request_stop()
+
+
+def _enum_name(enum: type[IntEnum], value: int) -> str:
+    try:
+        return enum(value).name
+    except ValueError:
+        return str(value)
+
+
+def _exit_name(reason: int) -> str:
+    return _enum_name(KvmExit, reason)
