@@ -374,3 +374,89 @@ def test_second_process_is_refused(tmp_path: Path) -> None:
         assert len(proc.stdout.strip().splitlines()) == 1
     finally:
         first.close()
+
+
+# ---- attaching --disk devices -----------------------------------------------------------------------------
+
+
+class FakeKvmVm:
+    """The calls attach_disks and IrqfdMsiVectors make on a kvm.system.Vm."""
+
+    def __init__(self) -> None:
+        self.ioeventfds: dict[int, int] = {}
+        self.irqfds: dict[int, int] = {}
+        self.routes: list = []
+
+    def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int | None = None, pio: bool = False,
+                  deassign: bool = False) -> None:
+        if deassign:
+            del self.ioeventfds[addr]
+        else:
+            self.ioeventfds[addr] = fd
+
+    def irqfd(self, fd: int, gsi: int, resample_fd: int | None = None, deassign: bool = False) -> None:
+        if deassign:
+            del self.irqfds[gsi]
+        else:
+            self.irqfds[gsi] = fd
+
+    def set_gsi_routing(self, routes: list) -> None:
+        self.routes = list(routes)
+
+
+def test_attach_disks_places_bars_and_binds_notifications(tmp_path: Path) -> None:
+    from pyvmm.config import DiskConfig
+    from pyvmm.devices.bus import IoBus
+    from pyvmm.devices.virtio.attach import attach_disks
+    from pyvmm.devices.virtio.pci import NOTIFY_CFG_OFFSET, VIRTIO_BAR64_ALIGN
+    from pyvmm.interrupts import MsiRouter
+    from pyvmm.pci.allocator import io_allocator
+    from pyvmm.pci.apertures import mmio64_aperture, segment_windows
+    from pyvmm.pci.bus import PciSegment
+
+    windows = segment_windows([1, 1], [1, 1], mmio64_aperture(1 << 30))
+    segments = [PciSegment(w.segment, w, io_allocator()) for w in windows]
+    vm = FakeKvmVm()
+    bus = IoBus("mmio")
+    memory = GuestMemory([(0, RAM)])
+    disks = [
+        DiskConfig(path=make_image(tmp_path, "a.img")),
+        DiskConfig(path=make_image(tmp_path, "b.img"), readonly=True, pci_segment=1, pci_device_id=5,
+                   num_queues=2),
+    ]
+    devs = attach_disks(disks, memory=memory, vm=vm, router=MsiRouter(vm), segments=segments, mmio_bus=bus)
+    try:
+        a, b = devs
+        [pa] = segments[0].placements(segments[0].slot_of(a))
+        assert segments[1].device(5) is b
+        [pb] = segments[1].placements(5)
+        assert pa.address < 1 << 32 and pb.address >= 1 << 32 and pb.address % VIRTIO_BAR64_ALIGN == 0
+        assert set(vm.ioeventfds) == {pa.address + NOTIFY_CFG_OFFSET, pb.address + NOTIFY_CFG_OFFSET,
+                                      pb.address + NOTIFY_CFG_OFFSET + 4}
+        assert bus.read(pa.address, 2) == 0  # common cfg: device_feature_select
+        assert bus.read(pa.address + 0x12, 2) == 1 and bus.read(pb.address + 0x12, 2) == 2  # num_queues
+    finally:
+        for d in devs:
+            d.close()
+    assert vm.ioeventfds == {}
+
+
+def test_attach_disks_failure_releases_earlier_images(tmp_path: Path) -> None:
+    from pyvmm.config import DiskConfig
+    from pyvmm.devices.bus import IoBus
+    from pyvmm.devices.virtio.attach import attach_disks
+    from pyvmm.interrupts import MsiRouter
+    from pyvmm.pci.allocator import io_allocator
+    from pyvmm.pci.apertures import mmio64_aperture, segment_windows
+    from pyvmm.pci.bus import PciSegment
+
+    windows = segment_windows([1], [1], mmio64_aperture(1 << 30))
+    segments = [PciSegment(0, windows[0], io_allocator())]
+    vm = FakeKvmVm()
+    path = make_image(tmp_path)
+    disks = [DiskConfig(path=path), DiskConfig(path=path)]  # the same image twice for writing
+    with pytest.raises(DiskImageError, match="in use"):
+        attach_disks(disks, memory=GuestMemory([(0, RAM)]), vm=vm, router=MsiRouter(vm), segments=segments,
+                     mmio_bus=IoBus("mmio"))
+    assert vm.ioeventfds == {}
+    VirtioBlock.open(str(path)).close()  # the first one's lock is gone

@@ -545,6 +545,8 @@ class VirtioPciDevice(ConfigSpaceDevice):
             self._worker.stop()
             self._worker = None
         self._unbind_ioeventfds()
+        for q in self.queues:
+            q.reset()  # drops the ring views into guest memory
         for fd in self.queue_eventfds:
             with contextlib.suppress(OSError):
                 os.close(fd)
