@@ -286,8 +286,14 @@ def vfio_region_info_cap_sparse_mmap_areas(n: int) -> type[ctypes.Structure]:
     return _with_flex_array(vfio_region_info_cap_sparse_mmap, "areas", vfio_region_sparse_mmap_area, n)
 
 
-def irq_set(index: int, flags: int, start: int = 0, data: list[int] | None = None, count: int | None = None,
-            bools: bool = False) -> ctypes.Structure:
+def irq_set(
+    index: int,
+    flags: int,
+    start: int = 0,
+    data: list[int] | None = None,
+    count: int | None = None,
+    bools: bool = False,
+) -> ctypes.Structure:
     """A ready-to-issue `vfio_irq_set` with its data array (eventfds, or u8 booleans with `bools`)."""
     values = data or []
     cls = (vfio_irq_set_bools if bools else vfio_irq_set_eventfds)(len(values))

@@ -1,0 +1,196 @@
+"""All VFIO devices of one VM: the KVM VFIO pseudo-device, one shared container, groups, device models.
+
+Order (ch-vfio-spec §8 points 1-2): the KVM VFIO device exists before any group is added; for a new group:
+open and check viability → join the container (the first group selects type1v2) → KVM_DEV_VFIO_FILE_ADD →
+only then the device fd. Guest RAM is DMA-mapped when the container gets its first group, so it is in place
+before any device model exists and long before the guest runs. Groups are shared by their devices; close()
+undoes everything in reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pyvmm.interrupts import MsiRouter
+from pyvmm.kvm.bindings import KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KvmDevType
+from pyvmm.kvm.ioctl import IoctlError
+from pyvmm.kvm.system import Vm
+from pyvmm.memory import GuestMemory
+from pyvmm.pci.bar import BarKind
+from pyvmm.pci.bus import PciSegment
+from pyvmm.pci.device import BarBusAdapter
+from pyvmm.vfio.container import VfioContainer, VfioGroup
+from pyvmm.vfio.device import VfioDevice
+from pyvmm.vfio.dma import map_guest_memory
+from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.pci import VfioPciDevice
+from pyvmm.vfio.slots import GuestMapper
+
+log = logging.getLogger(__name__)
+
+VFIO_DRIVER = "vfio-pci"
+
+
+class Bus(Protocol):
+    def insert(self, base: int, length: int, device: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class HostFunction:
+    """A host PCI function as found in sysfs."""
+
+    name: str  # 0000:01:00.0
+    group: int
+    driver: str | None
+
+
+def host_function(path: str | os.PathLike[str]) -> HostFunction:
+    """Check that `path` is a PCI function bound to vfio-pci; one-line errors say how to fix it."""
+    given = Path(path)
+    directory = given.resolve()
+    name = directory.name  # resolve() also drops a trailing slash
+    if not (directory / "config").is_file() or not (directory / "vendor").is_file():
+        raise VfioError(
+            f"{path}: not a PCI function (expected /sys/bus/pci/devices/<domain:bus:dev.fn>/; "
+            "see `pyvmm-host list`)"
+        )
+    driver_link = directory / "driver"
+    driver = os.path.basename(os.readlink(driver_link)) if driver_link.is_symlink() else None
+    if driver != VFIO_DRIVER:
+        now = f"is bound to {driver}" if driver else "has no driver"
+        raise VfioError(f"{name} {now}, not vfio-pci: run `pyvmm-host bind {name}` first")
+    group_link = directory / "iommu_group"
+    if not group_link.is_symlink():
+        raise VfioError(
+            f"{name} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on) "
+            "(see `pyvmm-host check`)"
+        )
+    return HostFunction(name, int(os.path.basename(os.readlink(group_link))), driver)
+
+
+class VfioPassthrough:
+    """The VFIO side of one VM; `memory` (if given) is DMA-mapped when the container gets its first group."""
+
+    def __init__(
+        self,
+        vm: Vm,
+        router: MsiRouter,
+        memory: GuestMemory | None = None,
+        mapper: GuestMapper | None = None,
+        p2p_dma: bool = True,
+    ) -> None:
+        self.vm = vm
+        self.router = router
+        self.memory = memory
+        self.mapper = mapper
+        self.p2p_dma = p2p_dma
+        self.kvm_device_fd: int | None = None
+        self.container: VfioContainer | None = None
+        self.groups: dict[int, VfioGroup] = {}
+        self.devices: list[VfioPciDevice] = []
+        self._raw: list[VfioDevice] = []
+
+    # ---- host side ------------------------------------------------------------------------------------
+
+    def _kvm_vfio_device(self) -> int:
+        if self.kvm_device_fd is None:
+            try:
+                self.kvm_device_fd = self.vm.create_device(KvmDevType.KVM_DEV_TYPE_VFIO)
+            except IoctlError as e:
+                raise VfioError(f"cannot create the KVM VFIO device: {e.strerror}") from e
+        return self.kvm_device_fd
+
+    def group(self, group_id: int, hint: str = "") -> VfioGroup:
+        """The open, viable group `group_id` in the shared container, known to KVM (opened once)."""
+        if group_id in self.groups:
+            return self.groups[group_id]
+        kvm_fd = self._kvm_vfio_device()
+        if self.container is None:
+            self.container = VfioContainer()
+        first = not self.container.groups
+        group = VfioGroup(group_id, hint)
+        try:
+            self.container.attach(group)
+            self.vm.set_device_attr(
+                kvm_fd, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, ctypes.c_int32(group.fd)
+            )
+        except IoctlError as e:
+            group.close()
+            raise VfioError(f"IOMMU group {group_id}: KVM_DEV_VFIO_FILE_ADD failed: {e.strerror}") from e
+        except BaseException:
+            group.close()
+            raise
+        self.groups[group_id] = group
+        if first and self.memory is not None:
+            map_guest_memory(self.container, self.memory)
+        return group
+
+    def open_device(self, path: str | os.PathLike[str]) -> VfioDevice:
+        """The VFIO device of the host function at sysfs `path` (its group set up first)."""
+        function = host_function(path)
+        group = self.group(function.group, function.name)
+        device = VfioDevice(group.get_device_fd(function.name), function.name)
+        self._raw.append(device)
+        return device
+
+    # ---- guest side -----------------------------------------------------------------------------------
+
+    def add_device(
+        self,
+        path: str | os.PathLike[str],
+        segment: PciSegment,
+        mmio_bus: Bus,
+        pio_bus: Bus,
+        slot: int | None = None,
+        name: str | None = None,
+        exclude_mmap_bars: tuple[int, ...] = (),
+        gpudirect_clique: int | None = None,
+    ) -> VfioPciDevice:
+        """Open the host function at `path`, plug its device model into `segment` and trap its BARs."""
+        device = self.open_device(path)
+        model = VfioPciDevice(
+            device,
+            self.vm,
+            self.router,
+            name=name or device.name,
+            mapper=self.mapper,
+            exclude_mmap_bars=exclude_mmap_bars,
+            p2p_container=self.container if self.p2p_dma else None,
+            gpudirect_clique=gpudirect_clique,
+        )
+        self.devices.append(model)
+        guest_slot = segment.add_device(model, slot)
+        for placement in segment.placements(guest_slot):
+            bus = pio_bus if placement.kind == BarKind.IO else mmio_bus
+            bus.insert(placement.address, placement.size, BarBusAdapter(model, placement.index))
+        log.info("%s: host %s at %04x:00:%02x.0", model.name, device.name, segment.id, guest_slot)
+        return model
+
+    # ---- teardown -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Devices (mappings, interrupts, fds), then groups (KVM FILE_DEL, unset container), container."""
+        for model in reversed(self.devices):
+            with contextlib.suppress(Exception):
+                model.close()
+        self.devices.clear()
+        for device in self._raw:
+            device.close()
+        self._raw.clear()
+        for group in reversed(list(self.groups.values())):
+            if self.kvm_device_fd is not None and group.fd >= 0:
+                with contextlib.suppress(OSError):
+                    self.vm.set_device_attr(
+                        self.kvm_device_fd, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL, ctypes.c_int32(group.fd)
+                    )
+            group.close()
+        self.groups.clear()
+        if self.container is not None:
+            self.container.close()
+            self.container = None

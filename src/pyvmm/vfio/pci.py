@@ -1,0 +1,595 @@
+"""The VFIO PCI device model: a host PCI function presented to the guest (ch-vfio-spec §4.3-4.7).
+
+Configuration space: BARs and the ROM live only in a shadow PciConfiguration (sized and relocated there,
+never written to the device); MSI and MSI-X are emulated with pci/msi.py and routed with irqfds; the
+multi-function bit reads clear, the interrupt pin reads INTA; everything else is the VFIO config region,
+with read patches (hidden extended capabilities, the GPUDirect clique capability).
+
+Data path: mmappable BAR areas become guest memory through a GuestMapper (KVM slots); the MSI-X table and
+PBA pages and non-mmappable BARs trap here and are served with pread/pwrite on the device fd. Interrupts
+never pass through Python: VFIO signals eventfds that KVM injects (MSI/MSI-X: irqfd on an MSI route;
+INTx: irqfd with a resample fd that unmasks the line at the guest's EOI).
+
+Guest-controlled calls never raise: failures are logged and the access is dropped or reads all-ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
+from pyvmm.kvm.system import Vm
+from pyvmm.pci.bar import NUM_BARS, ROM_BAR_INDEX, BarInfo, BarKind, BarMove
+from pyvmm.pci.config import PciConfiguration, Reg
+from pyvmm.pci.device import PciDevice
+from pyvmm.pci.msi import MsiCapability, MsiMessage, MsixCapability
+from pyvmm.vfio import capabilities as caps
+from pyvmm.vfio.areas import mappable_areas, relocate_msix
+from pyvmm.vfio.bindings import VfioPciIrq, VfioPciRegion
+from pyvmm.vfio.container import VfioContainer
+from pyvmm.vfio.device import VfioDevice
+from pyvmm.vfio.errors import VfioError
+from pyvmm.vfio.hostmap import PAGE_SIZE, HostMapping
+from pyvmm.vfio.slots import GuestMapper
+
+log = logging.getLogger(__name__)
+
+_INTX = VfioPciIrq.VFIO_PCI_INTX_IRQ_INDEX
+_MSI = VfioPciIrq.VFIO_PCI_MSI_IRQ_INDEX
+_MSIX = VfioPciIrq.VFIO_PCI_MSIX_IRQ_INDEX
+_HEADER_DWORD = 0x0C
+_MULTI_FUNCTION = 1 << 23
+_INTERRUPT_DWORD = 0x3C
+_BAR_DWORDS = frozenset([*range(Reg.BAR0, Reg.BAR0 + 4 * NUM_BARS, 4), Reg.ROM_ADDRESS])
+
+
+def _ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
+
+
+@dataclass(frozen=True)
+class MappedArea:
+    """One mmapped part of a BAR: `size` bytes at `offset` in the BAR, at host address `host_address`."""
+
+    bar: int
+    offset: int
+    size: int
+    host_address: int
+
+
+@dataclass
+class _Mapping:
+    area: MappedArea
+    host: HostMapping
+    gpa: int | None = None
+    handle: int | None = None
+    dma_iova: int | None = None
+
+
+class _VectorSink:
+    """Forwards pci/msi.py routing changes to irqfd vectors and enable changes to the device model."""
+
+    def __init__(self, owner: VfioPciDevice, index: VfioPciIrq, vectors: IrqfdMsiVectors) -> None:
+        self.owner = owner
+        self.index = index
+        self.vectors = vectors
+
+    def vector_changed(self, vector: int, message: MsiMessage | None) -> None:
+        try:
+            self.vectors.vector_changed(vector, message)
+        except OSError as e:
+            log.warning("%s: routing %s vector %d failed: %s", self.owner.name, self.index.name, vector, e)
+
+    def enable_changed(self, enabled: bool, count: int) -> None:
+        self.owner._irq_enable_changed(self.index, enabled, count)
+
+    def signal(self, vector: int, message: MsiMessage) -> None:
+        """Nothing to do: VFIO's eventfd holds interrupts raised while masked until the irqfd is back."""
+
+
+class VfioPciDevice(PciDevice):
+    """A host PCI function assigned to the guest through VFIO."""
+
+    def __init__(
+        self,
+        device: VfioDevice,
+        vm: Vm,
+        router: MsiRouter,
+        name: str | None = None,
+        mapper: GuestMapper | None = None,
+        exclude_mmap_bars: Iterable[int] = (),
+        p2p_container: VfioContainer | None = None,
+        gpudirect_clique: int | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.device = device
+        self.name = name or device.name
+        self._vm = vm
+        self._router = router
+        self._mapper = mapper
+        self._p2p = p2p_container
+        self._page = page_size
+        self._exclude = frozenset(exclude_mmap_bars)
+        self._mappings: list[_Mapping] = []
+        self._intx_gsi: int | None = None
+        self._intx_trigger = -1
+        self._intx_resample = -1
+        self._intx_armed = False
+        self._active: dict[VfioPciIrq, int] = {}  # MSI/MSI-X index -> vectors given to VFIO
+        self.msi: MsiCapability | None = None
+        self.msix: MsixCapability | None = None
+        self._msi_sink: _VectorSink | None = None
+        self._msix_sink: _VectorSink | None = None
+        self._msi_off = self._msix_off = -1
+        self._msix_phys_pba = 0
+        try:
+            # Reset first: MSI/MSI-X control words must be read in their after-reset state (§8.3).
+            self.did_reset = device.reset()
+            self.caps = caps.scan(device.read_config, device.config_size)
+            self._patches: dict[int, list[caps.ConfigPatch]] = {}
+            for patch in caps.hidden_ext_cap_patches(self.caps):
+                self.add_patch(patch)
+            if gpudirect_clique is not None:
+                for patch in caps.gpudirect_clique_patches(self.caps, gpudirect_clique):
+                    self.add_patch(patch)
+            self._setup_msi()
+            self._setup_msix()
+            self.shadow = self._build_shadow()
+            self._map_host_areas()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- construction ---------------------------------------------------------------------------------
+
+    def add_patch(self, patch: caps.ConfigPatch) -> None:
+        """Make bits of a config dword read as something else (for capability add-ons like the clique)."""
+        self._patches.setdefault(patch.offset & ~3, []).append(patch)
+
+    def _vectors(self, count: int) -> IrqfdMsiVectors:
+        return IrqfdMsiVectors(self._router, self._vm, count)
+
+    def _setup_msi(self) -> None:
+        offset = self.caps.find(caps.CapId.MSI)
+        if offset is None or self.device.irq_count(_MSI) == 0:
+            return
+        control = self.device.read_config(offset + 2, 2)
+        probe = MsiCapability.from_control(control, _NullSink())
+        vectors = min(probe.vectors, self.device.irq_count(_MSI))
+        vectors = 1 << (vectors.bit_length() - 1)
+        self._msi_sink = _VectorSink(self, _MSI, self._vectors(vectors))
+        self.msi = MsiCapability(self._msi_sink, vectors, probe.address_64, probe.per_vector_mask)
+        self._msi_off = offset
+
+    def _setup_msix(self) -> None:
+        offset = self.caps.find(caps.CapId.MSIX)
+        if offset is None or self.device.irq_count(_MSIX) == 0:
+            return  # without VFIO MSI-X vectors the capability passes through untouched
+        control = self.device.read_config(offset + 2, 2)
+        table = self.device.read_config(offset + 4, 4)
+        pba = self.device.read_config(offset + 8, 4)
+        size = min((control & 0x7FF) + 1, self.device.irq_count(_MSIX))
+        table_bir, table_off = table & 7, table & ~7
+        pba_bir, pba_off = pba & 7, pba & ~7
+        region = self.device.region(table_bir)
+        if table_bir >= NUM_BARS or pba_bir >= NUM_BARS or region is None:
+            log.warning(
+                "%s: MSI-X table in BAR%d is unusable, capability passed through", self.name, table_bir
+            )
+            return
+        is_64 = (self.device.read_config(Reg.BAR0 + 4 * table_bir, 4) & 0x6) == 0x4
+        pba_len = (size + 63) // 64 * 8
+        layout = relocate_msix(
+            region.size, is_64, table_bir, table_off, size * 16, pba_bir, pba_off, pba_len, self._page
+        )
+        self._msix_bar_size = layout.bar_size
+        self._msix_phys_pba = pba_off
+        self._msix_sink = _VectorSink(self, _MSIX, self._vectors(size))
+        self.msix = MsixCapability(
+            self._msix_sink, size, table_bir, layout.table_offset, pba_bir, layout.pba_offset
+        )
+        self._msix_off = offset
+
+    def _build_shadow(self) -> PciConfiguration:
+        read = self.device.read_config
+        shadow = PciConfiguration(
+            vendor_id=read(Reg.VENDOR_ID, 2),
+            device_id=read(Reg.DEVICE_ID, 2),
+            class_code=read(Reg.CLASS_CODE, 1),
+            subclass=read(Reg.SUBCLASS, 1),
+            prog_if=read(Reg.PROG_IF, 1),
+            revision_id=read(Reg.REVISION_ID, 1),
+            subsystem_vendor_id=read(Reg.SUBSYSTEM_VENDOR_ID, 2),
+            subsystem_id=read(Reg.SUBSYSTEM_ID, 2),
+        )
+        # The shadow gates BAR moves on Memory/IO Space Enable: start from the device's command register.
+        shadow.poke(Reg.COMMAND, 2, read(Reg.COMMAND, 2))
+        index = 0
+        while index < NUM_BARS:
+            region = self.device.region(index)
+            flags = read(Reg.BAR0 + 4 * index, 4)
+            step = 1
+            if region is not None and region.size:
+                if flags & 1:
+                    kind = BarKind.IO
+                elif flags & 0x6 == 0x4:
+                    kind, step = BarKind.MEM64, 2
+                else:
+                    kind = BarKind.MEM32
+                size = region.size
+                if self.msix is not None and index == self.msix.table_bir:
+                    size = max(size, self._msix_bar_size)
+                self._add_bar(shadow, index, kind, size, bool(flags & 0x8) and kind != BarKind.IO)
+            elif flags & 0x6 == 0x4 and not flags & 1:
+                step = 2
+            index += step
+        rom = self.device.region(VfioPciRegion.VFIO_PCI_ROM_REGION_INDEX)
+        if rom is not None and rom.size:
+            enable = bool(read(Reg.ROM_ADDRESS, 4) & 1)
+            self._add_bar(shadow, ROM_BAR_INDEX, BarKind.ROM, rom.size, False, enable)
+        return shadow
+
+    def _add_bar(
+        self,
+        shadow: PciConfiguration,
+        index: int,
+        kind: BarKind,
+        size: int,
+        prefetchable: bool,
+        rom_enable: bool = False,
+    ) -> None:
+        minimum = {BarKind.IO: 4, BarKind.ROM: 2048}.get(kind, 16)
+        size = max(size, minimum)
+        if size & (size - 1):
+            log.warning("%s: BAR%d size %#x is not a power of two, left out", self.name, index, size)
+            return
+        # A sub-page memory BAR can only be mapped into the guest at a page-aligned address.
+        align = self._page if kind in (BarKind.MEM32, BarKind.MEM64) and size < self._page else 0
+        try:
+            shadow.add_bar(index, kind, size, prefetchable, rom_enable=rom_enable, align=align)
+        except ValueError as e:
+            log.warning("%s: BAR%d left out: %s", self.name, index, e)
+
+    def _msix_holes(self, index: int) -> list[tuple[int, int]]:
+        holes: list[tuple[int, int]] = []
+        msix = self.msix
+        if msix is None:
+            return holes
+        if msix.table_bir == index:
+            holes.append((msix.table_offset, msix.table_length))
+        if msix.pba_bir == index:
+            holes.append((self._phys_pba_offset(), msix.pba_length))
+        return holes
+
+    def _phys_pba_offset(self) -> int:
+        return self._msix_phys_pba
+
+    def _map_host_areas(self) -> None:
+        for bar in self.shadow.bars():
+            if bar.kind not in (BarKind.MEM32, BarKind.MEM64):
+                continue  # I/O BARs and the ROM always trap
+            region = self.device.region(bar.index)
+            if region is None:
+                continue
+            if bar.index in self._exclude:
+                log.info(
+                    "%s: BAR%d (%#x bytes) excluded from mmap (x_exclude_mmap_bars)",
+                    self.name,
+                    bar.index,
+                    region.size,
+                )
+                continue
+            areas = mappable_areas(
+                region.size,
+                region.mmappable,
+                region.sparse_areas,
+                region.msix_mappable,
+                self._msix_holes(bar.index),
+                self._page,
+            )
+            for area in areas:
+                host = self.device.mmap(bar.index, area.offset, area.size)
+                self._mappings.append(
+                    _Mapping(MappedArea(bar.index, area.offset, area.size, host.address), host)
+                )
+
+    # ---- what the builder uses ------------------------------------------------------------------------
+
+    @property
+    def mapped_areas(self) -> list[MappedArea]:
+        return [m.area for m in self._mappings]
+
+    def guest_mappings(self) -> list[tuple[int, int, int]]:
+        """(guest address, size, host address) of every mmapped BAR area at its current BAR address."""
+        out = []
+        for m in self._mappings:
+            gpa = self._area_gpa(m.area)
+            if gpa is not None:
+                out.append((gpa, m.area.size, m.area.host_address))
+        return out
+
+    def _area_gpa(self, area: MappedArea) -> int | None:
+        try:
+            base = self.shadow.bar_address(area.bar)
+        except ValueError:
+            return None
+        gpa = base + area.offset
+        return gpa if base and gpa % self._page == 0 else None
+
+    def _install(self, m: _Mapping) -> None:
+        gpa = self._area_gpa(m.area)
+        if gpa is None:
+            log.debug(
+                "%s: BAR%d area +%#x not page aligned in the guest: it traps",
+                self.name,
+                m.area.bar,
+                m.area.offset,
+            )
+            return
+        if self._mapper is not None:
+            m.handle = self._mapper.map_memory(gpa, m.area.size, m.area.host_address)
+        m.gpa = gpa
+        if self._p2p is not None:
+            try:
+                self._p2p.map_dma(gpa, m.area.size, m.area.host_address)
+                m.dma_iova = gpa
+            except VfioError as e:
+                # Peer-to-peer DMA is an extra: an IOMMU narrower than the guest's BAR addresses refuses it.
+                log.warning("%s: no peer-to-peer DMA to BAR%d area: %s", self.name, m.area.bar, e)
+
+    def _uninstall(self, m: _Mapping) -> None:
+        if m.dma_iova is not None and self._p2p is not None:
+            with contextlib.suppress(VfioError):
+                self._p2p.unmap_dma(m.dma_iova, m.area.size)
+            m.dma_iova = None
+        if m.handle is not None and self._mapper is not None:
+            self._mapper.unmap_memory(m.handle)
+        m.handle = None
+        m.gpa = None
+
+    def _reinstall_bar(self, index: int) -> None:
+        for m in self._mappings:
+            if m.area.bar == index:
+                try:
+                    self._uninstall(m)
+                    self._install(m)
+                except OSError as e:
+                    log.warning("%s: remapping BAR%d area failed, it traps: %s", self.name, index, e)
+
+    # ---- PciDevice ------------------------------------------------------------------------------------
+
+    def bars(self) -> list[BarInfo]:
+        return self.shadow.bars()
+
+    def assign_bar(self, index: int, address: int) -> None:
+        self.shadow.set_bar_address(index, address)
+        for m in self._mappings:
+            if m.area.bar == index:
+                self._uninstall(m)
+                self._install(m)
+
+    def bar_move_refused(self, move: BarMove) -> None:
+        self.shadow.cancel_move(move)
+
+    def bar_moved(self, move: BarMove) -> None:
+        self._reinstall_bar(move.bar_index)
+
+    def assign_intx(self, irq: int) -> None:
+        """Arm INTx on GSI `irq` (irqfd + resample) when the device has a usable pin."""
+        if self.device.irq_count(_INTX) == 0 or not self.device.read_config(Reg.INTERRUPT_PIN, 1):
+            return
+        if self._intx_gsi is not None:
+            return
+        self._intx_trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._intx_resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._vm.irqfd(self._intx_trigger, irq, resample_fd=self._intx_resample)
+        self._intx_gsi = irq
+        if not self._active:
+            self._arm_intx()
+
+    @property
+    def intx_gsi(self) -> int | None:
+        return self._intx_gsi
+
+    def _arm_intx(self) -> None:
+        if self._intx_gsi is None or self._intx_armed:
+            return
+        try:
+            self.device.enable_eventfds(_INTX, [self._intx_trigger])
+            # Masked while the unmask path is wired, then opened (the order QEMU uses too).
+            self.device.intx_mask()
+            self.device.intx_unmask_on(self._intx_resample)
+            self.device.intx_unmask()
+            self._intx_armed = True
+        except VfioError as e:
+            log.error("%s: arming INTx failed: %s", self.name, e)
+
+    def _disarm_intx(self) -> None:
+        if not self._intx_armed:
+            return
+        try:
+            self.device.disable_irqs(_INTX)
+        except VfioError as e:
+            log.error("%s: disabling INTx failed: %s", self.name, e)
+        self._intx_armed = False
+
+    def _irq_enable_changed(self, index: VfioPciIrq, enabled: bool, count: int) -> None:
+        """MSI/MSI-X on: INTx off, then VFIO_DEVICE_SET_IRQS; off: SET_IRQS count 0, then INTx back (§8.5)."""
+        sink = self._msi_sink if index == _MSI else self._msix_sink
+        if sink is None:
+            return
+        try:
+            if index in self._active:
+                self.device.disable_irqs(index)
+                del self._active[index]
+            if enabled and count:
+                self._disarm_intx()
+                self.device.enable_eventfds(index, sink.vectors.eventfds[:count])
+                self._active[index] = count
+        except VfioError as e:
+            log.error("%s: %s", self.name, e)
+        if not self._active:
+            self._arm_intx()
+
+    # ---- configuration space --------------------------------------------------------------------------
+
+    def _device_dword(self, offset: int) -> int:
+        if offset + 4 > self.device.config_size:
+            return 0xFFFF_FFFF
+        return self.device.read_config(offset, 4)
+
+    def _read_dword(self, offset: int) -> int:
+        if offset in _BAR_DWORDS:
+            return self.shadow.read(offset, 4)
+        value = self._device_dword(offset)
+        if offset == _HEADER_DWORD:
+            value &= ~_MULTI_FUNCTION
+        elif offset == _INTERRUPT_DWORD:
+            # Line: the IRQ this slot's INTA is wired to; pin: INTA, the only pin the guest's _PRT describes.
+            line = self._intx_gsi if self._intx_gsi is not None else value & 0xFF
+            pin = 1 if self._intx_gsi is not None else 0
+            value = (value & 0xFFFF_0000) | (pin << 8) | (line & 0xFF)
+        for start, handler in self._handlers():
+            lo, hi = max(offset, start + 2), min(offset + 4, start + handler.length)
+            if lo < hi:
+                part = handler.read(lo - start, hi - lo) & _ones(hi - lo)
+                shift = 8 * (lo - offset)
+                value = (value & ~(_ones(hi - lo) << shift)) | (part << shift)
+        return caps.apply_patches(self._patches, offset, value)
+
+    def _handlers(self) -> list[tuple[int, MsiCapability | MsixCapability]]:
+        out: list[tuple[int, MsiCapability | MsixCapability]] = []
+        if self.msi is not None:
+            out.append((self._msi_off, self.msi))
+        if self.msix is not None:
+            out.append((self._msix_off, self.msix))
+        return out
+
+    def config_read(self, offset: int, size: int) -> int:
+        if size not in (1, 2, 4) or offset < 0 or offset % 4 + size > 4 or offset + size > 4096:
+            return _ones(max(size, 0))
+        try:
+            dword = self._read_dword(offset & ~3)
+        except Exception:  # a guest read must never take the VMM down
+            log.exception("%s: config read %#x+%d failed", self.name, offset, size)
+            return _ones(size)
+        return (dword >> (8 * (offset % 4))) & _ones(size)
+
+    def config_write(self, offset: int, size: int, value: int) -> list[BarMove]:
+        if size not in (1, 2, 4) or offset < 0 or offset % 4 + size > 4 or offset + size > 4096:
+            return []
+        value &= _ones(size)
+        try:
+            if offset & ~3 in _BAR_DWORDS:
+                return self.shadow.write(offset, size, value)  # never reaches the device
+            # Interrupt emulation first (it may arm VFIO vectors), then the device: the kernel must see the
+            # guest's enable bit only after SET_IRQS (§4.3 step 3).
+            for start, handler in self._handlers():
+                lo, hi = max(offset, start + 2), min(offset + size, start + handler.length)
+                if lo < hi:
+                    handler.write(lo - start, hi - lo, (value >> (8 * (lo - offset))) & _ones(hi - lo))
+            if offset + size <= self.device.config_size:
+                self.device.write_config(offset, size, value)
+            return self.shadow.write(offset, size, value)
+        except Exception:
+            log.exception("%s: config write %#x+%d = %#x failed", self.name, offset, size, value)
+            return []
+
+    # ---- trapped BAR accesses -------------------------------------------------------------------------
+
+    def _msix_target(self, index: int, offset: int) -> str | None:
+        msix = self.msix
+        if msix is None:
+            return None
+        if index == msix.table_bir and msix.table_offset <= offset < msix.table_offset + msix.table_length:
+            return "table"
+        if index == msix.pba_bir and msix.pba_offset <= offset < msix.pba_offset + msix.pba_length:
+            return "pba"
+        return None
+
+    def _bar_size(self, index: int) -> int:
+        try:
+            return self.shadow.bar_info(index).size
+        except ValueError:
+            return 0
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        if size not in (1, 2, 4, 8) or offset < 0 or offset + size > self._bar_size(index):
+            return _ones(max(size, 0))
+        try:
+            target = self._msix_target(index, offset)
+            if target == "table" and self.msix is not None:
+                return self.msix.table_read(offset - self.msix.table_offset, size)
+            if target == "pba" and self.msix is not None:
+                # The device's own PBA (VFIO's eventfds hold what fired while masked).
+                phys = self._phys_pba_offset() + offset - self.msix.pba_offset
+                value = self.device.read_int(index, phys, size)
+                return 0 if value is None else value
+            value = self.device.read_int(index, offset, size)
+            return _ones(size) if value is None else value
+        except Exception:
+            log.exception("%s: BAR%d read %#x+%d failed", self.name, index, offset, size)
+            return _ones(size)
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        if size not in (1, 2, 4, 8) or offset < 0 or offset + size > self._bar_size(index):
+            return
+        value &= _ones(size)
+        try:
+            target = self._msix_target(index, offset)
+            if target == "table" and self.msix is not None:
+                self.msix.table_write(offset - self.msix.table_offset, size, value)
+                return
+            if target == "pba" or index == ROM_BAR_INDEX:
+                return  # read-only
+            if not self.device.write_int(index, offset, size, value):
+                log.debug("%s: BAR%d write %#x+%d dropped", self.name, index, offset, size)
+        except Exception:
+            log.exception("%s: BAR%d write %#x+%d failed", self.name, index, offset, size)
+
+    # ---- teardown -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Undo everything in reverse: guest mappings, interrupts, host mappings, the device fd."""
+        for m in getattr(self, "_mappings", []):
+            with contextlib.suppress(Exception):
+                self._uninstall(m)
+        for index in list(self._active):
+            with contextlib.suppress(VfioError):
+                self.device.disable_irqs(index)
+        self._active.clear()
+        self._disarm_intx()
+        if self._intx_gsi is not None:
+            with contextlib.suppress(OSError):
+                self._vm.irqfd(self._intx_trigger, self._intx_gsi, deassign=True)
+            self._intx_gsi = None
+        for fd in (self._intx_trigger, self._intx_resample):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._intx_trigger = self._intx_resample = -1
+        for sink in (self._msi_sink, self._msix_sink):
+            if sink is not None:
+                with contextlib.suppress(Exception):
+                    sink.vectors.close()
+        for m in getattr(self, "_mappings", []):
+            m.host.close()
+        self._mappings = []
+        self.device.close()
+
+
+class _NullSink:
+    """Receives nothing: used to decode a device's MSI control word before the real sink exists."""
+
+    def vector_changed(self, vector: int, message: MsiMessage | None) -> None:
+        pass
+
+    def enable_changed(self, enabled: bool, count: int) -> None:
+        pass
+
+    def signal(self, vector: int, message: MsiMessage) -> None:
+        pass
