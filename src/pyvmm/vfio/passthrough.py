@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +26,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarKind
 from pyvmm.pci.bus import PciSegment
 from pyvmm.pci.device import BarBusAdapter
-from pyvmm.vfio.container import VfioContainer, VfioGroup
+from pyvmm.vfio.container import VfioContainer, VfioGroup, group_members
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
@@ -39,6 +40,18 @@ VFIO_DRIVER = "vfio-pci"
 
 class Bus(Protocol):
     def insert(self, base: int, length: int, device: object) -> None: ...
+
+
+class DeviceLike(Protocol):
+    """The fields of config.DeviceConfig this module reads."""
+
+    path: Path
+    id: str | None
+    iommu: bool
+    pci_segment: int
+    pci_device_id: int | None
+    x_nv_gpudirect_clique: int | None
+    x_exclude_mmap_bars: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -194,3 +207,76 @@ class VfioPassthrough:
         if self.container is not None:
             self.container.close()
             self.container = None
+
+
+# ---- the builder's entry point -----------------------------------------------------------------------------
+
+
+def _is_endpoint(bdf: str) -> bool:
+    try:
+        with open(f"/sys/bus/pci/devices/{bdf}/config", "rb") as f:
+            header = f.read(0x10)
+    except OSError:
+        return True
+    return len(header) < 0x10 or header[0x0E] & 0x7F == 0
+
+
+def check_groups_complete(passthrough: VfioPassthrough, given: set[str]) -> None:
+    """Every endpoint function of a group in use must be given to this guest (ch-vfio-spec §4.9)."""
+    for group_id in sorted(passthrough.groups):
+        missing = [bdf for bdf, _drv in group_members(group_id) if bdf not in given and _is_endpoint(bdf)]
+        if missing:
+            paths = " ".join(f"path=/sys/bus/pci/devices/{bdf}/" for bdf in missing)
+            raise VfioError(
+                f"IOMMU group {group_id} also holds {', '.join(missing)}: all endpoint functions of a "
+                f"group go to the same guest (add --device {paths})"
+            )
+
+
+def attach_vfio_devices(
+    vm: Vm,
+    router: MsiRouter,
+    memory: GuestMemory,
+    segments: list[PciSegment],
+    mmio_bus: Bus,
+    pio_bus: Bus,
+    devices: Iterable[DeviceLike],
+    mapper: GuestMapper,
+    p2p_dma: bool = True,
+) -> VfioPassthrough:
+    """Open, DMA-map and plug every `--device` in command-line order; the caller closes the result.
+
+    Raises VfioError (one line) for keys not implemented yet, functions not on vfio-pci, groups that are not
+    viable or not wholly given; on error everything opened so far is closed again.
+    """
+    configs = list(devices)
+    for dev in configs:
+        if dev.iommu:
+            raise VfioError(
+                f"--device path={dev.path}: iommu=on needs virtio-iommu, which pyvmm does not have yet"
+            )
+        if dev.pci_segment != 0:
+            raise VfioError(
+                f"--device path={dev.path}: pci_segment={dev.pci_segment}: VFIO devices on PCI "
+                "segments other than 0 are not implemented yet"
+            )
+    passthrough = VfioPassthrough(vm, router, memory, mapper, p2p_dma)
+    try:
+        given = set()
+        for dev in configs:
+            model = passthrough.add_device(
+                dev.path,
+                segments[dev.pci_segment],
+                mmio_bus,
+                pio_bus,
+                slot=dev.pci_device_id,
+                name=dev.id,
+                exclude_mmap_bars=tuple(dev.x_exclude_mmap_bars),
+                gpudirect_clique=dev.x_nv_gpudirect_clique,
+            )
+            given.add(model.device.name)
+        check_groups_complete(passthrough, given)
+    except BaseException:
+        passthrough.close()
+        raise
+    return passthrough
