@@ -7,6 +7,7 @@ import os
 import sys
 import termios
 import threading
+import time
 import tty
 from collections.abc import Callable
 
@@ -48,7 +49,7 @@ class ConsoleOutput:
 class TerminalInput:
     """Feeds stdin to the guest's serial port; a terminal is put in raw mode and restored on close."""
 
-    def __init__(self, deliver: Callable[[bytes], None]) -> None:
+    def __init__(self, deliver: Callable[[bytes], int | None]) -> None:
         self._deliver = deliver
         self._fd = sys.stdin.fileno()
         self._saved: list | None = None
@@ -72,7 +73,14 @@ class TerminalInput:
                 return
             if not data:
                 return
-            self._deliver(data)
+            # The UART takes what fits in its FIFO; wait for the guest to drain it rather than drop input.
+            while data:
+                taken = self._deliver(data)
+                if taken is None:
+                    break
+                data = data[taken:]
+                if data:
+                    time.sleep(0.005)
 
     def close(self) -> None:
         if self._saved is not None:

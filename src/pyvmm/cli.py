@@ -1,0 +1,44 @@
+"""`pyvmm`: parse and check the command line, build the VM, run it; one-line errors, exit 2 for usage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pyvmm.config import ConfigError, check_paths, parse_vm_config
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="pyvmm: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        config = parse_vm_config(args)
+        check_paths(config)
+    except ConfigError as exc:
+        print(f"pyvmm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(config.verbosity)
+    # Imported here so that usage errors and --help never need KVM or ctypes set up.
+    from pyvmm.vmm import UsageError, VmError, run_vm
+
+    try:
+        return run_vm(config)
+    except UsageError as exc:
+        print(f"pyvmm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except VmError as exc:
+        print(f"pyvmm: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The VM builder: the one place that turns a validated VmConfig into a running VM.
+
+Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
+→ devices on the buses → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state) → one thread per vCPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from pyvmm import layout
+from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
+from pyvmm.acpi.tables import build_acpi_tables
+from pyvmm.boot import (
+    CpuidEntry,
+    CpuTopology,
+    KernelImageError,
+    adjust_cpuid,
+    boot_msrs,
+    guest_phys_bits,
+    host_phys_bits,
+    load_linux,
+    parse_bzimage,
+    setup_boot_vcpu,
+)
+from pyvmm.config import ConsoleMode, VmConfig, aperture_weights
+from pyvmm.console import ConsoleOutput, TerminalInput
+from pyvmm.devices.acpi_pm import AcpiPmDevice
+from pyvmm.devices.bus import IoBus
+from pyvmm.devices.serial import Serial
+from pyvmm.kvm.bindings import kvm_cpuid_entry2
+from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
+from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
+from pyvmm.memory import GuestMemory
+from pyvmm.pci.allocator import io_allocator
+from pyvmm.pci.apertures import mmio64_aperture, segment_windows
+from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciSegment
+
+log = logging.getLogger("pyvmm")
+
+
+class UsageError(Exception):
+    """The command line asks for something this host or pyvmm cannot do (exit status 2)."""
+
+
+class VmError(Exception):
+    """The VM could not be built or failed while running (exit status 1)."""
+
+
+class ExitKind(Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    SIGNAL = "signal"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class VmExit:
+    kind: ExitKind
+    detail: str = ""
+
+
+class KvmIrqLine:
+    """An IOAPIC/PIC input driven with KVM_IRQ_LINE (the in-kernel irqchip does the rest)."""
+
+    def __init__(self, vm: Vm, irq: int) -> None:
+        self._vm = vm
+        self._irq = irq
+
+    def set_level(self, asserted: bool) -> None:
+        self._vm.irq_line(self._irq, 1 if asserted else 0)
+
+
+def _fill(struct: Any, values: Any) -> None:
+    """Copy a boot dataclass into the ctypes struct whose field names it shares."""
+    for name in getattr(values, "__dataclass_fields__", {}):
+        value = getattr(values, name)
+        if hasattr(value, "__dataclass_fields__"):
+            _fill(getattr(struct, name), value)
+        else:
+            setattr(struct, name, int(value))
+
+
+class VirtualMachine:
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self._exit: VmExit | None = None
+        self._exit_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._closers: list[Any] = []
+        self.kvm: Kvm | None = None
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self.pio_bus = IoBus()
+        self.mmio_bus = IoBus()
+        self.segments: list[PciSegment] = []
+        self.serial: Serial | None = None
+        self.serial_input: TerminalInput | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def request_stop(self, kind: ExitKind, detail: str = "") -> None:
+        """Ask every vCPU to stop; the first reason given wins."""
+        with self._exit_lock:
+            if self._exit is None:
+                self._exit = VmExit(kind, detail)
+        self._stopped.set()
+
+    # -- building -----------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.config
+        try:
+            self.kvm = Kvm()
+        except KvmError as exc:
+            raise VmError(f"{exc} (pyvmm needs KVM: without it, try pyvmm in `pyvmm-lab shell`)") from exc
+        self._closers.append(self.kvm)
+        if cfg.cpus.boot > self.kvm.max_vcpus:
+            raise UsageError(f"--cpus: boot={cfg.cpus.boot} is more than the {self.kvm.max_vcpus} vCPUs "
+                             "this host's KVM allows")
+        supported = [_cpuid_entry(e) for e in self.kvm.supported_cpuid()]
+        phys_bits = guest_phys_bits(host_phys_bits(supported), cfg.cpus.max_phys_bits)
+        vm = self.vm = self.kvm.create_vm()
+        self._closers.append(vm)
+        vm.set_tss_addr(layout.KVM_TSS_START)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+        vm.create_irqchip()
+        vm.create_pit2()
+
+        memory = self.memory = GuestMemory.for_size(cfg.memory.size)
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+
+        self._add_legacy_devices()
+        windows = self._add_pci(phys_bits)
+        tables = build_acpi_tables(
+            AcpiPlatform(
+                num_vcpus=cfg.cpus.boot,
+                segments=[
+                    AcpiPciSegment(w.segment, layout.ecam_base(w.segment), (w.mmio32.start, w.mmio32.end),
+                                   (w.mmio64.start, w.mmio64.end))
+                    for w in windows
+                ],
+                serial=cfg.serial.mode is not ConsoleMode.OFF,
+            )
+        )
+        memory.write(tables.address, tables.data)
+
+        payload = cfg.payload
+        assert payload.kernel is not None  # the parser requires --kernel
+        try:
+            info = load_linux(memory, payload.kernel, payload.cmdline, payload.initramfs,
+                              layout.e820_entries(cfg.memory.size), rsdp_addr=tables.rsdp_address)
+        except KernelImageError as exc:
+            raise UsageError(f"--kernel {payload.kernel}: {exc}") from exc
+        log.info("kernel %s loaded, entry %#x", info.kernel_version or "?", info.entry_point)
+
+        topology = None
+        if cfg.cpus.topology is not None:
+            t = cfg.cpus.topology
+            topology = CpuTopology(t.threads_per_core, t.cores_per_die, t.dies_per_package, t.packages)
+        for index in range(cfg.cpus.boot):
+            vcpu = vm.create_vcpu(index)
+            self.vcpus.append(vcpu)
+            entries = adjust_cpuid(supported, index, cfg.cpus.boot, phys_bits, topology)
+            vcpu.set_cpuid2([_kvm_cpuid_entry(e) for e in entries])
+            vcpu.set_msrs(boot_msrs())
+            if index == 0:
+                state = setup_boot_vcpu(memory, info.entry_point, info.zero_page)
+                regs = vcpu.get_regs()
+                _fill(regs, state.regs)
+                vcpu.set_regs(regs)
+                sregs = vcpu.get_sregs()
+                _fill(sregs, state.sregs)
+                vcpu.set_sregs(sregs)
+                fpu = vcpu.get_fpu()
+                _fill(fpu, state.fpu)
+                vcpu.set_fpu(fpu)
+
+    def _add_legacy_devices(self) -> None:
+        assert self.vm is not None
+        cfg = self.config
+        if cfg.serial.mode is not ConsoleMode.OFF:
+            output = ConsoleOutput(cfg.serial)
+            self._closers.append(output)
+            self.serial = Serial(KvmIrqLine(self.vm, layout.SERIAL_COM1_IRQ), output.write)
+            self.pio_bus.insert(layout.SERIAL_COM1_PORT, 8, self.serial)
+            if cfg.serial.mode is ConsoleMode.TTY:
+                self.serial_input = TerminalInput(self.serial.queue_input)
+        pm = AcpiPmDevice(
+            on_poweroff=lambda: self.request_stop(ExitKind.POWEROFF),
+            on_reset=lambda: self.request_stop(ExitKind.RESET),
+        )
+        self.pio_bus.insert(layout.ACPI_PM_PORT, layout.ACPI_PM_SIZE, pm)
+
+    def _add_pci(self, phys_bits: int) -> list:
+        cfg = self.config
+        weights = aperture_weights(cfg)
+        windows = segment_windows(
+            [w32 for w32, _ in weights], [w64 for _, w64 in weights],
+            mmio64_aperture(cfg.memory.size, phys_bits),
+        )
+        io = io_allocator()
+        for w in windows:
+            segment = PciSegment(w.segment, w, io, on_bar_move=self._move_bar)
+            self.segments.append(segment)
+            ecam = PciConfigMmio(segment)
+            self.mmio_bus.insert(segment.ecam_base, layout.PCI_MMCONFIG_SIZE_PER_SEGMENT, ecam)
+        legacy = PciConfigIo(self.segments[0])
+        self.pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, legacy)
+        return windows
+
+    def _move_bar(self, device: Any, move: Any) -> bool:
+        bus = self.pio_bus if _is_io_move(device, move) else self.mmio_bus
+        try:
+            bus.move(move.old, move.new)
+        except Exception:  # an overlap the allocator did not see: refuse, the segment rolls back
+            log.warning("cannot move BAR %d of %s to %#x", move.bar_index, device, move.new, exc_info=True)
+            return False
+        return True
+
+    # -- running ------------------------------------------------------------------------------------
+    def _vcpu_stopped(self, result: RunResult) -> None:
+        if result.reason is StopReason.ERROR:
+            self.request_stop(ExitKind.ERROR, result.describe())
+        elif result.reason is StopReason.POWEROFF:
+            self.request_stop(ExitKind.POWEROFF)
+        elif result.reason is StopReason.RESET:
+            self.request_stop(ExitKind.RESET)
+        elif result.reason is StopReason.HALTED:
+            self.request_stop(ExitKind.ERROR, result.describe())
+
+    def run(self) -> VmExit:
+        """Start one thread per vCPU and wait until the guest powers off, fails or a signal stops it."""
+        install_kick_handler()
+        loops = [VcpuLoop(v, self.pio_bus, self.mmio_bus, on_stop=self._vcpu_stopped) for v in self.vcpus]
+
+        def on_signal(signum: int, frame: object) -> None:
+            self.request_stop(ExitKind.SIGNAL, signal.Signals(signum).name)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        threads = []
+        try:
+            threads = [loop.start_thread() for loop in loops]
+            if self.serial_input is not None:
+                self.serial_input.start()
+            while not self._stopped.wait(0.5):
+                pass
+        finally:
+            stop_all(loops)
+            for thread in threads:
+                thread.join(timeout=10)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        assert self._exit is not None
+        return self._exit
+
+    def close(self) -> None:
+        if self.serial_input is not None:
+            self.serial_input.close()
+        self.vcpus.clear()  # closed with the VM
+        for obj in reversed(self._closers):
+            try:
+                obj.close()
+            except Exception:  # closing must go on for the rest
+                log.debug("closing %r failed", obj, exc_info=True)
+        self._closers.clear()
+
+
+def _is_io_move(device: Any, move: Any) -> bool:
+    from pyvmm.pci.bar import BarKind
+
+    return any(b.index == move.bar_index and b.kind is BarKind.IO for b in device.bars())
+
+
+def _cpuid_entry(e: kvm_cpuid_entry2) -> CpuidEntry:
+    return CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+
+
+def _kvm_cpuid_entry(e: CpuidEntry) -> kvm_cpuid_entry2:
+    return kvm_cpuid_entry2(function=e.function, index=e.index, flags=e.flags,
+                            eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx)
+
+
+def _check_supported(config: VmConfig) -> None:
+    """Refuse what the command line may say but this version of pyvmm cannot do yet, in one line."""
+    if config.disks:
+        raise UsageError("--disk: virtio-blk disks are not implemented yet")
+    if config.devices:
+        raise UsageError("--device: VFIO passthrough is not implemented yet")
+    if config.dry_run:
+        raise UsageError("--dry-run: not implemented yet")
+
+
+def _check_kernel(config: VmConfig) -> None:
+    """Refuse a file that is not a bzImage before touching KVM."""
+    kernel = config.payload.kernel
+    assert kernel is not None
+    try:
+        parse_bzimage(kernel.read_bytes())
+    except KernelImageError as exc:
+        raise UsageError(f"--kernel {kernel}: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"--kernel {kernel}: {exc.strerror}") from exc
+
+
+def run_vm(config: VmConfig) -> int:
+    _check_supported(config)
+    _check_kernel(config)
+    if config.console.mode not in (ConsoleMode.OFF, ConsoleMode.NULL):
+        log.warning("--console %s: virtio-console is not available yet; the guest console is on "
+                    "--serial (use --serial tty --console off)", config.console.mode.value)
+    machine = VirtualMachine(config)
+    try:
+        machine.build()
+        result = machine.run()
+    finally:
+        machine.close()
+    return _exit_status(result)
+
+
+def _exit_status(result: VmExit) -> int:
+    if result.kind is ExitKind.ERROR:
+        raise VmError(result.detail)
+    if result.kind is ExitKind.RESET:
+        log.warning("the guest asked for a reboot; pyvmm does not restart guests, it exits")
+    if result.kind is ExitKind.SIGNAL:
+        print(f"pyvmm: stopped by {result.detail}", file=sys.stderr)
+    return 0
