@@ -366,16 +366,22 @@ class PciConfiguration:
         if kind == BarKind.MEM64:
             if not upper:
                 low = value & _MEM_ADDR_MASK
-                if low == _MEM_ADDR_MASK:
+                sizing = low == _MEM_ADDR_MASK
+                if sizing:
                     low = sizing_answer & _MEM_ADDR_MASK
-                # The low half only takes effect together with the next upper-half write.
                 self.poke(reg * 4, 4, low | self._mem_type_bits(bar))
-                return
-            if value == _U32:
+                if sizing or self.command & Command.MEMORY_SPACE:
+                    # While decoding, the low half only takes effect with the next upper-half write.
+                    return
+                # Decoding is off: the address in the two registers is the target, whichever half
+                # the guest writes last (or only), and it is carried out when decoding is enabled.
+                new = (self.peek(reg * 4 + 4, 4) << 32) | low
+            elif value == _U32:
                 self.poke(reg * 4, 4, (sizing_answer >> 32) & _U32)
                 return
-            self.poke(reg * 4, 4, value)
-            new = (value << 32) | (self.peek((reg - 1) * 4, 4) & _MEM_ADDR_MASK)
+            else:
+                self.poke(reg * 4, 4, value)
+                new = (value << 32) | (self.peek((reg - 1) * 4, 4) & _MEM_ADDR_MASK)
         else:
             mask, fixed = {
                 BarKind.IO: (_IO_ADDR_MASK, 0x1),
