@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import struct
 from dataclasses import dataclass, field
 
 from pyvmm import layout
+
+# Python's mmap module only exports MAP_NORESERVE from 3.12 on; the value is Linux's (x86-64 and arm64).
+# Without it the kernel's overcommit heuristic refuses guests larger than the host's free memory, although
+# a guest only ever touches part of its RAM.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 class GuestMemoryError(Exception):
@@ -31,10 +37,21 @@ class GuestMemory:
     def __init__(self, regions: list[tuple[int, int]]) -> None:
         self.regions: list[MemoryRegion] = []
         for gpa, size in regions:
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+            try:
+                mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                self.close()
+                raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: {exc.strerror}") from exc
             host = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
             self.regions.append(MemoryRegion(gpa, size, mapping, host))
+
+    def close(self) -> None:
+        for region in self.regions:
+            # Views still exported (a device holds one): the mapping goes away with them.
+            with contextlib.suppress(BufferError):
+                region.mapping.close()
+        self.regions = []
 
     @classmethod
     def for_size(cls, ram_size: int) -> GuestMemory:

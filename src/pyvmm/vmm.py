@@ -34,13 +34,15 @@ from pyvmm.console import ConsoleOutput, TerminalInput
 from pyvmm.devices.acpi_pm import AcpiPmDevice
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.serial import Serial
+from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import kvm_cpuid_entry2
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.pci.allocator import io_allocator
 from pyvmm.pci.apertures import mmio64_aperture, segment_windows
 from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciSegment
+from pyvmm.vfio import KvmSlotMapper, VfioError, attach_vfio_devices
 
 log = logging.getLogger("pyvmm")
 
@@ -132,12 +134,16 @@ class VirtualMachine:
         vm.create_irqchip()
         vm.create_pit2()
 
-        memory = self.memory = GuestMemory.for_size(cfg.memory.size)
+        try:
+            memory = self.memory = GuestMemory.for_size(cfg.memory.size)
+        except GuestMemoryError as exc:
+            raise VmError(f"--memory size={cfg.memory.size >> 20}M: {exc}") from exc
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
 
         self._add_legacy_devices()
         windows = self._add_pci(phys_bits)
+        self._add_vfio_devices()
         tables = build_acpi_tables(
             AcpiPlatform(
                 num_vcpus=cfg.cpus.boot,
@@ -215,6 +221,24 @@ class VirtualMachine:
         self.pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, legacy)
         return windows
 
+    # -- VFIO passthrough (--device) ---------------------------------------------------------------------
+    def _add_vfio_devices(self) -> None:
+        """Open, DMA-map (all RAM, IOVA = GPA) and plug every --device before the guest runs."""
+        if not self.config.devices:
+            return
+        assert self.vm is not None and self.memory is not None
+        if getattr(self, "msi_router", None) is None:
+            self.msi_router = MsiRouter(self.vm)  # one VM-wide GSI routing table, shared with virtio
+        try:
+            vfio = attach_vfio_devices(
+                self.vm, self.msi_router, self.memory, self.segments, self.mmio_bus, self.pio_bus,
+                self.config.devices, KvmSlotMapper(self.vm, first_slot=len(self.memory.regions)),
+                p2p_dma=self.config.platform.vfio_p2p_dma,
+            )
+        except VfioError as exc:
+            raise VmError(str(exc)) from exc
+        self._closers.append(vfio)
+
     def _move_bar(self, device: Any, move: Any) -> bool:
         bus = self.pio_bus if _is_io_move(device, move) else self.mmio_bus
         try:
@@ -291,8 +315,6 @@ def _check_supported(config: VmConfig) -> None:
     """Refuse what the command line may say but this version of pyvmm cannot do yet, in one line."""
     if config.disks:
         raise UsageError("--disk: virtio-blk disks are not implemented yet")
-    if config.devices:
-        raise UsageError("--device: VFIO passthrough is not implemented yet")
     if config.dry_run:
         raise UsageError("--dry-run: not implemented yet")
 
