@@ -112,7 +112,8 @@ def device_specs(draw: st.DrawFn) -> DeviceSpec:
                 table_size //= 2
             table_length = table_size * MSIX_ENTRY_SIZE
             if table_length + _pba_length(table_size) <= table_bar.size:
-                room = table_bar.size - table_length - _pba_length(table_size)
+                # Offsets are 32-bit fields (low 3 bits: BIR); keep them well inside.
+                room = min(table_bar.size - table_length - _pba_length(table_size), 1 << 20)
                 table_offset = draw(st.integers(0, room // 8)) * 8
                 pba_offset = (
                     table_offset + table_length + draw(st.integers(0, (room - table_offset) // 8)) * 8
