@@ -265,7 +265,7 @@ class PciSegment:
             )
             device.bar_move_refused(move)
             return False
-        if self.on_bar_move is not None and not self.on_bar_move(device, move):
+        if self.on_bar_move is not None and not self._call_on_bar_move(device, move):
             allocator.free(move.new)
             allocator.allocate_at(move.old, move.length)
             log.warning(
@@ -282,6 +282,18 @@ class PciSegment:
         )
         device.bar_moved(move)
         return True
+
+    def _call_on_bar_move(self, device: PciDevice, move: BarMove) -> bool:
+        """The callback's verdict; one that raises (e.g. a bus refusing an overlap) refuses the move, since
+        the guest's config write must not fail."""
+        assert self.on_bar_move is not None
+        try:
+            return bool(self.on_bar_move(device, move))
+        except Exception:
+            log.warning(
+                "%s: moving BAR%d to %#x failed", device.name, move.bar_index, move.new, exc_info=True
+            )
+            return False
 
     # ---- configuration access -----------------------------------------------------------------------
 
