@@ -34,6 +34,8 @@ from pyvmm.console import ConsoleOutput, TerminalInput
 from pyvmm.devices.acpi_pm import AcpiPmDevice
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.serial import Serial
+from pyvmm.devices.virtio.attach import attach_disks
+from pyvmm.devices.virtio.image import DiskImageError
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import kvm_cpuid_entry2
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
@@ -41,7 +43,7 @@ from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.pci.allocator import io_allocator
 from pyvmm.pci.apertures import mmio64_aperture, segment_windows
-from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciSegment
+from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciError, PciSegment
 from pyvmm.vfio import KvmSlotMapper, VfioError, attach_vfio_devices
 
 log = logging.getLogger("pyvmm")
@@ -143,6 +145,7 @@ class VirtualMachine:
 
         self._add_legacy_devices()
         windows = self._add_pci(phys_bits)
+        self._add_disks()
         self._add_vfio_devices()
         tables = build_acpi_tables(
             AcpiPlatform(
@@ -220,6 +223,25 @@ class VirtualMachine:
         legacy = PciConfigIo(self.segments[0])
         self.pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, legacy)
         return windows
+
+    # -- virtio-blk disks (--disk) -----------------------------------------------------------------------
+    def _add_disks(self) -> None:
+        """Open and lock every --disk image and plug one virtio-blk each (before VFIO, as CH orders them)."""
+        if not self.config.disks:
+            return
+        assert self.vm is not None and self.memory is not None
+        if getattr(self, "msi_router", None) is None:
+            self.msi_router = MsiRouter(self.vm)
+        try:
+            # Explicit pci_device_id slots first, so that automatic placement never takes them.
+            for dev in (*self.config.disks, *self.config.devices):
+                if dev.pci_device_id is not None:
+                    self.segments[dev.pci_segment].reserve_slot(dev.pci_device_id)
+            disks = attach_disks(self.config.disks, memory=self.memory, vm=self.vm, router=self.msi_router,
+                                 segments=self.segments, mmio_bus=self.mmio_bus)
+        except (DiskImageError, PciError) as exc:
+            raise UsageError(str(exc)) from exc
+        self._closers.extend(disks)
 
     # -- VFIO passthrough (--device) ---------------------------------------------------------------------
     def _add_vfio_devices(self) -> None:
@@ -313,8 +335,6 @@ def _kvm_cpuid_entry(e: CpuidEntry) -> kvm_cpuid_entry2:
 
 def _check_supported(config: VmConfig) -> None:
     """Refuse what the command line may say but this version of pyvmm cannot do yet, in one line."""
-    if config.disks:
-        raise UsageError("--disk: virtio-blk disks are not implemented yet")
     if config.dry_run:
         raise UsageError("--dry-run: not implemented yet")
 
