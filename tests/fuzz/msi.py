@@ -188,6 +188,10 @@ class MsixMachine(RuleBasedStateMachine):
     def build(self, table_size: int, bir: int) -> None:
         self.sink = RecordingSink("msix")
         self.cap = MsixCapability(self.sink, table_size, bir, 0x2000, bir, 0x3000)
+        self._model_init(table_size)
+
+    def _model_init(self, table_size: int) -> None:
+        assert self.cap is not None
         self.config = _host()
         self.base = self.config.add_capability_handler(self.cap)
         self.n = table_size

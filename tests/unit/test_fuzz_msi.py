@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fuzz.budget import fuzz_settings
 from fuzz.msi import MsiMachine, MsixMachine
 
@@ -9,3 +11,7 @@ MsiMachine.TestCase.settings = fuzz_settings(examples=60, steps=50)
 MsixMachine.TestCase.settings = fuzz_settings(examples=60, steps=50)
 TestMsi = MsiMachine.TestCase
 TestMsix = MsixMachine.TestCase
+
+KvmMsixMachine = pytest.importorskip("fuzz.msi_kvm").KvmMsixMachine
+KvmMsixMachine.TestCase.settings = fuzz_settings(examples=40, steps=50)
+TestMsixToKvmRoutes = KvmMsixMachine.TestCase
