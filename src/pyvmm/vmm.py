@@ -102,8 +102,8 @@ class VirtualMachine:
         self.vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
-        self.pio_bus = IoBus()
-        self.mmio_bus = IoBus()
+        self.pio_bus = IoBus("pio", 1 << 16)
+        self.mmio_bus = IoBus("mmio")
         self.segments: list[PciSegment] = []
         self.serial: Serial | None = None
         self.serial_input: TerminalInput | None = None

@@ -255,6 +255,11 @@ def attach_vfio_devices(
             raise VfioError(
                 f"--device path={dev.path}: iommu=on needs virtio-iommu, which pyvmm does not have yet"
             )
+        if getattr(dev, "managed", False):
+            raise VfioError(
+                f"--device path={dev.path}: managed=on is not implemented yet (bind the function first with "
+                "`pyvmm-host bind`)"
+            )
         if dev.pci_segment != 0:
             raise VfioError(
                 f"--device path={dev.path}: pci_segment={dev.pci_segment}: VFIO devices on PCI "

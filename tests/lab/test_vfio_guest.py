@@ -1,0 +1,60 @@
+"""Issue 5 acceptance in the lab: guests read passed-through devices with their own drivers through pyvmm.
+
+1: the SD reader, read by the guest's sdhci-pci (INTx); 2 and 5: the NVMe drive (MSI-X) together with the
+reader in one guest; afterwards both go back to their host drivers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+GUEST = (
+    "modprobe mmc_block; i=0; while { [ ! -b /dev/mmcblk0 ] || [ ! -b /dev/nvme0n1 ]; } && [ $i -lt 300 ]; "
+    "do sleep 0.1; i=$((i+1)); done; echo GUEST-SD=$(sha256sum /dev/mmcblk0); "
+    "echo GUEST-NVME=$(sha256sum /dev/nvme0n1); grep -e mmc0 -e nvme /proc/interrupts; "
+    "for d in /sys/bus/pci/devices/*; do echo GUEST-DRV $d $(readlink $d/driver); done"
+)
+
+COMMAND = r"""
+drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
+pyvmm-host bind 0000:00:03.0 >/dev/null; pyvmm-host bind 0000:00:04.0 >/dev/null
+pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=2 --memory size=512M \
+  --serial tty --console off \
+  --device path=/sys/bus/pci/devices/0000:00:03.0/ path=/sys/bus/pci/devices/0000:00:04.0/ \
+  --cmdline 'console=ttyS0 panic=-1 pyvmm.cmd="@GUEST_CMD@"'
+echo "PYVMM-STATUS=$?"
+echo "WANT-SD=$PYVMM_LAB_SD_SHA256"
+echo "WANT-NVME=$PYVMM_LAB_NVME_SHA256"
+pyvmm-host unbind 0000:00:03.0 >/dev/null; pyvmm-host unbind 0000:00:04.0 >/dev/null
+echo "HOST-DRIVERS $(drv 0000:00:03.0) $(drv 0000:00:04.0)"
+""".replace("@GUEST_CMD@", GUEST)
+
+
+def value(out: str, key: str) -> str:
+    match = re.search(rf"^{key}=(\w*)", out, re.MULTILINE)
+    assert match, out
+    return match.group(1)
+
+
+def test_sd_reader_and_nvme_in_one_guest(lab) -> None:
+    proc = lab(COMMAND, devices="sd,nvme", timeout=600)
+    out = proc.stdout
+    assert "PYVMM-GUEST-EXIT=0" in out and "PYVMM-STATUS=0" in out, out
+    # Acceptance 1: the reader on the guest's sdhci-pci, the card read exactly.
+    assert re.search(r"GUEST-DRV /sys/bus/pci/devices/0000:00:0\d\.0 \S*/sdhci-pci$", out, re.MULTILINE), out
+    assert value(out, "GUEST-SD") == value(out, "WANT-SD") != ""
+    assert re.search(r"IO-APIC\s+\d+-fasteoi\s+mmc0", out), out  # INTx through irqfd + resample
+    # Acceptance 2 (read part) and 5: the NVMe drive on the guest's nvme driver, MSI-X vectors that fired.
+    assert re.search(r"GUEST-DRV /sys/bus/pci/devices/0000:00:0\d\.0 \S*/nvme$", out, re.MULTILINE), out
+    assert value(out, "GUEST-NVME") == value(out, "WANT-NVME") != ""
+    counts = [
+        sum(int(n) for n in line.split(":", 1)[1].split()[:2])
+        for line in out.splitlines()
+        if re.search(r"PCI-MSI\S*\s+\d+-edge\s+nvme0q\d", line)
+    ]
+    assert len(counts) >= 2 and counts[0] > 0 and sum(counts[1:]) > 0, out  # admin queue and I/O queues
+    # Given back: both work on their host drivers again.
+    assert "HOST-DRIVERS sdhci-pci nvme" in out, out
