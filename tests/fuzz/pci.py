@@ -19,6 +19,7 @@ from fuzz.pci_platform import (
     IO_SPACE_SIZE,
     Attached,
     BarSpec,
+    FuzzDevice,
     MiB,
     Platform,
     bar_register,
@@ -57,6 +58,12 @@ MSI_ADDRESSES = st.one_of(
 REGISTERS = st.one_of(st.integers(0, 0x40), st.integers(0, 0xFFF), st.sampled_from([0xFC, 0xFD, 0xFF, 0xFFC]))
 
 
+class FuzzAttached(Attached):
+    """For type checkers only: an Attached whose device is a FuzzDevice."""
+
+    device: FuzzDevice  # type: ignore[assignment]
+
+
 class PciPlatformMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -87,27 +94,27 @@ class PciPlatformMachine(RuleBasedStateMachine):
         assert self.p is not None
         return self.p
 
-    def _dev(self, pick: int) -> Attached:
-        devices = self.platform.devices
-        return devices[pick % len(devices)]
+    def _dev(self, pick: int) -> FuzzAttached:
+        devices = [a for a in self.platform.devices if isinstance(a.device, FuzzDevice)]
+        return devices[pick % len(devices)]  # type: ignore[return-value]
 
     def _has_devices(self) -> bool:
-        return self.p is not None and bool(self.p.devices)
+        return self.p is not None and any(isinstance(a.device, FuzzDevice) for a in self.p.devices)
 
-    def _bar(self, a: Attached, pick: int) -> BarSpec | None:
+    def _bar(self, a: FuzzAttached, pick: int) -> BarSpec | None:
         bars = a.device.spec.bars
         return bars[pick % len(bars)] if bars else None
 
-    def _placement(self, a: Attached, index: int) -> int:
+    def _placement(self, a: FuzzAttached, index: int) -> int:
         return next(p.address for p in a.segment.placements(a.slot) if p.index == index)
 
-    def _set_command(self, a: Attached, value: int) -> None:
+    def _set_command(self, a: FuzzAttached, value: int) -> None:
         self.platform.cfg_write(a, Reg.COMMAND, 2, value)
 
-    def _command(self, a: Attached) -> int:
+    def _command(self, a: FuzzAttached) -> int:
         return self.platform.cfg_read(a, Reg.COMMAND, 2)
 
-    def _flush(self, a: Attached) -> None:
+    def _flush(self, a: FuzzAttached) -> None:
         """Turn decoding on so that moves the guest left pending on this device happen now."""
         self._set_command(a, self._command(a) | DECODE)
         assert not a.device.config.pending_moves
@@ -320,7 +327,7 @@ class PciPlatformMachine(RuleBasedStateMachine):
         mask, _ = type_bits(bar)
         return target & ~mask & ((1 << 64) - 1 if bar.kind == BarKind.MEM64 else U32)
 
-    def _targets(self, a: Attached, bar: BarSpec) -> st.SearchStrategy[int]:
+    def _targets(self, a: FuzzAttached, bar: BarSpec) -> st.SearchStrategy[int]:
         p = self.platform
         if bar.kind == BarKind.IO:
             lo, hi, top = 0, IO_SPACE_SIZE - 1, U32
@@ -352,7 +359,7 @@ class PciPlatformMachine(RuleBasedStateMachine):
             lambda t: t & top if t >= 0 else 0
         )
 
-    def _acceptable(self, a: Attached, bar: BarSpec, old: int, new: int) -> bool:
+    def _acceptable(self, a: FuzzAttached, bar: BarSpec, old: int, new: int) -> bool:
         if new == old:
             return True
         align = 4 if bar.kind == BarKind.IO else bar.size
@@ -409,7 +416,7 @@ class PciPlatformMachine(RuleBasedStateMachine):
 
     # ---- MSI and MSI-X -----------------------------------------------------------------------------
 
-    def _cap_offset(self, a: Attached, cap_id: int) -> int | None:
+    def _cap_offset(self, a: FuzzAttached, cap_id: int) -> int | None:
         return next((off for off, i in a.device.caps.items() if i == cap_id), None)
 
     @precondition(_has_devices)
