@@ -254,6 +254,30 @@ class PciPlatformMachine(RuleBasedStateMachine):
         assert not a.device.config.pending_moves
 
     @precondition(_has_devices)
+    @rule(pick=PICK, decode_off=st.booleans())
+    def size_all_bars(self, pick: int, decode_off: bool) -> None:
+        """Newer Linux (__pci_size_bars): all-ones into every BAR register, read all, restore all in order."""
+        a = self._dev(pick)
+        p = self.platform
+        self._flush(a)
+        command = self._command(a)
+        if decode_off:
+            self._set_command(a, command & ~DECODE)
+        placed = a.segment.placements(a.slot)
+        regs = [Reg.BAR0 + 4 * i for i in range(6)] + [Reg.ROM_ADDRESS]
+        saved = [p.cfg_read(a, r, 4) for r in regs]
+        for r in regs:
+            p.cfg_write(a, r, 4, 0xFFFF_FFFE if r == Reg.ROM_ADDRESS else U32)
+        for r in regs:
+            p.cfg_read(a, r, 4)
+        for r, value in zip(regs, saved, strict=True):
+            p.cfg_write(a, r, 4, value)
+        self._set_command(a, command)
+        assert [p.cfg_read(a, r, 4) for r in regs] == saved
+        assert a.segment.placements(a.slot) == placed
+        assert not a.device.config.pending_moves
+
+    @precondition(_has_devices)
     @rule(
         pick=PICK,
         which=PICK,
