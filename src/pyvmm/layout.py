@@ -24,6 +24,7 @@ CMDLINE_MAX_SIZE = 0x10000
 EBDA_START = 0xA0000  # ACPI tables (RSDP first) are written here
 RSDP_POINTER = EBDA_START
 HIGH_RAM_START = 0x100000  # lowest kernel load address
+RESET_VECTOR = 0xFFFF0  # where a guest that restarts through real mode (reboot=bios) lands
 
 # RAM may occupy [0, 3 GiB) and [4 GiB, ...).
 LOW_RAM_END = 0xC000_0000
@@ -57,6 +58,8 @@ PCI_CONFIG_IO_PORT = 0xCF8
 PCI_CONFIG_IO_SIZE = 8
 ACPI_PM_PORT = 0x600  # sleep control/status and reset register of the HW-reduced ACPI platform
 ACPI_PM_SIZE = 8
+I8042_PORT = 0x60  # keyboard controller data (0x60) .. command (0x64): only its reset pulse is emulated
+I8042_SIZE = 5
 IOAPIC_NUM_PINS = 24
 PCI_INTX_IRQS = (5, 6, 7, 8, 9, 10, 11, 12)  # slot s uses PCI_INTX_IRQS[s % 8]
 MSI_GSI_BASE = 24

@@ -31,13 +31,15 @@ from pyvmm.boot import (
 )
 from pyvmm.config import ConsoleMode, VmConfig, aperture_weights
 from pyvmm.console import ConsoleOutput, TerminalInput
-from pyvmm.devices.acpi_pm import AcpiPmDevice
+from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
+from pyvmm.devices.i8042 import I8042Device
 from pyvmm.devices.serial import Serial
 from pyvmm.devices.virtio.attach import attach_disks
 from pyvmm.devices.virtio.image import DiskImageError
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import kvm_cpuid_entry2
+from pyvmm.kvm.regs import format_registers
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from pyvmm.memory import GuestMemory, GuestMemoryError
@@ -159,6 +161,7 @@ class VirtualMachine:
             )
         )
         memory.write(tables.address, tables.data)
+        memory.write(layout.RESET_VECTOR, _reset_vector_stub())
 
         payload = cfg.payload
         assert payload.kernel is not None  # the parser requires --kernel
@@ -206,6 +209,8 @@ class VirtualMachine:
             on_reset=lambda: self.request_stop(ExitKind.RESET),
         )
         self.pio_bus.insert(layout.ACPI_PM_PORT, layout.ACPI_PM_SIZE, pm)
+        i8042 = I8042Device(on_reset=lambda: self.request_stop(ExitKind.RESET))
+        self.pio_bus.insert(layout.I8042_PORT, layout.I8042_SIZE, i8042)
 
     def _add_pci(self, phys_bits: int) -> list:
         cfg = self.config
@@ -303,6 +308,9 @@ class VirtualMachine:
                 thread.join(timeout=10)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if log.isEnabledFor(logging.DEBUG):
+            for vcpu in self.vcpus:  # where each vCPU was when it stopped
+                log.debug("vCPU %d:\n%s", vcpu.index, format_registers(vcpu.get_regs(), vcpu.get_sregs()))
         assert self._exit is not None
         return self._exit
 
@@ -316,6 +324,16 @@ class VirtualMachine:
             except Exception:  # closing must go on for the rest
                 log.debug("closing %r failed", obj, exc_info=True)
         self._closers.clear()
+
+
+def _reset_vector_stub() -> bytes:
+    """Real-mode code at the reset vector that asks for a reset through the ACPI reset register.
+
+    There is no firmware: a guest that reboots by jumping back to the BIOS entry point finds this instead.
+    """
+    port = layout.ACPI_PM_PORT + PmRegister.RESET
+    return bytes([0xBA, port & 0xFF, port >> 8, 0xB0, RESET_VALUE, 0xEE, 0xF4, 0xEB, 0xFD])
+    # mov dx, port; mov al, value; out dx, al; 1: hlt; jmp 1b
 
 
 def _is_io_move(device: Any, move: Any) -> bool:

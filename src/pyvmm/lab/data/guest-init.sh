@@ -17,8 +17,18 @@ coldplug() {
   xargs modprobe -q -a < /tmp/.ma.old 2>/dev/null
   return 0
 }
-n=0
-while coldplug && [ $n -lt 5 ]; do sleep 0.2; n=$((n + 1)); done
+settle() {
+  n=0
+  while coldplug && [ $n -lt 5 ]; do sleep 0.2; n=$((n + 1)); done
+}
+settle
+# SD hosts find their card asynchronously, some time after their driver binds: like udev settle, wait
+# (up to 3 s) for each host's card, then load what the cards need (mmc_block).
+if ls /sys/class/mmc_host/* >/dev/null 2>&1; then
+  i=0
+  while [ $i -lt 30 ] && ! ls /sys/bus/mmc/devices/* >/dev/null 2>&1; do sleep 0.1; i=$((i + 1)); done
+  settle
+fi
 cmdline=$(cat /proc/cmdline)
 param() { echo "$cmdline" | sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p"; }
 root=$(param root)
