@@ -10,7 +10,7 @@ from fuzz.budget import fuzz_settings
 from pyvmm.devices.acpi_pm import AcpiPmDevice
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=1000)
 @given(accesses=ACCESSES)
 def test_acpi_pm_registers(accesses: list[tuple[int, int, int, bool]]) -> None:
     run_accesses(accesses)

@@ -5,5 +5,5 @@ from __future__ import annotations
 from fuzz.budget import fuzz_settings
 from fuzz.pci import PciPlatformMachine
 
-PciPlatformMachine.TestCase.settings = fuzz_settings(examples=60, steps=60)
+PciPlatformMachine.TestCase.settings = fuzz_settings(examples=200, steps=60)
 TestPciPlatform = PciPlatformMachine.TestCase

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from fuzz.budget import fuzz_settings
 from fuzz.serial import UartMachine, run_concurrent
 
-UartMachine.TestCase.settings = fuzz_settings(examples=80, steps=60)
+UartMachine.TestCase.settings = fuzz_settings(examples=300, steps=60)
 TestUart = UartMachine.TestCase
 
 OPS = st.lists(
@@ -21,7 +21,7 @@ OPS = st.lists(
 )
 
 
-@fuzz_settings(examples=30)
+@fuzz_settings(examples=150)
 @given(ops=OPS, chunks=st.lists(st.binary(max_size=100), max_size=40))
 def test_uart_with_concurrent_input(ops: list[tuple[str, int, int]], chunks: list[bytes]) -> None:
     run_concurrent(ops, chunks)
