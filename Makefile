@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: deps venv lab-assets test unit lint demo shell clean
+.PHONY: deps venv lab-assets test unit lint demo shell fuzz clean
 
 deps: .deps-stamp venv
 
@@ -31,6 +31,10 @@ unit: venv
 
 test: lab-assets lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Longer fuzzing of the guest-facing device models (the suite runs a bounded budget of the same targets).
+fuzz: venv
+	PYVMM_FUZZ=long $(BIN)/pytest -q --durations=0 tests/unit/test_fuzz_*.py $(PYTEST_ARGS)
 
 demo: lab-assets
 	$(BIN)/python -m pyvmm.lab.demo

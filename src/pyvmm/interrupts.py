@@ -113,6 +113,9 @@ class IrqfdMsiVectors:
                 if self._assigned[vector]:
                     with contextlib.suppress(OSError):
                         self._vm.irqfd(self.eventfds[vector], gsi, deassign=True)
+                    self._assigned[vector] = False
+                with contextlib.suppress(OSError):
+                    self._router.set_route(gsi, None)  # the route goes from KVM's table too
                 self._router.release_gsi(gsi)
                 self._gsi[vector] = None
             for fd in self.eventfds:
