@@ -6,10 +6,12 @@ Order matters and follows what KVM expects: VM → TSS/identity map → in-kerne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -47,6 +49,7 @@ from pyvmm.pci.allocator import io_allocator
 from pyvmm.pci.apertures import mmio64_aperture, segment_windows
 from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciError, PciSegment
 from pyvmm.vfio import KvmSlotMapper, VfioError, attach_vfio_devices
+from pyvmm.vfio.passthrough import ManagedBinding, VfioConfigError, managed_binding
 
 log = logging.getLogger("pyvmm")
 
@@ -262,6 +265,8 @@ class VirtualMachine:
                 self.config.devices, KvmSlotMapper(self.vm, first_slot=len(self.memory.regions)),
                 p2p_dma=self.config.platform.vfio_p2p_dma,
             )
+        except VfioConfigError as exc:  # the --device list is at fault (exit 2)
+            raise UsageError(str(exc)) from exc
         except VfioError as exc:
             raise VmError(str(exc)) from exc
         self._closers.append(vfio)
@@ -375,13 +380,29 @@ def run_vm(config: VmConfig) -> int:
     if config.console.mode not in (ConsoleMode.OFF, ConsoleMode.NULL):
         log.warning("--console %s: virtio-console is not available yet; the guest console is on "
                     "--serial (use --serial tty --console off)", config.console.mode.value)
-    machine = VirtualMachine(config)
-    try:
-        machine.build()
-        result = machine.run()
-    finally:
-        machine.close()
+    with _managed_devices(config) as managed:
+        machine = VirtualMachine(config)
+        try:
+            machine.build()
+            result = machine.run()
+        finally:
+            managed.hold_signals()  # tearing down must not be interrupted: the give-back needs the fds closed
+            machine.close()
     return _exit_status(result)
+
+
+@contextlib.contextmanager
+def _managed_devices(config: VmConfig) -> Iterator[ManagedBinding]:
+    """--device ...,managed=on: bind their IOMMU groups before building, give them back on every way out."""
+    stack = contextlib.ExitStack()
+    try:
+        managed = stack.enter_context(managed_binding(config.devices))
+    except VfioConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    except VfioError as exc:
+        raise VmError(str(exc)) from exc
+    with stack:
+        yield managed
 
 
 def _exit_status(result: VmExit) -> int:

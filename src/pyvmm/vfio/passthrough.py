@@ -13,7 +13,9 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Iterable
+import signal
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +38,10 @@ from pyvmm.vfio.slots import GuestMapper
 log = logging.getLogger(__name__)
 
 VFIO_DRIVER = "vfio-pci"
+
+
+class VfioConfigError(VfioError):
+    """The --device list itself is at fault (a key not implemented, a group not given whole): exit 2."""
 
 
 class Bus(Protocol):
@@ -227,7 +233,7 @@ def check_groups_complete(passthrough: VfioPassthrough, given: set[str]) -> None
         missing = [bdf for bdf, _drv in group_members(group_id) if bdf not in given and _is_endpoint(bdf)]
         if missing:
             paths = " ".join(f"path=/sys/bus/pci/devices/{bdf}/" for bdf in missing)
-            raise VfioError(
+            raise VfioConfigError(
                 f"IOMMU group {group_id} also holds {', '.join(missing)}: all endpoint functions of a "
                 f"group go to the same guest (add --device {paths})"
             )
@@ -252,16 +258,11 @@ def attach_vfio_devices(
     configs = list(devices)
     for dev in configs:
         if dev.iommu:
-            raise VfioError(
+            raise VfioConfigError(
                 f"--device path={dev.path}: iommu=on needs virtio-iommu, which pyvmm does not have yet"
             )
-        if getattr(dev, "managed", False):
-            raise VfioError(
-                f"--device path={dev.path}: managed=on is not implemented yet (bind the function first with "
-                "`pyvmm-host bind`)"
-            )
         if dev.pci_segment != 0:
-            raise VfioError(
+            raise VfioConfigError(
                 f"--device path={dev.path}: pci_segment={dev.pci_segment}: VFIO devices on PCI "
                 "segments other than 0 are not implemented yet"
             )
@@ -285,3 +286,112 @@ def attach_vfio_devices(
         passthrough.close()
         raise
     return passthrough
+
+
+# ---- managed=on: pyvmm binds the groups itself and gives them back ---------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _function_name(path: str | os.PathLike[str]) -> str:
+    directory = Path(path).resolve()
+    if not (directory / "config").is_file():
+        raise VfioConfigError(
+            f"{path}: not a PCI function (expected /sys/bus/pci/devices/<domain:bus:dev.fn>/; "
+            "see `pyvmm-host list`)"
+        )
+    return directory.name
+
+
+class ManagedBinding:
+    """The `managed=on` devices of one VM: their IOMMU groups bound to vfio-pci through pyvmm.host (which
+    journals the original drivers under /run/pyvmm first) and given back on the way out.
+
+    While binding and giving back, SIGINT and SIGTERM are held; between the two (building the VM) the first
+    one stops pyvmm with SystemExit so that the give-back still runs (VirtualMachine.run installs its own
+    handlers while the guest runs). A SIGKILL leaves the journal: `pyvmm-host restore --all` undoes it.
+    """
+
+    def __init__(self, devices: Iterable[DeviceLike]) -> None:
+        self.names = [_function_name(dev.path) for dev in devices if getattr(dev, "managed", False)]
+        self.changed: list[str] = []
+        self._held: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self._held.append(signum)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.hold_signals()  # only the first signal interrupts: the way out must not be interrupted again
+        raise _stopped_by(signum)
+
+    def hold_signals(self) -> None:
+        """From now on SIGINT and SIGTERM only get noted (call before tearing the VM down)."""
+        if self._previous:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._hold)
+
+    def bind(self) -> None:
+        if not self.names:
+            return
+        from pyvmm import host  # the host layer is only needed for managed devices
+
+        self._previous = {sig: signal.signal(sig, self._hold) for sig in STOP_SIGNALS}
+        try:
+            outcome = host.bind_to_vfio(self.names, group=True)
+        except host.HostError as exc:
+            self._restore_handlers()
+            raise VfioError(f"managed=on: {exc}") from exc
+        except BaseException:
+            self._restore_handlers()
+            raise
+        self.changed = [str(bdf) for bdf in outcome.changed]
+        for warning in outcome.warnings:
+            log.warning("managed=on: %s", warning)
+        log.info("managed=on: bound %s to vfio-pci", ", ".join(self.changed) or "nothing (already bound)")
+        if self._held:
+            self.give_back()
+            raise _stopped_by(self._held[0])
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._stop)
+
+    def give_back(self) -> None:
+        """Return what bind() changed to the drivers the journal recorded; never raises."""
+        if not self._previous:
+            return
+        self.hold_signals()
+        try:
+            if self.changed:
+                from pyvmm import host
+
+                try:
+                    outcome = host.restore(self.changed)
+                except host.HostError as exc:
+                    log.error("managed=on: giving %s back failed: %s; run `pyvmm-host restore --all`",
+                              ", ".join(self.changed), exc)
+                else:
+                    log.info("managed=on: %s", "; ".join(f"{d.bdf} {d.note}" for d in outcome.devices))
+                self.changed = []
+        finally:
+            self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous = {}
+
+
+def _stopped_by(signum: int) -> SystemExit:
+    print(f"pyvmm: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    return SystemExit(0)
+
+
+@contextlib.contextmanager
+def managed_binding(devices: Iterable[DeviceLike]) -> Iterator[ManagedBinding]:
+    """`with managed_binding(config.devices) as managed:` build and run the VM; see ManagedBinding."""
+    managed = ManagedBinding(devices)
+    managed.bind()
+    try:
+        yield managed
+    finally:
+        managed.give_back()

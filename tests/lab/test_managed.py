@@ -1,0 +1,127 @@
+"""`--device ...,managed=on` in the lab (issue 5, acceptance 4): pyvmm binds the reader's IOMMU group to
+vfio-pci itself and gives it back to sdhci-pci on every way out it sees — guest poweroff, guest panic
+(panic=-1: the guest reboots, pyvmm exits), SIGTERM during guest boot, a refusal while building — and a
+SIGKILL leaves a journal that `pyvmm-host restore --all` undoes. Afterwards the host reads the card again."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+GUEST = (
+    "modprobe mmc_block; i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
+    "echo GUEST-SD=$(sha256sum /dev/mmcblk0); "
+    "for d in /sys/bus/pci/devices/*; do echo GUEST-DRV $(readlink $d/driver); done"
+)
+
+PRELUDE = r"""
+sec() { echo "=== $1"; }
+drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
+SD=0000:00:03.0; DISP=0000:00:04.0; AUD=0000:00:04.1
+PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --cpus boot=2 --memory size=512M
+  --serial tty --console off"
+boot_then() {  # boot_then SIGNAL: start a managed guest, send SIGNAL once its kernel prints, wait for pyvmm
+  $PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on --cmdline 'console=ttyS0 panic=-1' \
+    > $TMPDIR/boot.log 2>&1 &
+  pid=$!
+  i=0; while ! grep -q 'Linux version' $TMPDIR/boot.log && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  echo "during boot: $(drv $SD)"
+  kill -$1 $pid; wait $pid; echo "rc=$?"
+  grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/boot.log
+}
+"""
+
+EXITS = PRELUDE + r"""
+sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
+sec poweroff
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on \
+  --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="@GUEST@"' > $TMPDIR/off.log 2>&1
+echo "rc=$?"; grep -e ^GUEST -e 'pyvmm: ' -e Traceback $TMPDIR/off.log
+echo "after: $(drv $SD)"; ls /run/pyvmm
+sec sigterm; boot_then TERM; echo "after: $(drv $SD)"; ls /run/pyvmm
+sec card
+i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "read=$(sha256sum /dev/mmcblk0 | cut -d' ' -f1)"
+echo "want=$PYVMM_LAB_SD_SHA256"
+sec end
+""".replace("@GUEST@", GUEST)
+
+FAILURES = PRELUDE + r"""
+sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
+sec panic
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on \
+  --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="echo c > /proc/sysrq-trigger"' > $TMPDIR/panic.log 2>&1
+echo "rc=$?"; grep -c 'Kernel panic' $TMPDIR/panic.log; grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/panic.log
+echo "after: $(drv $SD)"
+sec refused
+$PYVMM --device path=/sys/bus/pci/devices/$DISP/,managed=on --cmdline 'console=ttyS0' 2>&1; echo "rc=$?"
+echo "after: $(drv $DISP) $(drv $AUD)"
+sec sigkill; boot_then KILL; echo "after: $(drv $SD)"; cat /run/pyvmm/host-journal.json
+pyvmm-host restore --all; echo "rc=$?"; echo "after: $(drv $SD)"
+sec card
+i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "read=$(sha256sum /dev/mmcblk0 | cut -d' ' -f1)"
+echo "want=$PYVMM_LAB_SD_SHA256"
+sec end
+"""
+
+
+def sections(out: str) -> dict[str, str]:
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("=== "):
+            current = line[4:].strip()
+            found[current] = []
+        elif current is not None:
+            found[current].append(line)
+    return {k: "\n".join(v) for k, v in found.items()}
+
+
+def _card_read_right(out: dict[str, str]) -> None:
+    card = dict(line.split("=", 1) for line in out["card"].splitlines())
+    assert card["read"] == card["want"] != ""
+
+
+def test_managed_reader_back_after_poweroff_and_sigterm(lab) -> None:
+    proc = lab(EXITS, devices="sd,gpu-audio", timeout=300)
+    out = sections(proc.stdout)
+    assert "end" in out, proc.stdout
+    assert out["before"].split()[0] == "sdhci-pci", out["before"]
+
+    poweroff = out["poweroff"]  # the guest's own sdhci-pci read the card through pyvmm
+    want = re.search(r"^want=(\w+)", out["card"], re.MULTILINE).group(1)
+    assert re.search(rf"^GUEST-SD={want}\b", poweroff, re.MULTILINE), poweroff
+    assert re.search(r"^GUEST-DRV \S*/sdhci-pci$", poweroff, re.MULTILINE), poweroff
+    assert "rc=0" in poweroff and "after: sdhci-pci" in poweroff and "Traceback" not in poweroff, poweroff
+    assert "host-journal.json" not in poweroff, poweroff  # nothing left to restore
+
+    sigterm = out["sigterm"]
+    assert "during boot: vfio-pci" in sigterm and "rc=0" in sigterm, sigterm
+    assert "stopped by SIGTERM" in sigterm and "Traceback" not in sigterm, sigterm
+    assert "after: sdhci-pci" in sigterm and "host-journal.json" not in sigterm, sigterm
+    _card_read_right(out)
+
+
+def test_managed_after_guest_panic_build_error_and_sigkill(lab) -> None:
+    proc = lab(FAILURES, devices="sd,gpu-audio", timeout=300)
+    out = sections(proc.stdout)
+    assert "end" in out, proc.stdout
+    before = out["before"].split()
+
+    panic = out["panic"].splitlines()
+    assert panic[0] == "rc=0" and int(panic[1]) >= 1, out["panic"]  # the guest did panic, pyvmm exited
+    assert "after: sdhci-pci" in out["panic"] and "Traceback" not in out["panic"], out["panic"]
+
+    refused = out["refused"]  # a build error: the whole group was bound, then all of it given back
+    assert "rc=2" in refused and "0000:00:04.1" in refused and "Traceback" not in refused, refused
+    assert f"after: {before[1]} {before[2]}" in refused, (before, refused)
+
+    sigkill = out["sigkill"]  # nothing runs on a SIGKILL: the journal lets `pyvmm-host restore --all` undo it
+    assert "during boot: vfio-pci" in sigkill and "rc=137" in sigkill, sigkill
+    assert "after: vfio-pci" in sigkill and '"0000:00:03.0"' in sigkill, sigkill
+    assert "given back to sdhci-pci" in sigkill and sigkill.rstrip().endswith("after: sdhci-pci"), sigkill
+    _card_read_right(out)
