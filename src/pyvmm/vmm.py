@@ -31,7 +31,7 @@ from pyvmm.boot import (
     parse_bzimage,
     setup_boot_vcpu,
 )
-from pyvmm.config import ConsoleMode, VmConfig, aperture_weights
+from pyvmm.config import ConsoleMode, VmConfig
 from pyvmm.console import ConsoleOutput, TerminalInput
 from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
@@ -45,10 +45,11 @@ from pyvmm.kvm.regs import format_registers
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from pyvmm.memory import GuestMemory, GuestMemoryError
-from pyvmm.pci.allocator import io_allocator
-from pyvmm.pci.apertures import mmio64_aperture, segment_windows
 from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciError, PciSegment
+from pyvmm.pci.planning import make_segments, reserve_slots
+from pyvmm.pci.vmplan import dry_run_report, vm_plan
 from pyvmm.vfio import KvmSlotMapper, VfioError, attach_vfio_devices
+from pyvmm.vfio.capabilities import CapabilityConflict
 from pyvmm.vfio.passthrough import ManagedBinding, VfioConfigError, managed_binding
 
 log = logging.getLogger("pyvmm")
@@ -152,6 +153,7 @@ class VirtualMachine:
         windows = self._add_pci(phys_bits)
         self._add_disks()
         self._add_vfio_devices()
+        self._check_pci_plan()
         tables = build_acpi_tables(
             AcpiPlatform(
                 num_vcpus=cfg.cpus.boot,
@@ -216,21 +218,30 @@ class VirtualMachine:
         self.pio_bus.insert(layout.I8042_PORT, layout.I8042_SIZE, i8042)
 
     def _add_pci(self, phys_bits: int) -> list:
-        cfg = self.config
-        weights = aperture_weights(cfg)
-        windows = segment_windows(
-            [w32 for w32, _ in weights], [w64 for _, w64 in weights],
-            mmio64_aperture(cfg.memory.size, phys_bits),
-        )
-        io = io_allocator()
-        for w in windows:
-            segment = PciSegment(w.segment, w, io, on_bar_move=self._move_bar)
-            self.segments.append(segment)
+        """Plan every BAR first (exhaustion found here, before anything is opened), then create the segments
+        the plan was computed on; devices plugged later land where the plan says (_check_pci_plan)."""
+        try:
+            self.pci_plan = vm_plan(self.config, phys_bits)
+            windows = list(self.pci_plan.windows)
+            self.segments = make_segments(windows, on_bar_move=self._move_bar)
+            reserve_slots(self.segments, self.pci_plan.items)
+        except PciError as exc:
+            raise UsageError(str(exc)) from exc
+        for segment in self.segments:
             ecam = PciConfigMmio(segment)
             self.mmio_bus.insert(segment.ecam_base, layout.PCI_MMCONFIG_SIZE_PER_SEGMENT, ecam)
         legacy = PciConfigIo(self.segments[0])
         self.pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, legacy)
         return windows
+
+    def _check_pci_plan(self) -> None:
+        """Every device's BARs where the plan (and `--dry-run`) said they would be."""
+        for planned in self.pci_plan.devices:
+            segment = self.segments[planned.item.segment]
+            actual = tuple(segment.placements(planned.slot)) if segment.device(planned.slot) else ()
+            if actual != planned.placements:
+                log.warning("%s: BARs placed at %s, not where planned (%s)", planned.item.label,
+                            [hex(p.address) for p in actual], [hex(p.address) for p in planned.placements])
 
     # -- virtio-blk disks (--disk) -----------------------------------------------------------------------
     def _add_disks(self) -> None:
@@ -241,10 +252,6 @@ class VirtualMachine:
         if getattr(self, "msi_router", None) is None:
             self.msi_router = MsiRouter(self.vm)
         try:
-            # Explicit pci_device_id slots first, so that automatic placement never takes them.
-            for dev in (*self.config.disks, *self.config.devices):
-                if dev.pci_device_id is not None:
-                    self.segments[dev.pci_segment].reserve_slot(dev.pci_device_id)
             disks = attach_disks(self.config.disks, memory=self.memory, vm=self.vm, router=self.msi_router,
                                  segments=self.segments, mmio_bus=self.mmio_bus)
         except (DiskImageError, PciError) as exc:
@@ -266,6 +273,8 @@ class VirtualMachine:
                 p2p_dma=self.config.platform.vfio_p2p_dma,
             )
         except VfioConfigError as exc:  # the --device list is at fault (exit 2)
+            raise UsageError(str(exc)) from exc
+        except (PciError, CapabilityConflict) as exc:  # slots, BAR space, the clique's place: exit 2
             raise UsageError(str(exc)) from exc
         except VfioError as exc:
             raise VmError(str(exc)) from exc
@@ -358,8 +367,6 @@ def _kvm_cpuid_entry(e: CpuidEntry) -> kvm_cpuid_entry2:
 
 def _check_supported(config: VmConfig) -> None:
     """Refuse what the command line may say but this version of pyvmm cannot do yet, in one line."""
-    if config.dry_run:
-        raise UsageError("--dry-run: not implemented yet")
 
 
 def _check_kernel(config: VmConfig) -> None:
@@ -377,6 +384,8 @@ def _check_kernel(config: VmConfig) -> None:
 def run_vm(config: VmConfig) -> int:
     _check_supported(config)
     _check_kernel(config)
+    if config.dry_run:
+        return _dry_run(config)
     if config.console.mode not in (ConsoleMode.OFF, ConsoleMode.NULL):
         log.warning("--console %s: virtio-console is not available yet; the guest console is on "
                     "--serial (use --serial tty --console off)", config.console.mode.value)
@@ -403,6 +412,16 @@ def _managed_devices(config: VmConfig) -> Iterator[ManagedBinding]:
         raise VmError(str(exc)) from exc
     with stack:
         yield managed
+
+
+def _dry_run(config: VmConfig) -> int:
+    """Print where every segment's windows and every device's BARs go; opens neither KVM nor VFIO."""
+    try:
+        report = dry_run_report(config)
+    except PciError as exc:
+        raise UsageError(str(exc)) from exc
+    sys.stdout.write(report)
+    return 0
 
 
 def _exit_status(result: VmExit) -> int:

@@ -112,15 +112,90 @@ def hidden_ext_cap_patches(caps: CapabilityScan) -> list[ConfigPatch]:
     return [ConfigPatch(off, 0xFFFF, 0) for off, cid in caps.extended if cid in HIDDEN_EXT_CAPS]
 
 
-def gpudirect_clique_patches(caps: CapabilityScan, clique: int) -> list[ConfigPatch]:
-    """The NVIDIA P2P clique vendor capability at 0xD4, linked from the last standard capability (§4.5.4)."""
+class CapabilityConflict(ValueError):
+    """A capability pyvmm would add overlaps one the device already has (a configuration problem)."""
+
+
+CLIQUE_CAP_LENGTH = 8
+_PCIE_CAP_LENGTH = 0x3C
+_MSIX_CAP_LENGTH = 12
+_PM_CAP_LENGTH = 8
+
+
+def capability_extent(read: ConfigReader, offset: int, cap_id: int, following: int) -> int:
+    """How many bytes the standard capability at `offset` occupies.
+
+    Known layouts give their exact length (MSI from its control word, vendor-specific from its length
+    byte); others are taken to reach the next capability (by address) or the end of legacy config space.
+    """
+    if cap_id == CapId.MSI:
+        control = read(offset + 2, 2)
+        return 10 + (4 if control & 0x80 else 0) + (10 if control & 0x100 else 0)
+    if cap_id == CapId.MSIX:
+        return _MSIX_CAP_LENGTH
+    if cap_id == CapId.PM:
+        return _PM_CAP_LENGTH
+    if cap_id == CapId.PCIE:
+        return _PCIE_CAP_LENGTH
+    if cap_id == CapId.VENDOR:
+        return max(read(offset + 2, 1), 3)
+    return max(following - offset, 2)
+
+
+def occupied_by(
+    read: ConfigReader, caps: CapabilityScan, start: int, length: int
+) -> tuple[int, int, int] | None:
+    """(offset, id, extent) of the first standard capability overlapping `[start, start + length)`."""
+    offsets = sorted(off for off, _ in caps.standard)
+    for off, cap_id in caps.standard:
+        later = [o for o in offsets if o > off]
+        extent = capability_extent(read, off, cap_id, later[0] if later else LEGACY_CONFIG_SIZE)
+        if off < start + length and start < off + extent:
+            return off, cap_id, extent
+    return None
+
+
+def capability_name(cap_id: int) -> str:
+    try:
+        return f"{CapId(cap_id).name} capability"
+    except ValueError:
+        return f"capability {cap_id:#04x}"
+
+
+def clique_conflict(read: ConfigReader, caps: CapabilityScan) -> str | None:
+    """Why the GPUDirect clique capability cannot go at 0xD4 on this device, or None if it can."""
+    hit = occupied_by(read, caps, GPUDIRECT_CLIQUE_OFFSET, CLIQUE_CAP_LENGTH)
+    if hit is None:
+        return None
+    off, cap_id, extent = hit
+    end = GPUDIRECT_CLIQUE_OFFSET + CLIQUE_CAP_LENGTH - 1
+    return (
+        f"config space {GPUDIRECT_CLIQUE_OFFSET:#x}-{end:#x}, where the GPUDirect clique capability goes, is "
+        f"already used by the device's {capability_name(cap_id)} at {off:#x} "
+        f"({off:#x}-{off + extent - 1:#x}); "
+        "adding it would corrupt the device's capability list"
+    )
+
+
+def gpudirect_clique_patches(
+    caps: CapabilityScan, clique: int, read: ConfigReader | None = None
+) -> list[ConfigPatch]:
+    """The NVIDIA P2P clique vendor capability at 0xD4, linked from the last standard capability (§4.5.4).
+
+    Raises CapabilityConflict when a capability of the device already occupies 0xD4-0xDB (`read`, the
+    device's config space, tells how long its capabilities are; without it only their starts are checked).
+    """
     if not 0 <= clique <= 15:
         raise ValueError(f"GPUDirect clique id {clique} is not within 0-15")
     last = caps.last
     if last is None:
         return []
-    if any(GPUDIRECT_CLIQUE_OFFSET <= off < GPUDIRECT_CLIQUE_OFFSET + 8 for off, _ in caps.standard):
-        raise ValueError(f"config space at {GPUDIRECT_CLIQUE_OFFSET:#x} is taken by a capability")
+    if read is not None:
+        problem = clique_conflict(read, caps)
+        if problem is not None:
+            raise CapabilityConflict(problem)
+    elif any(GPUDIRECT_CLIQUE_OFFSET <= off < GPUDIRECT_CLIQUE_OFFSET + 8 for off, _ in caps.standard):
+        raise CapabilityConflict(f"config space at {GPUDIRECT_CLIQUE_OFFSET:#x} is taken by a capability")
     link = last & ~3
     shift = 8 * (last - link + 1)
     return [
@@ -128,6 +203,18 @@ def gpudirect_clique_patches(caps: CapabilityScan, clique: int) -> list[ConfigPa
         ConfigPatch(GPUDIRECT_CLIQUE_OFFSET, 0xFFFF_FFFF, 0x5008_0009),
         ConfigPatch(GPUDIRECT_CLIQUE_OFFSET + 4, 0xFFFF_FFFF, (clique << 19) | 0x5032),
     ]
+
+
+def bytes_reader(data: bytes) -> ConfigReader:
+    """A ConfigReader over a config-space dump (e.g. sysfs `config`); bytes past its end read all-ones."""
+
+    def read(offset: int, size: int) -> int:
+        chunk = data[offset:offset + size]
+        if len(chunk) < size:
+            return (1 << (8 * size)) - 1
+        return int.from_bytes(chunk, "little")
+
+    return read
 
 
 def apply_patches(patches: dict[int, list[ConfigPatch]], dword_offset: int, dword: int) -> int:

@@ -261,11 +261,6 @@ def attach_vfio_devices(
             raise VfioConfigError(
                 f"--device path={dev.path}: iommu=on needs virtio-iommu, which pyvmm does not have yet"
             )
-        if dev.pci_segment != 0:
-            raise VfioConfigError(
-                f"--device path={dev.path}: pci_segment={dev.pci_segment}: VFIO devices on PCI "
-                "segments other than 0 are not implemented yet"
-            )
     passthrough = VfioPassthrough(vm, router, memory, mapper, p2p_dma)
     try:
         given = set()

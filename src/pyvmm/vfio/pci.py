@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.kvm.system import Vm
@@ -28,7 +29,7 @@ from pyvmm.pci.config import PciConfiguration, Reg
 from pyvmm.pci.device import PciDevice
 from pyvmm.pci.msi import MsiCapability, MsiMessage, MsixCapability
 from pyvmm.vfio import capabilities as caps
-from pyvmm.vfio.areas import mappable_areas, relocate_msix
+from pyvmm.vfio.areas import MsixLayout, mappable_areas, relocate_msix
 from pyvmm.vfio.bindings import VfioPciIrq, VfioPciRegion
 from pyvmm.vfio.container import VfioContainer
 from pyvmm.vfio.device import VfioDevice
@@ -68,6 +69,75 @@ class _Mapping:
     gpa: int | None = None
     handle: int | None = None
     dma_iova: int | None = None
+
+
+@dataclass(frozen=True)
+class HostBar:
+    """A BAR of the host function as VFIO (region sizes) or sysfs (`resource`) reports it."""
+
+    index: int
+    kind: BarKind
+    size: int
+    prefetchable: bool = False
+
+
+def bar_kind(flags: int) -> BarKind:
+    """The kind of a BAR from the low bits of its register."""
+    if flags & 1:
+        return BarKind.IO
+    return BarKind.MEM64 if flags & 0x6 == 0x4 else BarKind.MEM32
+
+
+def msix_geometry(
+    read: caps.ConfigReader,
+    offset: int,
+    region_size: Callable[[int], int | None],
+    max_vectors: int,
+    page_size: int,
+) -> tuple[int, int, int, int, MsixLayout] | None:
+    """(vectors, table BIR, PBA BIR, physical PBA offset, guest layout) of the MSI-X capability at `offset`.
+
+    `region_size(bir)` is the host size of a BAR (None: absent). Shared by the device model and the planner,
+    so both agree on how far the table relocation (§4.4.4) enlarges a 64-bit BAR.
+    """
+    control = read(offset + 2, 2)
+    table = read(offset + 4, 4)
+    pba = read(offset + 8, 4)
+    size = (control & 0x7FF) + 1
+    if max_vectors:
+        size = min(size, max_vectors)
+    table_bir, table_off = table & 7, table & ~7
+    pba_bir, pba_off = pba & 7, pba & ~7
+    bar_size = region_size(table_bir) if table_bir < NUM_BARS else None
+    if table_bir >= NUM_BARS or pba_bir >= NUM_BARS or bar_size is None:
+        return None
+    is_64 = bar_kind(read(Reg.BAR0 + 4 * table_bir, 4)) == BarKind.MEM64
+    pba_len = (size + 63) // 64 * 8
+    layout = relocate_msix(bar_size, is_64, table_bir, table_off, size * 16, pba_bir, pba_off, pba_len,
+                           page_size)
+    return size, table_bir, pba_bir, pba_off, layout
+
+
+def guest_bar_layout(
+    host: Iterable[HostBar], msix_bar: tuple[int, int] | None, page_size: int, name: str = "device"
+) -> list[BarInfo]:
+    """The BARs the guest sees for a host function: sizes raised to the PCI minimum, the MSI-X table's BAR
+    enlarged by its relocation (`msix_bar` = (BIR, guest size)), sub-page memory BARs page-aligned (they can
+    only be mapped whole), sizes that are not powers of two left out. Shared by the device model and
+    `--dry-run`, so both place the same BARs."""
+    out: list[BarInfo] = []
+    for bar in host:
+        size = bar.size
+        if msix_bar is not None and bar.index == msix_bar[0]:
+            size = max(size, msix_bar[1])
+        minimum = {BarKind.IO: 4, BarKind.ROM: 2048}.get(bar.kind, 16)
+        size = max(size, minimum)
+        if size & (size - 1):
+            log.warning("%s: BAR%d size %#x is not a power of two, left out", name, bar.index, size)
+            continue
+        align = page_size if bar.kind in (BarKind.MEM32, BarKind.MEM64) and size < page_size else 0
+        out.append(BarInfo(bar.index, bar.kind, size, bar.prefetchable and bar.kind != BarKind.IO, align))
+    return out
 
 
 class _VectorSink:
@@ -134,7 +204,7 @@ class VfioPciDevice(PciDevice):
             for patch in caps.hidden_ext_cap_patches(self.caps):
                 self.add_patch(patch)
             if gpudirect_clique is not None:
-                for patch in caps.gpudirect_clique_patches(self.caps, gpudirect_clique):
+                for patch in caps.gpudirect_clique_patches(self.caps, gpudirect_clique, device.read_config):
                     self.add_patch(patch)
             self._setup_msi()
             self._setup_msix()
@@ -169,23 +239,17 @@ class VfioPciDevice(PciDevice):
         offset = self.caps.find(caps.CapId.MSIX)
         if offset is None or self.device.irq_count(_MSIX) == 0:
             return  # without VFIO MSI-X vectors the capability passes through untouched
-        control = self.device.read_config(offset + 2, 2)
-        table = self.device.read_config(offset + 4, 4)
-        pba = self.device.read_config(offset + 8, 4)
-        size = min((control & 0x7FF) + 1, self.device.irq_count(_MSIX))
-        table_bir, table_off = table & 7, table & ~7
-        pba_bir, pba_off = pba & 7, pba & ~7
-        region = self.device.region(table_bir)
-        if table_bir >= NUM_BARS or pba_bir >= NUM_BARS or region is None:
-            log.warning(
-                "%s: MSI-X table in BAR%d is unusable, capability passed through", self.name, table_bir
-            )
-            return
-        is_64 = (self.device.read_config(Reg.BAR0 + 4 * table_bir, 4) & 0x6) == 0x4
-        pba_len = (size + 63) // 64 * 8
-        layout = relocate_msix(
-            region.size, is_64, table_bir, table_off, size * 16, pba_bir, pba_off, pba_len, self._page
+        geometry = msix_geometry(
+            self.device.read_config,
+            offset,
+            lambda index: region.size if (region := self.device.region(index)) is not None else None,
+            self.device.irq_count(_MSIX),
+            self._page,
         )
+        if geometry is None:
+            log.warning("%s: MSI-X table BAR is unusable, capability passed through", self.name)
+            return
+        size, table_bir, pba_bir, pba_off, layout = geometry
         self._msix_bar_size = layout.bar_size
         self._msix_phys_pba = pba_off
         self._msix_sink = _VectorSink(self, _MSIX, self._vectors(size))
@@ -208,51 +272,27 @@ class VfioPciDevice(PciDevice):
         )
         # The shadow gates BAR moves on Memory/IO Space Enable: start from the device's command register.
         shadow.poke(Reg.COMMAND, 2, read(Reg.COMMAND, 2))
+        host: list[HostBar] = []
         index = 0
         while index < NUM_BARS:
             region = self.device.region(index)
             flags = read(Reg.BAR0 + 4 * index, 4)
-            step = 1
+            kind = bar_kind(flags)
             if region is not None and region.size:
-                if flags & 1:
-                    kind = BarKind.IO
-                elif flags & 0x6 == 0x4:
-                    kind, step = BarKind.MEM64, 2
-                else:
-                    kind = BarKind.MEM32
-                size = region.size
-                if self.msix is not None and index == self.msix.table_bir:
-                    size = max(size, self._msix_bar_size)
-                self._add_bar(shadow, index, kind, size, bool(flags & 0x8) and kind != BarKind.IO)
-            elif flags & 0x6 == 0x4 and not flags & 1:
-                step = 2
-            index += step
+                host.append(HostBar(index, kind, region.size, bool(flags & 0x8) and kind != BarKind.IO))
+            index += 2 if kind == BarKind.MEM64 else 1
         rom = self.device.region(VfioPciRegion.VFIO_PCI_ROM_REGION_INDEX)
         if rom is not None and rom.size:
-            enable = bool(read(Reg.ROM_ADDRESS, 4) & 1)
-            self._add_bar(shadow, ROM_BAR_INDEX, BarKind.ROM, rom.size, False, enable)
+            host.append(HostBar(ROM_BAR_INDEX, BarKind.ROM, rom.size))
+        msix_bar = (self.msix.table_bir, self._msix_bar_size) if self.msix is not None else None
+        rom_enable = bool(read(Reg.ROM_ADDRESS, 4) & 1)
+        for bar in guest_bar_layout(host, msix_bar, self._page, self.name):
+            try:
+                shadow.add_bar(bar.index, bar.kind, bar.size, bar.prefetchable,
+                               rom_enable=rom_enable and bar.kind == BarKind.ROM, align=bar.align)
+            except ValueError as e:
+                log.warning("%s: BAR%d left out: %s", self.name, bar.index, e)
         return shadow
-
-    def _add_bar(
-        self,
-        shadow: PciConfiguration,
-        index: int,
-        kind: BarKind,
-        size: int,
-        prefetchable: bool,
-        rom_enable: bool = False,
-    ) -> None:
-        minimum = {BarKind.IO: 4, BarKind.ROM: 2048}.get(kind, 16)
-        size = max(size, minimum)
-        if size & (size - 1):
-            log.warning("%s: BAR%d size %#x is not a power of two, left out", self.name, index, size)
-            return
-        # A sub-page memory BAR can only be mapped into the guest at a page-aligned address.
-        align = self._page if kind in (BarKind.MEM32, BarKind.MEM64) and size < self._page else 0
-        try:
-            shadow.add_bar(index, kind, size, prefetchable, rom_enable=rom_enable, align=align)
-        except ValueError as e:
-            log.warning("%s: BAR%d left out: %s", self.name, index, e)
 
     def _msix_holes(self, index: int) -> list[tuple[int, int]]:
         holes: list[tuple[int, int]] = []
@@ -593,3 +633,71 @@ class _NullSink:
 
     def signal(self, vector: int, message: MsiMessage) -> None:
         pass
+
+
+# ---- the same BARs read from sysfs, for planning before any VFIO fd is open (--dry-run) -------------------
+
+IORESOURCE_IO = 0x100
+IORESOURCE_PREFETCH = 0x2000
+IORESOURCE_MEM_64 = 0x100000
+_SYSFS_ROM_LINE = 6
+
+
+@dataclass(frozen=True)
+class SysfsFunction:
+    """What the guest will see of a host function's BARs, read from sysfs (`resource`, `config`)."""
+
+    name: str  # 0000:00:04.0
+    vendor_device: str  # 1b36:0007
+    driver: str | None
+    bars: tuple[BarInfo, ...]
+    clique_problem: str | None = None  # why x_nv_gpudirect_clique cannot be added (None: it can)
+    full_config: bool = True  # False when only the first 64 bytes of config were readable (not root)
+
+
+def parse_resource(text: str) -> list[HostBar]:
+    """Host BARs from sysfs `resource` (lines `start end flags`, BAR0-5 then the ROM)."""
+    out: list[HostBar] = []
+    for index, line in enumerate(text.splitlines()[: _SYSFS_ROM_LINE + 1]):
+        try:
+            start, end, flags = (int(field, 16) for field in line.split()[:3])
+        except ValueError:
+            continue
+        if not flags or end < start:
+            continue
+        size = end - start + 1
+        if index == _SYSFS_ROM_LINE:
+            out.append(HostBar(index, BarKind.ROM, size))
+        elif flags & IORESOURCE_IO:
+            out.append(HostBar(index, BarKind.IO, size))
+        else:
+            kind = BarKind.MEM64 if flags & IORESOURCE_MEM_64 else BarKind.MEM32
+            out.append(HostBar(index, kind, size, bool(flags & IORESOURCE_PREFETCH)))
+    return out
+
+
+def sysfs_function(path: str | os.PathLike[str], clique: int | None = None,
+                   page_size: int = PAGE_SIZE) -> SysfsFunction:
+    """The guest BARs of the host function at sysfs `path`, computed as VfioPciDevice would (OSError if the
+    directory cannot be read)."""
+    directory = Path(path).resolve()
+    name = directory.name
+    host = parse_resource((directory / "resource").read_text())
+    config = (directory / "config").read_bytes()
+    read = caps.bytes_reader(config)
+    scan = caps.scan(read, len(config))
+    sizes = {bar.index: bar.size for bar in host}
+    msix_bar = None
+    offset = scan.find(caps.CapId.MSIX)
+    if offset is not None:
+        geometry = msix_geometry(read, offset, sizes.get, 0, page_size)
+        if geometry is not None:
+            msix_bar = (geometry[1], geometry[4].bar_size)
+    problem = None
+    if clique is not None and scan.last is not None:
+        problem = caps.clique_conflict(read, scan)
+    driver_link = directory / "driver"
+    driver = os.path.basename(os.readlink(driver_link)) if driver_link.is_symlink() else None
+    ids = f"{read(Reg.VENDOR_ID, 2):04x}:{read(Reg.DEVICE_ID, 2):04x}"
+    return SysfsFunction(name, ids, driver, tuple(guest_bar_layout(host, msix_bar, page_size, name)), problem,
+                         len(config) > 0x40)

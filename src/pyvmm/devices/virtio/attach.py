@@ -11,10 +11,17 @@ from typing import Protocol
 
 from pyvmm.config import DiskConfig
 from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
-from pyvmm.devices.virtio.pci import VirtioPciDevice, vector_count
+from pyvmm.devices.virtio.pci import (
+    VIRTIO_BAR64_ALIGN,
+    VIRTIO_BAR_INDEX,
+    VIRTIO_BAR_SIZE,
+    VirtioPciDevice,
+    vector_count,
+)
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.kvm.system import Vm
 from pyvmm.memory import GuestMemory
+from pyvmm.pci.bar import BarInfo, BarKind
 from pyvmm.pci.bus import PciSegment
 from pyvmm.pci.device import BarBusAdapter
 
@@ -26,6 +33,13 @@ class MmioBus(Protocol):
 def uses_64bit_bar(segment: int, hotplug: bool = False) -> bool:
     """ch-vfio-spec §1.6: only a boot-time virtio-blk on segment 0 gets a 32-bit BAR."""
     return segment != 0 or hotplug
+
+
+def disk_bars(disk: DiskConfig) -> list[BarInfo]:
+    """The BARs a --disk's virtio-blk asks for (what VirtioPciDevice declares), for planning."""
+    if uses_64bit_bar(disk.pci_segment):
+        return [BarInfo(VIRTIO_BAR_INDEX, BarKind.MEM64, VIRTIO_BAR_SIZE, align=VIRTIO_BAR64_ALIGN)]
+    return [BarInfo(VIRTIO_BAR_INDEX, BarKind.MEM32, VIRTIO_BAR_SIZE)]
 
 
 def attach_disks(
