@@ -249,8 +249,18 @@ def _exhaustion_message(
 # ---- reporting -------------------------------------------------------------------------------------------
 
 
+def approximate_size(size: int) -> str:
+    """1.50 GiB, 134.73 MiB: in the largest binary unit not above it."""
+    for unit, name in ((1 << 40, "TiB"), (layout.GiB, "GiB"), (layout.MiB, "MiB"), (layout.KiB, "KiB")):
+        if size >= unit:
+            return f"{size / unit:.2f} {name}"
+    return f"{size} bytes"
+
+
 def _window_text(window: Window) -> str:
-    return f"{window} {size_text(window.size)}"
+    exact, rough = size_text(window.size), approximate_size(window.size)
+    same_unit = exact.split()[-1] == rough.split()[-1]  # then the exact size is already readable
+    return f"{window} {exact}" if same_unit else f"{window} {exact} ({rough})"
 
 
 def format_plan(plan: PciPlan, header: Callable[[], list[str]] | None = None) -> str:

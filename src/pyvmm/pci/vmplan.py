@@ -56,10 +56,10 @@ def vm_plan(config: VmConfig, phys_bits: int) -> PciPlan:
     return plan_pci(items, aperture_weights(config), config.memory.size, phys_bits)
 
 
-def host_phys_bits_from_cpuinfo(cpuinfo: Path = CPUINFO) -> int | None:
+def host_phys_bits_from_cpuinfo(cpuinfo: Path | None = None) -> int | None:
     """The host's physical address width (`address sizes : N bits physical`), without opening KVM."""
     try:
-        text = cpuinfo.read_text()
+        text = (cpuinfo or CPUINFO).read_text()
     except OSError:
         return None
     match = re.search(r"^address sizes\s*:\s*(\d+) bits physical", text, re.MULTILINE)
