@@ -1,7 +1,8 @@
 """Issue 5 acceptance in the lab: guests read passed-through devices with their own drivers through pyvmm.
 
 1: the SD reader, read by the guest's sdhci-pci (INTx); 2 and 5: the NVMe drive (MSI-X) together with the
-reader in one guest; afterwards both go back to their host drivers."""
+reader in one guest, and what the guest writes to the drive's last MiB is on the drive afterwards; then both
+go back to their host drivers and work there (acceptance 4's "taken back by the native driver")."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ pytestmark = pytest.mark.lab
 GUEST = (
     "modprobe mmc_block; i=0; while { [ ! -b /dev/mmcblk0 ] || [ ! -b /dev/nvme0n1 ]; } && [ $i -lt 300 ]; "
     "do sleep 0.1; i=$((i+1)); done; echo GUEST-SD=$(sha256sum /dev/mmcblk0); "
-    "echo GUEST-NVME=$(sha256sum /dev/nvme0n1); grep -e mmc0 -e nvme /proc/interrupts; "
+    "echo GUEST-NVME=$(sha256sum /dev/nvme0n1); "
+    "yes PYVMM-NVME-WRITE | head -c 1048576 > /tmp/p; "
+    "dd if=/tmp/p of=/dev/nvme0n1 bs=1048576 seek=63 conv=fsync; "
+    "echo GUEST-WROTE=$(sha256sum /tmp/p); grep -e mmc0 -e nvme /proc/interrupts; "
     "for d in /sys/bus/pci/devices/*; do echo GUEST-DRV $d $(readlink $d/driver); done"
 )
 
 COMMAND = r"""
 drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
+wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; }
+wait_dev /dev/nvme0n1; head -c 66060288 /dev/nvme0n1 > $TMPDIR/nv-head
 pyvmm-host bind 0000:00:03.0 >/dev/null; pyvmm-host bind 0000:00:04.0 >/dev/null
 pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=2 --memory size=512M \
   --serial tty --console off \
@@ -30,6 +36,13 @@ echo "WANT-SD=$PYVMM_LAB_SD_SHA256"
 echo "WANT-NVME=$PYVMM_LAB_NVME_SHA256"
 pyvmm-host unbind 0000:00:03.0 >/dev/null; pyvmm-host unbind 0000:00:04.0 >/dev/null
 echo "HOST-DRIVERS $(drv 0000:00:03.0) $(drv 0000:00:04.0)"
+wait_dev /dev/mmcblk0; wait_dev /dev/nvme0n1
+echo "HOST-SD=$(sha256sum /dev/mmcblk0)"
+yes PYVMM-NVME-WRITE | head -c 1048576 > $TMPDIR/p
+echo "HOST-NVME=$(sha256sum /dev/nvme0n1)"
+echo "WANT-NVME-AFTER=$(cat $TMPDIR/nv-head $TMPDIR/p | sha256sum)"
+echo "HOST-NVME-TAIL=$(dd if=/dev/nvme0n1 bs=1048576 skip=63 count=1 2>/dev/null | sha256sum)"
+echo "WANT-NVME-TAIL=$(sha256sum < $TMPDIR/p)"
 """.replace("@GUEST_CMD@", GUEST)
 
 
@@ -56,5 +69,9 @@ def test_sd_reader_and_nvme_in_one_guest(lab) -> None:
         if re.search(r"PCI-MSI\S*\s+\d+-edge\s+nvme0q\d", line)
     ]
     assert len(counts) >= 2 and counts[0] > 0 and sum(counts[1:]) > 0, out  # admin queue and I/O queues
-    # Given back: both work on their host drivers again.
+    # Given back: both work on their host drivers again; the guest's write reached the drive, nothing else
+    # changed (the whole drive reads as the original first 63 MiB followed by what the guest wrote).
     assert "HOST-DRIVERS sdhci-pci nvme" in out, out
+    assert value(out, "HOST-SD") == value(out, "WANT-SD")
+    assert value(out, "GUEST-WROTE") == value(out, "HOST-NVME-TAIL") == value(out, "WANT-NVME-TAIL") != ""
+    assert value(out, "HOST-NVME") == value(out, "WANT-NVME-AFTER") != value(out, "WANT-NVME")
