@@ -14,7 +14,7 @@ from pyvmm.lab.runner import Lab, LabError, LabOptions
 GUEST_CMD = (
     "modprobe mmc_block; i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
     "echo GUEST: the kernel log: sdhci-pci finds the reader, mmc0 finds the card; "
-    "dmesg | grep -e sdhci -e mmc | while read l; do echo GUEST: $l; done; "
+    "dmesg | grep -e sdhci -e mmc | grep -v line: | while read l; do echo GUEST: $l; done; "
     "echo GUEST: PCI functions and their drivers, from /sys/bus/pci/devices; "
     "for d in /sys/bus/pci/devices/*; do l=$(readlink $d/driver) || l=none; "
     "echo GUEST: ${d##*/} $(cat $d/vendor):$(cat $d/device) ${l##*/}; done; "
