@@ -66,7 +66,15 @@ def mappable_areas(
             start, end = align_up(start, page_size), align_down(end, page_size)
             if end > start:
                 areas.append(SparseArea(start, end - start))
-    return sorted(areas, key=lambda a: a.offset)
+    # Overlapping sparse areas become one mapping: two would be two KVM slots over the same guest pages.
+    merged: list[SparseArea] = []
+    for area in sorted(areas, key=lambda a: a.offset):
+        last = merged[-1] if merged else None
+        if last is not None and area.offset < last.offset + last.size:
+            merged[-1] = SparseArea(last.offset, max(last.size, area.offset + area.size - last.offset))
+        else:
+            merged.append(area)
+    return merged
 
 
 @dataclass(frozen=True)
