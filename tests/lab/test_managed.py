@@ -1,7 +1,8 @@
 """`--device ...,managed=on` in the lab (issue 5, acceptance 4): pyvmm binds the reader's IOMMU group to
 vfio-pci itself and gives it back to sdhci-pci on every way out it sees — guest poweroff, guest panic
-(panic=-1: the guest reboots, pyvmm exits), SIGTERM during guest boot, a refusal while building — and a
-SIGKILL leaves a journal that `pyvmm-host restore --all` undoes. Afterwards the host reads the card again."""
+(panic=-1: the guest reboots, pyvmm exits), SIGTERM during guest boot or right after the bind, a refusal
+while building — and a SIGKILL leaves a journal that `pyvmm-host restore --all` undoes. Afterwards the host
+reads the card again."""
 
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ echo "after: $(drv $SD)"
 sec refused
 $PYVMM --device path=/sys/bus/pci/devices/$DISP/,managed=on --cmdline 'console=ttyS0' 2>&1; echo "rc=$?"
 echo "after: $(drv $DISP) $(drv $AUD)"
+sec early-sigterm  # right after the bind: while pyvmm builds the VM (or even while it binds)
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on --cmdline 'console=ttyS0' > $TMPDIR/early.log 2>&1 &
+pid=$!
+i=0; while [ "$(drv $SD)" != vfio-pci ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
+kill -TERM $pid; wait $pid; echo "rc=$?"; grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/early.log
+echo "after: $(drv $SD)"; ls /run/pyvmm
 sec sigkill; boot_then KILL; echo "after: $(drv $SD)"; cat /run/pyvmm/host-journal.json
 pyvmm-host restore --all; echo "rc=$?"; echo "after: $(drv $SD)"
 sec card
@@ -119,6 +126,10 @@ def test_managed_after_guest_panic_build_error_and_sigkill(lab) -> None:
     refused = out["refused"]  # a build error: the whole group was bound, then all of it given back
     assert "rc=2" in refused and "0000:00:04.1" in refused and "Traceback" not in refused, refused
     assert f"after: {before[1]} {before[2]}" in refused, (before, refused)
+
+    early = out["early-sigterm"]
+    assert "rc=0" in early and "stopped by SIGTERM" in early and "Traceback" not in early, early
+    assert "after: sdhci-pci" in early and "host-journal.json" not in early, early
 
     sigkill = out["sigkill"]  # nothing runs on a SIGKILL: the journal lets `pyvmm-host restore --all` undo it
     assert "during boot: vfio-pci" in sigkill and "rc=137" in sigkill, sigkill
