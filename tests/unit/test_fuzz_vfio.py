@@ -5,5 +5,5 @@ from __future__ import annotations
 from fuzz.budget import fuzz_settings
 from fuzz.vfio import VfioPciMachine
 
-VfioPciMachine.TestCase.settings = fuzz_settings(examples=60, steps=40)
+VfioPciMachine.TestCase.settings = fuzz_settings(examples=100, steps=40)
 TestVfioPci = VfioPciMachine.TestCase
