@@ -61,7 +61,7 @@ SD_GUEST = (
 SD_COMMAND = f"""
 pyvmm-host bind 0000:00:03.0 >/dev/null
 {PYVMM} {TWO_SEGMENTS} --cmdline x --dry-run; echo "DRY-STATUS=$?"
-{PYVMM} {TWO_SEGMENTS} --cmdline 'console=ttyS0 panic=-1 pyvmm.cmd="{SD_GUEST}"'
+{PYVMM} {TWO_SEGMENTS} --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="{SD_GUEST}"'
 echo "PYVMM-STATUS=$?"
 echo "WANT-SD=$PYVMM_LAB_SD_SHA256"
 """
@@ -70,6 +70,7 @@ echo "WANT-SD=$PYVMM_LAB_SD_SHA256"
 def test_two_segments_2_to_1_with_the_sd_reader_on_segment_1(lab) -> None:
     out = lab(SD_COMMAND, devices="sd", timeout=110).stdout
     assert "DRY-STATUS=0" in out and "PYVMM-STATUS=0" in out and "PYVMM-GUEST-EXIT=0" in out, out
+    assert "not where planned" not in out, out  # the builder placed every BAR where the plan said
     # Dry run: both segments' ECAM windows and the 2:1 split of the 32-bit area.
     assert "PCI segment 0: ECAM [0xe8000000-0xe80fffff]" in out, out
     assert "PCI segment 1: ECAM [0xe8100000-0xe81fffff]" in out, out
@@ -98,9 +99,9 @@ WEIGHTED = f"{SIXTEEN} --pci-segment pci_segment=1,mmio32_aperture_weight=4"
 
 VGA_COMMAND = f"""
 for f in 03 04 05; do pyvmm-host bind 0000:00:$f.0 >/dev/null; done
-{PYVMM} {SIXTEEN} --cmdline 'console=ttyS0 panic=-1 pyvmm.cmd="true"'; echo "REFUSED-STATUS=$?"
+{PYVMM} {SIXTEEN} --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="true"'; echo "REFUSED-STATUS=$?"
 {PYVMM} {WEIGHTED} --cmdline x --dry-run; echo "DRY-STATUS=$?"
-{PYVMM} {WEIGHTED} --cmdline 'console=ttyS0 panic=-1 pyvmm.cmd="{GUEST_RESOURCES}"'
+{PYVMM} {WEIGHTED} --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="{GUEST_RESOURCES}"'
 echo "PYVMM-STATUS=$?"
 """
 
@@ -121,6 +122,7 @@ def test_three_16m_displays_exhaust_segment_1_until_it_gets_weight_4(lab) -> Non
     # With weight 4 it boots; all three displays on segment 1, 16 MiB BARs inside its window, at the
     # addresses the dry run printed.
     assert "DRY-STATUS=0" in out and "PYVMM-STATUS=0" in out and "PYVMM-GUEST-EXIT=0" in out, out
+    assert "not where planned" not in out, out  # the builder placed every BAR where the plan said
     planned = dry_run_bars(out)
     seen = guest_bars(out)
     displays = sorted(bdf for bdf in seen if bdf.startswith("0001:"))

@@ -243,6 +243,8 @@ def _exhaustion_message(
             remedies.append("or spread the devices over the segments with pci_segment=")
         if column == 1:
             remedies.append("or raise --cpus max_phys_bits")
+    if not remedies:
+        return text
     return text + "; " + ", or ".join(r.removeprefix("or ") for r in remedies)
 
 
