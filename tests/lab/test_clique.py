@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from test_segments import dry_run_bars, guest_bars
 
 pytestmark = pytest.mark.lab
 
@@ -20,15 +21,19 @@ NIC = "path=/sys/bus/pci/devices/0000:00:04.0/"
 GUEST = (
     "i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
     "echo GUEST-NVME=$(sha256sum /dev/nvme0n1); for d in /sys/bus/pci/devices/*; do "
-    "echo CFG ${d##*/} $(readlink $d/driver) $(od -An -tx1 -v -N256 $d/config); done"
+    "echo CFG ${d##*/} $(readlink $d/driver) $(od -An -tx1 -v -N256 $d/config); n=0; "
+    "while read s e f; do echo RES ${d##*/} $n $s $e; n=$((n+1)); done < $d/resource; done"
 )
+# The drive on segment 1: its 64-bit BAR in segment 1's 64-bit window, where --dry-run says.
+ON_SEGMENT_1 = f"--platform num_pci_segments=2 --device {NVME},pci_segment=1,x_nv_gpudirect_clique=5"
 
 COMMAND = f"""
 pyvmm-host bind 0000:00:03.0 >/dev/null; pyvmm-host bind 0000:00:04.0 >/dev/null
 {PYVMM} --device {NVME},x_nv_gpudirect_clique=16 --cmdline x; echo "ID16-STATUS=$?"
 {PYVMM} --device {NIC},x_nv_gpudirect_clique=0 --cmdline x; echo "NIC-STATUS=$?"
 {PYVMM} --device {NIC},x_nv_gpudirect_clique=0 --cmdline x --dry-run; echo "NIC-DRY-STATUS=$?"
-{PYVMM} --device {NVME},x_nv_gpudirect_clique=5 --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="{GUEST}"'
+{PYVMM} {ON_SEGMENT_1} --cmdline x --dry-run; echo "DRY-STATUS=$?"
+{PYVMM} {ON_SEGMENT_1} --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="{GUEST}"'
 echo "PYVMM-STATUS=$?"
 echo "WANT-NVME=$PYVMM_LAB_NVME_SHA256"
 """
@@ -43,12 +48,19 @@ def test_clique_5_on_the_nvme_and_the_refusals(lab) -> None:
     refusals = [line for line in out.splitlines() if taken in line]
     assert len(refusals) == 2 and all("0000:00:04.0" in line for line in refusals), out
     # The guest: nvme still drives the device and reads the drive exactly.
-    assert "PYVMM-STATUS=0" in out and "PYVMM-GUEST-EXIT=0" in out, out
+    assert "DRY-STATUS=0" in out and "PYVMM-STATUS=0" in out and "PYVMM-GUEST-EXIT=0" in out, out
     assert "not where planned" not in out, out  # the builder placed every BAR where the plan said
     want = re.search(r"^WANT-NVME=(\w+)", out, re.MULTILINE)
     got = re.search(r"^GUEST-NVME=(\w+)", out, re.MULTILINE)
     assert want and got and got.group(1) == want.group(1) != "", out
-    match = re.search(r"^CFG (\S+) \S*/nvme ((?:[0-9a-f]{2} ?){256})$", out, re.MULTILINE)
+    planned, seen = dry_run_bars(out), guest_bars(out)
+    assert list(planned) == ["0001:00:00.0"] and seen["0001:00:00.0"] == planned["0001:00:00.0"], out
+    pattern = r"^PCI segment 1: .*\n.*\n  64-bit window \[0x([0-9a-f]+)-0x([0-9a-f]+)\]"
+    window = re.search(pattern, out, re.MULTILINE)
+    assert window, out
+    start, end = seen["0001:00:00.0"][0]
+    assert int(window.group(1), 16) <= start and end <= int(window.group(2), 16), out
+    match = re.search(r"^CFG (0001:00:00.0) \S*/nvme ((?:[0-9a-f]{2} ?){256})$", out, re.MULTILINE)
     assert match, out
     config = bytes.fromhex(match.group(2).replace(" ", ""))
     # 8 bytes at 0xD4 exactly as §4.5.4 lays them out for clique 5.
