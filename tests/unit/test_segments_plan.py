@@ -196,3 +196,13 @@ def test_clique_patches_refuse_an_occupied_0xd4_and_link_otherwise() -> None:
         patched[offset:offset + 4] = value.to_bytes(4, "little")
     assert patched[0xD4:0xDC].hex(" ") == "09 00 08 50 32 50 28 00"
     assert patched[0x61] == 0xD4
+
+
+def test_a_weight_that_only_gets_past_this_device_says_so() -> None:
+    gpu = (BarInfo(0, BarKind.MEM32, 32 * MiB, True), BarInfo(6, BarKind.ROM, MiB))
+    items = [PlanItem(f"--device gpu{i}", i % 96, None, gpu) for i in range(40)]
+    with pytest.raises(PlanError) as info:
+        plan_pci(items, [(1, 1)] * 96, RAM, 46)
+    text = str(info.value)
+    assert text.startswith("--device gpu0: BAR0 (32-bit memory, 32 MiB) does not fit")
+    assert "mmio32_aperture_weight=6 (then see what else does not fit)" in text

@@ -146,10 +146,14 @@ def plan_pci(items: Sequence[PlanItem], weights: Weights, ram_size: int, phys_bi
         raise PlanError(_exhaustion_message(exc, items, weights, ram_size, phys_bits)) from exc.error
 
 
-def _fits(items: Sequence[PlanItem], weights: Weights, ram_size: int, phys_bits: int) -> bool:
+def _fits(items: Sequence[PlanItem], weights: Weights, ram_size: int, phys_bits: int,
+          upto: int | None = None) -> bool:
+    """Whether everything fits (`upto`: at least items[:upto + 1])."""
     try:
         _place(items, weights, ram_size, phys_bits)
-    except (_Exhausted, PciError):
+    except _Exhausted as exc:
+        return upto is not None and items.index(exc.item) > upto
+    except PciError:
         return False
     return True
 
@@ -164,18 +168,21 @@ def _candidate_weights(current: int) -> list[int]:
 
 
 def _suggest_weight(
-    segment: int, column: int, items: Sequence[PlanItem], weights: Weights, ram_size: int, phys_bits: int
-) -> int | None:
-    """The smallest weight for `segment` (column 0: mmio32, 1: mmio64) with which everything fits."""
+    segment: int, column: int, failing: int, items: Sequence[PlanItem], weights: Weights, ram_size: int,
+    phys_bits: int,
+) -> tuple[int, bool] | None:
+    """The smallest weight for `segment` (column 0: mmio32, 1: mmio64) with which everything fits (True), or
+    else with which at least items[failing] and those before it fit (False)."""
     if len(weights) < 2:
         return None
-    for weight in _candidate_weights(weights[segment][column]):
-        tried = list(weights)
-        pair = list(tried[segment])
-        pair[column] = weight
-        tried[segment] = (pair[0], pair[1])
-        if _fits(items, tried, ram_size, phys_bits):
-            return weight
+    for upto in (None, failing):
+        for weight in _candidate_weights(weights[segment][column]):
+            tried = list(weights)
+            pair = list(tried[segment])
+            pair[column] = weight
+            tried[segment] = (pair[0], pair[1])
+            if _fits(items, tried, ram_size, phys_bits, upto):
+                return weight, upto is None
     return None
 
 
@@ -223,10 +230,13 @@ def _exhaustion_message(
     if err.bar.kind in (BarKind.MEM32, BarKind.ROM, BarKind.MEM64):
         column = 1 if err.bar.kind == BarKind.MEM64 else 0
         key = "mmio64_aperture_weight" if column else "mmio32_aperture_weight"
-        weight = _suggest_weight(seg, column, items, weights, ram_size, phys_bits)
-        if weight is not None:
+        failing = list(items).index(item)
+        suggestion = _suggest_weight(seg, column, failing, items, weights, ram_size, phys_bits)
+        if suggestion is not None:
+            weight, everything = suggestion
+            more = "" if everything else " (then see what else does not fit)"
             remedies.append(
-                f"give segment {seg} a larger share with --pci-segment pci_segment={seg},{key}={weight}"
+                f"give segment {seg} a larger share with --pci-segment pci_segment={seg},{key}={weight}{more}"
             )
         elif len(weights) > 1:
             remedies.append(
