@@ -105,7 +105,9 @@ class Lab:
 
     def qemu_argv(self, run_dir: Path, options: LabOptions, interactive: bool) -> list[str]:
         append = [
-            "console=ttyS0", "intel_iommu=on", "panic=-1", "quiet", "loglevel=3",
+            # no_timer_check: under a loaded host, TCG can be too slow for the kernel's IO-APIC timer check,
+            # which then panics the lab at boot.
+            "console=ttyS0", "intel_iommu=on", "panic=-1", "quiet", "loglevel=3", "no_timer_check",
             f"pyvmm_lab.run={run_dir}", f"pyvmm_lab.kernel_root={self.kernel_root}",
         ]
         if interactive:
