@@ -137,7 +137,12 @@ class Lab:
             run_dir = Path(tmp)
             self._prepare(run_dir, command)
             argv = self.qemu_argv(run_dir, options, interactive=False)
-            return _supervise(argv, options)
+            status, ready = _supervise(argv, options)
+            if status == EXIT_LAB_FAILED and not ready:
+                # The lab never reached the command (a boot-time flake of the emulated host): one more try.
+                print("pyvmm-lab: booting the lab again", file=sys.stderr)
+                status, ready = _supervise(argv, options)
+            return status
 
     def shell(self, options: LabOptions) -> int:
         self.paths.runs.mkdir(parents=True, exist_ok=True)
@@ -150,8 +155,9 @@ class Lab:
             return 0 if proc.returncode == 0 else EXIT_LAB_FAILED
 
 
-def _supervise(argv: list[str], options: LabOptions) -> int:
-    """Stream the command's output (after the READY marker) and return its exit status."""
+def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
+    """Stream the command's output (after the READY marker); return its exit status and whether the lab
+    got as far as starting the command."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timed_out = threading.Event()
@@ -202,9 +208,9 @@ def _supervise(argv: list[str], options: LabOptions) -> int:
             proc.wait()
     if timed_out.is_set():
         print(f"pyvmm-lab: the lab timed out after {options.timeout:.0f} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+        return EXIT_TIMEOUT, ready
     if status is not None:
-        return status
+        return status, ready
     tail = "\n".join(boot_log[-25:])
     if failure is None:
         failure = "kernel panic" if "Kernel panic" in tail else f"QEMU exited with {proc.returncode}"
@@ -215,4 +221,4 @@ def _supervise(argv: list[str], options: LabOptions) -> int:
     if not options.verbose:
         print(tail, file=sys.stderr)
     print(f"pyvmm-lab: {failure}", file=sys.stderr)
-    return EXIT_LAB_FAILED
+    return EXIT_LAB_FAILED, ready
