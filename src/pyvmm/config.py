@@ -857,7 +857,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="parse and check the configuration, then stop before creating the VM",
+        help="check the whole command line, read BAR sizes from sysfs and print where every segment window "
+        "and device BAR would go, without opening KVM or VFIO",
     )
     parser.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     return parser

@@ -365,10 +365,6 @@ def _kvm_cpuid_entry(e: CpuidEntry) -> kvm_cpuid_entry2:
                             eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx)
 
 
-def _check_supported(config: VmConfig) -> None:
-    """Refuse what the command line may say but this version of pyvmm cannot do yet, in one line."""
-
-
 def _check_kernel(config: VmConfig) -> None:
     """Refuse a file that is not a bzImage before touching KVM."""
     kernel = config.payload.kernel
@@ -382,7 +378,6 @@ def _check_kernel(config: VmConfig) -> None:
 
 
 def run_vm(config: VmConfig) -> int:
-    _check_supported(config)
     _check_kernel(config)
     if config.dry_run:
         return _dry_run(config)
