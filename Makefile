@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: deps venv lab-assets test unit lint demo shell fuzz clean
+.PHONY: deps venv lab-assets test unit lint demo shell fuzz soak clean
 
 deps: .deps-stamp venv
 
@@ -35,6 +35,10 @@ test: lab-assets lint
 # Longer fuzzing of the guest-facing device models (the suite runs a bounded budget of the same targets).
 fuzz: venv
 	PYVMM_FUZZ=long $(BIN)/pytest -q --durations=0 tests/unit/test_fuzz_*.py $(PYTEST_ARGS)
+
+# 50 passthrough cycles in one lab (the suite runs 3): no growth in fds, locked memory or vfio groups.
+soak: lab-assets
+	PYVMM_SOAK_CYCLES=50 $(BIN)/pytest -m lab -s tests/lab/test_soak_sd.py $(PYTEST_ARGS)
 
 demo: lab-assets
 	$(BIN)/python -m pyvmm.lab.demo
