@@ -76,14 +76,14 @@ CAP_MSI, CAP_MSIX, CAP_PM, CAP_PCIE, CAP_VENDOR = 0x05, 0x11, 0x01, 0x10, 0x09
 # is raised to a page, the slot-over-other-BARs check skips sub-page BARs.
 # tests/unit/test_fuzz_vfio_regressions.py::test_subpage_bar_slot_covers_a_neighbour is the strict xfail
 # that flips (and fails) when the fix lands: then set this to True.
-SUBPAGE_BARS_RESERVE_THEIR_PAGE = False
+SUBPAGE_BARS_RESERVE_THEIR_PAGE = True
 # Found by this target, not fixed yet (same file): a trapped BAR access that starts just before the MSI-X
 # table or PBA and runs into it is not recognised as a table/PBA access and goes to the device whole, so
 # its last bytes land in the device's own table or PBA (the host kernel drops region writes to the table,
 # so the host is safe, but the emulated entry misses them). Until bar_write/bar_read split or drop such
 # accesses, the target only makes naturally aligned BAR accesses (which never straddle: the table and PBA
 # are 8-byte aligned). test_fuzz_vfio_regressions.py::test_access_straddling_the_msix_table is the xfail.
-STRADDLING_MSIX_ACCESSES_HANDLED = False
+STRADDLING_MSIX_ACCESSES_HANDLED = True
 EXT_IDS = [0x0001, 0x0002, 0x000E, 0x0010, 0x0013, 0x0015, 0x001B, 0x0023, 0x0B, 0xFFFF]
 
 

@@ -3,8 +3,6 @@ found: one test per finding, smallest reproducer."""
 
 from __future__ import annotations
 
-import pytest
-
 from pyvmm.pci.bar import BarKind
 from pyvmm.vfio.areas import mappable_areas
 from pyvmm.vfio.device import SparseArea
@@ -25,13 +23,11 @@ def test_overlapping_sparse_areas_map_once() -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="open: sub-page BARs are placed with their own size but mapped as a "
-                   "page (fix in pyvmm/vfio/pci.py: show them to the guest as one page)")
 def test_subpage_bar_slot_covers_a_neighbour() -> None:
     """Found by fuzz.vfio (kvm_slots_inside_their_bars): a 32-byte memory BAR is page-aligned and mapped into
     the guest as a whole page (one KVM slot), but its placement is 32 bytes, so the allocator puts the next
     BAR (here the device's own 2 KiB ROM) in the same page and the slot shadows it: the guest's ROM reads
-    reach the BAR's page instead. When this passes, set SUBPAGE_BARS_RESERVE_THEIR_PAGE in fuzz/vfio.py."""
+    reach the BAR's page instead. Fixed: sub-page BARs are shown to the guest as one page."""
     from fuzz.pci_platform import Platform
     from fuzz.vfio import FakeMapper, FakeVm, HostBar, HostFunction, StandInDevice
     from pyvmm.interrupts import MsiRouter
@@ -57,13 +53,11 @@ def test_subpage_bar_slot_covers_a_neighbour() -> None:
         model.close()
 
 
-@pytest.mark.xfail(strict=True, reason="open: a trapped access running into the MSI-X table or PBA goes to "
-                   "the device whole (fix in pyvmm/vfio/pci.py: split or drop it)")
 def test_access_straddling_the_msix_table() -> None:
     """Found by fuzz.vfio (device_untouched_where_emulated): a misaligned 4-byte write 3 bytes before the
     PBA (the table likewise) is not a PBA access by its start offset, so VfioPciDevice.bar_write hands all 4
     bytes to the device and the last one lands in the device's PBA. When this passes, set
-    STRADDLING_MSIX_ACCESSES_HANDLED in fuzz/vfio.py."""
+    STRADDLING_MSIX_ACCESSES_HANDLED in fuzz/vfio.py. Fixed: such accesses are dropped (reads all-ones)."""
     import struct
 
     from fuzz.vfio import FakeMapper, FakeVm, HostBar, HostFunction, StandInDevice

@@ -133,10 +133,10 @@ def test_parse_resource_kinds_and_rom() -> None:
     assert [(b.kind, b.size) for b in nvme] == [(BarKind.MEM64, 0x4000)]
 
 
-def test_guest_layout_raises_small_bars_and_aligns_sub_page_ones() -> None:
+def test_guest_layout_raises_small_bars_and_sub_page_ones_to_a_page() -> None:
     out = guest_bar_layout([HostBar(0, BarKind.MEM32, 0x100), HostBar(2, BarKind.IO, 2),
                             HostBar(6, BarKind.ROM, 0x400)], None, 4096)
-    assert [(b.index, b.size, b.align) for b in out] == [(0, 0x100, 4096), (2, 4, 0), (6, 2048, 0)]
+    assert [(b.index, b.size, b.align) for b in out] == [(0, 4096, 0), (2, 4, 0), (6, 2048, 0)]
 
 
 def _config(caps_at: list[tuple[int, bytes]], bar0: int = 0x4) -> bytes:

@@ -122,8 +122,8 @@ def guest_bar_layout(
     host: Iterable[HostBar], msix_bar: tuple[int, int] | None, page_size: int, name: str = "device"
 ) -> list[BarInfo]:
     """The BARs the guest sees for a host function: sizes raised to the PCI minimum, the MSI-X table's BAR
-    enlarged by its relocation (`msix_bar` = (BIR, guest size)), sub-page memory BARs page-aligned (they can
-    only be mapped whole), sizes that are not powers of two left out. Shared by the device model and
+    enlarged by its relocation (`msix_bar` = (BIR, guest size)), sub-page memory BARs raised to a page (they
+    can only be mapped whole), sizes that are not powers of two left out. Shared by the device model and
     `--dry-run`, so both place the same BARs."""
     out: list[BarInfo] = []
     for bar in host:
@@ -135,8 +135,11 @@ def guest_bar_layout(
         if size & (size - 1):
             log.warning("%s: BAR%d size %#x is not a power of two, left out", name, bar.index, size)
             continue
-        align = page_size if bar.kind in (BarKind.MEM32, BarKind.MEM64) and size < page_size else 0
-        out.append(BarInfo(bar.index, bar.kind, size, bar.prefetchable and bar.kind != BarKind.IO, align))
+        if bar.kind in (BarKind.MEM32, BarKind.MEM64) and size < page_size:
+            # A sub-page BAR can only be mapped as a whole page: show the guest a page-sized BAR so that no
+            # other BAR is placed in the rest of that page (accesses past the device's size read all-ones).
+            size = page_size
+        out.append(BarInfo(bar.index, bar.kind, size, bar.prefetchable and bar.kind != BarKind.IO))
     return out
 
 
@@ -541,14 +544,19 @@ class VfioPciDevice(PciDevice):
 
     # ---- trapped BAR accesses -------------------------------------------------------------------------
 
-    def _msix_target(self, index: int, offset: int) -> str | None:
+    def _msix_target(self, index: int, offset: int, size: int) -> str | None:
+        """"table" or "pba" for an access inside one of them, "straddle" for one that only partly overlaps
+        them (never forwarded: its other bytes would reach the device's own table or PBA), else None."""
         msix = self.msix
         if msix is None:
             return None
-        if index == msix.table_bir and msix.table_offset <= offset < msix.table_offset + msix.table_length:
-            return "table"
-        if index == msix.pba_bir and msix.pba_offset <= offset < msix.pba_offset + msix.pba_length:
-            return "pba"
+        for name, bir, start, length in (
+            ("table", msix.table_bir, msix.table_offset, msix.table_length),
+            ("pba", msix.pba_bir, msix.pba_offset, msix.pba_length),
+        ):
+            if index != bir or not (offset < start + length and start < offset + size):
+                continue
+            return name if start <= offset and offset + size <= start + length else "straddle"
         return None
 
     def _bar_size(self, index: int) -> int:
@@ -561,7 +569,9 @@ class VfioPciDevice(PciDevice):
         if size not in (1, 2, 4, 8) or offset < 0 or offset + size > self._bar_size(index):
             return _ones(max(size, 0))
         try:
-            target = self._msix_target(index, offset)
+            target = self._msix_target(index, offset, size)
+            if target == "straddle":
+                return _ones(size)
             if target == "table" and self.msix is not None:
                 return self.msix.table_read(offset - self.msix.table_offset, size)
             if target == "pba" and self.msix is not None:
@@ -580,11 +590,11 @@ class VfioPciDevice(PciDevice):
             return
         value &= _ones(size)
         try:
-            target = self._msix_target(index, offset)
+            target = self._msix_target(index, offset, size)
             if target == "table" and self.msix is not None:
                 self.msix.table_write(offset - self.msix.table_offset, size, value)
                 return
-            if target == "pba" or index == ROM_BAR_INDEX:
+            if target in ("pba", "straddle") or index == ROM_BAR_INDEX:
                 return  # read-only
             if not self.device.write_int(index, offset, size, value):
                 log.debug("%s: BAR%d write %#x+%d dropped", self.name, index, offset, size)
