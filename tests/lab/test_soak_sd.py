@@ -75,7 +75,7 @@ _CYCLE = re.compile(
 
 def test_soak_sd_reader(lab) -> None:
     command = LAB.replace("@CYCLES@", str(CYCLES)).replace("@GUEST@", GUEST)
-    proc = lab(command, devices="sd", timeout=120 + 60 * CYCLES)
+    proc = lab(command, devices="sd", timeout=180 + 150 * CYCLES)
     out = proc.stdout
     assert "BIND-FAILED" not in out and "UNBIND-FAILED" not in out, out
     want = re.search(r"^WANT-SD=(\w{64})$", out, re.MULTILINE)
