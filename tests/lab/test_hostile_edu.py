@@ -3,9 +3,9 @@
 The lab's QEMU `edu` device (1234:11e8, a DMA engine programmable from BAR0, created with an all-ones DMA
 mask) is bound to vfio-pci and given to a 128 MiB pyvmm guest that
 1. turns on memory decoding and bus mastering through sysfs `config`, checks the liveness register;
-2. writes random bytes at random offsets of its config space (BARs, the MSI capability...; not the command
-   register: clearing Memory Space Enable while the BAR is mapped makes KVM_RUN fail with EFAULT, an open
-   bug — pyvmm must drop the BAR's memslots while decoding is off) and
+2. writes random bytes at random offsets of its config space (BARs, command, the MSI capability...), reads
+   BAR0 with memory decoding off (this once made KVM_RUN fail with EFAULT: vfio-pci revokes its mmaps while
+   decoding is off, so pyvmm takes the BAR's pages out of the guest then) and
    random values into BAR0's registers below the DMA block (but the factorial register: a random factorial
    keeps QEMU's edu thread busy for seconds), then puts the header back;
 3. checks the DMA engine works (guest RAM -> device buffer -> guest RAM, into a memmap-reserved range);
@@ -45,8 +45,8 @@ cmd() {{ echo 0$1 | xxd -r -p | dd of=$D/config bs=1 seek=4 conv=notrunc 2>/dev/
 live() {{ devmem $((B+4)) 32 0x12345678; echo $1=$(devmem $((B+4)) 32); }};
 cmd 6; live LIVE1;
 dd if=$D/config of=/tmp/h bs=64 count=1 2>/dev/null;
-for i in $(seq 100); do o=$((RANDOM % 256)); [ $o = 4 ] || [ $o = 5 ] || dd if=/dev/urandom of=$D/config
- bs=1 count=1 seek=$o conv=notrunc 2>/dev/null; done;
+for i in $(seq 100); do dd if=/dev/urandom of=$D/config bs=1 count=1 seek=$((RANDOM % 256)) conv=notrunc
+ 2>/dev/null; done; cmd 0; devmem $((B+4)) 32; cmd 6;
 for i in $(seq 100); do o=$(( (RANDOM % 31 + 1) * 4 ));
  [ $o = 8 ] || devmem $((B+o)) 32 $((RANDOM * 65536 + RANDOM)); done;
 dd if=/tmp/h of=$D/config bs=64 count=1 conv=notrunc 2>/dev/null; cmd 6; live LIVE2;
@@ -98,7 +98,7 @@ EOF
 
 def test_guest_attacks_its_edu_device(lab) -> None:
     # A fixed seed keeps the suite repeatable; PYVMM_HOSTILE_SEED=random (or a number) explores others.
-    chosen = os.environ.get("PYVMM_HOSTILE_SEED", "4242")
+    chosen = os.environ.get("PYVMM_HOSTILE_SEED", "23306")  # the seed that found the EFAULT bug
     seed = random.randrange(1, 32768) if chosen == "random" else int(chosen)  # busybox RANDOM's seed
     guest = GUEST.replace("@SEED@", str(seed))
     cmdline = f'console=ttyS0 panic=-1 iomem=relaxed memmap=16M$0x6000000 pyvmm.cmd="{guest}"'

@@ -43,6 +43,7 @@ def test_subpage_bar_slot_covers_a_neighbour() -> None:
     attached = platform.attach_device(platform.segments[0], model)
     assert attached is not None
     try:
+        model.config_write(4, 2, 2)  # Memory Space Enable: only then are BAR pages mapped into the guest
         placed = {p.index: p for p in attached.segment.placements(attached.slot)}
         (gpa, size, _host), = mapper.slots.values()
         rom = placed[6]
@@ -78,5 +79,36 @@ def test_access_straddling_the_msix_table() -> None:
         pba = dev.raw(0, 0x800, 8)
         model.bar_write(0, 0x7FD, 4, 0xAABBCCDD)
         assert dev.raw(0, 0x800, 8) == pba, "the guest wrote the device's PBA"
+    finally:
+        model.close()
+
+
+def test_bar_pages_leave_the_guest_while_memory_decoding_is_off() -> None:
+    """Found by the hostile-guest lab test: a guest that clears Memory Space Enable and then touches its BAR
+    made KVM_RUN fail with EFAULT, because vfio-pci revokes its mmaps while decoding is off but the memslot
+    stayed. The BAR's pages must leave the guest with decoding and come back with it."""
+    from fuzz.pci_platform import Platform
+    from fuzz.vfio import FakeMapper, FakeVm, HostBar, HostFunction, StandInDevice
+    from pyvmm.interrupts import MsiRouter
+    from pyvmm.vfio.pci import VfioPciDevice
+
+    config = bytearray(256)
+    config[0:4] = bytes([0x36, 0x1B, 0x10, 0x00])
+    fn = HostFunction(config, [HostBar(0, BarKind.MEM32, 2 * PAGE, False, True, None, False)], 0, {}, False)
+    platform = Platform.build(256 << 20, [1], [1])
+    vm, mapper = FakeVm(), FakeMapper()
+    model = VfioPciDevice(StandInDevice(fn), vm, MsiRouter(vm), mapper=mapper, page_size=PAGE)  # type: ignore[arg-type]
+    attached = platform.attach_device(platform.segments[0], model)
+    assert attached is not None
+    try:
+        assert mapper.slots == {}  # decoding is off after reset: nothing mapped yet
+        model.config_write(4, 2, 2)
+        bar0 = next(p for p in attached.segment.placements(attached.slot) if p.index == 0)
+        assert [(gpa, size) for gpa, size, _ in mapper.slots.values()] == [(bar0.address, 2 * PAGE)]
+        model.config_write(4, 2, 0)
+        assert mapper.slots == {}
+        model.bar_read(0, 0, 4)  # traps now (vfio-pci itself answers all-ones while decoding is off)
+        model.config_write(4, 1, 2)  # a byte write enables it again
+        assert [(gpa, size) for gpa, size, _ in mapper.slots.values()] == [(bar0.address, 2 * PAGE)]
     finally:
         model.close()

@@ -25,7 +25,7 @@ from pathlib import Path
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.kvm.system import Vm
 from pyvmm.pci.bar import NUM_BARS, ROM_BAR_INDEX, BarInfo, BarKind, BarMove
-from pyvmm.pci.config import PciConfiguration, Reg
+from pyvmm.pci.config import Command, PciConfiguration, Reg
 from pyvmm.pci.device import PciDevice
 from pyvmm.pci.msi import MsiCapability, MsiMessage, MsixCapability
 from pyvmm.vfio import capabilities as caps
@@ -188,6 +188,10 @@ class VfioPciDevice(PciDevice):
         self._page = page_size
         self._exclude = frozenset(exclude_mmap_bars)
         self._mappings: list[_Mapping] = []
+        # BAR pages are in the guest only while the guest has Memory Space Enable set: vfio-pci revokes its
+        # mmaps while decoding is off, and a memslot over a revoked mapping fails KVM_RUN with EFAULT. With
+        # no memslot the access traps and reads all-ones, as a master abort does on real hardware.
+        self._memory_enabled = bool(device.read_config(Reg.COMMAND, 2) & Command.MEMORY_SPACE)
         self._intx_gsi: int | None = None
         self._intx_trigger = -1
         self._intx_resample = -1
@@ -355,16 +359,18 @@ class VfioPciDevice(PciDevice):
                 out.append((gpa, m.area.size, m.area.host_address))
         return out
 
-    def _area_gpa(self, area: MappedArea) -> int | None:
+    def _area_gpa(self, area: MappedArea, base: int | None = None) -> int | None:
         try:
-            base = self.shadow.bar_address(area.bar)
+            base = self.shadow.bar_address(area.bar) if base is None else base
         except ValueError:
             return None
         gpa = base + area.offset
         return gpa if base and gpa % self._page == 0 else None
 
-    def _install(self, m: _Mapping) -> None:
-        gpa = self._area_gpa(m.area)
+    def _install(self, m: _Mapping, base: int | None = None) -> None:
+        if not self._memory_enabled:
+            return
+        gpa = self._area_gpa(m.area, base)
         if gpa is None:
             log.debug(
                 "%s: BAR%d area +%#x not page aligned in the guest: it traps",
@@ -394,6 +400,19 @@ class VfioPciDevice(PciDevice):
         m.handle = None
         m.gpa = None
 
+    def _sync_memory_enable(self, enabled: bool, moving: dict[int, int]) -> None:
+        if enabled == self._memory_enabled:
+            return
+        self._memory_enabled = enabled
+        for m in self._mappings:
+            try:
+                if not enabled:
+                    self._uninstall(m)
+                elif m.handle is None:
+                    self._install(m, moving.get(m.area.bar))
+            except OSError as e:
+                log.warning("%s: BAR%d area: %s, it traps", self.name, m.area.bar, e)
+
     def _reinstall_bar(self, index: int) -> None:
         for m in self._mappings:
             if m.area.bar == index:
@@ -417,6 +436,7 @@ class VfioPciDevice(PciDevice):
 
     def bar_move_refused(self, move: BarMove) -> None:
         self.shadow.cancel_move(move)
+        self._reinstall_bar(move.bar_index)
 
     def bar_moved(self, move: BarMove) -> None:
         self._reinstall_bar(move.bar_index)
@@ -537,7 +557,12 @@ class VfioPciDevice(PciDevice):
                     handler.write(lo - start, hi - lo, (value >> (8 * (lo - offset))) & _ones(hi - lo))
             if offset + size <= self.device.config_size:
                 self.device.write_config(offset, size, value)
-            return self.shadow.write(offset, size, value)
+            moves = self.shadow.write(offset, size, value)
+            if offset <= Reg.COMMAND < offset + size:
+                enabled = bool((value >> (8 * (Reg.COMMAND - offset))) & Command.MEMORY_SPACE)
+                # A BAR whose move this write releases is still at its old place until the bus moves it.
+                self._sync_memory_enable(enabled, {m.bar_index: m.old for m in moves})
+            return moves
         except Exception:
             log.exception("%s: config write %#x+%d = %#x failed", self.name, offset, size, value)
             return []
