@@ -10,6 +10,8 @@ import ctypes
 import functools
 from enum import IntEnum, IntFlag
 
+from pyvmm.cabi import with_flex_array
+
 # --- ioctl number encoding (include/uapi/asm-generic/ioctl.h) -------------------------------------------
 
 _IOC_NRBITS = 8
@@ -393,37 +395,28 @@ KERNEL_STRUCTS: tuple[type[ctypes.Structure], ...] = (
 # --- flexible-array helpers ---------------------------------------------------------------------------------
 
 
-def _with_flex_array(
-    header: type[ctypes.Structure], name: str, element: type[ctypes._CData], n: int
-) -> type[ctypes.Structure]:
-    if n < 0:
-        raise ValueError(f"negative element count {n} for {header.__name__}")
-    fields = [*header._fields_, (name, element * n)]
-    return type(f"{header.__name__}_{n}", (ctypes.Structure,), {"_fields_": fields})
-
-
 @functools.cache
 def kvm_msrs_array(n: int) -> type[ctypes.Structure]:
     """`struct kvm_msrs` followed by `n` kvm_msr_entry."""
-    return _with_flex_array(kvm_msrs, "entries", kvm_msr_entry, n)
+    return with_flex_array(kvm_msrs, "entries", kvm_msr_entry, n)
 
 
 @functools.cache
 def kvm_msr_list_array(n: int) -> type[ctypes.Structure]:
     """`struct kvm_msr_list` followed by `n` u32 indices."""
-    return _with_flex_array(kvm_msr_list, "indices", u32, n)
+    return with_flex_array(kvm_msr_list, "indices", u32, n)
 
 
 @functools.cache
 def kvm_cpuid2_array(n: int) -> type[ctypes.Structure]:
     """`struct kvm_cpuid2` followed by `n` kvm_cpuid_entry2."""
-    return _with_flex_array(kvm_cpuid2, "entries", kvm_cpuid_entry2, n)
+    return with_flex_array(kvm_cpuid2, "entries", kvm_cpuid_entry2, n)
 
 
 @functools.cache
 def kvm_irq_routing_array(n: int) -> type[ctypes.Structure]:
     """`struct kvm_irq_routing` followed by `n` kvm_irq_routing_entry."""
-    return _with_flex_array(kvm_irq_routing, "entries", kvm_irq_routing_entry, n)
+    return with_flex_array(kvm_irq_routing, "entries", kvm_irq_routing_entry, n)
 
 
 # --- ioctl numbers ------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import ctypes
 import functools
 from enum import IntEnum, IntFlag
 
+from pyvmm.cabi import with_flex_array
+
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16
 u32 = ctypes.c_uint32
@@ -259,31 +261,22 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
 # --- flexible-array helpers ---------------------------------------------------------------------------------
 
 
-def _with_flex_array(
-    header: type[ctypes.Structure], name: str, element: type[ctypes._CData], n: int
-) -> type[ctypes.Structure]:
-    if n < 0:
-        raise ValueError(f"negative element count {n} for {header.__name__}")
-    fields = [*header._fields_, (name, element * n)]
-    return type(f"{header.__name__}_{n}", (ctypes.Structure,), {"_fields_": fields})
-
-
 @functools.cache
 def vfio_irq_set_eventfds(n: int) -> type[ctypes.Structure]:
     """`struct vfio_irq_set` followed by `n` s32 eventfds (DATA_EVENTFD)."""
-    return _with_flex_array(vfio_irq_set, "data", s32, n)
+    return with_flex_array(vfio_irq_set, "data", s32, n)
 
 
 @functools.cache
 def vfio_irq_set_bools(n: int) -> type[ctypes.Structure]:
     """`struct vfio_irq_set` followed by `n` u8 booleans (DATA_BOOL)."""
-    return _with_flex_array(vfio_irq_set, "data", u8, n)
+    return with_flex_array(vfio_irq_set, "data", u8, n)
 
 
 @functools.cache
 def vfio_region_info_cap_sparse_mmap_areas(n: int) -> type[ctypes.Structure]:
     """The sparse-mmap capability with its `n` areas."""
-    return _with_flex_array(vfio_region_info_cap_sparse_mmap, "areas", vfio_region_sparse_mmap_area, n)
+    return with_flex_array(vfio_region_info_cap_sparse_mmap, "areas", vfio_region_sparse_mmap_area, n)
 
 
 def irq_set(
