@@ -271,6 +271,8 @@ class VirtualMachine:
                 self.vm, self.msi_router, self.memory, self.segments, self.mmio_bus, self.pio_bus,
                 self.config.devices, KvmSlotMapper(self.vm, first_slot=len(self.memory.regions)),
                 p2p_dma=self.config.platform.vfio_p2p_dma,
+                # The host takes a device away (removed, unbound): stop, exit 1 with its message.
+                on_request=lambda _name, message: self.request_stop(ExitKind.ERROR, message),
             )
         except VfioConfigError as exc:  # the --device list is at fault (exit 2)
             raise UsageError(str(exc)) from exc

@@ -460,3 +460,21 @@ def test_attach_disks_failure_releases_earlier_images(tmp_path: Path) -> None:
                      mmio_bus=IoBus("mmio"))
     assert vm.ioeventfds == {}
     VirtioBlock.open(str(path)).close()  # the first one's lock is gone
+
+
+def test_failed_flush_is_an_ioerr_and_the_device_goes_on(blk: Blk, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # fdatasync fails with EIO (or ENOSPC where a file system allocates at writeback): no such file system
+    # here, so the image's flush is made to fail the way os.fdatasync does.
+    image = blk.dev.device.image
+
+    def failing_flush() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(image, "flush", failing_flush)
+    assert blk.submit(RequestType.FLUSH)[0] == BlkStatus.IOERR
+    # One warning line, no traceback (stderr of pyvmm is for one-line messages).
+    assert [r.exc_info for r in caplog.records] == [None] and "flush failed" in caplog.text
+    monkeypatch.undo()
+    assert blk.submit(RequestType.FLUSH)[0] == BlkStatus.OK
+    assert blk.submit(RequestType.IN, sector=0, in_len=512)[0] == BlkStatus.OK

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import modules, sysfs
 from .actions import Changer, StepHook
-from .bdf import Bdf
+from .bdf import Bdf, parse_bdf
 from .errors import HostError, UsageError
 from .journal import JOURNAL_DIR, DeviceRecord, Journal, open_journal
 from .outcome import DeviceOutcome, Outcome
@@ -77,6 +77,18 @@ def restore_params(changer: Changer, journal: Journal) -> None:
         journal.forget_param(record)
 
 
+def _gone_from_host(journal: Journal, name: str | Bdf) -> Bdf | None:
+    """A device the journal holds that is no longer on the host (removed, hot-unplugged): forgotten."""
+    try:
+        bdf = name if isinstance(name, Bdf) else parse_bdf(name)
+    except UsageError:
+        return None
+    if str(bdf) not in journal.state.devices or sysfs.device_dir(bdf).is_dir():
+        return None
+    journal.forget_device(str(bdf))
+    return bdf
+
+
 def restore(
     devices: Iterable[str | Bdf] | None = None,
     *,
@@ -100,7 +112,16 @@ def restore(
                 except UsageError:
                     journal.forget_device(name)  # gone (hot-unplugged): nothing to give back
         else:
-            bdfs = sysfs.resolve_all(devices)
+            bdfs = []
+            for name in devices:
+                gone = _gone_from_host(journal, name)
+                if gone is not None:
+                    note = "gone from the host, nothing to give back"
+                    outcomes.append(DeviceOutcome(gone, None, None, False, note))
+                    continue
+                bdf = sysfs.resolve(name)
+                if bdf not in bdfs:
+                    bdfs.append(bdf)
         for bdf in bdfs:
             outcomes.append(give_back(changer, journal, bdf, journal.state.devices.get(str(bdf))))
         if not journal.state.devices:

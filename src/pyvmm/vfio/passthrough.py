@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,7 @@ from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.pci import VfioPciDevice
+from pyvmm.vfio.requests import DeviceRequests, requested_devices
 from pyvmm.vfio.slots import GuestMapper
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,11 @@ def host_function(path: str | os.PathLike[str]) -> HostFunction:
 
 
 class VfioPassthrough:
-    """The VFIO side of one VM; `memory` (if given) is DMA-mapped when the container gets its first group."""
+    """The VFIO side of one VM; `memory` (if given) is DMA-mapped when the container gets its first group.
+
+    With `on_request`, every device gets a request eventfd (see pyvmm.vfio.requests): when the host takes
+    a device away, `on_request(name, message)` runs once, on a watcher thread started by start_watching().
+    """
 
     def __init__(
         self,
@@ -103,6 +108,7 @@ class VfioPassthrough:
         memory: GuestMemory | None = None,
         mapper: GuestMapper | None = None,
         p2p_dma: bool = True,
+        on_request: Callable[[str, str], None] | None = None,
     ) -> None:
         self.vm = vm
         self.router = router
@@ -114,6 +120,7 @@ class VfioPassthrough:
         self.groups: dict[int, VfioGroup] = {}
         self.devices: list[VfioPciDevice] = []
         self._raw: list[VfioDevice] = []
+        self.requests = DeviceRequests(on_request) if on_request is not None else None
 
     # ---- host side ------------------------------------------------------------------------------------
 
@@ -156,7 +163,14 @@ class VfioPassthrough:
         group = self.group(function.group, function.name)
         device = VfioDevice(group.get_device_fd(function.name), function.name)
         self._raw.append(device)
+        if self.requests is not None:
+            self.requests.watch(device)
         return device
+
+    def start_watching(self) -> None:
+        """Start reporting the host's requests for the devices opened so far."""
+        if self.requests is not None:
+            self.requests.start()
 
     # ---- guest side -----------------------------------------------------------------------------------
 
@@ -194,7 +208,10 @@ class VfioPassthrough:
     # ---- teardown -------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Devices (mappings, interrupts, fds), then groups (KVM FILE_DEL, unset container), container."""
+        """Devices (mappings, interrupts, fds), then groups (KVM FILE_DEL, unset container), container.
+        Closing every fd of a device is what lets a removal the host started finish."""
+        if self.requests is not None:
+            self.requests.stop()
         for model in reversed(self.devices):
             with contextlib.suppress(Exception):
                 model.close()
@@ -213,6 +230,8 @@ class VfioPassthrough:
         if self.container is not None:
             self.container.close()
             self.container = None
+        if self.requests is not None:
+            self.requests.close()
 
 
 # ---- the builder's entry point -----------------------------------------------------------------------------
@@ -249,11 +268,13 @@ def attach_vfio_devices(
     devices: Iterable[DeviceLike],
     mapper: GuestMapper,
     p2p_dma: bool = True,
+    on_request: Callable[[str, str], None] | None = None,
 ) -> VfioPassthrough:
     """Open, DMA-map and plug every `--device` in command-line order; the caller closes the result.
 
     Raises VfioError (one line) for keys not implemented yet, functions not on vfio-pci, groups that are not
-    viable or not wholly given; on error everything opened so far is closed again.
+    viable or not wholly given; on error everything opened so far is closed again. `on_request(name,
+    message)` is called (from a watcher thread) when the host takes a device away while the VM has it.
     """
     configs = list(devices)
     for dev in configs:
@@ -261,7 +282,7 @@ def attach_vfio_devices(
             raise VfioConfigError(
                 f"--device path={dev.path}: iommu=on needs virtio-iommu, which pyvmm does not have yet"
             )
-    passthrough = VfioPassthrough(vm, router, memory, mapper, p2p_dma)
+    passthrough = VfioPassthrough(vm, router, memory, mapper, p2p_dma, on_request)
     try:
         given = set()
         for dev in configs:
@@ -277,6 +298,7 @@ def attach_vfio_devices(
             )
             given.add(model.device.name)
         check_groups_complete(passthrough, given)
+        passthrough.start_watching()
     except BaseException:
         passthrough.close()
         raise
@@ -359,6 +381,7 @@ class ManagedBinding:
             if self.changed:
                 from pyvmm import host
 
+                _wait_for_removals(self.changed)
                 try:
                     outcome = host.restore(self.changed)
                 except host.HostError as exc:
@@ -374,6 +397,28 @@ class ManagedBinding:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous = {}
+
+
+REMOVAL_WAIT_SECONDS = 30.0
+
+
+def _wait_for_removals(names: list[str]) -> None:
+    """Devices the host asked back (pyvmm.vfio.requests) leave vfio-pci once their fds are closed; wait for
+    that before giving anything back, so the give-back does not race the kernel (a removed device is then
+    gone, and restore drops it from the journal)."""
+    from pyvmm.host import sysfs
+
+    for name in sorted(requested_devices() & set(names)):
+        directory = Path("/sys/bus/pci/devices") / name
+
+        def released(directory: Path = directory) -> bool:
+            link = directory / "driver"
+            return not directory.is_dir() or not link.is_symlink() or os.path.basename(
+                os.readlink(link)) != VFIO_DRIVER
+
+        with contextlib.suppress(OSError):
+            if not sysfs.settle(released, REMOVAL_WAIT_SECONDS):
+                log.warning("managed=on: %s is still on vfio-pci after the host asked for it", name)
 
 
 def _stopped_by(signum: int) -> SystemExit:

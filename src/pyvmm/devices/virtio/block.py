@@ -181,8 +181,7 @@ class VirtioBlock(VirtioDevice):
         if req_type == RequestType.OUT:
             return self._write(sector, payload), 0
         if req_type == RequestType.FLUSH:
-            self.image.flush()
-            return BlkStatus.OK, 0
+            return self._flush(), 0
         if req_type == RequestType.GET_ID:
             data = self.device_id.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
             return BlkStatus.OK, scatter(data_in, data)
@@ -220,6 +219,14 @@ class VirtioBlock(VirtioDevice):
             self.image.writev(sector * SECTOR_SIZE, data_out)
         except OSError as exc:
             log.warning("virtio-blk: write at sector %d failed: %s", sector, exc)
+            return BlkStatus.IOERR
+        return BlkStatus.OK
+
+    def _flush(self) -> BlkStatus:
+        try:
+            self.image.flush()
+        except OSError as exc:  # EIO, or ENOSPC from a file system that allocates at writeback
+            log.warning("virtio-blk: flush failed: %s", exc)
             return BlkStatus.IOERR
         return BlkStatus.OK
 
