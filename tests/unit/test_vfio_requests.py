@@ -68,3 +68,13 @@ def test_restore_forgets_a_journalled_device_gone_from_the_host(tmp_path: Path) 
     # A device neither on the host nor in the journal is still a mistake of the caller.
     with pytest.raises(UsageError, match="no such PCI device"):
         restore([GONE], journal_dir=tmp_path)
+
+
+def test_restore_all_forgets_every_journalled_device_gone_from_the_host(tmp_path: Path) -> None:
+    # (It used to stop with "dictionary changed size during iteration" when the first one was gone.)
+    with Journal(tmp_path) as journal:
+        for bdf in (GONE, "0000:7e:1f.7"):
+            journal.record_device(DeviceRecord(bdf, "nvme", None, "1b36:0010", BindMethod.DRIVER_OVERRIDE))
+    outcome = restore(None, journal_dir=tmp_path)
+    assert outcome.devices == ()
+    assert read_state(tmp_path).devices == {}

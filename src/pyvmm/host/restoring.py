@@ -106,7 +106,7 @@ def restore(
         drop_new_ids(changer, journal)
         if devices is None:
             bdfs = []
-            for name in journal.state.devices:
+            for name in list(journal.state.devices):
                 try:
                     bdfs.append(sysfs.resolve(name))
                 except UsageError:
