@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: deps venv lab-assets test unit lint demo shell fuzz soak clean
+.PHONY: deps venv lab-assets test unit lint demo shell fuzz soak bench clean
 
 deps: .deps-stamp venv
 
@@ -39,6 +39,12 @@ fuzz: venv
 # 50 passthrough cycles in one lab (the suite runs 3): no growth in fds, locked memory or vfio groups.
 soak: lab-assets
 	PYVMM_SOAK_CYCLES=50 $(BIN)/pytest -m lab -s tests/lab/test_soak_sd.py $(PYTEST_ARGS)
+
+# pyvmm against QEMU in one lab (bench/README.md): bench/results/<date>.json, .md and .png. PYVMM_BENCH_REPS
+# sets the repetitions (default 5). matplotlib (the `bench` extra) is only needed here, for the chart.
+bench: lab-assets
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python bench/run.py
 
 demo: lab-assets
 	$(BIN)/python -m pyvmm.lab.demo

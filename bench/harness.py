@@ -1,0 +1,462 @@
+"""Runs inside the lab (bench/run.py starts it): pyvmm and QEMU on the same guest kernel, bench initramfs,
+disk image and NVMe drive, interleaved, timed by the lab's clock as console lines arrive.
+
+Per repetition: three boots (pyvmm, QEMU q35, QEMU microvm), a virtio-blk run per VMM (I/O, then the
+guest idles while the VMM's CPU time and memory are read from /proc), the NVMe drive measured on the
+lab's own nvme driver, then bound to vfio-pci and a passthrough run per VMM (NVMe I/O, then trapped
+config-space reads and MSI-X table writes), then the drive back on its driver. The order of the VMMs
+alternates between repetitions. The last output line is `BENCH-JSON {...}` with every sample."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import analysis as an
+
+NVME_BDF = "0000:00:03.0"  # the lab's only device (pyvmm-lab run --devices nvme)
+GUEST_RAM = 512 << 20
+CMDLINE = "console=ttyS0 quiet panic=-1"
+
+
+@dataclass
+class Settings:
+    reps: int
+    span: str  # the range sequential passes and random reads cover, e.g. 64M
+    io_seconds: float  # each I/O measurement runs this long (the guest's clock)
+    trap_seconds: float
+    idle_seconds: float
+    kernel: str
+    initramfs: str
+    disk: str
+    helpers: str  # directory with bench-io and bench-trap for the lab-native runs
+    vm_timeout: float = 300.0
+
+
+@dataclass
+class RunResult:
+    label: str
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    started: float = 0.0
+    exited: float = 0.0
+    status: int | None = None
+    probes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def log(self) -> str:
+        return "\n".join(f"{t - self.started:9.3f} {line}" for t, line in self.lines)
+
+
+Probe = Callable[[int, str, dict[str, float]], None]
+
+
+def run_vmm(label: str, argv: list[str], timeout: float, probe: Probe | None = None) -> RunResult:
+    """Start argv, stamp each output line with the lab's clock as it arrives, return at exit."""
+    result = RunResult(label)
+    result.started = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.daemon = True
+    timer.start()
+    assert proc.stdout is not None
+    try:
+        for raw in proc.stdout:
+            stamp = time.monotonic()
+            line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
+            result.lines.append((stamp, line))
+            if probe is not None:
+                try:
+                    probe(proc.pid, line, result.probes)
+                except (OSError, ValueError) as exc:
+                    result.lines.append((stamp, f"bench: probe failed: {exc}"))
+        result.status = proc.wait()
+        result.exited = time.monotonic()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return result
+
+
+# -- the VMM command lines -------------------------------------------------------------------------------
+def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | None = None) -> list[str]:
+    argv = [
+        "pyvmm",
+        "--kernel",
+        s.kernel,
+        "--initramfs",
+        s.initramfs,
+        "--cpus",
+        "boot=1",
+        "--memory",
+        f"size={GUEST_RAM >> 20}M",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--cmdline",
+        f'{CMDLINE} pyvmm.cmd="{cmd}"',
+    ]
+    if disk:
+        argv += ["--disk", f"path={disk}"]
+    if device:
+        argv += ["--device", f"path=/sys/bus/pci/devices/{device}/"]
+    return argv
+
+
+def qemu_argv(
+    s: Settings, cmd: str, machine: str = "q35", disk: str | None = None, device: str | None = None
+) -> list[str]:
+    argv = [
+        "qemu-system-x86_64",
+        "-enable-kvm",
+        "-M",
+        machine,
+        "-cpu",
+        "host",
+        "-m",
+        str(GUEST_RAM >> 20),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        s.kernel,
+        "-initrd",
+        s.initramfs,
+        "-append",
+        f'{CMDLINE} pyvmm.cmd="{cmd}"',
+    ]
+    if disk:
+        argv += ["-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0"]
+    if device:
+        argv += ["-device", f"vfio-pci,host={device}"]
+    return argv
+
+
+# -- measurements ----------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.samples: dict[str, dict[str, list[float]]] = {m.key: {v: [] for v in m.vmms} for m in an.METRICS}
+        self.guest: dict[str, dict[str, list[float]]] = {}
+        self.extra: dict[str, dict[str, list[float]]] = {}
+        self.errors: list[str] = []
+        self.notes: dict[str, set[str]] = {}
+        self.timings: list[dict[str, object]] = []
+
+    def add(self, key: str, vmm: str, value: float, guest: float | None = None) -> None:
+        self.samples[key][vmm].append(round(value, 6))
+        if guest is not None:
+            self.guest.setdefault(key, {}).setdefault(vmm, []).append(round(guest, 6))
+
+    def add_extra(self, key: str, vmm: str, value: float) -> None:
+        self.extra.setdefault(key, {}).setdefault(vmm, []).append(round(value, 6))
+
+    def fail(self, what: str, result: RunResult | None = None, detail: str = "") -> None:
+        message = f"{what}: {detail}" if detail else what
+        if result is not None:
+            message += f" (exit status {result.status})"
+        self.errors.append(message)
+        say(f"FAILED {message}")
+        if result is not None:
+            tail = result.log().splitlines()[-40:]
+            say("  last lines:\n    " + "\n    ".join(tail))
+
+    def run(self, label: str, argv: list[str], probe: Probe | None = None) -> RunResult:
+        result = run_vmm(label, argv, self.s.vm_timeout, probe)
+        self.timings.append(
+            {"run": label, "seconds": round(result.exited - result.started, 3), "status": result.status}
+        )
+        return result
+
+    def _guest_ok(self, label: str, result: RunResult) -> bool:
+        if result.ok and any("PYVMM-GUEST-EXIT=0" in line for _, line in result.lines):
+            return True
+        self.fail(label, result, "the guest or the VMM did not finish cleanly")
+        return False
+
+    # boot: start -> first init line, start -> exit
+    def boot(self, vmm: str, rep: int) -> None:
+        if vmm == an.PYVMM:
+            argv = pyvmm_argv(self.s, "true")
+        else:
+            argv = qemu_argv(self.s, "true", machine="q35" if vmm == an.QEMU_Q35 else "microvm")
+        label = f"rep {rep} boot {vmm}"
+        result = self.run(label, argv)
+        init = an.first_stamp(result.lines, "pyvmm-guest: init")
+        if not self._guest_ok(label, result) or init is None:
+            if init is None and result.ok:
+                self.fail(label, result, "no init line")
+            return
+        self.add("boot_init", vmm, init - result.started)
+        self.add("boot_exit", vmm, result.exited - result.started)
+        say(f"{label}: init {init - result.started:.2f} s, exit {result.exited - result.started:.2f} s")
+
+    def _io(self, label: str, vmm: str, spans: dict[str, an.Span], table: dict[str, str]) -> None:
+        parts = []
+        for tag, key in table.items():
+            span = spans.get(tag)
+            if span is None:
+                self.fail(label, None, f"no complete {tag} measurement")
+                continue
+            unit = an.METRICS_BY_KEY[key].unit
+            value = an.mb_per_s(span) if unit == "MB/s" else an.iops(span)
+            self.add(key, vmm, value, an.guest_figure(span, unit))
+            self.add_extra(f"{key}.console_line_s", vmm, span.console)
+            parts.append(f"{tag} {value:,.0f} {unit}")
+        say(f"{label}: " + ", ".join(parts))
+
+    # virtio-blk: I/O, then idle with CPU/RSS probes
+    def virtio(self, vmm: str, rep: int, disk: str) -> None:
+        cmd = f"sh /bench/virtio.sh {self.s.span} {self.s.io_seconds:g} {self.s.idle_seconds:g}"
+        argv = pyvmm_argv(self.s, cmd, disk=disk) if vmm == an.PYVMM else qemu_argv(self.s, cmd, disk=disk)
+        label = f"rep {rep} virtio-blk {vmm}"
+        result = self.run(label, argv, probe=idle_probe)
+        if not self._guest_ok(label, result):
+            return
+        try:
+            spans = an.spans(result.lines)
+        except an.MarkerError as exc:
+            self.fail(label, result, str(exc))
+            return
+        self._io(
+            label,
+            vmm,
+            spans,
+            {
+                "blk-read": "blk_seq_read",
+                "blk-write": "blk_seq_write",
+                "blk-rand1": "blk_randread_qd1",
+                "blk-rand32": "blk_randread_qd32",
+            },
+        )
+        p = result.probes
+        if not {"cpu0", "cpu1", "hwm_kib", "ram_kib"} <= p.keys():
+            self.fail(label, result, f"idle probes missing ({sorted(p)})")
+            return
+        tick = os.sysconf("SC_CLK_TCK")
+        cpu = (p["cpu1"] - p["cpu0"]) / tick
+        rss = (p["hwm_kib"] - p["ram_kib"]) / 1024
+        self.add("vmm_idle_cpu", vmm, cpu)
+        self.add("vmm_rss", vmm, rss)
+        self.add_extra("vmm_idle_cpu.schedstat_s", vmm, (p["sched1"] - p["sched0"]) / 1e9)
+        self.add_extra("vmm_idle_cpu.idle_lab_s", vmm, p["t1"] - p["t0"])
+        self.add_extra("vmm_rss.vmhwm_mib", vmm, p["hwm_kib"] / 1024)
+        self.add_extra("vmm_rss.guest_ram_rss_mib", vmm, p["ram_kib"] / 1024)
+        say(
+            f"{label}: idle CPU {cpu:.2f} s over {p['t1'] - p['t0']:.1f} s, "
+            f"VmHWM {p['hwm_kib'] / 1024:.0f} MiB - guest RAM {p['ram_kib'] / 1024:.0f} MiB = {rss:.0f} MiB"
+        )
+
+    # NVMe on the lab's own driver: the ceiling
+    def native(self, rep: int) -> None:
+        label = f"rep {rep} nvme {an.NATIVE}"
+        dev = "/dev/nvme0n1"
+        if not wait_for(lambda: Path(dev).exists(), 30):
+            self.fail(label, None, f"{dev} did not appear")
+            return
+        io = str(Path(self.s.helpers) / "bench-io")
+        span = self.s.span
+        secs = f"{self.s.io_seconds:g}"
+        script = (
+            f"{io} nvme-seq {dev} read 1M 1 {span} 0 {secs} && "
+            f"{io} nvme-rand1 {dev} randread 4K 1 {span} 0 {secs} && "
+            f"{io} nvme-rand32 {dev} randread 4K 32 {span} 0 {secs}"
+        )
+        result = self.run(label, ["sh", "-c", script])
+        if not result.ok:
+            self.fail(label, result)
+            return
+        self._io(
+            label,
+            an.NATIVE,
+            an.spans(result.lines),
+            {
+                "nvme-seq": "nvme_seq_read",
+                "nvme-rand1": "nvme_randread_qd1",
+                "nvme-rand32": "nvme_randread_qd32",
+            },
+        )
+
+    # passthrough: NVMe I/O, then trapped accesses
+    def passthrough(self, vmm: str, rep: int) -> None:
+        cmd = f"sh /bench/passthrough.sh {self.s.span} {self.s.io_seconds:g} {self.s.trap_seconds:g}"
+        argv = (
+            pyvmm_argv(self.s, cmd, device=NVME_BDF)
+            if vmm == an.PYVMM
+            else qemu_argv(self.s, cmd, device=NVME_BDF)
+        )
+        label = f"rep {rep} passthrough {vmm}"
+        result = self.run(label, argv)
+        if not self._guest_ok(label, result):
+            return
+        try:
+            spans = an.spans(result.lines)
+        except an.MarkerError as exc:
+            self.fail(label, result, str(exc))
+            return
+        self._io(
+            label,
+            vmm,
+            spans,
+            {
+                "nvme-seq": "nvme_seq_read",
+                "nvme-rand1": "nvme_randread_qd1",
+                "nvme-rand32": "nvme_randread_qd32",
+            },
+        )
+        parts = []
+        for tag, key in (("cfg", "trap_config_read"), ("msix", "trap_msix_write")):
+            span = spans.get(tag)
+            if span is None or not span.stats.get("ios"):
+                self.fail(label, result, f"no complete {tag} measurement")
+                continue
+            value = an.micros_per_access(span)
+            self.add(key, vmm, value, an.guest_figure(span, "µs"))
+            self.add_extra(f"{key}.accesses", vmm, span.stats["ios"])
+            if "offset" in span.stats:
+                self.notes.setdefault("trap_config_read.offset", set()).add(hex(span.stats["offset"]))
+            parts.append(f"{tag} {value:.1f} µs ({span.stats['ios']} accesses)")
+        say(f"{label}: " + ", ".join(parts))
+
+    def host(self, action: str) -> bool:
+        proc = subprocess.run(["pyvmm-host", action, NVME_BDF], capture_output=True, text=True)
+        if proc.returncode != 0:
+            self.fail(f"pyvmm-host {action} {NVME_BDF}", None, (proc.stderr or proc.stdout).strip())
+            return False
+        return True
+
+    def run_all(self) -> None:
+        s = self.s
+        disk = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-disk.raw")
+        shutil.copyfile(s.disk, disk)
+        for rep in range(1, s.reps + 1):
+            flip = rep % 2 == 0
+            pair = [an.PYVMM, an.QEMU][:: -1 if flip else 1]
+            boots = [an.PYVMM, an.QEMU_Q35, an.QEMU_MICROVM]
+            boots = boots[rep % 3 :] + boots[: rep % 3]
+            say(f"== repetition {rep}/{s.reps}")
+            for vmm in boots:
+                self.boot(vmm, rep)
+            for vmm in pair:
+                self.virtio(vmm, rep, disk)
+            self.native(rep)
+            if self.host("bind"):
+                for vmm in pair:
+                    self.passthrough(vmm, rep)
+                self.host("unbind")
+
+    def result(self) -> dict[str, object]:
+        return {
+            "samples": self.samples,
+            "guest_clock_samples": self.guest,
+            "details": self.extra,
+            "notes": {k: sorted(v) for k, v in self.notes.items()},
+            "errors": self.errors,
+            "runs": self.timings,
+        }
+
+
+def idle_probe(pid: int, line: str, probes: dict[str, float]) -> None:
+    """Reads the VMM's /proc files when the guest says its idle stretch starts and ends."""
+    if "BENCH idle START" in line:
+        probes["t0"] = time.monotonic()
+        probes["cpu0"] = an.cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+        probes["sched0"] = schedstat_ns(pid)
+    elif "BENCH idle END" in line:
+        probes["t1"] = time.monotonic()
+        probes["cpu1"] = an.cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+        probes["sched1"] = schedstat_ns(pid)
+        probes["hwm_kib"] = an.status_kib(Path(f"/proc/{pid}/status").read_text(), "VmHWM")
+        probes["ram_kib"] = an.guest_ram_rss_kib(Path(f"/proc/{pid}/smaps").read_text(), GUEST_RAM)
+
+
+def schedstat_ns(pid: int) -> int:
+    """CPU time of every thread of the process in ns (/proc/PID/task/*/schedstat, first field)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def wait_for(check: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--span", default="64M")
+    p.add_argument("--io-seconds", type=float, default=3)
+    p.add_argument("--trap-seconds", type=float, default=2)
+    p.add_argument("--idle-seconds", type=float, default=10)
+    p.add_argument("--initramfs", required=True)
+    p.add_argument("--helpers", required=True)
+    p.add_argument("--vm-timeout", type=float, default=300)
+    a = p.parse_args()
+    env = os.environ
+    settings = Settings(
+        a.reps,
+        a.span,
+        a.io_seconds,
+        a.trap_seconds,
+        a.idle_seconds,
+        env["PYVMM_GUEST_KERNEL"],
+        a.initramfs,
+        env["PYVMM_GUEST_DISK"],
+        a.helpers,
+        a.vm_timeout,
+    )
+    bench = Bench(settings)
+    started = time.monotonic()
+    try:
+        bench.run_all()
+    finally:
+        out = bench.result()
+        out["lab_seconds"] = round(time.monotonic() - started, 1)
+        out["lab"] = {
+            "cpus": os.cpu_count(),
+            "kernel": os.uname().release,
+            "qemu": qemu_version(),
+            "python": sys.version.split()[0],
+        }
+        print("BENCH-JSON " + json.dumps(out, sort_keys=True), flush=True)
+    return 0 if not bench.errors else 1
+
+
+def qemu_version() -> str:
+    proc = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    return proc.stdout.splitlines()[0] if proc.stdout else "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Turn a bench results JSON into a Markdown table and a PNG chart next to it.
+
+    .venv/bin/python bench/report.py bench/results/<date>.json
+
+The chart needs matplotlib (`pip install -e '.[bench]'`); without it only the Markdown is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import analysis as an
+
+LABELS = {
+    an.PYVMM: "pyvmm",
+    an.QEMU: "QEMU q35",
+    an.QEMU_Q35: "QEMU q35",
+    an.QEMU_MICROVM: "QEMU microvm",
+    an.NATIVE: "lab, native driver",
+}
+COLOURS = {
+    an.PYVMM: "#d95f02",
+    an.QEMU: "#1b9e77",
+    an.QEMU_Q35: "#1b9e77",
+    an.QEMU_MICROVM: "#66a61e",
+    an.NATIVE: "#7570b3",
+}
+
+
+def _cell(summary: an.Summary | None) -> str:
+    if summary is None:
+        return "—"
+    if summary.n == 1:
+        return an.fmt(summary.median)
+    return f"**{an.fmt(summary.median)}** ({an.fmt(summary.min)}-{an.fmt(summary.max)})"
+
+
+def _ratio_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def markdown(data: dict[str, Any], png_name: str | None) -> str:
+    samples: dict[str, dict[str, list[float]]] = data["samples"]
+    reps = data.get("reps", "?")
+    lines = [
+        f"# pyvmm vs QEMU in the lab — {data.get('date', '?')}",
+        "",
+        f"{reps} repetition(s), interleaved, in one lab ({data.get('settings', {}).get('lab_cpus', '?')} "
+        f"lab CPUs, nested KVM under TCG on {data.get('host', {}).get('cpu', '?')}); guest: "
+        f"{data.get('settings', {}).get('guest', '?')}, the same kernel, initramfs and disk image for "
+        "every VMM. Cells: **median** (min-max). Times are the lab's clock: console lines stamped as they "
+        "arrive, one console line's cost subtracted from I/O and trap spans.",
+    ]
+    if data.get("smoke"):
+        lines += ["", "**Smoke run**: shortened measurements; do not compare these figures."]
+    lines += [
+        "",
+        "| metric | unit | pyvmm | QEMU | QEMU microvm / lab native | pyvmm / QEMU | pyvmm / 3rd | goal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for metric in an.METRICS:
+        s = samples.get(metric.key, {})
+        third = metric.vmms[2] if len(metric.vmms) > 2 else None
+        goals = []
+        for goal in metric.goals:
+            value = an.ratio(metric, s, goal.against)
+            mark = "" if value is None else (" ✅" if goal.met(value, metric.better) else " ❌")
+            goals.append(f"{goal.text(metric.better).replace(goal.against, LABELS[goal.against])}{mark}")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    metric.title,
+                    metric.unit,
+                    _cell(an.summarize(s.get(an.PYVMM, []))),
+                    _cell(an.summarize(s.get(metric.baseline, []))),
+                    f"{LABELS[third]}: {_cell(an.summarize(s.get(third, [])))}" if third else "",
+                    _ratio_text(an.ratio(metric, s, metric.baseline)),
+                    _ratio_text(an.ratio(metric, s, third)) if third else "",
+                    "; ".join(goals) or "—",
+                ]
+            )
+            + " |"
+        )
+    guest = data.get("guest_clock_samples") or {}
+    if guest:
+        lines += [
+            "",
+            "Secondary: the same figures by the guest's own clock (medians; a nested guest's clock drifts).",
+            "",
+            "| metric | unit | pyvmm | QEMU | lab native |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for metric in an.METRICS:
+            g = guest.get(metric.key)
+            if not g:
+                continue
+            cells = [an.summarize(g.get(v, [])) for v in (an.PYVMM, an.QEMU, an.NATIVE)]
+            lines.append(
+                f"| {metric.title} | {metric.unit} | "
+                + " | ".join(an.fmt(c.median) if c else "—" for c in cells)
+                + " |"
+            )
+    lines += ["", "How each figure is taken: `bench/README.md`."]
+    notes = data.get("notes") or {}
+    if notes.get("trap_config_read.offset"):
+        lines.append(f"Config-space reads at offset {', '.join(notes['trap_config_read.offset'])}.")
+    if data.get("wall_seconds"):
+        lines.append(f"The whole run took {data['wall_seconds'] / 60:.1f} min.")
+    if png_name:
+        lines += ["", f"![pyvmm vs QEMU]({png_name})"]
+    errors = data.get("errors") or []
+    if errors:
+        lines += ["", "Failed measurements:", "", *[f"- {e}" for e in errors]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(data: dict[str, Any], path: Path) -> bool:
+    """A PNG with one panel per metric: median bar and min-max whisker per VMM. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    samples = data["samples"]
+    cols = 3
+    rows = -(-len(an.METRICS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(15, 2.6 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, an.METRICS, strict=False):
+        s = samples.get(metric.key, {})
+        names, medians, lows, highs, colours = [], [], [], [], []
+        for vmm in metric.vmms:
+            summary = an.summarize(s.get(vmm, []))
+            if summary is None:
+                continue
+            names.append(LABELS[vmm])
+            medians.append(summary.median)
+            lows.append(summary.median - summary.min)
+            highs.append(summary.max - summary.median)
+            colours.append(COLOURS[vmm])
+        y = range(len(names))
+        ax.barh(y, medians, xerr=[lows, highs], color=colours, capsize=4)
+        ax.set_yticks(list(y), names)
+        ax.invert_yaxis()
+        ratio = an.ratio(metric, s, metric.baseline)
+        title = metric.title.replace(": ", ":\n", 1)
+        if ratio is not None:
+            title += f"  (pyvmm/QEMU {ratio:.2f}x)"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(
+            f"{metric.unit}, {'lower' if metric.better == 'lower' else 'higher'} is better", fontsize=8
+        )
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(an.METRICS) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"pyvmm vs QEMU in the lab, {data.get('date', '')}: median, min-max of "
+        f"{data.get('reps', '?')} run(s)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def write(json_path: Path) -> list[Path]:
+    """Writes <name>.md and, with matplotlib, <name>.png next to the JSON; returns what it wrote."""
+    data = json.loads(json_path.read_text())
+    png = json_path.with_suffix(".png")
+    written = []
+    has_png = chart(data, png)
+    if has_png:
+        written.append(png)
+    else:
+        print("bench: matplotlib is not installed: no PNG chart (pip install -e '.[bench]')", file=sys.stderr)
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown(data, png.name if has_png else None))
+    written.insert(0, md)
+    return written
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        for out in write(Path(arg)):
+            print(out)

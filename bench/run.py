@@ -1,0 +1,144 @@
+"""`make bench`: build the bench initramfs, run bench/harness.py in one lab, write the results.
+
+Writes bench/results/<date>.json (every sample), <date>.md (the table) and <date>.png (the chart, when
+matplotlib is installed: `pip install -e '.[bench]'`, which `make bench` does).
+
+    PYVMM_BENCH_REPS=5 .venv/bin/python bench/run.py [--smoke] [--out DIR]
+
+--smoke: a shorter run of every measurement (smaller reads, shorter random-read, trap and idle stretches)
+for the test suite; its figures are not meant to be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import guest_build  # noqa: E402
+import report  # noqa: E402
+
+FULL = {"span": "64M", "io_seconds": 3.0, "trap_seconds": 2.0, "idle_seconds": 10.0}
+SMOKE = {"span": "8M", "io_seconds": 0.5, "trap_seconds": 0.3, "idle_seconds": 3.0}
+LAB_CPUS = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="short measurements (for the test suite)")
+    p.add_argument("--reps", type=int, default=int(os.environ.get("PYVMM_BENCH_REPS", "5")))
+    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--lab-cpus", type=int, default=int(os.environ.get("PYVMM_BENCH_LAB_CPUS", LAB_CPUS)))
+    a = p.parse_args(argv)
+    if a.reps < 1:
+        p.error("--reps: at least 1")
+    sizes = SMOKE if a.smoke else FULL
+    initramfs = guest_build.build()
+    helpers = guest_build.bench_dir()
+    per_rep = 150 if a.smoke else 240
+    timeout = 600 + per_rep * a.reps
+    command = [
+        sys.executable,
+        str(BENCH / "harness.py"),
+        "--reps",
+        str(a.reps),
+        "--span",
+        sizes["span"],
+        "--io-seconds",
+        str(sizes["io_seconds"]),
+        "--trap-seconds",
+        str(sizes["trap_seconds"]),
+        "--idle-seconds",
+        str(sizes["idle_seconds"]),
+        "--initramfs",
+        str(initramfs),
+        "--helpers",
+        str(helpers),
+    ]
+    lab = [
+        sys.executable,
+        "-m",
+        "pyvmm.lab",
+        "run",
+        "--devices",
+        "nvme",
+        "--cpus",
+        str(a.lab_cpus),
+        "--timeout",
+        str(timeout),
+        "--",
+        *command,
+    ]
+    started = dt.datetime.now(dt.UTC)
+    print(
+        f"bench: {a.reps} repetition(s){' (smoke)' if a.smoke else ''} in one lab "
+        f"({a.lab_cpus} CPUs), at most {timeout} s",
+        flush=True,
+    )
+    proc = subprocess.Popen(
+        lab,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    payload: dict[str, object] | None = None
+    for line in proc.stdout:
+        if line.startswith("BENCH-JSON "):
+            payload = json.loads(line.removeprefix("BENCH-JSON "))
+            continue
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    status = proc.wait()
+    if payload is None:
+        print(f"bench: the lab ended (status {status}) without results", file=sys.stderr)
+        return 1
+    wall = (dt.datetime.now(dt.UTC) - started).total_seconds()
+    payload.update(
+        {
+            "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "reps": a.reps,
+            "smoke": a.smoke,
+            "settings": {**sizes, "lab_cpus": a.lab_cpus, "guest": "1 vCPU, 512 MiB"},
+            "host": {"machine": platform.machine(), "cpu": _cpu_model(), "cpus": os.cpu_count()},
+            "wall_seconds": round(wall, 1),
+        }
+    )
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"{started.strftime('%Y-%m-%d')}.json"
+    path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    written = report.write(path)
+    for out in (path, *written):
+        print(f"bench: wrote {out}")
+    print(f"bench: {wall / 60:.1f} min in all")
+    errors = payload.get("errors") or []
+    if errors:
+        print(f"bench: {len(errors)} measurement(s) failed:", *errors, sep="\n  ", file=sys.stderr)
+    return 0 if status == 0 and not errors else 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

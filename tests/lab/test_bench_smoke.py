@@ -1,0 +1,51 @@
+"""Issue 8's benchmark, one short repetition (`bench/run.py --smoke`): every metric gets a positive
+figure for every VMM. No time is asserted; `make bench` runs the real comparison."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+
+sys.path.insert(0, str(REPO / "bench"))
+import analysis  # noqa: E402
+
+
+def test_bench_smoke(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--reps", "1", "--out", str(tmp_path)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        timeout=1200,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out = proc.stdout
+    print(out)
+    results = list(tmp_path.glob("*.json"))
+    assert proc.returncode == 0 and len(results) == 1, out
+    data = json.loads(results[0].read_text())
+    assert data["errors"] == [], out
+    for metric in analysis.METRICS:
+        for vmm in metric.vmms:
+            values = data["samples"][metric.key][vmm]
+            assert len(values) == 1, (metric.key, vmm, out)
+            if metric.key == "vmm_idle_cpu":  # clock ticks: a quiet VMM can use none in a short idle
+                assert values[0] >= 0 and data["details"]["vmm_idle_cpu.schedstat_s"][vmm][0] > 0, out
+            else:
+                assert values[0] > 0, (metric.key, vmm, out)
+    assert results[0].with_suffix(".md").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # `make bench` installs it; the suite may not
+        assert results[0].with_suffix(".png").stat().st_size > 0

@@ -1,0 +1,123 @@
+"""bench/analysis.py and bench/report.py: console-marker spans, /proc parsing, statistics, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import analysis as an
+import report
+
+
+def stamped(*pairs: tuple[float, str]) -> list[tuple[float, str]]:
+    return list(pairs)
+
+
+def test_span_subtracts_one_console_line() -> None:
+    lines = stamped(
+        (10.0, "noise"),
+        (10.00, "BENCH seq NL0"),
+        (10.02, "BENCH seq NL1"),
+        (10.05, "BENCH seq NL2"),  # spacings 0.02, 0.03, 0.02: median 0.02
+        (10.07, "BENCH seq NL3"),
+        (10.09, "BENCH seq START"),
+        (12.11, "BENCH seq END"),
+        (12.13, "BENCH seq STATS ios=100 bytes=104857600 guest_ns=1500000000"),
+    )
+    span = an.spans(lines)["seq"]
+    assert span.console == pytest.approx(0.02)
+    assert span.seconds == pytest.approx(2.0)
+    assert an.mb_per_s(span) == pytest.approx(104857600 / 2.0 / 1e6)
+    assert an.iops(span) == pytest.approx(50)
+    assert an.micros_per_access(span) == pytest.approx(20000)
+    assert an.guest_figure(span, "MB/s") == pytest.approx(104857600 / 1.5 / 1e6)
+
+
+def test_spans_by_tag_incomplete_and_errors() -> None:
+    lines = stamped(
+        (1.0, "BENCH a START"),
+        (2.0, "BENCH b START"),
+        (3.0, "BENCH a END"),
+        (3.1, "BENCH a STATS ios=3 offset=0x100"),
+    )
+    found = an.spans(lines)
+    assert set(found) == {"a"}  # b never ended
+    assert found["a"].seconds == pytest.approx(2.0) and found["a"].console == 0
+    assert found["a"].stats == {"ios": 3, "offset": 0x100}
+    assert found["a"].guest_seconds is None
+    with pytest.raises(an.MarkerError, match="open: No such file"):
+        an.spans(stamped((1.0, "BENCH x ERROR open: No such file")))
+
+
+def test_first_stamp() -> None:
+    lines = stamped((1.0, "x"), (2.5, "pyvmm-guest: init"), (3.0, "pyvmm-guest: init"))
+    assert an.first_stamp(lines, "pyvmm-guest: init") == 2.5
+    assert an.first_stamp(lines, "nothing") is None
+
+
+def test_proc_parsing() -> None:
+    stat = "1234 (qemu-system-x86) S 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0 4"
+    assert an.cpu_ticks(stat) == 281
+    assert an.cpu_ticks("99 (a b) c) R 1 2 3 4 5 6 7 8 9 10 1 2") == 3  # comm with spaces and ')'
+    assert an.status_kib("Name:\tx\nVmHWM:\t  204800 kB\nVmRSS:\t 1 kB\n", "VmHWM") == 204800
+    with pytest.raises(ValueError):
+        an.status_kib("Name: x\n", "VmHWM")
+    smaps = "\n".join(
+        [
+            "7f0000000000-7f0020000000 rw-p 00000000 00:00 0 ",
+            "Size:             524288 kB",
+            "Rss:              131072 kB",
+            "7f1000000000-7f1000800000 rw-p 00000000 00:00 0 ",  # a thread stack: too small
+            "Size:               8192 kB",
+            "Rss:                  16 kB",
+            "55aa00000000-55aa30000000 r--p 00000000 08:01 1234  /usr/bin/big-file",  # file-backed
+            "Size:             786432 kB",
+            "Rss:                4096 kB",
+            "7f2000000000-7f2010000000 rw-p 00000000 00:00 0                          [heap]",
+            "Size:             262144 kB",
+            "Rss:                 100 kB",
+        ]
+    )
+    assert an.guest_ram_rss_kib(smaps, 512 << 20) == 131072 + 100
+
+
+def test_summary_ratio_goal() -> None:
+    assert an.summarize([]) is None
+    s = an.summarize([3.0, 1.0, 2.0])
+    assert s == an.Summary(3, 1.0, 2.0, 3.0)
+    metric = an.METRICS_BY_KEY["nvme_seq_read"]
+    samples = {an.PYVMM: [90.0, 100.0], an.QEMU: [100.0], an.NATIVE: []}
+    assert an.ratio(metric, samples, an.QEMU) == pytest.approx(0.95)
+    assert an.ratio(metric, samples, an.NATIVE) is None
+    goal = an.Goal(an.QEMU, 0.95)
+    assert goal.met(0.95, "higher") and not goal.met(0.94, "higher")
+    assert an.Goal(an.QEMU_Q35, 0.5).met(0.4, "lower") and not an.Goal(an.QEMU_Q35, 0.5).met(0.6, "lower")
+    assert an.fmt(None) == "—" and an.fmt(1234.5) == "1,234" and an.fmt(0.01234) == "0.012"
+
+
+def test_every_metric_has_pyvmm_first_and_a_baseline() -> None:
+    assert len({m.key for m in an.METRICS}) == len(an.METRICS)
+    for metric in an.METRICS:
+        assert metric.vmms[0] == an.PYVMM and metric.baseline in (an.QEMU, an.QEMU_Q35)
+        assert metric.better in ("lower", "higher")
+
+
+def test_report_markdown_without_png(tmp_path, monkeypatch) -> None:
+    samples = {m.key: {v: [1.0 + i for i in range(3)] for v in m.vmms} for m in an.METRICS}
+    samples["boot_init"][an.PYVMM] = [1.0, 1.0, 1.0]
+    samples["boot_init"][an.QEMU_Q35] = [4.0, 4.0, 4.0]
+    data = {"samples": samples, "reps": 3, "date": "2026-01-01T00:00:00Z", "errors": ["one failed"]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(report, "chart", lambda data, png: False)
+    written = report.write(path)
+    assert written == [tmp_path / "r.md"]
+    text = written[0].read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| boot: VMM start to the guest"))
+    assert "0.25x" in row and "≤ 0.5x QEMU q35 ✅" in row
+    assert "**2.00** (1.00-3.00)" in text
+    assert "- one failed" in text and ".png" not in text
