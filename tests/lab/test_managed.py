@@ -1,14 +1,18 @@
 """`--device ...,managed=on` in the lab (issue 5, acceptance 4): pyvmm binds the reader's IOMMU group to
 vfio-pci itself and gives it back to sdhci-pci on every way out it sees — guest poweroff, guest panic
 (panic=-1: the guest reboots, pyvmm exits), SIGTERM during guest boot or right after the bind, a refusal
-while building — and a SIGKILL leaves a journal that `pyvmm-host restore --all` undoes. Afterwards the host
-reads the card again."""
+while building — and a SIGKILL of a pyvmm holding several managed devices (the reader, the NVMe drive, the
+display + audio group) leaves a journal from which `pyvmm-host restore --all` gives every one of them back
+to its driver (issue 9). Afterwards the host reads the card and the drive again and the display and
+audio functions have their DRM and sound cards."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+from helpers.lab_script import lab_script, sections
 
 pytestmark = pytest.mark.lab
 
@@ -18,22 +22,27 @@ GUEST = (
     "for d in /sys/bus/pci/devices/*; do echo GUEST-DRV $(readlink $d/driver); done"
 )
 
-PRELUDE = r"""
-sec() { echo "=== $1"; }
-drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
-SD=0000:00:03.0; DISP=0000:00:04.0; AUD=0000:00:04.1
+PRELUDE = lab_script(
+    r"""
 PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --cpus boot=2 --memory size=512M
   --serial tty --console off"
-boot_then() {  # boot_then SIGNAL: start a managed guest, send SIGNAL once its kernel prints, wait for pyvmm
-  $PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on --cmdline 'console=ttyS0 panic=-1' \
-    > $TMPDIR/boot.log 2>&1 &
+boot_then() {  # boot_then SIGNAL [DEVICE...]: start a guest with the managed DEVICEs (default: the reader),
+               # send SIGNAL once its kernel prints, wait for pyvmm
+  sig=$1; shift
+  [ $# -gt 0 ] || set -- path=/sys/bus/pci/devices/$SD/,managed=on
+  $PYVMM --device "$@" --cmdline 'console=ttyS0 panic=-1' > $TMPDIR/boot.log 2>&1 &
   pid=$!
   i=0; while ! grep -q 'Linux version' $TMPDIR/boot.log && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
   echo "during boot: $(drv $SD)"
-  kill -$1 $pid; wait $pid; echo "rc=$?"
+  kill -$sig $pid; wait $pid; echo "rc=$?"
   grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/boot.log
 }
-"""
+""",
+    SD="0000:00:03.0",
+    DISP="0000:00:04.0",
+    AUD="0000:00:04.1",
+    NVME="0000:00:05.0",
+)
 
 EXITS = PRELUDE + r"""
 sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
@@ -66,26 +75,27 @@ pid=$!
 i=0; while [ "$(drv $SD)" != vfio-pci ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
 kill -TERM $pid; wait $pid; echo "rc=$?"; grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/early.log
 echo "after: $(drv $SD)"; ls /run/pyvmm
-sec sigkill; boot_then KILL; echo "after: $(drv $SD)"; cat /run/pyvmm/host-journal.json
-pyvmm-host restore --all; echo "rc=$?"; echo "after: $(drv $SD)"
+sec sigkill  # several managed devices at once: the reader, the NVMe drive, the display + audio group
+boot_then KILL path=/sys/bus/pci/devices/$SD/,managed=on path=/sys/bus/pci/devices/$NVME/,managed=on \
+  path=/sys/bus/pci/devices/$DISP/,managed=on path=/sys/bus/pci/devices/$AUD/,managed=on
+echo "after: $(drv $SD) $(drv $NVME) $(drv $DISP) $(drv $AUD)"; cat /run/pyvmm/host-journal.json
+pyvmm-host restore --all; echo "rc=$?"; echo "after: $(drv $SD) $(drv $NVME) $(drv $DISP) $(drv $AUD)"
+ls /run/pyvmm
 sec card
-i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-echo "read=$(sha256sum /dev/mmcblk0 | cut -d' ' -f1)"
+echo "read=$(sha_of /dev/mmcblk0)"
 echo "want=$PYVMM_LAB_SD_SHA256"
+sec nvme
+echo "read=$(sha_of /dev/nvme0n1)"
+echo "want=$PYVMM_LAB_NVME_SHA256"
+sec display-audio  # each function's driver made its device again: a DRM card, a sound card
+i=0; while ! ls /sys/bus/pci/devices/$DISP/drm/ 2>/dev/null | grep -q '^card' && [ $i -lt 100 ]; do
+  sleep 0.1; i=$((i + 1)); done
+ls /sys/bus/pci/devices/$DISP/drm/ 2>/dev/null | grep '^card' | sed 's/^/drm: /'
+i=0; while ! ls /sys/bus/pci/devices/$AUD/sound/ 2>/dev/null | grep -q '^card' && [ $i -lt 100 ]; do
+  sleep 0.1; i=$((i + 1)); done
+ls /sys/bus/pci/devices/$AUD/sound/ 2>/dev/null | grep '^card' | sed 's/^/sound: /'
 sec end
 """
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
 
 
 def _card_read_right(out: dict[str, str]) -> None:
@@ -114,7 +124,7 @@ def test_managed_reader_back_after_poweroff_and_sigterm(lab) -> None:
 
 
 def test_managed_after_guest_panic_build_error_and_sigkill(lab) -> None:
-    proc = lab(FAILURES, devices="sd,gpu-audio", timeout=300)
+    proc = lab(FAILURES, devices="sd,gpu-audio,nvme", timeout=360)
     out = sections(proc.stdout)
     assert "end" in out, proc.stdout
     before = out["before"].split()
@@ -131,8 +141,24 @@ def test_managed_after_guest_panic_build_error_and_sigkill(lab) -> None:
     assert "rc=0" in early and "stopped by SIGTERM" in early and "Traceback" not in early, early
     assert "after: sdhci-pci" in early and "host-journal.json" not in early, early
 
-    sigkill = out["sigkill"]  # nothing runs on a SIGKILL: the journal lets `pyvmm-host restore --all` undo it
+    # Nothing runs on a SIGKILL: the journal lets `pyvmm-host restore --all` undo it, for every device.
+    sigkill = out["sigkill"]
     assert "during boot: vfio-pci" in sigkill and "rc=137" in sigkill, sigkill
-    assert "after: vfio-pci" in sigkill and '"0000:00:03.0"' in sigkill, sigkill
-    assert "given back to sdhci-pci" in sigkill and sigkill.rstrip().endswith("after: sdhci-pci"), sigkill
+    assert "Traceback" not in sigkill, sigkill
+    assert "after: vfio-pci vfio-pci vfio-pci vfio-pci" in sigkill, sigkill
+    journal = json.loads(sigkill[sigkill.index("{") : sigkill.rindex("}") + 1])
+    assert {d["bdf"]: d["driver"] for d in journal["devices"]} == {
+        "0000:00:03.0": "sdhci-pci",
+        "0000:00:05.0": "nvme",
+        "0000:00:04.0": before[1],
+        "0000:00:04.1": before[2],
+    }, sigkill
+    for driver in ("sdhci-pci", "nvme", before[1], before[2]):
+        assert f"given back to {driver}" in sigkill, sigkill
+    assert f"after: sdhci-pci nvme {before[1]} {before[2]}" in sigkill and "rc=0" in sigkill, sigkill
+    assert "host-journal.json" not in sigkill.rsplit("after: ", 1)[1], sigkill
     _card_read_right(out)
+    nvme = dict(line.split("=", 1) for line in out["nvme"].splitlines())
+    assert nvme["read"] == nvme["want"] != "", out["nvme"]
+    assert re.search(r"^drm: card\d+$", out["display-audio"], re.MULTILINE), out["display-audio"]
+    assert re.search(r"^sound: card\d+$", out["display-audio"], re.MULTILINE), out["display-audio"]
