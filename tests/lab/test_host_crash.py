@@ -8,16 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.lab_script import lab_script, sections
 
 pytestmark = pytest.mark.lab
 
-PRELUDE = r"""
-sec() { echo "=== $1"; }
-drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
-leftover() { if echo "1b36 0010" > /sys/bus/pci/drivers/vfio-pci/remove_id 2>/dev/null; then echo id-left; \
-  else echo no-id-left; fi; }
-SD=0000:00:03.0
-NVME=0000:00:04.0
+PRELUDE = lab_script(
+    r"""
 cat > "$TMPDIR/die_after.py" <<'PY'
 import os, signal, sys
 from pyvmm.host import sysfs
@@ -33,19 +29,10 @@ def write_then_die(path, value):
 sysfs.write_attr = write_then_die
 sys.exit(main(sys.argv[2:]))
 PY
-"""
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
+""",
+    SD="0000:00:03.0",
+    NVME="0000:00:04.0",
+)
 
 
 CRASH = PRELUDE + r"""

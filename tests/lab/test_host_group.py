@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from helpers.lab_script import lab_script, sections
 
 pytestmark = pytest.mark.lab
 
-PRELUDE = r"""
-sec() { echo "=== $1"; }
-drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
-VGA=0000:00:03.0
-AUDIO=0000:00:03.1
-"""
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
+PRELUDE = lab_script(
+    "",
+    VGA="0000:00:03.0",
+    AUDIO="0000:00:03.1",
+)
 
 
 GROUP = PRELUDE + r"""

@@ -7,27 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.lab_script import lab_script, sections
 
 pytestmark = pytest.mark.lab
 
-PRELUDE = r"""
-sec() { echo "=== $1"; }
-drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
+PRELUDE = lab_script(
+    r"""
 param() { cat /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts 2>/dev/null || echo unloaded; }
-EDU=0000:00:03.0
-"""
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
+""",
+    EDU="0000:00:03.0",
+)
 
 
 MODULES = PRELUDE + r"""

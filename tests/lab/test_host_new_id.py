@@ -4,30 +4,15 @@ behind; and the lab's own virtio-9p root device refused as in use by the host (i
 from __future__ import annotations
 
 import pytest
+from helpers.lab_script import lab_script, sections
 
 pytestmark = pytest.mark.lab
 
-PRELUDE = r"""
-sec() { echo "=== $1"; }
-drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
-# remove_id fails (ENODEV) exactly when vfio-pci has no dynamic id 1b36:0010 left.
-leftover() { if echo "1b36 0010" > /sys/bus/pci/drivers/vfio-pci/remove_id 2>/dev/null; then echo id-left; \
-  else echo no-id-left; fi; }
-A=0000:00:03.0
-B=0000:00:04.0
-"""
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
+PRELUDE = lab_script(
+    "",
+    A="0000:00:03.0",
+    B="0000:00:04.0",
+)
 
 
 NEW_ID = PRELUDE + r"""

@@ -6,26 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.lab_script import lab_script, sections
 
 pytestmark = pytest.mark.lab
 
-PRELUDE = r"""
-sec() { echo "=== $1"; }
-drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
-SD=0000:00:03.0
-"""
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
+PRELUDE = lab_script(
+    "",
+    SD="0000:00:03.0",
+)
 
 
 SD_ROUND_TRIP = PRELUDE + r"""
