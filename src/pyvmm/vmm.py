@@ -41,6 +41,7 @@ from pyvmm.devices.virtio.attach import attach_disks
 from pyvmm.devices.virtio.image import DiskImageError
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import kvm_cpuid_entry2
+from pyvmm.kvm.coalesced import CoalescedRing, coalesce_port_writes
 from pyvmm.kvm.regs import format_registers
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
@@ -113,6 +114,7 @@ class VirtualMachine:
         self.segments: list[PciSegment] = []
         self.serial: Serial | None = None
         self.serial_input: TerminalInput | None = None
+        self.coalesced: CoalescedRing | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def request_stop(self, kind: ExitKind, detail: str = "") -> None:
@@ -198,6 +200,11 @@ class VirtualMachine:
                 fpu = vcpu.get_fpu()
                 _fill(fpu, state.fpu)
                 vcpu.set_fpu(fpu)
+        # The 0xCF8 address register needs no answer, and Linux's early PCI probes (an AGP-bridge search
+        # over all 256 buses) write it thousands of times: KVM queues those writes instead of exiting.
+        self.coalesced = coalesce_port_writes(
+            vm, self.vcpus[0], layout.PCI_CONFIG_IO_PORT, 4, self.pio_bus, self.mmio_bus
+        )
 
     def _add_legacy_devices(self) -> None:
         assert self.vm is not None
@@ -305,7 +312,10 @@ class VirtualMachine:
     def run(self) -> VmExit:
         """Start one thread per vCPU and wait until the guest powers off, fails or a signal stops it."""
         install_kick_handler()
-        loops = [VcpuLoop(v, self.pio_bus, self.mmio_bus, on_stop=self._vcpu_stopped) for v in self.vcpus]
+        loops = [
+            VcpuLoop(v, self.pio_bus, self.mmio_bus, on_stop=self._vcpu_stopped, coalesced=self.coalesced)
+            for v in self.vcpus
+        ]
 
         def on_signal(signum: int, frame: object) -> None:
             self.request_stop(ExitKind.SIGNAL, signal.Signals(signum).name)

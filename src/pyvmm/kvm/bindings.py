@@ -218,6 +218,26 @@ class kvm_ioeventfd(ctypes.Structure):
     ]
 
 
+class _kvm_coalesced_pio_u(ctypes.Union):
+    _fields_ = [("pad", u32), ("pio", u32)]
+
+
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [("addr", u64), ("size", u32), ("u", _kvm_coalesced_pio_u)]
+
+
+class kvm_coalesced_mmio(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [("phys_addr", u64), ("len", u32), ("u", _kvm_coalesced_pio_u), ("data", u8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(ctypes.Structure):
+    """The ring's header; `struct kvm_coalesced_mmio coalesced_mmio[]` follows it to the end of the page."""
+
+    _fields_ = [("first", u32), ("last", u32)]
+
+
 class kvm_irq_routing_irqchip(ctypes.Structure):
     _fields_ = [("irqchip", u32), ("pin", u32)]
 
@@ -378,6 +398,9 @@ KERNEL_STRUCTS: tuple[type[ctypes.Structure], ...] = (
     kvm_pit_config,
     kvm_irqfd,
     kvm_ioeventfd,
+    kvm_coalesced_mmio_zone,
+    kvm_coalesced_mmio,
+    kvm_coalesced_mmio_ring,
     kvm_irq_routing_irqchip,
     kvm_irq_routing_msi,
     kvm_irq_routing_entry,
@@ -441,6 +464,8 @@ class KvmIoctl(IntEnum):
     KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
     KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
     KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
+    KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
+    KVM_UNREGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x68, kvm_coalesced_mmio_zone)
     KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
     KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
     KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
@@ -589,6 +614,7 @@ class KvmCap(IntEnum):
     KVM_CAP_X86_DISABLE_EXITS = 143
     KVM_CAP_GET_MSR_FEATURES = 153
     KVM_CAP_NESTED_STATE = 157
+    KVM_CAP_COALESCED_PIO = 162
     KVM_CAP_X86_USER_SPACE_MSR = 188
     KVM_CAP_X86_MSR_FILTER = 189
     KVM_CAP_SREGS2 = 200

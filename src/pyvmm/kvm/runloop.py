@@ -30,6 +30,7 @@ from pyvmm.kvm.bindings import (
     kvm_run,
     kvm_sregs,
 )
+from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.regs import format_registers
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ class VcpuLoop:
         on_stop: Callable[[RunResult], None] | None = None,
         kick_signal: int = KICK_SIGNAL,
         debug: bool = False,
+        coalesced: CoalescedRing | None = None,
     ) -> None:
         self.vcpu = vcpu
+        self.coalesced = coalesced
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
         self.on_stop = on_stop
@@ -166,14 +169,20 @@ class VcpuLoop:
         io_exit = self._io_exit
         mmio_exit = self._mmio_exit
         debug = self.debug
+        # Writes KVM queued in the coalesced ring happened before this exit: devices see them first.
+        drain = self.coalesced.drain if self.coalesced is not None else None
         try:
             while not self._stop:
                 reason = vcpu.run()
                 if debug:
                     log.debug("vCPU %d: exit %s", vcpu.index, _exit_name(reason))
                 if reason == _EXIT_IO:
+                    if drain is not None:
+                        drain()
                     io_exit()
                 elif reason == _EXIT_MMIO:
+                    if drain is not None:
+                        drain()
                     mmio_exit()
                 elif reason != _EXIT_INTR:
                     result = self._other_exit(reason, run)

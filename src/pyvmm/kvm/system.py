@@ -20,6 +20,7 @@ from pyvmm.kvm.bindings import (
     KvmIoeventfdFlag,
     KvmIrqfdFlag,
     kvm_clock_data,
+    kvm_coalesced_mmio_zone,
     kvm_cpuid2_array,
     kvm_cpuid_entry2,
     kvm_create_device,
@@ -256,6 +257,18 @@ class Vm(_Fd):
             flags |= KvmIoeventfdFlag.KVM_IOEVENTFD_FLAG_DEASSIGN
         request.flags = flags
         ioctl(self.fd, KvmIoctl.KVM_IOEVENTFD, request)
+
+    def register_coalesced_zone(
+        self, addr: int, size: int, pio: bool = False, unregister: bool = False
+    ) -> None:
+        """Let KVM queue guest writes to [addr, addr+size) in the coalesced ring instead of exiting
+        (KVM_REGISTER_COALESCED_MMIO; `pio` needs KVM_CAP_COALESCED_PIO). Reads still exit."""
+        zone = kvm_coalesced_mmio_zone(addr=addr, size=size)
+        zone.pio = 1 if pio else 0
+        if unregister:
+            ioctl(self.fd, KvmIoctl.KVM_UNREGISTER_COALESCED_MMIO, zone)
+        else:
+            ioctl(self.fd, KvmIoctl.KVM_REGISTER_COALESCED_MMIO, zone)
 
     def set_gsi_routing(self, routes: Sequence[Route]) -> None:
         """Replace the whole GSI routing table (see routing.default_irqchip_routes)."""
