@@ -36,9 +36,9 @@ test: lab-assets lint
 fuzz: venv
 	PYVMM_FUZZ=long $(BIN)/pytest -q --durations=0 tests/unit/test_fuzz_*.py $(PYTEST_ARGS)
 
-# 50 passthrough cycles in one lab (the suite runs 3): no growth in fds, locked memory or vfio groups.
+# 50 passthrough cycles (SD reader + NVMe) in one lab (the suite runs 3): no growth in fds, locked memory or vfio groups.
 soak: lab-assets
-	PYVMM_SOAK_CYCLES=50 $(BIN)/pytest -m lab -s tests/lab/test_soak_sd.py $(PYTEST_ARGS)
+	PYVMM_SOAK_CYCLES=50 $(BIN)/pytest -m lab -s tests/lab/test_soak.py $(PYTEST_ARGS)
 
 # pyvmm against QEMU in one lab (bench/README.md): bench/results/<date>.json, .md and .png. PYVMM_BENCH_REPS
 # sets the repetitions (default 5). matplotlib (the `bench` extra) is only needed here, for the chart.
