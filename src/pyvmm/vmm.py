@@ -40,7 +40,7 @@ from pyvmm.devices.serial import Serial
 from pyvmm.devices.virtio.attach import attach_disks
 from pyvmm.devices.virtio.image import DiskImageError
 from pyvmm.interrupts import MsiRouter
-from pyvmm.kvm.bindings import kvm_cpuid_entry2
+from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
 from pyvmm.kvm.coalesced import CoalescedRing, coalesce_port_writes
 from pyvmm.kvm.regs import format_registers
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
@@ -183,10 +183,11 @@ class VirtualMachine:
         if cfg.cpus.topology is not None:
             t = cfg.cpus.topology
             topology = CpuTopology(t.threads_per_core, t.cores_per_die, t.dies_per_package, t.packages)
+        tsc_deadline = bool(vm.check_extension(KvmCap.KVM_CAP_TSC_DEADLINE_TIMER))
         for index in range(cfg.cpus.boot):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(vcpu)
-            entries = adjust_cpuid(supported, index, cfg.cpus.boot, phys_bits, topology)
+            entries = adjust_cpuid(supported, index, cfg.cpus.boot, phys_bits, topology, tsc_deadline)
             vcpu.set_cpuid2([_kvm_cpuid_entry(e) for e in entries])
             vcpu.set_msrs(boot_msrs())
             if index == 0:

@@ -85,6 +85,13 @@ def test_leaf1_feature_bits_kvm_did_not_report_stay_off() -> None:
     assert e.ecx == 1 << 31  # only the hypervisor bit is added
 
 
+def test_leaf1_offers_the_tsc_deadline_timer_only_when_asked() -> None:
+    supported = host_leaves()
+    supported[1] = CpuidEntry(1, 0, 0, 0x906EA, 0, 0, 0)
+    assert leaf(adjust_cpuid(supported, 0, 1, 39, tsc_deadline=True), 1).ecx == (1 << 31) | (1 << 24)
+    assert not leaf(adjust_cpuid(supported, 0, 1, 39), 1).ecx & (1 << 24)
+
+
 # --- leaves 0xB and 0x1F ---------------------------------------------------------------------------
 
 

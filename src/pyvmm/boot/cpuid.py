@@ -43,6 +43,7 @@ class TopologyLevel(IntEnum):
 
 
 HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX
+TSC_DEADLINE_BIT = 1 << 24  # leaf 1 ECX
 HTT_BIT = 1 << 28  # leaf 1 EDX
 AMD_VENDORS = (b"AuthenticAMD", b"HygonGenuine")
 
@@ -166,7 +167,7 @@ def _adjust_leaf(e: CpuidEntry, apic_id: int, topo: CpuTopology, phys_bits: int,
         ebx = _set_bits(e.ebx, 24, 8, apic_id & 0xFF)
         ebx = _set_bits(ebx, 16, 8, topo.threads_per_package)
         edx = e.edx | HTT_BIT if topo.threads_per_package > 1 else e.edx & ~HTT_BIT
-        # TSC-deadline (ECX[24]) and x2APIC (ECX[21]) stay as KVM reports them.
+        # x2APIC (ECX[21]) stays as KVM reports it; TSC-deadline (ECX[24]) is adjust_cpuid's to add.
         return replace(e, ebx=ebx, ecx=e.ecx | HYPERVISOR_BIT, edx=edx)
     if e.function == Leaf.CACHE_PARAMS and e.eax & 0x1F:  # cache type 0 ends the list
         level = (e.eax >> 5) & 0x7
@@ -191,12 +192,15 @@ def adjust_cpuid(
     num_vcpus: int,
     phys_bits: int,
     topology: CpuTopology | None = None,
+    tsc_deadline: bool = False,
 ) -> list[CpuidEntry]:
     """The CPUID table for one vCPU, from KVM_GET_SUPPORTED_CPUID's entries.
 
     Leaf 1: initial APIC id, logical count, HTT and the hypervisor bit. Leaves 0xB/0x1F (when KVM lists
     them) are rebuilt for the topology with this vCPU's x2APIC id in EDX. Leaf 4: cores per package and
     cache sharing. Leaf 0x80000008: EAX[7:0] and EAX[23:16] = phys_bits. Other leaves pass through.
+    `tsc_deadline` (KVM_CAP_TSC_DEADLINE_TIMER): KVM emulates the TSC-deadline timer but never lists it in
+    its supported CPUID, leaving it to userspace to offer.
     """
     if num_vcpus < 1:
         raise CpuidError(f"num_vcpus={num_vcpus} must be at least 1")
@@ -217,5 +221,8 @@ def adjust_cpuid(
                 rebuilt.add(e.function)
                 result.extend(_topology_leaf(e.function, vcpu_id, topo))
             continue
-        result.append(_adjust_leaf(e, vcpu_id, topo, phys_bits, amd))
+        adjusted = _adjust_leaf(e, vcpu_id, topo, phys_bits, amd)
+        if tsc_deadline and e.function == Leaf.FEATURES:
+            adjusted = replace(adjusted, ecx=adjusted.ecx | TSC_DEADLINE_BIT)
+        result.append(adjusted)
     return result

@@ -36,17 +36,17 @@ LEAF_FLAGS = PageFlag.PRESENT | PageFlag.WRITABLE | PageFlag.LARGE
 
 def identity_map_tables() -> dict[int, bytes]:
     """Guest address -> 4 KiB table page: PML4, one PDPT and four PDs mapping [0, 4 GiB) with 2 MiB pages."""
+    table_flags, leaf_flags = int(TABLE_FLAGS), int(LEAF_FLAGS)  # plain ints: IntFlag arithmetic is slow
     pml4 = bytearray(PAGE_SIZE)
-    struct.pack_into("<Q", pml4, 0, layout.PDPTE_START | TABLE_FLAGS)
+    struct.pack_into("<Q", pml4, 0, layout.PDPTE_START | table_flags)
     pdpt = bytearray(PAGE_SIZE)
     tables: dict[int, bytes] = {layout.PML4_START: bytes(pml4)}
     for i in range(PD_PAGES):
         pd_addr = layout.PDE_START + i * PAGE_SIZE
-        struct.pack_into("<Q", pdpt, i * 8, pd_addr | TABLE_FLAGS)
-        pd = bytearray(PAGE_SIZE)
-        for j in range(ENTRIES_PER_TABLE):
-            struct.pack_into("<Q", pd, j * 8, ((i * ENTRIES_PER_TABLE + j) * LARGE_PAGE_SIZE) | LEAF_FLAGS)
-        tables[pd_addr] = bytes(pd)
+        struct.pack_into("<Q", pdpt, i * 8, pd_addr | table_flags)
+        first = i * ENTRIES_PER_TABLE
+        entries = [(first + j) * LARGE_PAGE_SIZE | leaf_flags for j in range(ENTRIES_PER_TABLE)]
+        tables[pd_addr] = struct.pack(f"<{ENTRIES_PER_TABLE}Q", *entries)
     tables[layout.PDPTE_START] = bytes(pdpt)
     return tables
 
