@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvmm import layout
 from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
@@ -37,8 +37,6 @@ from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.i8042 import I8042Device
 from pyvmm.devices.serial import Serial
-from pyvmm.devices.virtio.attach import attach_disks
-from pyvmm.devices.virtio.image import DiskImageError
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
 from pyvmm.kvm.coalesced import CoalescedRing, coalesce_port_writes
@@ -49,9 +47,9 @@ from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciError, PciSegment
 from pyvmm.pci.planning import make_segments, reserve_slots
 from pyvmm.pci.vmplan import dry_run_report, vm_plan
-from pyvmm.vfio import KvmSlotMapper, VfioError, attach_vfio_devices
-from pyvmm.vfio.capabilities import CapabilityConflict
-from pyvmm.vfio.passthrough import ManagedBinding, VfioConfigError, managed_binding
+
+if TYPE_CHECKING:
+    from pyvmm.vfio.passthrough import ManagedBinding
 
 log = logging.getLogger("pyvmm")
 
@@ -257,6 +255,10 @@ class VirtualMachine:
         if not self.config.disks:
             return
         assert self.vm is not None and self.memory is not None
+        # The virtio and VFIO stacks are imported only by VMs that use them: start-up time matters.
+        from pyvmm.devices.virtio.attach import attach_disks
+        from pyvmm.devices.virtio.image import DiskImageError
+
         if getattr(self, "msi_router", None) is None:
             self.msi_router = MsiRouter(self.vm)
         try:
@@ -272,6 +274,10 @@ class VirtualMachine:
         if not self.config.devices:
             return
         assert self.vm is not None and self.memory is not None
+        from pyvmm.vfio import KvmSlotMapper, VfioError, attach_vfio_devices
+        from pyvmm.vfio.capabilities import CapabilityConflict
+        from pyvmm.vfio.passthrough import VfioConfigError
+
         if getattr(self, "msi_router", None) is None:
             self.msi_router = MsiRouter(self.vm)  # one VM-wide GSI routing table, shared with virtio
         try:
@@ -408,9 +414,22 @@ def run_vm(config: VmConfig) -> int:
     return _exit_status(result)
 
 
+class _NoDevices:
+    """What _managed_devices yields for a VM without --device: nothing to bind, nothing to hold."""
+
+    def hold_signals(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def _managed_devices(config: VmConfig) -> Iterator[ManagedBinding]:
+def _managed_devices(config: VmConfig) -> Iterator[ManagedBinding | _NoDevices]:
     """--device ...,managed=on: bind their IOMMU groups before building, give them back on every way out."""
+    if not config.devices:
+        yield _NoDevices()
+        return
+    from pyvmm.vfio.errors import VfioError
+    from pyvmm.vfio.passthrough import VfioConfigError, managed_binding
+
     stack = contextlib.ExitStack()
     try:
         managed = stack.enter_context(managed_binding(config.devices))

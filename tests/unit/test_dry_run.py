@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_boot_bzimage import make_bzimage
 
-from pyvmm import cli, vmm
+from pyvmm import cli, vfio, vmm
 from pyvmm.pci import vmplan
 
 VGA16_RESOURCE = (
@@ -32,7 +32,7 @@ def no_kvm_no_vfio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         raise AssertionError("--dry-run must not open KVM or VFIO")
 
     monkeypatch.setattr(vmm, "Kvm", forbidden)
-    monkeypatch.setattr(vmm, "attach_vfio_devices", forbidden)
+    monkeypatch.setattr(vfio, "attach_vfio_devices", forbidden)
     monkeypatch.setattr(vmm, "VirtualMachine", forbidden)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\naddress sizes\t: 40 bits physical, 48 bits virtual\n")

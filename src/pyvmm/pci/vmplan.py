@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyvmm.boot import guest_phys_bits
 from pyvmm.config import VmConfig, aperture_weights
-from pyvmm.devices.virtio.attach import disk_bars
 from pyvmm.pci.planning import PciPlan, PlanError, PlanItem, format_plan, plan_pci
-from pyvmm.vfio.pci import SysfsFunction, sysfs_function
+
+if TYPE_CHECKING:
+    from pyvmm.vfio.pci import SysfsFunction
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -30,11 +32,18 @@ def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
     A device whose sysfs files cannot be read, or whose config space has no room for the GPUDirect clique
     capability it asks for, is a PlanError.
     """
-    items = [
-        PlanItem(disk_label(d.path), d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
-        for d in config.disks
-    ]
+    # Imported here: a VM without disks or devices starts without loading the virtio and VFIO stacks.
+    items: list[PlanItem] = []
+    if config.disks:
+        from pyvmm.devices.virtio.attach import disk_bars
+
+        items = [
+            PlanItem(disk_label(d.path), d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
+            for d in config.disks
+        ]
     functions: list[SysfsFunction] = []
+    if config.devices:
+        from pyvmm.vfio.pci import sysfs_function
     for dev in config.devices:
         label = device_label(dev.path)
         try:
