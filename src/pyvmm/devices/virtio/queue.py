@@ -34,6 +34,8 @@ class DescFlag(IntFlag):
     INDIRECT = 4
 
 
+_F_NEXT, _F_WRITE, _F_INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)  # hot path
+
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
@@ -262,13 +264,13 @@ class Virtqueue:
                 return chain
             budget -= 1
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
-            if flags & DescFlag.INDIRECT:
+            if flags & _F_INDIRECT:
                 problem = None
                 if not self.indirect:
                     problem = "indirect descriptor without VIRTIO_F_INDIRECT_DESC"
                 elif indirect_seen:
                     problem = "indirect descriptor inside an indirect table"
-                elif flags & DescFlag.NEXT:
+                elif flags & _F_NEXT:
                     problem = "indirect descriptor with NEXT set"
                 elif length == 0 or length % DESC_SIZE:
                     problem = f"indirect table of {length} bytes is not a multiple of {DESC_SIZE}"
@@ -287,8 +289,8 @@ class Virtqueue:
                 budget = entries
                 index = 0
                 continue
-            chain.descriptors.append(Descriptor(addr, length, bool(flags & DescFlag.WRITE)))
-            if not flags & DescFlag.NEXT:
+            chain.descriptors.append(Descriptor(addr, length, bool(flags & _F_WRITE)))
+            if not flags & _F_NEXT:
                 return chain
             index = nxt
 
