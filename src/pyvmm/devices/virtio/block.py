@@ -171,7 +171,8 @@ class VirtioBlock(VirtioDevice):
     def _execute(self, readable: list[memoryview], data_in: list[memoryview]) -> tuple[BlkStatus, int]:
         """Run one request; returns its status and the data bytes written for the driver."""
         header, payload = split_views(readable, REQUEST_HEADER.size)
-        raw = gather(header)
+        # Drivers put the header in one descriptor: unpack it in place, joining pieces only when split.
+        raw = header[0] if len(header) == 1 else gather(header)
         if len(raw) < REQUEST_HEADER.size:
             log.warning("virtio-blk: request header of %d bytes", len(raw))
             return BlkStatus.IOERR, 0
