@@ -103,7 +103,7 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
                 + " | ".join(an.fmt(c.median) if c else "—" for c in cells)
                 + " |"
             )
-    lines += ["", "How each figure is taken: `bench/README.md`."]
+    lines += ["", "How each figure is taken: [bench/README.md](../README.md)."]
     notes = data.get("notes") or {}
     if notes.get("trap_config_read.offset"):
         lines.append(f"Config-space reads at offset {', '.join(notes['trap_config_read.offset'])}.")
