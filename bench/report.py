@@ -1,6 +1,7 @@
 """Turn a bench results JSON into a Markdown table and a PNG chart next to it.
 
     .venv/bin/python bench/report.py bench/results/<date>.json
+    .venv/bin/python bench/report.py --compact bench/results/<date>.json   # the README's short table
 
 The chart needs matplotlib (`pip install -e '.[bench]'`); without it only the Markdown is written."""
 
@@ -109,11 +110,43 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
         lines.append(f"Config-space reads at offset {', '.join(notes['trap_config_read.offset'])}.")
     if data.get("wall_seconds"):
         lines.append(f"The whole run took {data['wall_seconds'] / 60:.1f} min.")
+    host = data.get("host") or {}
+    if "loadavg_before" in host:
+        lines.append(
+            f"Host load average (1 min) before and after: {host['loadavg_before'][0]:.1f}, "
+            f"{host['loadavg_after'][0]:.1f} on {host.get('cpus', '?')} CPUs (other work on the host "
+            "widens the spread)."
+        )
     if png_name:
         lines += ["", f"![pyvmm vs QEMU]({png_name})"]
     errors = data.get("errors") or []
     if errors:
         lines += ["", "Failed measurements:", "", *[f"- {e}" for e in errors]]
+    return "\n".join(lines) + "\n"
+
+
+def compact(data: dict[str, Any]) -> str:
+    """The short table of the README's Performance section: medians, the ratio, the goal."""
+    samples = data["samples"]
+    lines = [
+        "| metric | unit | pyvmm | QEMU | pyvmm / QEMU | goal |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for metric in an.METRICS:
+        s = samples.get(metric.key, {})
+        medians = [an.summarize(s.get(v, [])) for v in metric.vmms]
+        cells = [an.fmt(m.median) if m else "—" for m in medians]
+        qemu = cells[1]
+        if len(metric.vmms) > 2:
+            qemu += f" ({LABELS[metric.vmms[2]]}: {cells[2]})"
+        goals = []
+        for goal in metric.goals:
+            value = an.ratio(metric, s, goal.against)
+            met = "" if value is None else (" ✅" if goal.met(value, metric.better) else " ❌")
+            goals.append(f"{goal.text(metric.better).replace(goal.against, LABELS[goal.against])}{met}")
+        ratio = _ratio_text(an.ratio(metric, s, metric.baseline))
+        row = [metric.title, metric.unit, cells[0], qemu, ratio, "; ".join(goals) or "—"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +218,9 @@ def write(json_path: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compact"]:  # the README's table
+        print(compact(json.loads(Path(sys.argv[2]).read_text())), end="")
+        sys.exit(0)
     for arg in sys.argv[1:]:
         for out in write(Path(arg)):
             print(out)

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         *command,
     ]
     started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
     print(
         f"bench: {a.reps} repetition(s){' (smoke)' if a.smoke else ''} in one lab "
         f"({a.lab_cpus} CPUs), at most {timeout} s",
@@ -113,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             "reps": a.reps,
             "smoke": a.smoke,
             "settings": {**sizes, "lab_cpus": a.lab_cpus, "guest": "1 vCPU, 512 MiB"},
-            "host": {"machine": platform.machine(), "cpu": _cpu_model(), "cpus": os.cpu_count()},
+            "host": {
+                "machine": platform.machine(),
+                "cpu": _cpu_model(),
+                "cpus": os.cpu_count(),
+                # other work on the host shows up as spread between repetitions
+                "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            },
             "wall_seconds": round(wall, 1),
         }
     )
