@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import shlex
 import shutil
@@ -132,6 +133,7 @@ class Lab:
 
     def run(self, command: list[str], options: LabOptions) -> int:
         """Run `command` in a fresh lab; its output streams to stdout; returns its exit status."""
+        compile_pyvmm()
         self.paths.runs.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="run-", dir=self.paths.runs) as tmp:
             run_dir = Path(tmp)
@@ -145,6 +147,7 @@ class Lab:
             return status
 
     def shell(self, options: LabOptions) -> int:
+        compile_pyvmm()
         self.paths.runs.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="shell-", dir=self.paths.runs) as tmp:
             run_dir = Path(tmp)
@@ -153,6 +156,15 @@ class Lab:
             print("pyvmm-lab: booting the lab; leave the shell with `exit` or Ctrl-D", file=sys.stderr)
             proc = subprocess.run(argv)
             return 0 if proc.returncode == 0 else EXIT_LAB_FAILED
+
+
+def compile_pyvmm() -> None:
+    """Byte-compile the pyvmm package the lab imports, as installing a package does. The lab sees this
+    machine's files read-only, so without .pyc files (a source checkout run with PYTHONDONTWRITEBYTECODE,
+    say) every pyvmm start in the emulated host compiles all of its modules again: seconds under TCG.
+    Up-to-date files are skipped; a package directory we cannot write to is left as it is."""
+    package = Path(__file__).resolve().parent.parent
+    compileall.compile_dir(package, quiet=2)
 
 
 def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
