@@ -110,6 +110,10 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
         lines.append(f"Config-space reads at offset {', '.join(notes['trap_config_read.offset'])}.")
     if data.get("wall_seconds"):
         lines.append(f"The whole run took {data['wall_seconds'] / 60:.1f} min.")
+    source = data.get("pyvmm_source") or {}
+    if source.get("commit"):
+        changed = " plus uncommitted changes under src/" if source.get("changed") else ""
+        lines.append(f"pyvmm as of commit {source['commit'][:12]}{changed}.")
     host = data.get("host") or {}
     if "loadavg_before" in host:
         lines.append(

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             },
             "wall_seconds": round(wall, 1),
+            "pyvmm_source": _source_state(),
         }
     )
     a.out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print(f"bench: {len(errors)} measurement(s) failed:", *errors, sep="\n  ", file=sys.stderr)
     return 0 if status == 0 and not errors else 1
+
+
+def _source_state() -> dict[str, object]:
+    """The commit measured, and whether the working tree differed from it."""
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "changed": bool(git("status", "--porcelain", "src"))}
 
 
 def _cpu_model() -> str:
