@@ -32,7 +32,8 @@ class FakeVcpu:
 
     def __init__(self, steps: list[Step], index: int = 0) -> None:
         self.index = index
-        self._page = ctypes.create_string_buffer(3 * 0x1000)
+        self.mmap_size = 3 * 0x1000
+        self._page = ctypes.create_string_buffer(self.mmap_size)
         self.run_address = ctypes.addressof(self._page)
         self.kvm_run = kvm_run.from_buffer(self._page)
         self.steps = list(steps)
