@@ -8,6 +8,7 @@ The chart needs matplotlib (`pip install -e '.[bench]'`); without it only the Ma
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,17 @@ def _cell(summary: an.Summary | None) -> str:
 
 def _ratio_text(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}x"
+
+
+def _console_costs(details: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """Median cost of one console line per VMM in ms, over every I/O measurement's NL markers."""
+    costs: dict[str, list[float]] = {}
+    for key, per_vmm in details.items():
+        if key.endswith(".console_line_s"):
+            for vmm, values in per_vmm.items():
+                if vmm != an.NATIVE:
+                    costs.setdefault(vmm, []).extend(values)
+    return {vmm: statistics.median(v) * 1000 for vmm, v in costs.items() if v}
 
 
 def markdown(data: dict[str, Any], png_name: str | None) -> str:
@@ -105,6 +117,20 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
                 + " |"
             )
     lines += ["", "How each figure is taken: [bench/README.md](../README.md)."]
+    settings = data.get("settings") or {}
+    if "io_seconds" in settings:
+        lines.append(
+            f"Each I/O measurement ran {settings['io_seconds']:g} s over the first {settings['span']} of the "
+            f"device, each trap loop {settings['trap_seconds']:g} s, the idle stretch "
+            f"{settings['idle_seconds']:g} s (guest clock)."
+        )
+    console = _console_costs(data.get("details") or {})
+    if console:
+        lines.append(
+            "One console line (about 20 characters on the guest's serial port) cost, median: "
+            + ", ".join(f"{LABELS[v]} {ms:.1f} ms" for v, ms in console.items())
+            + "; each I/O and trap span has the cost measured right before it subtracted."
+        )
     notes = data.get("notes") or {}
     if notes.get("trap_config_read.offset"):
         lines.append(f"Config-space reads at offset {', '.join(notes['trap_config_read.offset'])}.")
