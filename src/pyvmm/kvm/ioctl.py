@@ -7,6 +7,7 @@ duration of the call (so a KVM_RUN in one thread does not stall the others) and 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from enum import IntEnum
 
@@ -29,7 +30,9 @@ def request_name(request: int) -> str:
 def ioctl(fd: int, request: int, arg: Arg = None) -> int:
     """Issue `request` on `fd`; a ctypes object is passed by address, an int by value.
 
-    Returns the (non-negative) result; raises IoctlError on failure.
+    Returns the (non-negative) result; raises IoctlError on failure. A call a signal interrupted (EINTR)
+    is made again, as Python does for its own system calls (PEP 475): a profiler's or a timer's signals must
+    not fail KVM_CREATE_VM. KVM_RUN does not come through here: its EINTR means "kicked".
     """
     if arg is None:
         value: int = 0
@@ -37,8 +40,10 @@ def ioctl(fd: int, request: int, arg: Arg = None) -> int:
         value = arg
     else:
         value = ctypes.addressof(arg)
-    ret = libc_ioctl(fd, request, value)
-    if ret < 0:
+    while True:
+        ret = libc_ioctl(fd, request, value)
+        if ret >= 0:
+            return ret
         err = ctypes.get_errno()
-        raise IoctlError(err, f"{request_name(request)} failed: {os.strerror(err)}")
-    return ret
+        if err != errno.EINTR:
+            raise IoctlError(err, f"{request_name(request)} failed: {os.strerror(err)}")
