@@ -185,6 +185,7 @@ class VfioPciDevice(PciDevice):
         self._router = router
         self._mapper = mapper
         self._p2p = p2p_container
+        self._p2p_refused: set[tuple[int, int]] = set()  # (BAR, guest address) already reported
         self._page = page_size
         self._exclude = frozenset(exclude_mmap_bars)
         self._mappings: list[_Mapping] = []
@@ -388,7 +389,11 @@ class VfioPciDevice(PciDevice):
                 m.dma_iova = gpa
             except VfioError as e:
                 # Peer-to-peer DMA is an extra: an IOMMU narrower than the guest's BAR addresses refuses it.
-                log.warning("%s: no peer-to-peer DMA to BAR%d area: %s", self.name, m.area.bar, e)
+                # Said once per place: the guest toggles memory decoding, and each toggle maps again.
+                first = (m.area.bar, gpa) not in self._p2p_refused
+                self._p2p_refused.add((m.area.bar, gpa))
+                log.log(logging.WARNING if first else logging.DEBUG,
+                        "%s: no peer-to-peer DMA to BAR%d area: %s", self.name, m.area.bar, e)
 
     def _uninstall(self, m: _Mapping) -> None:
         if m.dma_iova is not None and self._p2p is not None:
