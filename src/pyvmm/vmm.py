@@ -333,7 +333,9 @@ class VirtualMachine:
             threads = [loop.start_thread() for loop in loops]
             if self.serial_input is not None:
                 self.serial_input.start()
-            while not self._stopped.wait(0.5):
+            # A timed wait stays interruptible by SIGINT/SIGTERM; it need not wake often (each wake costs CPU
+            # while the guest idles, and everything that ends the VM sets the event).
+            while not self._stopped.wait(30.0):
                 pass
         finally:
             stop_all(loops)
