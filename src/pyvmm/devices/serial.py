@@ -100,6 +100,21 @@ INPUT_FIFO_SIZE = 64
 DEFAULT_DIVISOR = 0x0C  # 9600 baud from the 1.8432 MHz clock
 REGISTER_COUNT = 8
 
+# Plain ints for the per-access paths: an IntFlag operation costs about a microsecond, and Linux's console
+# makes two register accesses per character (LSR poll, THR write).
+_IER_RDA, _IER_THRE, _IER_RLS, _IER_MS = (int(f) for f in (Ier.RDA, Ier.THRE, Ier.RLS, Ier.MS))
+_IIR_RLS, _IIR_RDA, _IIR_THRE, _IIR_MS, _IIR_NONE = (
+    int(i) for i in (Iir.RLS, Iir.RDA, Iir.THRE, Iir.MS, Iir.NONE)
+)
+_LSR_EMPTY = int(Lsr.THRE | Lsr.TEMT)
+_LSR_DR, _LSR_OE = int(Lsr.DR), int(Lsr.OE)
+_LCR_DLAB = int(Lcr.DLAB)
+_FCR_ENABLE_FIFO = int(Fcr.ENABLE_FIFO)
+_MCR_LOOP = int(Mcr.LOOP)
+_RBR_THR_DLL, _IER_DLM, _IIR_FCR, _LCR, _MCR, _LSR, _MSR = (
+    int(r) for r in (Reg.RBR_THR_DLL, Reg.IER_DLM, Reg.IIR_FCR, Reg.LCR, Reg.MCR, Reg.LSR, Reg.MSR)
+)
+
 
 class Serial16550:
     """Bus device implementing a 16550A; `output` receives transmitted bytes (outside the device lock)."""
@@ -157,34 +172,34 @@ class Serial16550:
         return min(room, len(data))
 
     def _dlab(self) -> bool:
-        return bool(self._lcr & Lcr.DLAB)
+        return bool(self._lcr & _LCR_DLAB)
 
     def _read(self, offset: int) -> int:
-        if offset == Reg.RBR_THR_DLL:
-            if self._dlab():
+        if offset == _LSR:  # first: the console polls it before every character
+            lsr = _LSR_EMPTY
+            if self._rx:
+                lsr |= _LSR_DR
+            if self._overrun:
+                lsr |= _LSR_OE
+                self._overrun = False  # error bits clear on read
+            return lsr
+        if offset == _RBR_THR_DLL:
+            if self._lcr & _LCR_DLAB:
                 return self._divisor & 0xFF
             return self._rx.popleft() if self._rx else 0
-        if offset == Reg.IER_DLM:
-            return (self._divisor >> 8) & 0xFF if self._dlab() else self._ier
-        if offset == Reg.IIR_FCR:
+        if offset == _IER_DLM:
+            return (self._divisor >> 8) & 0xFF if self._lcr & _LCR_DLAB else self._ier
+        if offset == _IIR_FCR:
             iir = self._pending()
-            if iir == Iir.THRE:
+            if iir == _IIR_THRE:
                 self._thr_pending = False  # reading IIR acknowledges a THRE interrupt
-            fifo = IIR_FIFO_ENABLED if self._fcr & Fcr.ENABLE_FIFO else 0
+            fifo = IIR_FIFO_ENABLED if self._fcr & _FCR_ENABLE_FIFO else 0
             return fifo | iir
-        if offset == Reg.LCR:
+        if offset == _LCR:
             return self._lcr
-        if offset == Reg.MCR:
+        if offset == _MCR:
             return self._mcr
-        if offset == Reg.LSR:
-            lsr = Lsr.THRE | Lsr.TEMT
-            if self._rx:
-                lsr |= Lsr.DR
-            if self._overrun:
-                lsr |= Lsr.OE
-                self._overrun = False  # error bits clear on read
-            return int(lsr)
-        if offset == Reg.MSR:
+        if offset == _MSR:
             msr = self._modem_status() | self._msr_deltas
             self._msr_deltas = Msr(0)
             return int(msr)
@@ -192,13 +207,13 @@ class Serial16550:
 
     def _write(self, offset: int, value: int) -> int | None:
         """Apply a register write; returns the byte to transmit, if any."""
-        if offset == Reg.RBR_THR_DLL:
-            if self._dlab():
+        if offset == _RBR_THR_DLL:
+            if self._lcr & _LCR_DLAB:
                 self._divisor = (self._divisor & 0xFF00) | value
                 return None
             # The byte leaves at once, so THR is empty again: a fresh THRE interrupt.
             self._thr_pending = True
-            if self._mcr & Mcr.LOOP:
+            if self._mcr & _MCR_LOOP:
                 self._receive(bytes([value]))
                 return None
             return value
@@ -246,20 +261,21 @@ class Serial16550:
         if before & Msr.RI and not after & Msr.RI:  # trailing edge of ring indicator
             self._msr_deltas |= Msr.TERI
 
-    def _pending(self) -> Iir:
-        """The highest-priority enabled interrupt."""
-        if self._ier & Ier.RLS and self._overrun:
-            return Iir.RLS
-        if self._ier & Ier.RDA and self._rx:
-            return Iir.RDA
-        if self._ier & Ier.THRE and self._thr_pending:
-            return Iir.THRE
-        if self._ier & Ier.MS and self._msr_deltas:
-            return Iir.MS
-        return Iir.NONE
+    def _pending(self) -> int:
+        """The highest-priority enabled interrupt (an Iir value)."""
+        ier = self._ier
+        if ier & _IER_RLS and self._overrun:
+            return _IIR_RLS
+        if ier & _IER_RDA and self._rx:
+            return _IIR_RDA
+        if ier & _IER_THRE and self._thr_pending:
+            return _IIR_THRE
+        if ier & _IER_MS and self._msr_deltas:
+            return _IIR_MS
+        return _IIR_NONE
 
     def _update_irq(self) -> None:
-        asserted = self._pending() != Iir.NONE
+        asserted = self._pending() != _IIR_NONE
         if asserted != self._asserted:
             self._asserted = asserted
             self._irq.set_level(asserted)
