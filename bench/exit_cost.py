@@ -18,6 +18,7 @@ from pyvmm import layout
 from pyvmm.devices.bus import IoBus
 from pyvmm.kvm.coalesced import coalesce_port_writes
 from pyvmm.kvm.runloop import VcpuLoop, install_kick_handler
+from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bus import PciConfigIo
@@ -70,20 +71,7 @@ def measure(count: int, coalesce: bool = True) -> tuple[float, int]:
     done = Done()
     pio_bus.insert(DONE_PORT, 1, done)
     with Kvm() as kvm, kvm.create_vm() as vm:
-        vm.set_tss_addr(layout.KVM_TSS_START)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
-        vm.create_irqchip()
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
-        vcpu = vm.create_vcpu(0)
-        sregs = vcpu.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-            seg.base = 0
-            seg.selector = 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rflags, regs.rsp = CODE_GPA, 0x2, 0xF000
-        vcpu.set_regs(regs)
+        vcpu = real_mode_vcpu(vm, memory, CODE_GPA)
         ring = None
         if coalesce:
             ring = coalesce_port_writes(vm, vcpu, layout.PCI_CONFIG_IO_PORT, 4, pio_bus, mmio_bus)

@@ -13,6 +13,7 @@ from pyvmm.devices.bus import IoBus
 from pyvmm.kvm.bindings import kvm_coalesced_mmio, kvm_coalesced_mmio_ring
 from pyvmm.kvm.coalesced import CoalescedRing, coalesce_port_writes
 from pyvmm.kvm.runloop import VcpuLoop, install_kick_handler
+from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm, KvmError
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bus import HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, PciConfigIo
@@ -114,18 +115,7 @@ def test_config_address_writes_are_queued_by_kvm_and_seen_in_order() -> None:
     done_port.write = lambda offset, size, value: done.set()  # type: ignore[method-assign]
     pio.insert(0x14, 1, done_port)
     with kvm, kvm.create_vm() as vm:
-        vm.set_tss_addr(layout.KVM_TSS_START)
-        vm.create_irqchip()
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
-        vcpu = vm.create_vcpu(0)
-        sregs = vcpu.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-            seg.base, seg.selector = 0, 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rflags, regs.rsp = 0x1000, 0x2, 0xF000
-        vcpu.set_regs(regs)
+        vcpu = real_mode_vcpu(vm, memory, 0x1000)
         ring = coalesce_port_writes(vm, vcpu, layout.PCI_CONFIG_IO_PORT, 4, pio, mmio)
         if ring is None:
             pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")

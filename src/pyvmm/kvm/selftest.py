@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pyvmm import layout
 from pyvmm.devices.bus import IoBus
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler
-from pyvmm.kvm.system import Kvm
+from pyvmm.kvm.system import Kvm, Vcpu, Vm
 from pyvmm.memory import GuestMemory
 
 RAM_SIZE = 0x10000
@@ -118,6 +118,30 @@ def expected_mmio() -> list[tuple[str, int, int, int]]:
     return [("w", MMIO_BASE + 0x10, 2, 0xBEEF), ("r", MMIO_BASE + 0x20, 2, MMIO_READ_VALUE)]
 
 
+def real_mode_vcpu(vm: Vm, memory: GuestMemory, rip: int, irqchip: bool = True) -> Vcpu:
+    """Set `vm` up like a real one (TSS, identity map, with `irqchip` the in-kernel irqchip and PIT), map
+    `memory` into it and return vCPU 0 ready to run a real-mode program at 0:`rip` with interrupts off."""
+    vm.set_tss_addr(layout.KVM_TSS_START)
+    vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+    if irqchip:
+        vm.create_irqchip()
+        vm.create_pit2()
+    for slot, region in enumerate(memory.regions):
+        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+    vcpu = vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
+        seg.base = 0
+        seg.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = rip
+    regs.rflags = 0x2  # bit 1 is reserved-one; IF clear
+    regs.rsp = 0xF000
+    vcpu.set_regs(regs)
+    return vcpu
+
+
 def run_program(irqchip: bool = True, timeout: float = 10.0) -> SelftestRun:
     """Run PROGRAM on a fresh VM; with irqchip=False the final HLT ends the loop by itself (HALTED)."""
     install_kick_handler()
@@ -131,25 +155,7 @@ def run_program(irqchip: bool = True, timeout: float = 10.0) -> SelftestRun:
     mmio_bus.insert(MMIO_BASE, 0x1000, Probe(mmio_log, MMIO_BASE))
 
     with Kvm() as kvm, kvm.create_vm() as vm:
-        vm.set_tss_addr(layout.KVM_TSS_START)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
-        if irqchip:
-            vm.create_irqchip()
-            vm.create_pit2()
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
-        vcpu = vm.create_vcpu(0)
-        sregs = vcpu.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.ss):
-            seg.base = 0
-            seg.selector = 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip = CODE_GPA
-        regs.rflags = 0x2  # bit 1 is reserved-one; IF clear
-        regs.rsp = 0xF000
-        vcpu.set_regs(regs)
-
+        vcpu = real_mode_vcpu(vm, memory, CODE_GPA, irqchip)
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus)
         thread = loop.start_thread()
         stop_latency = 0.0
