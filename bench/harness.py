@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -195,6 +194,16 @@ class Bench:
         self.fail(label, result, "the guest or the VMM did not finish cleanly")
         return False
 
+    def _guest_spans(self, label: str, result: RunResult) -> dict[str, an.Span] | None:
+        """The guest's marked spans, or None (the failure recorded) when the run or its markers went wrong."""
+        if not self._guest_ok(label, result):
+            return None
+        try:
+            return an.spans(result.lines)
+        except an.MarkerError as exc:
+            self.fail(label, result, str(exc))
+            return None
+
     # boot: start -> first init line, start -> exit
     def boot(self, vmm: str, rep: int) -> None:
         if vmm == an.PYVMM:
@@ -232,12 +241,8 @@ class Bench:
         argv = pyvmm_argv(self.s, cmd, disk=disk) if vmm == an.PYVMM else qemu_argv(self.s, cmd, disk=disk)
         label = f"rep {rep} virtio-blk {vmm}"
         result = self.run(label, argv, probe=idle_probe)
-        if not self._guest_ok(label, result):
-            return
-        try:
-            spans = an.spans(result.lines)
-        except an.MarkerError as exc:
-            self.fail(label, result, str(exc))
+        spans = self._guest_spans(label, result)
+        if spans is None:
             return
         self._io(
             label,
@@ -308,12 +313,8 @@ class Bench:
         )
         label = f"rep {rep} passthrough {vmm}"
         result = self.run(label, argv)
-        if not self._guest_ok(label, result):
-            return
-        try:
-            spans = an.spans(result.lines)
-        except an.MarkerError as exc:
-            self.fail(label, result, str(exc))
+        spans = self._guest_spans(label, result)
+        if spans is None:
             return
         self._io(
             label,
@@ -437,8 +438,7 @@ def main() -> int:
         a.helpers,
         a.vm_timeout,
     )
-    bench = Bench(settings)
-    precompile_pyvmm()
+    bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()
     try:
         bench.run_all()
@@ -453,16 +453,6 @@ def main() -> int:
         }
         print("BENCH-JSON " + json.dumps(out, sort_keys=True), flush=True)
     return 0 if not bench.errors else 1
-
-
-def precompile_pyvmm() -> None:
-    """Compile pyvmm's modules to bytecode, as an installed package has them. Without this, a checkout run
-    with PYTHONDONTWRITEBYTECODE=1 (or a fresh lab, whose writable layer starts empty) compiles every module
-    from source at every pyvmm start, which under emulation adds seconds to each boot. The .pyc files go to
-    the lab's in-memory layer: nothing outside changes."""
-    spec = importlib.util.find_spec("pyvmm")
-    for where in (spec.submodule_search_locations or []) if spec else []:
-        subprocess.run([sys.executable, "-m", "compileall", "-q", where], check=False)
 
 
 def qemu_version() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.lab_script import sections
 
 pytestmark = pytest.mark.lab
 
@@ -15,18 +16,6 @@ snapshot() {
   for d in /sys/bus/pci/devices/*; do b=$(basename $d); echo "$b $(drv $b) $(cat $d/driver_override)"; done
 }
 """
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
 
 
 def json_and_status(text: str) -> tuple[object, str]:

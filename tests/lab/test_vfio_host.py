@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers.lab_script import sections
 
 pytestmark = pytest.mark.lab
 
@@ -196,18 +197,6 @@ echo "sd=$(sha256sum /dev/mmcblk0 | cut -d' ' -f1) want=$PYVMM_LAB_SD_SHA256"
 echo "nvme=$(sha256sum /dev/nvme0n1 | cut -d' ' -f1) want=$PYVMM_LAB_NVME_SHA256"
 """
 )
-
-
-def sections(out: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in out.splitlines():
-        if line.startswith("=== "):
-            current = line[4:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {k: "\n".join(v) for k, v in found.items()}
 
 
 _RUN: list[tuple[dict, dict[str, str], str]] = []
