@@ -29,6 +29,9 @@ GUEST_RAM = 512 << 20
 CMDLINE = "console=ttyS0 quiet panic=-1"
 
 
+PARTS = frozenset({"boot", "virtio", "passthrough"})  # passthrough includes the lab-native and trap runs
+
+
 @dataclass
 class Settings:
     reps: int
@@ -41,6 +44,7 @@ class Settings:
     disk: str
     helpers: str  # directory with bench-io and bench-trap for the lab-native runs
     vm_timeout: float = 300.0
+    only: frozenset[str] = PARTS  # which parts to run (a subset while working on one of them)
 
 
 @dataclass
@@ -357,10 +361,14 @@ class Bench:
             boots = [an.PYVMM, an.QEMU_Q35, an.QEMU_MICROVM]
             boots = boots[rep % 3 :] + boots[: rep % 3]
             say(f"== repetition {rep}/{s.reps}")
-            for vmm in boots:
-                self.boot(vmm, rep)
-            for vmm in pair:
-                self.virtio(vmm, rep, disk)
+            if "boot" in s.only:
+                for vmm in boots:
+                    self.boot(vmm, rep)
+            if "virtio" in s.only:
+                for vmm in pair:
+                    self.virtio(vmm, rep, disk)
+            if "passthrough" not in s.only:
+                continue
             self.native(rep)
             if self.host("bind"):
                 for vmm in pair:
@@ -424,6 +432,7 @@ def main() -> int:
     p.add_argument("--initramfs", required=True)
     p.add_argument("--helpers", required=True)
     p.add_argument("--vm-timeout", type=float, default=300)
+    p.add_argument("--only", default=",".join(sorted(PARTS)), help="comma-separated parts to run")
     a = p.parse_args()
     env = os.environ
     settings = Settings(
@@ -437,6 +446,7 @@ def main() -> int:
         env["PYVMM_GUEST_DISK"],
         a.helpers,
         a.vm_timeout,
+        frozenset(a.only.split(",")),
     )
     bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()

@@ -25,6 +25,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import guest_build  # noqa: E402
+import harness  # noqa: E402
 import report  # noqa: E402
 
 FULL = {"span": "64M", "io_seconds": 3.0, "trap_seconds": 2.0, "idle_seconds": 10.0}
@@ -38,9 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=int(os.environ.get("PYVMM_BENCH_REPS", "5")))
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     p.add_argument("--lab-cpus", type=int, default=int(os.environ.get("PYVMM_BENCH_LAB_CPUS", LAB_CPUS)))
+    p.add_argument("--only", help="run some parts only: a comma-separated subset of "
+                   f"{','.join(sorted(harness.PARTS))} (results then go to <date>-<parts>.json)")
     a = p.parse_args(argv)
     if a.reps < 1:
         p.error("--reps: at least 1")
+    parts = a.only.split(",") if a.only else sorted(harness.PARTS)
+    if not parts or not set(parts) <= harness.PARTS:
+        p.error(f"--only: choose from {', '.join(sorted(harness.PARTS))}")
     sizes = SMOKE if a.smoke else FULL
     initramfs = guest_build.build()
     helpers = guest_build.bench_dir()
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         str(initramfs),
         "--helpers",
         str(helpers),
+        "--only",
+        ",".join(parts),
     ]
     lab = [
         sys.executable,
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"{started.strftime('%Y-%m-%d')}.json"
+    suffix = "" if a.only is None else "-" + "-".join(parts)
+    path = a.out / f"{started.strftime('%Y-%m-%d')}{suffix}.json"
     path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     written = report.write(path)
     for out in (path, *written):

@@ -230,6 +230,7 @@ class MsixControl(IntFlag):
 
 
 _VECTOR_CONTROL_MASKED = 1
+_MSIX_ENABLE = int(MsixControl.ENABLE)  # tested for every interrupt a device raises
 
 
 class MsixCapability:
@@ -280,7 +281,7 @@ class MsixCapability:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._control & MsixControl.ENABLE)
+        return bool(self._control & _MSIX_ENABLE)
 
     @property
     def function_masked(self) -> bool:

@@ -57,6 +57,9 @@ class RequestType(IntEnum):
     WRITE_ZEROES = 13
 
 
+_IN, _OUT = int(RequestType.IN), int(RequestType.OUT)  # compared for every request: plain ints
+
+
 class BlkStatus(IntEnum):
     OK = 0
     IOERR = 1
@@ -148,11 +151,15 @@ class VirtioBlock(VirtioDevice):
         except ChainError as exc:
             log.warning("virtio-blk: %s", exc)
             return self._fail_broken_chain(chain)
-        data_in, status_views = split_views(buffers.writable, max(buffers.writable_len - 1, 0))
-        status = next((v for v in status_views if len(v)), None)
-        if status is None:
-            log.warning("virtio-blk: chain %d has no writable status byte", chain.head)
-            return 0
+        writable = buffers.writable
+        if writable and len(writable[-1]) == 1:  # how drivers lay it out: the status byte on its own
+            data_in, status = writable[:-1], writable[-1]
+        else:
+            data_in, status_views = split_views(writable, max(buffers.writable_len - 1, 0))
+            status = next((v for v in status_views if len(v)), None)
+            if status is None:
+                log.warning("virtio-blk: chain %d has no writable status byte", chain.head)
+                return 0
         try:
             status_value, written = self._execute(buffers.readable, data_in)
         except Exception:  # never let a request take the device down
@@ -170,16 +177,19 @@ class VirtioBlock(VirtioDevice):
 
     def _execute(self, readable: list[memoryview], data_in: list[memoryview]) -> tuple[BlkStatus, int]:
         """Run one request; returns its status and the data bytes written for the driver."""
-        header, payload = split_views(readable, REQUEST_HEADER.size)
-        # Drivers put the header in one descriptor: unpack it in place, joining pieces only when split.
-        raw = header[0] if len(header) == 1 else gather(header)
-        if len(raw) < REQUEST_HEADER.size:
-            log.warning("virtio-blk: request header of %d bytes", len(raw))
-            return BlkStatus.IOERR, 0
+        if readable and len(readable[0]) == REQUEST_HEADER.size:  # the usual layout: header on its own
+            raw: memoryview | bytes = readable[0]
+            payload = readable[1:]
+        else:  # a header split across descriptors, or sharing one with data
+            header, payload = split_views(readable, REQUEST_HEADER.size)
+            raw = header[0] if len(header) == 1 else gather(header)
+            if len(raw) < REQUEST_HEADER.size:
+                log.warning("virtio-blk: request header of %d bytes", len(raw))
+                return BlkStatus.IOERR, 0
         req_type, _reserved, sector = REQUEST_HEADER.unpack(raw)
-        if req_type == RequestType.IN:
+        if req_type == _IN:
             return self._read(sector, data_in)
-        if req_type == RequestType.OUT:
+        if req_type == _OUT:
             return self._write(sector, payload), 0
         if req_type == RequestType.FLUSH:
             return self._flush(), 0
@@ -191,7 +201,7 @@ class VirtioBlock(VirtioDevice):
         return BlkStatus.UNSUPP, 0
 
     def _range_ok(self, sector: int, length: int) -> bool:
-        if length % SECTOR_SIZE:
+        if length & (SECTOR_SIZE - 1):
             log.warning("virtio-blk: transfer of %d bytes is not a whole number of sectors", length)
             return False
         if sector + length // SECTOR_SIZE > self.image.sectors:
@@ -201,11 +211,11 @@ class VirtioBlock(VirtioDevice):
         return True
 
     def _read(self, sector: int, data_in: list[memoryview]) -> tuple[BlkStatus, int]:
-        length = sum(len(v) for v in data_in)
+        length = sum(map(len, data_in))
         if not self._range_ok(sector, length):
             return BlkStatus.IOERR, 0
         try:
-            self.image.readv(sector * SECTOR_SIZE, data_in)
+            self.image.readv(sector * SECTOR_SIZE, data_in, length)
         except OSError as exc:
             log.warning("virtio-blk: read at sector %d failed: %s", sector, exc)
             return BlkStatus.IOERR, 0
@@ -214,10 +224,11 @@ class VirtioBlock(VirtioDevice):
     def _write(self, sector: int, data_out: list[memoryview]) -> BlkStatus:
         if self.image.readonly:
             return BlkStatus.IOERR
-        if not self._range_ok(sector, sum(len(v) for v in data_out)):
+        length = sum(map(len, data_out))
+        if not self._range_ok(sector, length):
             return BlkStatus.IOERR
         try:
-            self.image.writev(sector * SECTOR_SIZE, data_out)
+            self.image.writev(sector * SECTOR_SIZE, data_out, length)
         except OSError as exc:
             log.warning("virtio-blk: write at sector %d failed: %s", sector, exc)
             return BlkStatus.IOERR

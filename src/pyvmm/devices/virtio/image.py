@@ -151,23 +151,36 @@ class RawImage:
             return False
         return all(len(b) % a == 0 and (not len(b) or _address(b) % a == 0) for b in buffers)
 
-    def readv(self, offset: int, buffers: list[memoryview]) -> None:
-        """Fill `buffers` from the image at `offset`."""
-        if self._aligned(offset, buffers):
-            self._transfer(os.preadv, offset, buffers)
+    def readv(self, offset: int, buffers: list[memoryview], length: int | None = None) -> None:
+        """Fill `buffers` (`length` bytes in all, when the caller knows) from the image at `offset`."""
+        if self.align == 1 or self._aligned(offset, buffers):
+            self._transfer(os.preadv, offset, buffers, length)
         else:
             self._bounced(offset, buffers, write=False)
 
-    def writev(self, offset: int, buffers: list[memoryview]) -> None:
-        """Write `buffers` to the image at `offset`."""
+    def writev(self, offset: int, buffers: list[memoryview], length: int | None = None) -> None:
+        """Write `buffers` (`length` bytes in all, when the caller knows) to the image at `offset`."""
         if self.readonly:
             raise OSError(errno.EROFS, "read-only image")
-        if self._aligned(offset, buffers):
-            self._transfer(os.pwritev, offset, buffers)
+        if self.align == 1 or self._aligned(offset, buffers):
+            self._transfer(os.pwritev, offset, buffers, length)
         else:
             self._bounced(offset, buffers, write=True)
 
-    def _transfer(self, op: Callable[..., int], offset: int, buffers: list[memoryview]) -> None:
+    def _transfer(self, op: Callable[..., int], offset: int, buffers: list[memoryview],
+                  length: int | None = None) -> None:
+        if length is None:
+            length = sum(map(len, buffers))
+        if not length:
+            return
+        if len(buffers) <= _IOV_MAX:  # the usual case: one system call moves everything
+            done = op(self.fd, buffers, offset)
+            if done == length:
+                return
+            if done <= 0:
+                raise OSError(errno.EIO, "unexpected end of image")
+            offset += done
+            buffers = _advance(buffers, done)
         buffers = [b for b in buffers if len(b)]
         while buffers:
             batch = buffers[:_IOV_MAX]

@@ -59,6 +59,8 @@ MSIX_PBA_OFFSET = 0x48000
 MAX_QUEUES = NOTIFY_CFG_SIZE // NOTIFY_OFF_MULTIPLIER
 VIRTIO_PCI_CAP_ID = 0x09  # vendor-specific capability
 PCI_CFG_CAP_LENGTH = 20
+_STOPPED = DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED
+_ISR_QUEUE = int(IsrStatus.QUEUE)
 
 
 class Common:
@@ -261,7 +263,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
         self.config_generation = 0
         self.queue_select = 0
-        self.isr = IsrStatus(0)
+        self.isr = 0  # IsrStatus bits, a plain int: the worker sets one for every interrupt
         for q in self.queues:
             q.reset()
 
@@ -316,8 +318,8 @@ class VirtioPciDevice(ConfigSpaceDevice):
                 return self._common_read(offset - COMMON_CFG_OFFSET, size)
         if ISR_CFG_OFFSET <= offset < ISR_CFG_OFFSET + ISR_CFG_SIZE:
             with self._lock:
-                isr, self.isr = self.isr, IsrStatus(0)  # reading acknowledges
-            return int(isr)
+                isr, self.isr = self.isr, 0  # reading acknowledges
+            return isr
         if DEVICE_CFG_OFFSET <= offset < DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE:
             return self.device.read_config(offset - DEVICE_CFG_OFFSET, size) & _ones(size)
         msix = self.msix
@@ -504,16 +506,24 @@ class VirtioPciDevice(ConfigSpaceDevice):
     # ---- queue processing (worker thread) -----------------------------------------------------------
 
     @property
+    def status(self) -> DeviceStatus:
+        return self._status
+
+    @status.setter
+    def status(self, value: DeviceStatus) -> None:
+        self._status = value
+        # Kept as a plain bool: the worker checks it on every kick, and IntFlag arithmetic is slow.
+        self._live = bool(value & DeviceStatus.DRIVER_OK) and not value & _STOPPED
+
+    @property
     def live(self) -> bool:
-        s = self.status
-        stopped = DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED
-        return bool(s & DeviceStatus.DRIVER_OK) and not s & stopped
+        return self._live
 
     def process(self, index: int) -> None:
         """Drain queue `index` and interrupt the driver if it asked for it (the worker's handler)."""
         with self._lock:
             q = self.queues[index]
-            if not self.live or not q.ready:
+            if not self._live or not q.ready:
                 return
             try:
                 while True:
@@ -522,12 +532,12 @@ class VirtioPciDevice(ConfigSpaceDevice):
                     if not q.enable_notifications():
                         break
                 if q.needs_interrupt():
-                    self._interrupt(q.msix_vector, IsrStatus.QUEUE)
+                    self._interrupt(q.msix_vector, _ISR_QUEUE)
             except QueueError as exc:
                 log.warning("%s: %s; the device needs a reset", self.name, exc)
                 self._needs_reset()
 
-    def _interrupt(self, vector: int, cause: IsrStatus) -> None:
+    def _interrupt(self, vector: int, cause: int) -> None:
         self.isr |= cause
         if self.msix.enabled and vector != VIRTIO_MSI_NO_VECTOR:
             self.vectors.trigger(vector)
@@ -536,7 +546,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
         """The device configuration changed (or the device needs a reset): tell the driver."""
         with self._lock:
             self.config_generation = (self.config_generation + 1) & 0xFF
-            self._interrupt(self.config_msix_vector, IsrStatus.CONFIG)
+            self._interrupt(self.config_msix_vector, int(IsrStatus.CONFIG))
 
     # ---- teardown -------------------------------------------------------------------------------------
 

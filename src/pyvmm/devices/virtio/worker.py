@@ -52,8 +52,10 @@ class QueueWorker:
             for fd, _events in poller.poll():
                 if fd == self._stop_fd:
                     return
-                with contextlib.suppress(BlockingIOError):
+                try:  # noqa: SIM105 - not contextlib.suppress: this runs on every kick
                     os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
                 try:
                     self._handler(index_of[fd])
                 except Exception:  # a device bug must not kill the thread silently
