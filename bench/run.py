@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     p.add_argument("--lab-cpus", type=int, default=int(os.environ.get("PYVMM_BENCH_LAB_CPUS", LAB_CPUS)))
     p.add_argument("--only", help="run some parts only: a comma-separated subset of "
-                   f"{','.join(sorted(harness.PARTS))} (results then go to <date>-<parts>.json)")
+                   f"{','.join(sorted(harness.PARTS))} (results then go to <date>-<parts>.json, "
+                   "which git ignores)")
     a = p.parse_args(argv)
     if a.reps < 1:
         p.error("--reps: at least 1")

@@ -5,7 +5,7 @@ table when a request has several data segments), then the transport's `process()
 worker thread does after a kick. The image is a file in the page cache. Prints microseconds per request
 for 4 KiB reads one request per kick (queue depth 1), 32 per kick (QD32), and 1 MiB reads of 256 4 KiB
 segments. Multiply by the lab's TCG factor (about 30) for what a request costs the lab's worker thread.
-Usage: python bench/virtio_cost.py [rounds]
+Usage: python bench/virtio_cost.py [rounds [case]]  (case: 0, 1 or 2, one of the three)
 """
 
 from __future__ import annotations
@@ -126,11 +126,13 @@ def main() -> None:
         with open(f.name, "rb") as warm:  # into the page cache
             while warm.read(MiB):
                 pass
-        for label, per_kick, segments in (
+        cases = (
             ("4 KiB read, QD1", 1, 1),
             ("4 KiB read, 32 per kick", 32, 1),
             ("1 MiB read (128 x 8 KiB), 4 per kick", 4, 128),
-        ):
+        )
+        for label, per_kick, segments in cases[int(sys.argv[2]) : int(sys.argv[2]) + 1] if len(sys.argv) > 2 \
+                else cases:
             dev, ring = make_device(f.name, memory)
             try:
                 us = measure(dev, ring, per_kick, segments, max(rounds // segments, 20))

@@ -207,6 +207,19 @@ class Snapshot:
             pos += n
 
 
+def unmappable(buffers: list[Buf]) -> bool:
+    """A buffer outside guest RAM, or a device-readable buffer after a device-writable one (§2.7.4.2)."""
+    if not all(in_ram(b.addr, b.length) for b in buffers):
+        return True
+    seen_writable = False
+    for b in buffers:
+        if b.writable:
+            seen_writable = True
+        elif seen_writable:
+            return True
+    return False
+
+
 def predict(
     mem: GuestMemory,
     image: bytes,
@@ -218,13 +231,7 @@ def predict(
 ) -> Prediction:
     """§5.2.6: what the block device must do with this chain."""
     p = Prediction(buffers, walk_error)
-    broken = walk_error or not all(in_ram(b.addr, b.length) for b in buffers)
-    seen_writable = False
-    for b in buffers:
-        if b.writable:
-            seen_writable = True
-        elif seen_writable:
-            broken = True  # device-readable after device-writable (§2.7.4.2)
+    broken = walk_error or unmappable(buffers)
     if broken:
         last = buffers[-1] if buffers else None
         if last is not None and last.writable and last.length and in_ram(last.addr + last.length - 1, 1):
@@ -325,13 +332,13 @@ class CheckedImage:
                 f"image I/O buffer at host {start:#x}+{len(b):#x} is not guest RAM"
             )
 
-    def readv(self, offset: int, buffers: list[memoryview]) -> None:
+    def readv(self, offset: int, buffers: list[memoryview], length: int | None = None) -> None:
         self._check(buffers)
-        self._image.readv(offset, buffers)
+        self._image.readv(offset, buffers, length)
 
-    def writev(self, offset: int, buffers: list[memoryview]) -> None:
+    def writev(self, offset: int, buffers: list[memoryview], length: int | None = None) -> None:
         self._check(buffers)
-        self._image.writev(offset, buffers)
+        self._image.writev(offset, buffers, length)
 
 
 class VirtqueueBlkMachine(RuleBasedStateMachine):
@@ -458,9 +465,10 @@ class VirtqueueBlkMachine(RuleBasedStateMachine):
     def _checked_handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         q, mem = self.queue, self.memory
         buffers, walk_error = spec_walk(mem, q.desc_addr, q.size, chain.head, self.indirect)
-        got = [Buf(d.addr, d.length, d.writable) for d in chain.descriptors]
-        assert walk_error == (chain.error is not None), (
-            f"chain {chain.head}: model says malformed={walk_error}, walker says {chain.error!r}"
+        got = [Buf(*d) for d in chain.descriptors]
+        broken = walk_error or unmappable(buffers)  # the walker maps buffers as it goes
+        assert broken == (chain.error is not None), (
+            f"chain {chain.head}: model says broken={broken}, walker says {chain.error!r}"
         )
         assert got == buffers, f"chain {chain.head}: walker {got} != model {buffers}"
         assert len(got) <= q.size, "a chain longer than the queue"

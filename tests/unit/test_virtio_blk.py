@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from test_virtio_driver import (
 
 from pyvmm.devices.virtio import BlockParams, DiskImageError, VirtioBlock, VirtioPciDevice, vector_count
 from pyvmm.devices.virtio.block import BlkFeature, BlkStatus, RequestType
+from pyvmm.devices.virtio.pci import COMPLETIONS_PER_INTERRUPT
 from pyvmm.memory import GuestMemory
 
 RAM = 8 * MiB
@@ -130,6 +132,35 @@ def test_write_then_read_back_and_in_the_file(blk: Blk) -> None:
     with open(blk.path, "rb") as f:
         f.seek(100 * 512)
         assert f.read(8192) == payload
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_long_drain_interrupts_every_few_completions(tmp_path: Path, event_idx: bool) -> None:
+    """20 requests in one kick: the driver (which always wants interrupts) gets one after every
+    COMPLETIONS_PER_INTERRUPT completions and one at the end; with EVENT_IDX and used_event left at 0
+    it asked for one only, on the first completion."""
+    want = None if event_idx else ~(1 << 29) & (1 << 64) - 1  # all but VIRTIO_RING_F_EVENT_IDX
+    b = start(make_image(tmp_path), want=want)
+    try:
+        assert bool(b.features >> 29 & 1) == event_idx
+        before = b.vectors.triggers[1]
+        heads = []
+        for i in range(20):
+            header = HDR + 32 * i
+            b.memory.write(header, struct.pack("<IIQ", RequestType.IN, 0, i) + b"\xff")
+            buffers = [(header, 16, False), (DATA + 512 * i, 512, True), (header + 16, 1, True)]
+            heads.append(b.ring.add(buffers))
+        b.ring.publish(*heads)
+        b.driver.notify(0)
+        assert len(wait_used(b.ring, 20)) == 20
+        expected = 1 if event_idx else 20 // COMPLETIONS_PER_INTERRUPT + 1
+        assert b.vectors.wait(1, before + expected - 1)
+        time.sleep(0.05)  # nothing more comes
+        assert b.vectors.triggers[1] - before == expected
+        assert all(b.memory.read(HDR + 32 * i + 16, 1) == b"\0" for i in range(20))
+        assert b.memory.read(DATA + 512 * 19, 512) == pattern(IMAGE_SECTORS * 512)[19 * 512 : 20 * 512]
+    finally:
+        b.close()
 
 
 def test_header_split_across_descriptors(blk: Blk) -> None:

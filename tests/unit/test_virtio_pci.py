@@ -57,7 +57,7 @@ class Filler(VirtioDevice):
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         assert self.memory is not None
         self.threads.add(threading.current_thread().name)
-        bufs = map_chain(self.memory, chain)
+        bufs = map_chain(chain)
         for v in bufs.writable:
             v[:] = b"\xab" * len(v)
         self.handled.append((queue_index, chain.head))

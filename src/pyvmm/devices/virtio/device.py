@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue
 from pyvmm.devices.virtio.spec import VirtioDeviceType
@@ -50,10 +51,19 @@ class VirtioDevice(ABC):
         """The driver reset the device (queues are reset by the transport)."""
         self.acked_features = 0
 
-    def process_queue(self, queue: Virtqueue) -> None:
-        """Consume every available chain of `queue` (the transport handles notifications)."""
-        while (chain := queue.pop()) is not None:
-            queue.push(chain.head, self.handle_chain(queue.index, chain))
+    def process_queue(self, queue: Virtqueue, every: int = 0, completed: Callable[[], None] | None = None
+                      ) -> None:
+        """Consume every available chain of `queue`. With `every` > 0, `completed` is called each time
+        that many more chains have been returned to the driver (the transport interrupts the driver
+        there if it asked for it, so it can refill the ring while the device goes on)."""
+        pop, push, handle, index = queue.pop, queue.push, self.handle_chain, queue.index
+        count = 0
+        while (chain := pop()) is not None:
+            push(chain.head, handle(index, chain))
+            count += 1
+            if count == every and completed is not None:
+                count = 0
+                completed()
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         """Serve one request; returns the number of bytes written into its writable buffers."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntFlag
 
 from pyvmm.memory import GuestMemory, GuestMemoryError
@@ -63,11 +63,15 @@ Descriptor = tuple[int, int, bool]
 
 @dataclass(slots=True)
 class DescriptorChain:
-    """The buffers of one available head. `error` is set when the walk stopped on a malformed chain;
-    `descriptors` then holds what was collected before that point."""
+    """The buffers of one available head, as descriptors and as views of guest RAM (device-readable
+    first; mapped during the walk, which saves a second pass per request). `error` is set when the chain
+    is malformed or a buffer is outside RAM; `descriptors` then holds what the walk collected and the
+    views are incomplete."""
 
     head: int
     descriptors: list[Descriptor]
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
     error: str | None = None
 
 
@@ -85,25 +89,11 @@ class ChainBuffers:
         return sum(len(v) for v in self.writable)
 
 
-def map_chain(memory: GuestMemory, chain: DescriptorChain) -> ChainBuffers:
+def map_chain(chain: DescriptorChain) -> ChainBuffers:
     """Views of every buffer of `chain`, device-readable ones first; raises ChainError."""
     if chain.error is not None:
         raise ChainError(chain.error)
-    readable: list[memoryview] = []
-    writable: list[memoryview] = []
-    view_of = memory.view
-    for i, (addr, length, is_writable) in enumerate(chain.descriptors):
-        try:
-            view = view_of(addr, length)
-        except GuestMemoryError as exc:
-            raise ChainError(f"descriptor {i} of chain {chain.head}: {exc}") from None
-        if is_writable:
-            writable.append(view)
-        elif writable:
-            raise ChainError(f"chain {chain.head}: device-readable descriptor after a writable one")
-        else:
-            readable.append(view)
-    return ChainBuffers(readable, writable)
+    return ChainBuffers(chain.readable, chain.writable)
 
 
 def status_byte(memory: GuestMemory, chain: DescriptorChain) -> memoryview | None:
@@ -258,8 +248,12 @@ class Virtqueue:
     def _walk(self, head: int) -> DescriptorChain:
         assert self._desc is not None and self._memory is not None
         descriptors: list[Descriptor] = []
-        chain = DescriptorChain(head, descriptors)
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        chain = DescriptorChain(head, descriptors, readable, writable)
         unpack = _DESC.unpack_from
+        view_of = self._memory.view
+        mapping_error: str | None = None  # the walk goes on, so the status descriptor is still found
         table = self._desc
         entries = self.size
         index = head
@@ -300,7 +294,20 @@ class Virtqueue:
                 index = 0
                 continue
             descriptors.append((addr, length, flags & _F_WRITE != 0))
+            if mapping_error is None:
+                try:
+                    view = view_of(addr, length)
+                except GuestMemoryError as exc:
+                    mapping_error = f"descriptor {len(descriptors) - 1} of chain {head}: {exc}"
+                else:
+                    if flags & _F_WRITE:
+                        writable.append(view)
+                    elif writable:
+                        mapping_error = f"chain {head}: device-readable descriptor after a writable one"
+                    else:
+                        readable.append(view)
             if not flags & _F_NEXT:
+                chain.error = mapping_error
                 return chain
             index = nxt
 
