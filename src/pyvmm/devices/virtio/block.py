@@ -148,29 +148,34 @@ class VirtioBlock(VirtioDevice):
     # ---- requests -------------------------------------------------------------------------------------
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
-        # The common case first, in as few steps as possible (this runs for every request): a read laid
-        # out as Linux lays it out (header; data buffers; status byte) on an image that takes guest
-        # buffers as they are. Anything else, and any short read, takes the general path below.
+        # The common cases first, in as few steps as possible (this runs for every request): a read or a
+        # write laid out as Linux lays them out (header; data buffers; status byte). Anything else, and
+        # any failure, takes the general path, which checks everything and reports problems.
         readable, writable = chain.readable, chain.writable
         if (
             chain.error is None
-            and len(readable) == 1
-            and len(readable[0]) == REQUEST_HEADER.size
-            and len(writable) > 1
+            and writable
             and len(writable[-1]) == 1
+            and readable
+            and len(readable[0]) == REQUEST_HEADER.size
         ):
             req_type, _reserved, sector = REQUEST_HEADER.unpack(readable[0])
-            if req_type == _IN:
-                data_in = writable[:-1]
-                length = sum(map(len, data_in))
-                if not length & (SECTOR_SIZE - 1) and sector + (length >> 9) <= self.image.sectors:
-                    try:
-                        self.image.readv(sector << 9, data_in, length)
-                    except OSError:
-                        pass  # the general path tries again and reports it
-                    else:
-                        writable[-1][0] = _OK
-                        return length + 1
+            image = self.image
+            if req_type == _IN and len(readable) == 1:
+                data, transfer = writable[:-1], image.readv
+            elif req_type == _OUT and len(writable) == 1 and not image.readonly:
+                data, transfer = readable[1:], image.writev
+            else:
+                return self._handle_general(chain)
+            length = sum(map(len, data))
+            if length and not length & (SECTOR_SIZE - 1) and sector + (length >> 9) <= image.sectors:
+                try:
+                    transfer(sector << 9, data, length)
+                except OSError:
+                    pass  # the general path tries again and reports it
+                else:
+                    writable[-1][0] = _OK
+                    return length + 1 if req_type == _IN else 1
         return self._handle_general(chain)
 
     def _handle_general(self, chain: DescriptorChain) -> int:

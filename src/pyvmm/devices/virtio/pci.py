@@ -530,13 +530,15 @@ class VirtioPciDevice(ConfigSpaceDevice):
             q = self.queues[index]
             if not self._live or not q.ready:
                 return
+            used_before = q.used_idx
             try:
                 while True:
                     q.disable_notifications()
                     self.device.process_queue(q, COMPLETIONS_PER_INTERRUPT, lambda: self._used(q))
                     if not q.enable_notifications():
                         break
-                self._used(q)
+                if q.used_idx != used_before:  # a kick that found nothing new interrupts nobody
+                    self._used(q)
             except QueueError as exc:
                 log.warning("%s: %s; the device needs a reset", self.name, exc)
                 self._needs_reset()
