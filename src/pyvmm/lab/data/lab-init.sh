@@ -31,6 +31,9 @@ release=$(uname -r)
 mkdir -p "/host/lib/modules/$release"
 mount --bind "/host$kroot/lib/modules/$release" "/host/lib/modules/$release" || fail "bind modules"
 chroot /host /bin/sh "$run/setup.sh" || fail "host setup"
+# khugepaged, collapsing the VMMs' guest RAM into huge pages while the guests run, has held a lab CPU for
+# minutes (soft lockups during `make bench`). Guest RAM still gets huge pages at fault time (it is madvised).
+echo 3600000 > /sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs 2>/dev/null
 echo PYVMM-LAB-READY
 if [ "$(param pyvmm_lab.interactive)" = 1 ]; then
   chroot /host /usr/bin/setsid -c /bin/sh -c ". $run/env.sh; cd \"\$PYVMM_LAB_CWD\"; exec /bin/bash -i" \
