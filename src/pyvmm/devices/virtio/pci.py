@@ -7,7 +7,9 @@ PBA. MSI-X has one vector for configuration changes plus one per queue.
 Data path: each queue has an eventfd. The builder binds it with a KVM ioeventfd to the queue's notify address
 (`ioeventfds`), so a guest kick never leaves the kernel; a trapped notify write (no ioeventfd, other access
 size) signals the same eventfd. A per-device worker thread drains the rings and raises the queue's MSI-X
-vector by writing its irqfd-bound eventfd.
+vector by writing its irqfd-bound eventfd: every COMPLETIONS_PER_INTERRUPT completions while draining, so the
+driver refills the ring meanwhile, and at the end. Then it watches the ring for POLL_WINDOW before it
+re-enables notifications and sleeps, so a driver streaming requests rarely has to notify at all.
 """
 
 from __future__ import annotations
