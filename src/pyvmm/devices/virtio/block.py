@@ -168,7 +168,7 @@ class VirtioBlock(VirtioDevice):
             else:
                 return self._handle_general(chain)
             length = sum(map(len, data))
-            if length and not length & (SECTOR_SIZE - 1) and sector + (length >> 9) <= image.sectors:
+            if length and self._in_range(sector, length):
                 try:
                     transfer(sector << 9, data, length)
                 except OSError:
@@ -234,15 +234,20 @@ class VirtioBlock(VirtioDevice):
             return self._discard_or_zero(RequestType(req_type), payload), 0
         return BlkStatus.UNSUPP, 0
 
+    def _in_range(self, sector: int, length: int) -> bool:
+        """Whole sectors, all on the disk."""
+        return not length % SECTOR_SIZE and sector + length // SECTOR_SIZE <= self.image.sectors
+
     def _range_ok(self, sector: int, length: int) -> bool:
-        if length & (SECTOR_SIZE - 1):
+        """_in_range, saying why not."""
+        if self._in_range(sector, length):
+            return True
+        if length % SECTOR_SIZE:
             log.warning("virtio-blk: transfer of %d bytes is not a whole number of sectors", length)
             return False
-        if sector + length // SECTOR_SIZE > self.image.sectors:
-            log.warning("virtio-blk: sectors %d+%d beyond the disk's %d", sector, length // SECTOR_SIZE,
-                        self.image.sectors)
-            return False
-        return True
+        log.warning("virtio-blk: sectors %d+%d beyond the disk's %d", sector, length // SECTOR_SIZE,
+                    self.image.sectors)
+        return False
 
     def _read(self, sector: int, data_in: list[memoryview]) -> tuple[BlkStatus, int]:
         length = sum(map(len, data_in))
