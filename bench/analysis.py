@@ -222,6 +222,12 @@ def cpu_ticks(stat_text: str) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted after the comm
 
 
+def kernel_log_stamp(line: str) -> float | None:
+    """The timestamp (seconds since boot) of a `dmesg` line such as `[  12.345678] text`, if it has one."""
+    match = re.match(r"\[\s*(\d+\.\d+)\]", line)
+    return float(match.group(1)) if match else None
+
+
 def status_kib(status_text: str, key: str) -> int:
     match = re.search(rf"^{key}:\s+(\d+) kB", status_text, re.MULTILINE)
     if not match:

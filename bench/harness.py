@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -67,33 +68,105 @@ class RunResult:
 Probe = Callable[[int, str, dict[str, float]], None]
 
 
+class VmmStuck(RuntimeError):
+    """A VMM outlived SIGKILL: it is stuck in the lab kernel, and the lab is no place to measure any more."""
+
+
 def run_vmm(label: str, argv: list[str], timeout: float, probe: Probe | None = None) -> RunResult:
-    """Start argv, stamp each output line with the lab's clock as it arrives, return at exit."""
+    """Start argv, stamp each output line with the lab's clock as it arrives, return at exit.
+
+    Past `timeout` the VMM is killed. One that does not die then is stuck in the kernel: its kernel stacks
+    and the lab's blocked tasks are printed and VmmStuck is raised (the reader thread is left behind, since
+    its pipe never closes)."""
     result = RunResult(label)
     result.started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.daemon = True
-    timer.start()
-    assert proc.stdout is not None
-    try:
+    lines: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
         for raw in proc.stdout:
-            stamp = time.monotonic()
-            line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
-            result.lines.append((stamp, line))
-            if probe is not None:
-                try:
-                    probe(proc.pid, line, result.probes)
-                except (OSError, ValueError) as exc:
-                    result.lines.append((stamp, f"bench: probe failed: {exc}"))
-        result.status = proc.wait()
-        result.exited = time.monotonic()
-    finally:
-        timer.cancel()
-        if proc.poll() is None:
+            lines.put((time.monotonic(), raw))  # stamped as it arrives
+        lines.put(None)
+
+    threading.Thread(target=read, name=f"read-{label}", daemon=True).start()
+    deadline = result.started + timeout
+    killed = False
+
+    def take(item: tuple[float, bytes]) -> None:
+        stamp, raw = item
+        line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
+        result.lines.append((stamp, line))
+        if probe is not None:
+            try:
+                probe(proc.pid, line, result.probes)
+            except (OSError, ValueError) as exc:
+                result.lines.append((stamp, f"bench: probe failed: {exc}"))
+
+    while True:
+        try:
+            item = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            say(f"{label}: still running after {timeout:.0f} s; killing it")
             proc.kill()
-            proc.wait()
+            killed = True
+            break
+        if item is None:
+            break
+        take(item)
+    try:
+        result.status = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            result.status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            show_stuck(proc.pid)
+            raise VmmStuck(f"{label} (pid {proc.pid}) did not exit after SIGKILL") from None
+    if killed:  # what it printed last (a child of it may still hold the pipe open: do not wait for the end)
+        with contextlib.suppress(queue.Empty):
+            while (item := lines.get(timeout=1.0)) is not None:
+                take(item)
+    result.exited = time.monotonic()
     return result
+
+
+def show_stuck(pid: int) -> None:
+    """What a process stuck in the kernel is waiting for, and every blocked task of the lab."""
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            state = next(x for x in (task / "status").read_text().splitlines() if x.startswith("State:"))
+            say(f"stuck task {task.name} ({(task / 'comm').read_text().strip()}) {state}")
+            for frame in (task / "stack").read_text().splitlines():
+                say(f"    {frame}")
+    with contextlib.suppress(OSError):
+        Path("/proc/sysrq-trigger").write_text("w")  # blocked tasks, into the kernel log
+    show_kernel_log("emerg,alert,crit,err,warn,notice,info")
+
+
+def lab_memory() -> str:
+    """The lab's memory in a few MiB figures (a run that stalls the lab may be short of it)."""
+    kib = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        kib[key] = int(rest.split()[0])
+    keys = ("MemAvailable", "MemFree", "Shmem", "AnonPages", "AnonHugePages", "Mlocked")
+    return ", ".join(f"{k} {kib.get(k, 0) >> 10}" for k in keys)
+
+
+_kernel_log_shown = -1.0  # the timestamp of the last kernel message shown
+
+
+def show_kernel_log(levels: str = "emerg,alert,crit,err,warn") -> None:
+    """Print the lab kernel's messages (at these levels) that are newer than the last one shown."""
+    global _kernel_log_shown
+    proc = subprocess.run(["dmesg", "--level", levels], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        stamp = an.kernel_log_stamp(line)
+        if stamp is None or stamp <= _kernel_log_shown:
+            continue
+        say(f"lab kernel: {line}")
+        _kernel_log_shown = stamp
 
 
 # -- the VMM command lines -------------------------------------------------------------------------------
@@ -186,7 +259,9 @@ class Bench:
             say("  last lines:\n    " + "\n    ".join(tail))
 
     def run(self, label: str, argv: list[str], probe: Probe | None = None) -> RunResult:
+        say(f"{label}: starting; lab memory {lab_memory()}")
         result = run_vmm(label, argv, self.s.vm_timeout, probe)
+        show_kernel_log()  # a warning from the lab kernel during a run is worth seeing next to it
         self.timings.append(
             {"run": label, "seconds": round(result.exited - result.started, 3), "status": result.status}
         )
@@ -450,8 +525,11 @@ def main() -> int:
     )
     bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()
+    show_kernel_log()  # what the lab said before the first run, so that later lines are news
     try:
         bench.run_all()
+    except VmmStuck as exc:
+        bench.fail(f"{exc}; the bench stops here")
     finally:
         out = bench.result()
         out["lab_seconds"] = round(time.monotonic() - started, 1)

@@ -31,6 +31,7 @@ import report  # noqa: E402
 FULL = {"span": "64M", "io_seconds": 3.0, "trap_seconds": 2.0, "idle_seconds": 10.0}
 SMOKE = {"span": "8M", "io_seconds": 0.5, "trap_seconds": 0.3, "idle_seconds": 3.0}
 LAB_CPUS = 2
+STALL_SECONDS = 480
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         str(a.lab_cpus),
         "--timeout",
         str(timeout),
+        # The harness prints at least once per VMM run and kills a VMM after 300 s; longer silence is a
+        # stalled lab, which then shows its backtraces and ends, instead of hanging until the timeout.
+        "--stall-timeout",
+        str(STALL_SECONDS),
         "--",
         *command,
     ]

@@ -22,6 +22,7 @@ def _lab_run(
     memory: int | None = None,
     cpus: int | None = None,
     check: bool = False,
+    stall: float | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `command` (a shell string, or an argv list) as root inside a freshly booted lab.
 
@@ -35,6 +36,8 @@ def _lab_run(
         argv += ["--memory", str(memory)]
     if cpus is not None:
         argv += ["--cpus", str(cpus)]
+    if stall is not None:
+        argv += ["--stall-timeout", str(stall)]
     argv.append("--")
     argv += ["sh", "-c", command] if isinstance(command, str) else list(command)
     proc = subprocess.run(
@@ -55,5 +58,6 @@ def _lab_run(
 
 @pytest.fixture
 def lab() -> LabRun:
-    """`lab(command, devices=None, timeout=900, memory=None, cpus=None, check=False)` runs in the lab."""
+    """`lab(command, devices=None, timeout=900, memory=None, cpus=None, check=False, stall=None)` runs in
+    the lab."""
     return _lab_run

@@ -75,6 +75,18 @@ def test_exit_status_is_the_commands(lab) -> None:
     assert lab("exit 7", devices="none").returncode == 7
 
 
+def test_a_stalled_command_gets_the_labs_backtraces(lab) -> None:
+    """--stall-timeout: a command silent for too long ends the lab, after the lab kernel printed its CPUs'
+    backtraces and every task's stack (magic SysRq over the serial line)."""
+    proc = lab("echo started; sleep 600; echo never", devices="none", stall=10)
+    out = proc.stdout
+    assert proc.returncode == 124, out
+    assert "started" in out and "never" not in out
+    assert "printed nothing for 10 s" in out
+    assert "NMI backtrace for cpu 0" in out and "sysrq: Show State" in out and "task:sleep" in out, out
+    assert "CPU#0" in out and "RIP=" in out  # and, from QEMU's monitor, where each lab CPU is
+
+
 def test_repeated_devices(lab) -> None:
     script = (
         "for d in /sys/bus/pci/devices/*; do "

@@ -121,3 +121,27 @@ def test_report_markdown_without_png(tmp_path, monkeypatch) -> None:
     assert "0.25x" in row and "≤ 0.5x QEMU q35 ✅" in row
     assert "**2.00** (1.00-3.00)" in text
     assert "- one failed" in text and ".png" not in text
+
+
+def test_kernel_log_stamp() -> None:
+    assert an.kernel_log_stamp("[   12.345678] watchdog: BUG: soft lockup") == 12.345678
+    assert an.kernel_log_stamp("[12345.000001] x") == 12345.000001
+    assert an.kernel_log_stamp("a continuation line") is None
+
+
+def test_harness_kills_a_vmm_past_its_timeout_and_keeps_its_output() -> None:
+    import harness
+
+    result = harness.run_vmm("sleeper", ["sh", "-c", "echo first; sleep 60; echo never"], timeout=1.0)
+    assert result.status == -9  # SIGKILL
+    assert [line for _, line in result.lines] == ["first"]
+    assert result.exited - result.started < 30
+
+
+def test_harness_stamps_lines_as_they_arrive() -> None:
+    import harness
+
+    result = harness.run_vmm("two", ["sh", "-c", "echo a; sleep 0.5; echo b"], timeout=30.0)
+    assert result.status == 0
+    (t_a, a), (t_b, b) = result.lines
+    assert (a, b) == ("a", "b") and 0.4 < t_b - t_a < 5

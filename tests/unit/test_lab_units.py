@@ -73,3 +73,15 @@ def test_every_catalogue_device_gets_its_own_slot() -> None:
 def test_too_many_devices_is_refused() -> None:
     with pytest.raises(DeviceSpecError, match="too many"):
         qemu_device_args(["edu"] * 40, "/sd", "/nv")
+
+
+def test_lab_usage_errors_are_one_line_with_status_2(capsys) -> None:
+    from pyvmm.lab.cli import main
+
+    for argv, option in (
+        (["run", "--stall-timeout", "0", "--", "true"], "--stall-timeout"),
+        (["run", "--cpus", "9", "--", "true"], "--cpus"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyvmm-lab: {option}") and err.count("\n") == 1, err

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot the lab and run a command in it as root")
     lab_options(run)
+    run.add_argument("--stall-timeout", type=float, metavar="S",
+                     help="give up when the command prints nothing for S seconds (off)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     shell = sub.add_parser("shell", help="boot the lab with an interactive shell")
     lab_options(shell)
@@ -49,8 +51,11 @@ def _options(args: argparse.Namespace) -> LabOptions:
         raise DeviceSpecError("--memory: the lab needs at least 512 MiB")
     if not 1 <= args.cpus <= 8:
         raise DeviceSpecError("--cpus: choose 1 to 8 lab CPUs")
+    stall = getattr(args, "stall_timeout", None)
+    if stall is not None and stall <= 0:
+        raise DeviceSpecError("--stall-timeout: give a number of seconds above 0")
     return LabOptions(devices=parse_device_spec(args.devices), memory_mib=args.memory, cpus=args.cpus,
-                      timeout=args.timeout, verbose=args.verbose)
+                      timeout=args.timeout, stall_timeout=stall, verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ class LabOptions:
     memory_mib: int = 2048
     cpus: int = 1
     timeout: float = 900.0
+    stall_timeout: float | None = None  # give up when the command prints nothing for this long
     verbose: bool = False
 
 
@@ -109,6 +111,11 @@ class Lab:
             # no_timer_check: under a loaded host, TCG can be too slow for the kernel's IO-APIC timer check,
             # which then panics the lab at boot.
             "console=ttyS0", "intel_iommu=on", "panic=-1", "quiet", "loglevel=3", "no_timer_check",
+            # a stalled lab is asked for its backtraces over the serial line (see _show_backtraces)
+            "sysrq_always_enabled",
+            # fixed kernel addresses: a stalled lab's instruction pointers (see _show_backtraces) can be
+            # looked up in the /proc/kallsyms of any lab
+            "nokaslr",
             f"pyvmm_lab.run={run_dir}", f"pyvmm_lab.kernel_root={self.kernel_root}",
         ]
         if interactive:
@@ -128,7 +135,8 @@ class Lab:
         if interactive:
             argv += ["-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0"]
         else:
-            argv += ["-serial", "stdio"]
+            # mon: lets the supervisor send a serial break (Ctrl-A b), the lead-in of a magic SysRq key
+            argv += ["-serial", "mon:stdio"]
         return argv + devices.args
 
     def run(self, command: list[str], options: LabOptions) -> int:
@@ -158,6 +166,56 @@ class Lab:
             return 0 if proc.returncode == 0 else EXIT_LAB_FAILED
 
 
+# Magic SysRq keys sent to a stalled lab: console loglevel 8 (so that what follows is printed), the
+# backtraces of all active CPUs, then every task's state and stack.
+_SYSRQ_KEYS = b"8lt"
+# What the lab kernel prints on its console when it finds a CPU or a task stuck: the lab is then asked for
+# its backtraces at once (the lockup report's own are below the console's loglevel).
+_LOCKUP_SIGNS = (
+    "BUG: soft lockup", "self-detected stall", "detected stalls on CPUs", "blocked for more than",
+)
+_KERNEL_LINE = re.compile(r"\[\s*\d+\.\d+\] ")
+_SYSRQ_SETTLE = 20.0  # seconds the lab gets to print them (slow under TCG)
+
+
+_backtraces_lock = threading.Lock()
+
+
+def _show_backtraces(proc: subprocess.Popen[bytes]) -> None:
+    """Ask the lab kernel for its backtraces: a serial break (the QEMU mux's Ctrl-A b) then a key is a magic
+    SysRq. The output arrives on the console like any other; a lab too wedged to take interrupts prints
+    nothing, which says as much."""
+    with _backtraces_lock:
+        _ask_for_backtraces(proc)
+
+
+def _ask_for_backtraces(proc: subprocess.Popen[bytes]) -> None:
+    print("pyvmm-lab: asking the lab for its backtraces (magic SysRq over the serial line)", file=sys.stderr,
+          flush=True)
+    assert proc.stdin is not None
+    try:
+        for key in _SYSRQ_KEYS:
+            proc.stdin.write(b"\x01b")
+            proc.stdin.flush()
+            time.sleep(0.5)
+            proc.stdin.write(bytes([key]))
+            proc.stdin.flush()
+            time.sleep(2.0)
+        time.sleep(_SYSRQ_SETTLE)
+        # A lab that takes no interrupts prints nothing for those; QEMU's monitor (Ctrl-A c switches the
+        # console to it and back) still shows where each CPU is, twice: moving or stuck.
+        proc.stdin.write(b"\x01c")
+        for _ in range(2):
+            proc.stdin.write(b"info registers -a\n")
+            proc.stdin.flush()
+            time.sleep(2.0)
+        proc.stdin.write(b"\x01c")
+        proc.stdin.flush()
+        time.sleep(2.0)
+    except OSError:
+        return  # QEMU is gone already
+
+
 def compile_pyvmm() -> None:
     """Byte-compile the pyvmm package the lab imports, as installing a package does. The lab sees this
     machine's files read-only, so without .pyc files (a source checkout run with PYTHONDONTWRITEBYTECODE,
@@ -171,20 +229,34 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
     """Stream the command's output (after the READY marker); return its exit status and whether the lab
     got as far as starting the command."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timed_out = threading.Event()
+    stalled = threading.Event()
+    done = threading.Event()
+    last_output = [start]  # when the command last printed (the watchdog reads it)
+    ready_flag = threading.Event()
 
-    def on_timeout() -> None:
-        timed_out.set()
-        proc.kill()
+    def watchdog() -> None:
+        while not done.wait(1.0):
+            now = time.monotonic()
+            if now - start > options.timeout:
+                timed_out.set()
+            elif (options.stall_timeout is not None and ready_flag.is_set()
+                  and now - last_output[0] > options.stall_timeout):
+                stalled.set()
+            else:
+                continue
+            if ready_flag.is_set():
+                _show_backtraces(proc)
+            proc.kill()
+            return
 
-    timer = threading.Timer(options.timeout, on_timeout)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=watchdog, name="lab-watchdog", daemon=True).start()
     boot_log: list[str] = []
     status: int | None = None
     failure: str | None = None
     ready = False
+    asked = False  # for backtraces, after a lockup report
     out = sys.stdout
     assert proc.stdout is not None
     try:
@@ -196,6 +268,8 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
                     print(line, file=sys.stderr, flush=True)
                 if line.startswith(READY_MARKER):
                     ready = True
+                    last_output[0] = time.monotonic()
+                    ready_flag.set()
                     if options.verbose:
                         print(f"pyvmm-lab: lab ready after {time.monotonic() - start:.1f} s", file=sys.stderr)
                 elif line.startswith(FAIL_MARKER):
@@ -209,10 +283,18 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
                 except ValueError:
                     failure = f"unreadable exit marker {line!r}"
                 continue
+            if line.startswith("(qemu)"):
+                continue  # the monitor echoing what _show_backtraces typed
+            if _KERNEL_LINE.match(line):
+                if not asked and any(sign in line for sign in _LOCKUP_SIGNS):
+                    asked = True
+                    threading.Thread(target=_show_backtraces, args=(proc,), daemon=True).start()
+            else:  # the lab kernel's console messages are not the command's output
+                last_output[0] = time.monotonic()
             out.write(line + "\n")
             out.flush()
     finally:
-        timer.cancel()
+        done.set()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -220,6 +302,10 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
             proc.wait()
     if timed_out.is_set():
         print(f"pyvmm-lab: the lab timed out after {options.timeout:.0f} s", file=sys.stderr)
+        return EXIT_TIMEOUT, ready
+    if stalled.is_set():
+        print(f"pyvmm-lab: the command printed nothing for {options.stall_timeout:.0f} s: gave up "
+              "(the lab's backtraces are above)", file=sys.stderr)
         return EXIT_TIMEOUT, ready
     if status is not None:
         return status, ready
