@@ -30,6 +30,11 @@ GUEST_RAM = 512 << 20
 CMDLINE = "console=ttyS0 quiet panic=-1"
 
 
+# Test hook (tests/lab/test_bench_smoke.py): the first lab goes silent in this repetition, as a stalled
+# lab does, so that bench/run.py's restart in a new lab can be shown. A new lab starts at that repetition,
+# so it runs normally there.
+STALL_IN_REP = int(os.environ.get("PYVMM_BENCH_STALL_IN_REP", "0"))
+
 PARTS = frozenset({"boot", "virtio", "passthrough"})  # passthrough includes the lab-native and trap runs
 
 
@@ -46,6 +51,7 @@ class Settings:
     helpers: str  # directory with bench-io and bench-trap for the lab-native runs
     vm_timeout: float = 300.0
     only: frozenset[str] = PARTS  # which parts to run (a subset while working on one of them)
+    first_rep: int = 1  # a lab that continues a stalled run starts at the repetition that stalled
 
 
 @dataclass
@@ -239,6 +245,7 @@ class Bench:
         self.errors: list[str] = []
         self.notes: dict[str, set[str]] = {}
         self.timings: list[dict[str, object]] = []
+        self.reps_done: list[int] = []
 
     def add(self, key: str, vmm: str, value: float, guest: float | None = None) -> None:
         self.samples[key][vmm].append(round(value, 6))
@@ -430,25 +437,36 @@ class Bench:
         s = self.s
         disk = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-disk.raw")
         shutil.copyfile(s.disk, disk)
-        for rep in range(1, s.reps + 1):
-            flip = rep % 2 == 0
-            pair = [an.PYVMM, an.QEMU][:: -1 if flip else 1]
-            boots = [an.PYVMM, an.QEMU_Q35, an.QEMU_MICROVM]
-            boots = boots[rep % 3 :] + boots[: rep % 3]
-            say(f"== repetition {rep}/{s.reps}")
-            if "boot" in s.only:
-                for vmm in boots:
-                    self.boot(vmm, rep)
-            if "virtio" in s.only:
-                for vmm in pair:
-                    self.virtio(vmm, rep, disk)
-            if "passthrough" not in s.only:
-                continue
-            self.native(rep)
-            if self.host("bind"):
-                for vmm in pair:
-                    self.passthrough(vmm, rep)
-                self.host("unbind")
+        last = s.first_rep + s.reps - 1
+        for rep in range(s.first_rep, last + 1):
+            say(f"== repetition {rep}/{last}")
+            if rep == STALL_IN_REP and rep > s.first_rep:
+                time.sleep(1e6)  # the test hook: silent, as a stalled lab is (see STALL_IN_REP)
+            self.repetition(rep, disk)
+            self.reps_done.append(rep)
+            # Everything so far, after every repetition: if the lab stalls later, bench/run.py keeps these
+            # and goes on in a new lab.
+            print("BENCH-JSON " + json.dumps(self.result(), sort_keys=True), flush=True)
+
+    def repetition(self, rep: int, disk: str) -> None:
+        s = self.s
+        flip = rep % 2 == 0
+        pair = [an.PYVMM, an.QEMU][:: -1 if flip else 1]
+        boots = [an.PYVMM, an.QEMU_Q35, an.QEMU_MICROVM]
+        boots = boots[rep % 3 :] + boots[: rep % 3]
+        if "boot" in s.only:
+            for vmm in boots:
+                self.boot(vmm, rep)
+        if "virtio" in s.only:
+            for vmm in pair:
+                self.virtio(vmm, rep, disk)
+        if "passthrough" not in s.only:
+            return
+        self.native(rep)
+        if self.host("bind"):
+            for vmm in pair:
+                self.passthrough(vmm, rep)
+            self.host("unbind")
 
     def result(self) -> dict[str, object]:
         return {
@@ -458,6 +476,7 @@ class Bench:
             "notes": {k: sorted(v) for k, v in self.notes.items()},
             "errors": self.errors,
             "runs": self.timings,
+            "reps_done": self.reps_done,
         }
 
 
@@ -507,6 +526,7 @@ def main() -> int:
     p.add_argument("--initramfs", required=True)
     p.add_argument("--helpers", required=True)
     p.add_argument("--vm-timeout", type=float, default=300)
+    p.add_argument("--first-rep", type=int, default=1, help="number the repetitions from this one")
     p.add_argument("--only", default=",".join(sorted(PARTS)), help="comma-separated parts to run")
     a = p.parse_args()
     env = os.environ
@@ -522,6 +542,7 @@ def main() -> int:
         a.helpers,
         a.vm_timeout,
         frozenset(a.only.split(",")),
+        a.first_rep,
     )
     bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()

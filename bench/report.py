@@ -134,6 +134,12 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
     notes = data.get("notes") or {}
     if notes.get("trap_config_read.offset"):
         lines.append(f"Config-space reads at offset {', '.join(notes['trap_config_read.offset'])}.")
+    restarts = data.get("lab_restarts") or []
+    if restarts:
+        lines.append(
+            f"The lab stalled {len(restarts)} time(s) ({'; '.join(restarts)}); each time a new lab ran the "
+            "rest of the run from the repetition that stalled (bench/README.md)."
+        )
     if data.get("wall_seconds"):
         lines.append(f"The whole run took {data['wall_seconds'] / 60:.1f} min.")
     source = data.get("pyvmm_source") or {}
@@ -251,6 +257,9 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--compact"]:  # the README's table
         print(compact(json.loads(Path(sys.argv[2]).read_text())), end="")
         sys.exit(0)
+    if not sys.argv[1:] or any(arg.startswith("-") for arg in sys.argv[1:]):
+        print("usage: report.py RESULTS.json... | report.py --compact RESULTS.json", file=sys.stderr)
+        sys.exit(2)
     for arg in sys.argv[1:]:
         for out in write(Path(arg)):
             print(out)

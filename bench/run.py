@@ -5,6 +5,9 @@ matplotlib is installed: `pip install -e '.[bench]'`, which `make bench` does).
 
     PYVMM_BENCH_REPS=5 .venv/bin/python bench/run.py [--smoke] [--out DIR]
 
+If the lab stalls (the emulated host, not a VMM: bench/README.md), the repetitions it finished are kept
+and a new lab goes on from the one that stalled, at most twice per run (--max-restarts).
+
 --smoke: a shorter run of every measurement (smaller reads, shorter random-read, trap and idle stretches)
 for the test suite; its figures are not meant to be compared.
 """
@@ -19,6 +22,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -32,6 +36,8 @@ FULL = {"span": "64M", "io_seconds": 3.0, "trap_seconds": 2.0, "idle_seconds": 1
 SMOKE = {"span": "8M", "io_seconds": 0.5, "trap_seconds": 0.3, "idle_seconds": 3.0}
 LAB_CPUS = 2
 STALL_SECONDS = 480
+MAX_RESTARTS = 2  # new labs after a stalled one, per run
+EXIT_LAB_TIMEOUT = 124  # pyvmm-lab run: timed out, or stalled (--stall-timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="run some parts only: a comma-separated subset of "
                    f"{','.join(sorted(harness.PARTS))} (results then go to <date>-<parts>.json, "
                    "which git ignores)")
+    p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                   help=f"new labs after stalled ones, per run ({MAX_RESTARTS})")
+    p.add_argument("--stall-timeout", type=float, default=STALL_SECONDS,
+                   help=f"a lab silent this long has stalled ({STALL_SECONDS} s)")
     a = p.parse_args(argv)
     if a.reps < 1:
         p.error("--reps: at least 1")
@@ -57,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     command = [
         sys.executable,
         str(BENCH / "harness.py"),
-        "--reps",
-        str(a.reps),
         "--span",
         sizes["span"],
         "--io-seconds",
@@ -88,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         # The harness prints at least once per VMM run and kills a VMM after 300 s; longer silence is a
         # stalled lab, which then shows its backtraces and ends, instead of hanging until the timeout.
         "--stall-timeout",
-        str(STALL_SECONDS),
+        str(a.stall_timeout),
         "--",
-        *command,
     ]
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
@@ -99,28 +106,26 @@ def main(argv: list[str] | None = None) -> int:
         f"({a.lab_cpus} CPUs), at most {timeout} s",
         flush=True,
     )
-    proc = subprocess.Popen(
-        lab,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    payload: dict[str, object] | None = None
-    for line in proc.stdout:
-        if line.startswith("BENCH-JSON "):
-            payload = json.loads(line.removeprefix("BENCH-JSON "))
-            continue
-        sys.stdout.write(line)
-        sys.stdout.flush()
-    status = proc.wait()
+    payload: dict[str, Any] | None = None
+    restarts: list[str] = []
+    first = 1
+    while True:
+        reps = ["--first-rep", str(first), "--reps", str(a.reps - first + 1)]
+        status, part = _run_lab([*lab, *command, *reps])
+        if part is not None:
+            payload = part if payload is None else merge(payload, part)
+        done = sorted(payload.get("reps_done", [])) if payload else []
+        first = (done[-1] + 1) if done else 1
+        if status == 0 or first > a.reps or status != EXIT_LAB_TIMEOUT or len(restarts) >= a.max_restarts:
+            break
+        # The emulated lab itself stalled (bench/README.md, "When the lab stalls"): the repetitions it
+        # finished are kept, and a new lab runs the rest from the one that stalled.
+        restarts.append(f"the lab stalled in repetition {first}")
+        print(f"bench: the lab stalled in repetition {first}; a new lab goes on from there", flush=True)
     if payload is None:
         print(f"bench: the lab ended (status {status}) without results", file=sys.stderr)
         return 1
+    payload["lab_restarts"] = restarts
     wall = (dt.datetime.now(dt.UTC) - started).total_seconds()
     payload.update(
         {
@@ -152,6 +157,48 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print(f"bench: {len(errors)} measurement(s) failed:", *errors, sep="\n  ", file=sys.stderr)
     return 0 if status == 0 and not errors else 1
+
+
+def _run_lab(argv: list[str]) -> tuple[int, dict[str, Any] | None]:
+    """One lab: its output streams through; returns its status and the last results the harness printed."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    payload: dict[str, Any] | None = None
+    for line in proc.stdout:
+        if line.startswith("BENCH-JSON "):
+            payload = json.loads(line.removeprefix("BENCH-JSON "))
+            continue
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    return proc.wait(), payload
+
+
+def merge(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The results of two labs of one run: samples and lists joined, the first lab's facts kept."""
+    out = dict(before)
+    for key in ("samples", "guest_clock_samples", "details"):
+        table: dict[str, dict[str, list[float]]] = {k: dict(v) for k, v in before.get(key, {}).items()}
+        for metric, per_vmm in after.get(key, {}).items():
+            for vmm, values in per_vmm.items():
+                table.setdefault(metric, {})[vmm] = table.get(metric, {}).get(vmm, []) + values
+        out[key] = table
+    notes = {k: set(v) for k, v in before.get("notes", {}).items()}
+    for k, v in after.get("notes", {}).items():
+        notes.setdefault(k, set()).update(v)
+    out["notes"] = {k: sorted(v) for k, v in notes.items()}
+    for key in ("errors", "runs", "reps_done"):
+        out[key] = before.get(key, []) + after.get(key, [])
+    out["lab_seconds"] = before.get("lab_seconds", 0) + after.get("lab_seconds", 0)
+    return out
 
 
 def _source_state() -> dict[str, object]:

@@ -49,3 +49,30 @@ def test_bench_smoke(tmp_path) -> None:
     assert results[0].with_suffix(".md").exists()
     if importlib.util.find_spec("matplotlib") is not None:  # `make bench` installs it; the suite may not
         assert results[0].with_suffix(".png").stat().st_size > 0
+
+
+def test_a_stalled_lab_is_replaced_and_the_run_completes(tmp_path) -> None:
+    """The first lab goes silent in repetition 2 (the harness's test hook): the stall is detected, the
+    lab's backtraces shown, and a new lab runs repetition 2; repetition 1's figures are kept."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--only", "boot", "--reps", "2",
+         "--stall-timeout", "60", "--max-restarts", "4", "--out", str(tmp_path)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        timeout=1500,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYVMM_BENCH_STALL_IN_REP": "2"},
+    )
+    out = proc.stdout
+    print(out)
+    assert proc.returncode == 0, out
+    assert "the lab stalled in repetition 2; a new lab goes on from there" in out
+    assert "sysrq: Show State" in out  # the stalled lab's backtraces
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    # The first restart is the hook's; a real stall of the emulated lab may add more (bench/README.md).
+    assert data["reps_done"] == [1, 2] and data["lab_restarts"][0] == "the lab stalled in repetition 2"
+    for vmm, values in data["samples"]["boot_init"].items():
+        assert len(values) == 2 and all(v > 0 for v in values), (vmm, out)

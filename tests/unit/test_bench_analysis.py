@@ -145,3 +145,38 @@ def test_harness_stamps_lines_as_they_arrive() -> None:
     assert result.status == 0
     (t_a, a), (t_b, b) = result.lines
     assert (a, b) == ("a", "b") and 0.4 < t_b - t_a < 5
+
+
+def test_results_of_a_restarted_lab_are_joined() -> None:
+    import run
+
+    first = {
+        "samples": {"boot": {"pyvmm": [1.0], "qemu": [2.0]}},
+        "guest_clock_samples": {},
+        "details": {"x": {"pyvmm": [5.0]}},
+        "notes": {"n": ["a"]},
+        "errors": [],
+        "runs": [{"run": "r1"}],
+        "reps_done": [1, 2],
+        "lab_seconds": 10.0,
+        "lab": {"kernel": "k"},
+    }
+    second = {
+        "samples": {"boot": {"pyvmm": [3.0], "qemu": [4.0]}, "new": {"qemu": [9.0]}},
+        "guest_clock_samples": {"boot": {"qemu": [8.0]}},
+        "details": {"x": {"pyvmm": [6.0]}},
+        "notes": {"n": ["a", "b"]},
+        "errors": ["e"],
+        "runs": [{"run": "r3"}],
+        "reps_done": [3],
+        "lab_seconds": 4.0,
+        "lab": {"kernel": "other"},
+    }
+    out = run.merge(first, second)
+    assert out["samples"] == {"boot": {"pyvmm": [1.0, 3.0], "qemu": [2.0, 4.0]}, "new": {"qemu": [9.0]}}
+    assert out["guest_clock_samples"] == {"boot": {"qemu": [8.0]}}
+    assert out["details"] == {"x": {"pyvmm": [5.0, 6.0]}}
+    assert out["notes"] == {"n": ["a", "b"]}
+    assert out["errors"] == ["e"] and out["reps_done"] == [1, 2, 3] and len(out["runs"]) == 2
+    assert out["lab_seconds"] == 14.0 and out["lab"] == {"kernel": "k"}
+    assert first["samples"]["boot"]["pyvmm"] == [1.0]  # the inputs are left as they were
