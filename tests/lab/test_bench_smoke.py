@@ -20,20 +20,26 @@ sys.path.insert(0, str(REPO / "bench"))
 import analysis  # noqa: E402
 
 
-def test_bench_smoke(tmp_path) -> None:
+def _bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """bench/run.py --smoke with these arguments; its output (stdout and stderr) is printed and returned."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--reps", "1", "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", *args],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-        timeout=1200,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=1500,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+    print(proc.stdout)
+    return proc
+
+
+def test_bench_smoke(tmp_path) -> None:
+    proc = _bench("--reps", "1", "--out", str(tmp_path))
     out = proc.stdout
-    print(out)
     results = list(tmp_path.glob("*.json"))
     assert proc.returncode == 0 and len(results) == 1, out
     data = json.loads(results[0].read_text())
@@ -54,20 +60,12 @@ def test_bench_smoke(tmp_path) -> None:
 def test_a_stalled_lab_is_replaced_and_the_run_completes(tmp_path) -> None:
     """The first lab goes silent in repetition 2 (the harness's test hook): the stall is detected, the
     lab's backtraces shown, and a new lab runs repetition 2; repetition 1's figures are kept."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--only", "boot", "--reps", "2",
-         "--stall-timeout", "60", "--max-restarts", "4", "--out", str(tmp_path)],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        timeout=1500,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYVMM_BENCH_STALL_IN_REP": "2"},
+    proc = _bench(
+        "--only", "boot", "--reps", "2", "--stall-timeout", "60", "--max-restarts", "4",
+        "--out", str(tmp_path),
+        env={"PYVMM_BENCH_STALL_IN_REP": "2"},
     )
     out = proc.stdout
-    print(out)
     assert proc.returncode == 0, out
     assert "the lab stalled in repetition 2; a new lab goes on from there" in out
     assert "sysrq: Show State" in out  # the stalled lab's backtraces

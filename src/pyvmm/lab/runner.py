@@ -234,19 +234,19 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
     stalled = threading.Event()
     done = threading.Event()
     last_output = [start]  # when the command last printed (the watchdog reads it)
-    ready_flag = threading.Event()
+    ready = threading.Event()  # the lab reached the command (set by the reader, read by the watchdog)
 
     def watchdog() -> None:
         while not done.wait(1.0):
             now = time.monotonic()
             if now - start > options.timeout:
                 timed_out.set()
-            elif (options.stall_timeout is not None and ready_flag.is_set()
+            elif (options.stall_timeout is not None and ready.is_set()
                   and now - last_output[0] > options.stall_timeout):
                 stalled.set()
             else:
                 continue
-            if ready_flag.is_set():
+            if ready.is_set():
                 _show_backtraces(proc)
             proc.kill()
             return
@@ -255,21 +255,19 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
     boot_log: list[str] = []
     status: int | None = None
     failure: str | None = None
-    ready = False
     asked = False  # for backtraces, after a lockup report
     out = sys.stdout
     assert proc.stdout is not None
     try:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
-            if not ready:
+            if not ready.is_set():
                 boot_log.append(line)
                 if options.verbose:
                     print(line, file=sys.stderr, flush=True)
                 if line.startswith(READY_MARKER):
-                    ready = True
                     last_output[0] = time.monotonic()
-                    ready_flag.set()
+                    ready.set()
                     if options.verbose:
                         print(f"pyvmm-lab: lab ready after {time.monotonic() - start:.1f} s", file=sys.stderr)
                 elif line.startswith(FAIL_MARKER):
@@ -302,21 +300,21 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
             proc.wait()
     if timed_out.is_set():
         print(f"pyvmm-lab: the lab timed out after {options.timeout:.0f} s", file=sys.stderr)
-        return EXIT_TIMEOUT, ready
+        return EXIT_TIMEOUT, ready.is_set()
     if stalled.is_set():
         print(f"pyvmm-lab: the command printed nothing for {options.stall_timeout:.0f} s: gave up "
               "(the lab's backtraces are above)", file=sys.stderr)
-        return EXIT_TIMEOUT, ready
+        return EXIT_TIMEOUT, ready.is_set()
     if status is not None:
-        return status, ready
+        return status, ready.is_set()
     tail = "\n".join(boot_log[-25:])
     if failure is None:
         failure = "kernel panic" if "Kernel panic" in tail else f"QEMU exited with {proc.returncode}"
-        if not ready:
+        if not ready.is_set():
             failure = f"the lab failed to boot ({failure})"
         else:
             failure = f"the lab stopped before the command finished ({failure})"
     if not options.verbose:
         print(tail, file=sys.stderr)
     print(f"pyvmm-lab: {failure}", file=sys.stderr)
-    return EXIT_LAB_FAILED, ready
+    return EXIT_LAB_FAILED, ready.is_set()
