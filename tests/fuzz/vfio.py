@@ -230,6 +230,8 @@ def host_functions(draw: st.DrawFn) -> HostFunction:
     if offsets and draw(st.integers(0, 4)) == 0:  # hostile: a loop, a pointer into the header or off the end
         config[offsets[-1] + 1] = draw(st.sampled_from([offsets[0], 0x10, 0xFC, 0xFF, 0x41]))
     config[0x34] = offsets[0] if offsets else draw(st.sampled_from([0, 0x40, 0xFF]))
+    if not offsets:  # the random bytes 0x34 may point at must not spell an MSI or MSI-X capability
+        config[0x40], config[0x41] = draw(st.sampled_from([0x00, CAP_PM, 0xFF])), 0
     fn.caps = offsets
     if pcie:
         ext = draw(st.lists(st.sampled_from(EXT_IDS), max_size=5))
