@@ -154,3 +154,38 @@ def test_second_build_downloads_nothing() -> None:
     assert not changed
     assert sorted(p.name for p in paths.debs.iterdir()) == debs_before
     assert json.loads(paths.manifest.read_text())["kernel_release"]
+
+
+KVM_PATCHING = r"""
+set -u
+T=/sys/kernel/tracing
+[ -e $T/kprobe_events ] || mount -t tracefs nodev $T
+# Every jump-label site the kernel rewrites goes through this function: count its calls.
+echo 'p:pyvmm_patch arch_jump_label_transform_queue' >> $T/kprobe_events
+echo 1 > $T/events/kprobes/pyvmm_patch/enable
+hits() { awk '$1 == "pyvmm_patch" {print $2}' $T/kprobe_profile; }
+# A VM as a VMM makes one (irqchip, a vCPU), then gone; the wait covers KVM's deferred (1 s) key updates.
+vm() {
+  python3 -c 'import fcntl, os; k = os.open("/dev/kvm", os.O_RDWR); v = fcntl.ioctl(k, 0xAE01, 0)
+fcntl.ioctl(v, 0xAE60, 0); fcntl.ioctl(v, 0xAE41, 0)'
+  sleep 2.5
+}
+anchor=$(cat /run/pyvmm-kvm-anchor)
+echo "ANCHOR-VMS $(ls -l /proc/$anchor/fd | grep -c 'kvm-vm')"
+a=$(hits); vm; vm; echo "WITH-ANCHOR $(( $(hits) - a ))"
+kill $anchor; sleep 2.5
+a=$(hits); vm; echo "WITHOUT-ANCHOR $(( $(hits) - a ))"
+"""
+
+
+def test_vmm_starts_in_the_lab_rewrite_no_kernel_code(lab) -> None:
+    """The lab holds one idle KVM VM, so a VM created and destroyed flips no static key: that code
+    patching (the scheduler's preempt-notifier hook among it) has livelocked the emulated lab."""
+    proc = lab(KVM_PATCHING)
+    out = proc.stdout
+    assert proc.returncode == 0, out
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0] in (
+        "ANCHOR-VMS", "WITH-ANCHOR", "WITHOUT-ANCHOR"))
+    assert lines.get("ANCHOR-VMS") == "1", out
+    assert lines.get("WITH-ANCHOR") == "0", out
+    assert int(lines.get("WITHOUT-ANCHOR", "0")) > 0, out  # the probe sees patching when there is some

@@ -1,0 +1,26 @@
+"""Runs in the lab for its whole life: holds one KVM VM (in-kernel irqchip, one vCPU that never runs).
+
+Creating the first VM and destroying the last flip kernel static keys: KVM's preempt notifiers, which sit in
+the scheduler's context switch, and the local APIC's "software disabled" key. Each flip rewrites kernel code
+on every CPU (text_poke: int3, then IPIs). Under QEMU's multi-threaded TCG that patching of the scheduler
+has livelocked the lab (soft lockups on both CPUs, a CPU taking int3 in __schedule). With this VM alive
+the keys stay on, so starting and stopping VMMs in the lab patches nothing.
+"""
+
+import fcntl
+import os
+import signal
+import sys
+
+KVM_CREATE_VM = 0xAE01
+KVM_CREATE_VCPU = 0xAE41
+KVM_CREATE_IRQCHIP = 0xAE60
+
+kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+with open(sys.argv[1], "w") as ready:
+    ready.write(f"{os.getpid()}\n")
+while True:
+    signal.pause()
