@@ -7,6 +7,7 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass, field
+from operator import add
 
 from pyvmm import layout
 
@@ -104,6 +105,19 @@ class GuestMemory:
                     return whole[gpa - start : end - start]
         self._locate(gpa, length)  # raises with the reason
         raise AssertionError("unreachable")
+
+    def views(self, gpas: list[int], lengths: list[int]) -> list[memoryview]:
+        """`view` of many ranges at once, checked against one region as a whole when they all lie in one
+        (the usual case for the buffers of one request)."""
+        if gpas and min(gpas) >= 0 and min(lengths) >= 0:
+            ends = list(map(add, gpas, lengths))
+            low, high = min(gpas), max(ends)
+            for start, stop, whole in self._spans:
+                if start <= low and high <= stop:
+                    if start:
+                        return [whole[a - start : e - start] for a, e in zip(gpas, ends, strict=True)]
+                    return [whole[a:e] for a, e in zip(gpas, ends, strict=True)]
+        return list(map(self.view, gpas, lengths))
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))

@@ -32,3 +32,29 @@ def test_low_ram_from_zero_is_huge_page_aligned() -> None:
         assert memory.read((64 << 20) - 1, 1) == b"\xff"
     finally:
         memory.close()
+
+
+def test_views_of_many_ranges_match_view_and_are_all_checked() -> None:
+    memory = GuestMemory([(0, 8 << 20), (0x1_0000_0000, 4 << 20)])
+    try:
+        ranges = [(0x1000, 16), (0x7F_F000, 0x1000), (0x2000, 0)]
+        for gpas, lengths in (
+            ([g for g, _ in ranges], [n for _, n in ranges]),  # one region: checked as a whole
+            ([0x1000, 0x1_0000_0000], [8, 8]),  # two regions: one at a time
+        ):
+            got = memory.views(gpas, lengths)
+            for view, gpa, length in zip(got, gpas, lengths, strict=True):
+                assert len(view) == length
+                if length:
+                    view[0] = 0x5A
+                    assert memory.read(gpa, 1) == b"\x5a"
+        assert memory.views([], []) == []
+        for gpas, lengths in (
+            ([0x1000, (8 << 20) - 8], [8, 16]),  # the second runs off the region's end
+            ([0x1000, 0x1_0000_0000 + (4 << 20)], [8, 1]),
+            ([0x1000], [-1]),
+        ):
+            with pytest.raises(GuestMemoryError):
+                memory.views(gpas, lengths)
+    finally:
+        memory.close()

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_virtio_driver import F_INDIRECT, F_NEXT, MiB, Ring
+from test_virtio_driver import F_INDIRECT, F_NEXT, F_WRITE, MiB, Ring
 
 from pyvmm.devices.virtio.queue import (
     ChainError,
@@ -271,3 +271,101 @@ def test_random_descriptor_tables_never_escape(table: bytes, head: int) -> None:
     assert len(chain.descriptors) <= 8 or chain.error is not None
     with contextlib.suppress(ChainError):
         map_chain(chain)
+
+
+def _positions(memory: GuestMemory, views: list[memoryview]) -> list[tuple[int, int]]:
+    """Where each view lies in guest RAM, as (host address, length): views can only be compared so."""
+    import ctypes
+
+    return [(ctypes.addressof(ctypes.c_char.from_buffer(v)) if len(v) else 0, len(v)) for v in views]
+
+
+def test_a_linux_style_request_of_scattered_pages_is_one_chain() -> None:
+    """Header, 256 scattered 4 KiB pages, status: what a 1 MiB read looks like when the guest's buffer is
+    not contiguous. The bulk decode gives what the one-at-a-time walk gives."""
+    memory, ring, q = setup(size=512)
+    pages = [(0x200000 + ((i * 37) % 256) * 4096, 4096, True) for i in range(256)]
+    buffers = [(0x100000, 16, False), *pages, (0x100010, 1, True)]
+    ring.publish(ring.add_indirect(0x40000, buffers))
+    chain = q.pop()
+    assert chain is not None and chain.error is None
+    assert chain.descriptors == buffers
+    assert [len(v) for v in chain.readable] == [16]
+    assert len(chain.writable) == 257
+    general = q._walk_one_by_one(chain.head)
+    assert _positions(memory, chain.readable) == _positions(memory, general.readable)
+    assert _positions(memory, chain.writable) == _positions(memory, general.writable)
+    chain.writable[5][:4] = b"page"
+    assert memory.read(pages[5][0], 4) == b"page"
+
+
+_HEADER = (0x100000, 16, F_NEXT, 1)
+_DATA = (0x101000, 512, F_NEXT | F_WRITE, 2)
+_STATUS = (0x103000, 1, F_WRITE, 3)
+
+
+@pytest.mark.parametrize(
+    ("entries", "valid"),
+    [
+        # entry 0 links to 2, 2 to 1: a valid chain, not in table order
+        ([(*_HEADER[:3], 2), _STATUS, (*_DATA[:3], 1)], True),
+        ([_HEADER, (0x101000, 512, F_NEXT, 2), (0x103000, 1, 0, 3)], True),  # all device-readable
+        ([(0x100000, 16, F_NEXT | F_WRITE, 1), (0x101000, 512, F_NEXT, 2), _STATUS], False),  # R after W
+        ([_HEADER, (RAM - 8, 512, F_NEXT | F_WRITE, 2), _STATUS], False),  # a buffer beyond RAM
+        ([_HEADER, (0x30000, 16, F_INDIRECT, 2), _STATUS], False),  # an indirect table inside one
+        ([_HEADER, (0x101000, 512, F_WRITE, 2), _STATUS], True),  # ends before the table's end
+    ],
+)
+def test_irregular_indirect_tables_take_the_general_walk(
+    entries: list[tuple[int, int, int, int]], valid: bool
+) -> None:
+    _memory, ring, q = setup(size=8)
+    table = 0x20000
+    for i, (addr, length, flags, nxt) in enumerate(entries):
+        ring.write_desc(i, addr, length, flags, nxt, table=table)
+    ring.write_desc(0, table, 16 * len(entries), F_INDIRECT)
+    ring.publish(0)
+    chain = q.pop()
+    assert chain is not None and (chain.error is None) == valid
+    general = q._walk_one_by_one(0)
+    assert chain.descriptors == general.descriptors and chain.error == general.error
+    if entries[1][2] != 0 or entries[2][2] != 0:  # the all-readable table is linear: decoded in bulk
+        assert q._linear_table(0, table, 3) is None
+
+
+_buffer = st.tuples(
+    st.sampled_from([0x100000, 0x1FF000, RAM - 4096, RAM - 8, RAM, 1 << 40]),  # in RAM, at its end, beyond
+    st.sampled_from([0, 1, 16, 4096, 8192, 0xFFFF_FFFF]),
+    st.booleans(),  # device-writable
+)
+# One field of one entry set to something else: a flags value (NEXT, WRITE, INDIRECT, mixes) or a link.
+_mutation = st.none() | st.tuples(st.integers(0, 7), st.sampled_from(["flags", "next"]), st.integers(0, 9))
+
+
+@given(buffers=st.lists(_buffer, min_size=1, max_size=8), ordered=st.booleans(), mutation=_mutation)
+@settings(max_examples=400, deadline=None)
+def test_bulk_decode_agrees_with_the_general_walk(
+    buffers: list[tuple[int, int, bool]], ordered: bool, mutation: tuple[int, str, int] | None
+) -> None:
+    """Whatever an indirect table holds, pop() gives the chain the descriptor-at-a-time walk gives."""
+    memory, ring, q = setup(size=8)
+    table = 0x20000
+    if ordered:  # device-readable first, as drivers lay requests out
+        buffers = sorted(buffers, key=lambda b: b[2])
+    entries = [[addr, length, (F_WRITE if w else 0) | (F_NEXT if i < len(buffers) - 1 else 0), i + 1]
+               for i, (addr, length, w) in enumerate(buffers)]
+    if mutation is not None:
+        index, field, value = mutation
+        entries[index % len(entries)][2 if field == "flags" else 3] = value
+    for i, (addr, length, flags, nxt) in enumerate(entries):
+        ring.write_desc(i, addr, length, flags, nxt, table=table)
+    ring.write_desc(0, table, 16 * len(entries), F_INDIRECT)
+    ring.publish(0)
+    chain = q.pop()
+    general = q._walk_one_by_one(0)
+    assert chain is not None
+    assert chain.descriptors == general.descriptors
+    assert chain.error == general.error
+    if chain.error is None:
+        assert _positions(memory, chain.readable) == _positions(memory, general.readable)
+        assert _positions(memory, chain.writable) == _positions(memory, general.writable)
