@@ -1,7 +1,7 @@
 """Python cost of one virtio-blk request on this machine (no lab, no KVM): the worker's side only.
 
-A split ring in guest RAM is filled as Linux's virtio_blk fills it (header, data, status; an indirect
-table when a request has several data segments), then the transport's `process()` drains it, as the
+A split ring in guest RAM is filled as Linux's virtio_blk fills it (header, data, status, in an indirect
+table), then the transport's `process()` drains it, as the
 worker thread does after a kick. The image is a file in the page cache. Prints microseconds per request
 for 4 KiB reads one request per kick (queue depth 1), 32 per kick (QD32), and 1 MiB reads of 256 4 KiB
 segments. Multiply by the lab's TCG factor (about 30) for what a request costs the lab's worker thread.
@@ -48,7 +48,8 @@ class Vectors:
 
 
 class Ring:
-    """The driver side: direct descriptors for one-segment requests, indirect tables otherwise."""
+    """The driver side, as Linux's: every request of more than one buffer (all of them: header, data,
+    status) goes through an indirect table."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
@@ -61,18 +62,12 @@ class Ring:
         data = DATA + slot * segments * seg_len
         buffers += [(data + i * seg_len, seg_len, F_WRITE) for i in range(segments)]
         buffers.append((header + 16, 1, F_WRITE))
-        head = (slot * 3) % QUEUE_SIZE if segments == 1 else slot % QUEUE_SIZE
-        if segments == 1:
-            for i, (addr, length, flags) in enumerate(buffers):
-                nxt = (head + i + 1) % QUEUE_SIZE
-                more = F_NEXT if i < len(buffers) - 1 else 0
-                self._desc(DESC, (head + i) % QUEUE_SIZE, addr, length, flags | more, nxt)
-        else:
-            table = TABLES + slot * 16 * len(buffers)
-            for i, (addr, length, flags) in enumerate(buffers):
-                more = F_NEXT if i < len(buffers) - 1 else 0
-                self._desc(table, i, addr, length, flags | more, i + 1)
-            self._desc(DESC, head, table, 16 * len(buffers), F_INDIRECT, 0)
+        head = slot % QUEUE_SIZE
+        table = TABLES + slot * 16 * len(buffers)
+        for i, (addr, length, flags) in enumerate(buffers):
+            more = F_NEXT if i < len(buffers) - 1 else 0
+            self._desc(table, i, addr, length, flags | more, i + 1)
+        self._desc(DESC, head, table, 16 * len(buffers), F_INDIRECT, 0)
         return head
 
     def _desc(self, table: int, index: int, addr: int, length: int, flags: int, nxt: int) -> None:

@@ -292,7 +292,7 @@ def test_a_linux_style_request_of_scattered_pages_is_one_chain() -> None:
     assert chain.descriptors == buffers
     assert [len(v) for v in chain.readable] == [16]
     assert len(chain.writable) == 257
-    general = q._walk_one_by_one(chain.head)
+    general = q._walk(chain.head, bulk=False)
     assert _positions(memory, chain.readable) == _positions(memory, general.readable)
     assert _positions(memory, chain.writable) == _positions(memory, general.writable)
     chain.writable[5][:4] = b"page"
@@ -327,28 +327,37 @@ def test_irregular_indirect_tables_take_the_general_walk(
     ring.publish(0)
     chain = q.pop()
     assert chain is not None and (chain.error is None) == valid
-    general = q._walk_one_by_one(0)
-    assert chain.descriptors == general.descriptors and chain.error == general.error
-    if entries[1][2] != 0 or entries[2][2] != 0:  # the all-readable table is linear: decoded in bulk
-        assert q._linear_table(0, table, 3) is None
+    bulk = q._linear_table(0, ring.memory.view(table, 48), 3)  # what a longer table of each kind would get
+    linear = entries[1][2] == F_NEXT and entries[2][2] == 0  # all device-readable: that one is linear
+    assert (bulk is not None) == linear
+    if bulk is not None:
+        assert bulk.descriptors == chain.descriptors and bulk.error is None
+        assert _positions(ring.memory, bulk.readable) == _positions(ring.memory, chain.readable)
 
 
 _buffer = st.tuples(
-    st.sampled_from([0x100000, 0x1FF000, RAM - 4096, RAM - 8, RAM, 1 << 40]),  # in RAM, at its end, beyond
-    st.sampled_from([0, 1, 16, 4096, 8192, 0xFFFF_FFFF]),
+    st.integers(0, 511).map(lambda i: 0x100000 + 0x1000 * i),  # a page of guest RAM
+    st.sampled_from([4096, 4096, 4096, 0, 1, 16, 8192]),
     st.booleans(),  # device-writable
 )
-# One field of one entry set to something else: a flags value (NEXT, WRITE, INDIRECT, mixes) or a link.
-_mutation = st.none() | st.tuples(st.integers(0, 7), st.sampled_from(["flags", "next"]), st.integers(0, 9))
+# At most one field of one entry set to something else: the flags (NEXT, WRITE, INDIRECT, mixes), the
+# link, or an address or a length that leaves RAM.
+_mutation = st.none() | st.tuples(
+    st.integers(0, 40),
+    st.sampled_from(["flags", "next", "addr", "length"]),
+    st.integers(0, 40),
+)
+_BAD_ADDRESSES = (RAM - 8, RAM, 1 << 40, (1 << 64) - 4096)
+_BAD_LENGTHS = (0xFFFF_FFFF, RAM, 0x8000_0000)
 
 
-@given(buffers=st.lists(_buffer, min_size=1, max_size=8), ordered=st.booleans(), mutation=_mutation)
+@given(buffers=st.lists(_buffer, min_size=10, max_size=40), ordered=st.booleans(), mutation=_mutation)
 @settings(max_examples=400, deadline=None)
 def test_bulk_decode_agrees_with_the_general_walk(
     buffers: list[tuple[int, int, bool]], ordered: bool, mutation: tuple[int, str, int] | None
 ) -> None:
     """Whatever an indirect table holds, pop() gives the chain the descriptor-at-a-time walk gives."""
-    memory, ring, q = setup(size=8)
+    memory, ring, q = setup(size=64)
     table = 0x20000
     if ordered:  # device-readable first, as drivers lay requests out
         buffers = sorted(buffers, key=lambda b: b[2])
@@ -356,13 +365,21 @@ def test_bulk_decode_agrees_with_the_general_walk(
                for i, (addr, length, w) in enumerate(buffers)]
     if mutation is not None:
         index, field, value = mutation
-        entries[index % len(entries)][2 if field == "flags" else 3] = value
+        entry = entries[index % len(entries)]
+        if field == "flags":
+            entry[2] = value % 8
+        elif field == "next":
+            entry[3] = value
+        elif field == "addr":
+            entry[0] = _BAD_ADDRESSES[value % len(_BAD_ADDRESSES)]
+        else:
+            entry[1] = _BAD_LENGTHS[value % len(_BAD_LENGTHS)]
     for i, (addr, length, flags, nxt) in enumerate(entries):
         ring.write_desc(i, addr, length, flags, nxt, table=table)
     ring.write_desc(0, table, 16 * len(entries), F_INDIRECT)
     ring.publish(0)
     chain = q.pop()
-    general = q._walk_one_by_one(0)
+    general = q._walk(0, bulk=False)
     assert chain is not None
     assert chain.descriptors == general.descriptors
     assert chain.error == general.error

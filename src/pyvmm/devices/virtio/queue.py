@@ -37,7 +37,9 @@ class DescFlag(IntFlag):
 _F_NEXT, _F_WRITE, _F_INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)  # hot path
 # What a linear indirect table looks like, as Linux fills one: entry i links to i + 1, and every entry but
 # the last has NEXT; device-readable entries come first. Sliced to a table's length and compared whole.
-# Longer tables (queues over 1024 entries) take the general walk.
+# Shorter tables (a 4 KiB request has three entries) are walked faster one at a time; longer ones than
+# _LINEAR_MAX (queues over 1024 entries) take the general walk too.
+_LINEAR_MIN = 12
 _LINEAR_MAX = 1024
 _LINEAR_NEXT = list(range(1, _LINEAR_MAX))
 _READABLE_NEXT = [_F_NEXT] * _LINEAR_MAX
@@ -254,40 +256,23 @@ class Virtqueue:
         self.last_avail = (last + 1) & 0xFFFF
         return self._walk(head)
 
-    def _walk(self, head: int) -> DescriptorChain:
-        assert self._desc is not None and self._memory is not None
-        if self.indirect:
-            addr, length, flags, _nxt = _DESC.unpack_from(self._desc, DESC_SIZE * head)
-            if flags == _F_INDIRECT and 0 < length <= DESC_SIZE * min(self.size, _LINEAR_MAX) \
-                    and not length % DESC_SIZE:
-                chain = self._linear_table(head, addr, length // DESC_SIZE)
-                if chain is not None:
-                    return chain
-        return self._walk_one_by_one(head)
-
-    def _linear_table(self, head: int, addr: int, n: int) -> DescriptorChain | None:
+    def _linear_table(self, head: int, table: memoryview, n: int) -> DescriptorChain | None:
         """The chain of an indirect table laid out as drivers lay them out, decoded and mapped in bulk
         (a descriptor at a time, a 1 MiB read of 4 KiB pages cost the lab's worker thread about 3 ms).
         None for anything else, which the general walk then takes, with its error messages."""
         memory = self._memory
         assert memory is not None
-        try:
-            table = memory.view(addr, n * DESC_SIZE)
-        except GuestMemoryError:
-            return None
         u16 = table.cast("H")
         if u16[7::8].tolist()[: n - 1] != _LINEAR_NEXT[: n - 1]:
             return None
         flags = u16[6::8].tolist()
         last = flags.pop()
         readable = flags.count(_F_NEXT)
-        if last == 0:  # all device-readable
-            if readable != n - 1:
-                return None
+        if flags != _READABLE_NEXT[:readable] + _WRITABLE_NEXT[: n - 1 - readable]:
+            return None
+        if last == 0 and readable == n - 1:  # all device-readable
             readable = n
         elif last != _F_WRITE:
-            return None
-        if flags != _READABLE_NEXT[:readable] + _WRITABLE_NEXT[: n - 1 - readable]:
             return None
         addrs = table.cast("Q")[0::2].tolist()
         lengths = table.cast("I")[2::4].tolist()
@@ -299,7 +284,8 @@ class Virtqueue:
         descriptors = list(zip(addrs, lengths, writable, strict=True))
         return DescriptorChain(head, descriptors, views[:readable], views[readable:])
 
-    def _walk_one_by_one(self, head: int) -> DescriptorChain:
+    def _walk(self, head: int, bulk: bool = True) -> DescriptorChain:
+        """The chain at `head`, a descriptor at a time, except a long indirect table when `bulk`."""
         assert self._desc is not None and self._memory is not None
         descriptors: list[Descriptor] = []
         readable: list[memoryview] = []
@@ -344,6 +330,10 @@ class Virtqueue:
                     return chain
                 indirect_seen = True
                 entries = length // DESC_SIZE
+                if bulk and not descriptors and _LINEAR_MIN <= entries <= _LINEAR_MAX:
+                    linear = self._linear_table(head, table, entries)
+                    if linear is not None:
+                        return linear
                 budget = entries
                 index = 0
                 continue
