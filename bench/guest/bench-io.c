@@ -8,6 +8,13 @@
  * O_DIRECT and goes through Linux AIO (io_setup/io_submit/io_getevents as raw syscalls) with QDEPTH
  * requests in flight.
  *
+ * BENCH_IO_BUFFER says where the data buffers are, which decides how many segments a request has on its
+ * way through the guest's block layer and a virtqueue:
+ *   unset  posix_memalign: 4 KiB pages as the guest's allocator hands them out, adjacent or not, so the
+ *          count differs from one boot to the next (1 MiB reads came as 30 to 256 segments);
+ *   huge   a hugetlb mapping (the guest needs `hugepages=`): a request of up to 2 MiB is one segment;
+ *   pages  every 4 KiB of a request in its own segment (BLOCK/4096 iovecs, each a page apart).
+ *
  * Console lines, each written with one write(2) and drained (tcdrain: the line has left the serial port
  * before the helper goes on, so queued console output neither overlaps nor delays the measured I/O):
  *   BENCH TAG NL0 .. BENCH TAG NL3   empty marker lines: their spacing is what one console line costs
@@ -23,12 +30,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
 #define MAX_QD 256
+#define PAGE 4096
+#define HUGE_PAGE (2u << 20)
+#define MAX_PAGES (HUGE_PAGE / PAGE)
 
 static const char *tag = "io";
 
@@ -91,9 +103,28 @@ int main(int argc, char **argv) {
 
     int fd = open(argv[2], (writing ? O_WRONLY : O_RDONLY) | O_DIRECT);
     if (fd < 0) die("open");
+    const char *layout = getenv("BENCH_IO_BUFFER");
+    if (layout && !*layout) layout = NULL;
+    int huge = layout && !strcmp(layout, "huge"), pages = layout && !strcmp(layout, "pages");
+    if (layout && !huge && !pages) return 2;
+    if ((huge || pages) && (block > HUGE_PAGE || block % PAGE)) return 2;
+    static struct iovec iov[MAX_QD][MAX_PAGES];
+    uint64_t stride = pages ? 2 * block : block; /* pages: every other page of the region is used */
     char *buffers;
-    if (posix_memalign((void **)&buffers, 4096, block * qd)) die("posix_memalign");
-    memset(buffers, writing ? 0x5a : 0, block * qd);
+    if (huge || pages) {
+        uint64_t length = (stride * qd + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+        buffers = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+        if (buffers == MAP_FAILED) die("mmap MAP_HUGETLB (hugepages= on the guest's command line?)");
+    } else if (posix_memalign((void **)&buffers, PAGE, block * qd)) {
+        die("posix_memalign");
+    }
+    memset(buffers, writing ? 0x5a : 0, stride * qd);
+    if (pages)
+        for (int s = 0; s < qd; s++)
+            for (uint64_t k = 0; k < block / PAGE; k++) {
+                iov[s][k].iov_base = buffers + stride * s + 2 * PAGE * k;
+                iov[s][k].iov_len = PAGE;
+            }
     aio_context_t ctx = 0;
     if (syscall(SYS_io_setup, qd, &ctx) < 0) die("io_setup");
     struct iocb iocbs[MAX_QD], *batch[MAX_QD];
@@ -115,9 +146,15 @@ int main(int argc, char **argv) {
             memset(cb, 0, sizeof *cb);
             cb->aio_data = slot;
             cb->aio_fildes = fd;
-            cb->aio_lio_opcode = writing ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
-            cb->aio_buf = (uint64_t)(uintptr_t)(buffers + block * slot);
-            cb->aio_nbytes = block;
+            if (pages) {
+                cb->aio_lio_opcode = writing ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
+                cb->aio_buf = (uint64_t)(uintptr_t)iov[slot];
+                cb->aio_nbytes = block / PAGE;
+            } else {
+                cb->aio_lio_opcode = writing ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+                cb->aio_buf = (uint64_t)(uintptr_t)(buffers + stride * slot);
+                cb->aio_nbytes = block;
+            }
             uint64_t index = random_reads ? next_random() % blocks : issued % blocks;
             cb->aio_offset = offset + index * block;
             batch[n++] = cb;
