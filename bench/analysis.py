@@ -69,7 +69,7 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric(
         "nvme_seq_read",
-        "passthrough NVMe: sequential read, 1 MiB O_DIRECT",
+        "passthrough NVMe: sequential read, 1 MiB O_DIRECT, one segment",
         "MB/s",
         "higher",
         PT_VMMS,

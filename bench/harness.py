@@ -373,8 +373,9 @@ class Bench:
         io = str(Path(self.s.helpers) / "bench-io")
         span = self.s.span
         secs = f"{self.s.io_seconds:g}"
-        script = (
-            f"{io} nvme-seq {dev} read 1M 1 {span} 0 {secs} && "
+        script = (  # the sequential buffer in a huge page, as in the guests (passthrough.sh)
+            "echo 2 > /proc/sys/vm/nr_hugepages && "
+            f"BENCH_IO_BUFFER=huge {io} nvme-seq {dev} read 1M 1 {span} 0 {secs} && "
             f"{io} nvme-rand1 {dev} randread 4K 1 {span} 0 {secs} && "
             f"{io} nvme-rand32 {dev} randread 4K 32 {span} 0 {secs}"
         )
