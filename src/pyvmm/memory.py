@@ -109,9 +109,10 @@ class GuestMemory:
     def views(self, gpas: list[int], lengths: list[int]) -> list[memoryview]:
         """`view` of many ranges at once, checked against one region as a whole when they all lie in one
         (the usual case for the buffers of one request)."""
-        if gpas and min(gpas) >= 0 and min(lengths) >= 0:
+        low = min(gpas, default=-1)
+        if low >= 0 and min(lengths) >= 0:
             ends = list(map(add, gpas, lengths))
-            low, high = min(gpas), max(ends)
+            high = max(ends)
             for start, stop, whole in self._spans:
                 if start <= low and high <= stop:
                     if start:
