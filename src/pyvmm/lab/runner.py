@@ -98,8 +98,6 @@ class Lab:
         (run_dir / "env.sh").write_text("\n".join(lines) + "\n")
         setup = resources.files("pyvmm.lab").joinpath("data", "lab-setup.sh").read_bytes()
         (run_dir / "setup.sh").write_bytes(setup)
-        anchor = resources.files("pyvmm.lab").joinpath("data", "kvm-anchor.py").read_bytes()
-        (run_dir / "kvm-anchor.py").write_bytes(anchor)
         if command is not None:
             script = (
                 f". {shlex.quote(str(run_dir / 'env.sh'))}\n"

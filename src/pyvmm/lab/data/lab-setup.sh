@@ -16,10 +16,11 @@ while coldplug && [ $n -lt 6 ]; do sleep 0.3; n=$((n + 1)); done
 # What a VFIO host has loaded: the IOMMU type1 backend, vfio-pci and KVM (AMD: ccp provides sev symbols).
 modprobe -a vfio_iommu_type1 vfio-pci ccp kvm_amd || exit 1
 # One idle KVM VM for the lab's whole life, so that VMMs starting and stopping never rewrite kernel code
-# (see kvm-anchor.py: that patching has livelocked the emulated lab).
-python3 "$(dirname "$0")/kvm-anchor.py" /run/pyvmm-kvm-anchor </dev/null >/dev/null 2>&1 &
+# (see pyvmm/lab/anchor.py: that patching has livelocked the emulated lab). env.sh puts pyvmm's Python on
+# PATH.
+(. "$(dirname "$0")/env.sh"; exec python3 -m pyvmm.lab.anchor /run/pyvmm-kvm-anchor) </dev/null >/dev/null 2>&1 &
 i=0
-while [ ! -s /run/pyvmm-kvm-anchor ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+while [ ! -s /run/pyvmm-kvm-anchor ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 [ -s /run/pyvmm-kvm-anchor ] || echo "pyvmm-lab: no KVM anchor VM (VMM starts may stall the lab)" >&2
 # Wait until every device that has a driver available is bound (probes run asynchronously).
 i=0

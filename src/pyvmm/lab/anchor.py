@@ -5,22 +5,26 @@ the scheduler's context switch, and the local APIC's "software disabled" key. Ea
 on every CPU (text_poke: int3, then IPIs). Under QEMU's multi-threaded TCG that patching of the scheduler
 has livelocked the lab (soft lockups on both CPUs, a CPU taking int3 in __schedule). With this VM alive
 the keys stay on, so starting and stopping VMMs in the lab patches nothing.
+
+    python3 -m pyvmm.lab.anchor READY_FILE   (the lab's setup starts it; READY_FILE gets its pid)
 """
 
-import fcntl
 import os
 import signal
 import sys
 
-KVM_CREATE_VM = 0xAE01
-KVM_CREATE_VCPU = 0xAE41
-KVM_CREATE_IRQCHIP = 0xAE60
+from pyvmm.kvm.system import Kvm
 
-kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
-fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
-fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
-with open(sys.argv[1], "w") as ready:
-    ready.write(f"{os.getpid()}\n")
-while True:
-    signal.pause()
+
+def main() -> None:
+    vm = Kvm().create_vm()
+    vm.create_irqchip()
+    vm.create_vcpu(0)
+    with open(sys.argv[1], "w") as ready:
+        ready.write(f"{os.getpid()}\n")
+    while True:
+        signal.pause()
+
+
+if __name__ == "__main__":
+    main()
