@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from pyvmm.config import ConfigError, check_paths, parse_vm_config
-
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
+from pyvmm.config import check_paths, parse_vm_config
+from pyvmm.errors import PyvmmError
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -21,21 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_vm_config(args)
         check_paths(config)
-    except ConfigError as exc:
-        print(f"pyvmm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    _setup_logging(config.verbosity)
-    # Imported here so that usage errors and --help never need KVM or ctypes set up.
-    from pyvmm.vmm import UsageError, VmError, run_vm
+        _setup_logging(config.verbosity)
+        # Imported here so that usage errors and --help never need KVM or ctypes set up.
+        from pyvmm.vmm import run_vm
 
-    try:
         return run_vm(config)
-    except UsageError as exc:
+    except PyvmmError as exc:  # every failure a user can cause: one line, its own exit status
         print(f"pyvmm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except VmError as exc:
-        print(f"pyvmm: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return int(exc.exit_status)
     except KeyboardInterrupt:
         return 130
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from pyvmm import __version__, layout
+from pyvmm.errors import UsageError
 from pyvmm.options import OptionError, Options, parse_byte_size, parse_options
 
 MAX_VCPUS = 8192  # KVM's limit on x86_64 as CH enforces it; the host's KVM_CAP_MAX_VCPUS is checked later
@@ -39,7 +40,7 @@ PAGE_SIZE = 4096
 T = TypeVar("T")
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """A command-line error; str() is one line: `<option>: <message>`."""
 
     def __init__(self, option: str, message: str) -> None:

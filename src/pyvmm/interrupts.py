@@ -12,12 +12,13 @@ import os
 import threading
 
 from pyvmm import layout
+from pyvmm.errors import PyvmmError
 from pyvmm.kvm.routing import MsiRoute, Route, default_irqchip_routes
 from pyvmm.kvm.system import Vm
 from pyvmm.pci.msi import MsiMessage, address_is_routable
 
 
-class InterruptError(RuntimeError):
+class InterruptError(PyvmmError):
     pass
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from operator import add
 
 from pyvmm import layout
+from pyvmm.errors import PyvmmError
 
 # Python's mmap module only exports MAP_NORESERVE from 3.12 on; the value is Linux's (x86-64 and arm64).
 # Without it the kernel's overcommit heuristic refuses guests larger than the host's free memory, although
@@ -23,7 +24,7 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 HUGE_PAGE_SIZE = 2 << 20
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(PyvmmError):
     """A guest-physical range that is not (entirely) backed by one RAM region."""
 
 

@@ -37,6 +37,7 @@ from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.i8042 import I8042Device
 from pyvmm.devices.serial import Serial
+from pyvmm.errors import UsageError, VmError
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
 from pyvmm.kvm.coalesced import CoalescedRing, coalesce_port_writes
@@ -52,14 +53,6 @@ if TYPE_CHECKING:
     from pyvmm.vfio.passthrough import ManagedBinding
 
 log = logging.getLogger("pyvmm")
-
-
-class UsageError(Exception):
-    """The command line asks for something this host or pyvmm cannot do (exit status 2)."""
-
-
-class VmError(Exception):
-    """The VM could not be built or failed while running (exit status 1)."""
 
 
 class ExitKind(Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.host.bdf import Bdf, parse_bdf
-from pyvmm.host.errors import UsageError
+from pyvmm.host.errors import HostUsageError
 
 
 @pytest.mark.parametrize(
@@ -38,9 +38,9 @@ def test_vmd_domains_have_five_digits() -> None:
     "spelling", ["", "03.0", "00:00.8", "0000:00:20.0", "00:0x.0", "/sys/bus/pci/devices/"]
 )
 def test_bad_spellings_are_usage_errors(spelling: str) -> None:
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(HostUsageError) as err:
         parse_bdf(spelling)
-    assert err.value.exit_code == 2
+    assert err.value.exit_status == 2
     assert "\n" not in str(err.value)
 
 

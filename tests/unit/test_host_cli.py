@@ -6,7 +6,7 @@ import pytest
 
 from pyvmm.host.actions import Changer, Step
 from pyvmm.host.cli import main
-from pyvmm.host.errors import UsageError
+from pyvmm.host.errors import HostUsageError
 from pyvmm.host.hostfacts import format_size, parse_size
 
 
@@ -50,7 +50,7 @@ def test_sizes(text: str, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "0", "12m", "1.5G", "-1M", "M"])
 def test_bad_sizes(text: str) -> None:
-    with pytest.raises(UsageError):
+    with pytest.raises(HostUsageError):
         parse_size(text)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.host.errors import UsageError
+from pyvmm.host.errors import HostUsageError
 from pyvmm.host.journal import BindMethod, DeviceRecord, Journal, read_state
 from pyvmm.host.restoring import restore
 from pyvmm.vfio.requests import DeviceRequests, removal_message, requested_devices
@@ -66,7 +66,7 @@ def test_restore_forgets_a_journalled_device_gone_from_the_host(tmp_path: Path) 
     assert str(device.bdf) == GONE and not device.changed and "gone from the host" in device.note
     assert read_state(tmp_path).devices == {}
     # A device neither on the host nor in the journal is still a mistake of the caller.
-    with pytest.raises(UsageError, match="no such PCI device"):
+    with pytest.raises(HostUsageError, match="no such PCI device"):
         restore([GONE], journal_dir=tmp_path)
 
 

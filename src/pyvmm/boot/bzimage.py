@@ -24,6 +24,7 @@ from pyvmm.boot.bootparams import (
     version_string,
 )
 from pyvmm.boot.zeropage import E820Entry, build_zero_page, validate_e820
+from pyvmm.errors import UsageError
 from pyvmm.memory import GuestMemory, GuestMemoryError
 
 PAGE_SIZE = 0x1000
@@ -31,7 +32,7 @@ ENTRY_64_OFFSET = 0x200  # the 64-bit entry point, relative to the protected-mod
 EBDA_POINTER_VALUE = layout.EBDA_START >> 4  # a real-mode segment, as the BIOS data area stores it
 
 
-class KernelImageError(Exception):
+class KernelImageError(UsageError):
     """The kernel image (or the command line / initramfs given with it) cannot be booted."""
 
 

@@ -9,7 +9,7 @@ VMM uses it for `--device ...,managed=on`:
 from .actions import Step
 from .bdf import Bdf, parse_bdf
 from .binding import bind_to_vfio
-from .errors import HostError, RefusedError, UsageError
+from .errors import HostError, HostUsageError, RefusedError
 from .groups import IommuGroup, blocks_group, build_groups
 from .hostfacts import HostFacts, parse_size
 from .inuse import HostUse, UseKind, host_uses
@@ -30,6 +30,7 @@ __all__ = [
     "Finding",
     "HostError",
     "HostFacts",
+    "HostUsageError",
     "HostUse",
     "IommuGroup",
     "JournalState",
@@ -40,7 +41,6 @@ __all__ = [
     "RefusedError",
     "Severity",
     "Step",
-    "UsageError",
     "UseKind",
     "Verdict",
     "bind_to_vfio",

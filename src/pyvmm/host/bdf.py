@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import HostUsageError
 
 # Domains are 4 hex digits normally, 5 behind Intel VMD; buses 2, devices 2 (< 32), functions 1 (< 8).
 _BDF = re.compile(
@@ -36,11 +36,11 @@ def parse_bdf(text: str) -> Bdf:
     name = spelled.rstrip("/").rsplit("/", 1)[-1] if "/" in spelled else spelled
     match = _BDF.match(name)
     if match is None:
-        raise UsageError(
+        raise HostUsageError(
             f"{text!r} is not a PCI device: write it as 01:00.0, 0000:01:00.0 or "
             "/sys/bus/pci/devices/0000:01:00.0/"
         )
     device = int(match["dev"], 16)
     if device > 0x1F:
-        raise UsageError(f"{text!r}: PCI device number {device:#x} is above 0x1f")
+        raise HostUsageError(f"{text!r}: PCI device number {device:#x} is above 0x1f")
     return Bdf(int(match["domain"] or "0", 16), int(match["bus"], 16), device, int(match["fn"]))

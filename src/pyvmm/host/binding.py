@@ -9,7 +9,7 @@ from pathlib import Path
 from . import hostfacts, sysfs
 from .actions import Changer, StepHook
 from .bdf import Bdf
-from .errors import HostError, RefusedError, UsageError
+from .errors import HostError, HostUsageError, RefusedError
 from .inuse import host_uses
 from .journal import JOURNAL_DIR, BindMethod, DeviceRecord, Journal, NewIdRecord, open_journal
 from .loading import ensure_vfio_modules
@@ -90,7 +90,7 @@ def _bind_by_new_id(
 def _bound_to_vfio(fn: PciFunction) -> bool:
     try:
         now = sysfs.read_function(fn.bdf)
-    except UsageError:
+    except HostUsageError:
         return False
     path = now.vfio_group_path
     return now.driver == VFIO_DRIVER and path is not None and path.exists()
@@ -108,11 +108,11 @@ def bind_to_vfio(
     journal_dir: Path = JOURNAL_DIR,
 ) -> Outcome:
     """Bind the devices (with `group`, their whole IOMMU groups) to vfio-pci, journalling their original
-    state first; already-bound devices are left alone. Raises UsageError for unknown devices, RefusedError
+    state first; already-bound devices are left alone. Raises HostUsageError for unknown devices, RefusedError
     for devices that must not be taken, HostError when a step or the final check fails."""
     requested = sysfs.resolve_all(devices)
     if not requested:
-        raise UsageError("name at least one device")
+        raise HostUsageError("name at least one device")
     functions = sysfs.scan()
     db = load_pci_ids()
     targets = select_targets(requested, functions, group, db)

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from . import binding, hostfacts, restoring
 from .actions import StepHook
-from .errors import HostError, UsageError
+from .errors import HostError, HostUsageError
 from .inventory import DeviceInfo, describe_devices, group_json, iommu_groups
 from .journal import BindMethod
 from .outcome import Outcome
@@ -176,7 +176,7 @@ def cmd_unbind(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.all and args.devices:
-        raise UsageError("restore: give DEVICEs or --all, not both")
+        raise HostUsageError("restore: give DEVICEs or --all, not both")
     devices = args.devices or None
     outcome = restoring.restore(devices, dry_run=args.dry_run, on_step=_step_printer(args))
     if not outcome.devices and not outcome.steps:
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except HostError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
-        return e.exit_code
+        return int(e.exit_status)
     except OSError as e:  # anything the layers below did not foresee still gets one line
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-
-class HostError(Exception):
-    """A host operation failed; the message names the device and what to do."""
-
-    exit_code = 1
+from pyvmm.errors import PyvmmError, UsageError
 
 
-class UsageError(HostError):
-    """The caller named something that does not exist or spelled it wrong (exit code 2)."""
+class HostError(PyvmmError):
+    """A host operation failed; the message names the device and what to do (exit status 1)."""
 
-    exit_code = 2
+
+class HostUsageError(HostError, UsageError):
+    """The caller named something that does not exist or spelled it wrong (exit status 2)."""
 
 
 class RefusedError(HostError):

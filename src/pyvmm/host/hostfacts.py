@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import modules
-from .errors import UsageError
+from .errors import HostUsageError
 from .modules import ModuleState
 from .sysfs import IOMMU_GROUPS
 
@@ -94,7 +94,9 @@ def parse_size(text: str) -> int:
         spelled = spelled[5:]
     match = _SIZE.match(spelled)
     if match is None or int(match[1]) == 0:
-        raise UsageError(f"--memory {text!r}: write a size such as 512M or 2G (binary K, M, G, T suffixes)")
+        raise HostUsageError(
+            f"--memory {text!r}: write a size such as 512M or 2G (binary K, M, G, T suffixes)"
+        )
     return int(match[1]) * _SUFFIX[match[2]]
 
 

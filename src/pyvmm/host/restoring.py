@@ -10,7 +10,7 @@ from pathlib import Path
 from . import modules, sysfs
 from .actions import Changer, StepHook
 from .bdf import Bdf, parse_bdf
-from .errors import HostError, UsageError
+from .errors import HostError, HostUsageError
 from .journal import JOURNAL_DIR, DeviceRecord, Journal, open_journal
 from .outcome import DeviceOutcome, Outcome
 from .sysfs import VFIO_DRIVER
@@ -81,7 +81,7 @@ def _gone_from_host(journal: Journal, name: str | Bdf) -> Bdf | None:
     """A device the journal holds that is no longer on the host (removed, hot-unplugged): forgotten."""
     try:
         bdf = name if isinstance(name, Bdf) else parse_bdf(name)
-    except UsageError:
+    except HostUsageError:
         return None
     if str(bdf) not in journal.state.devices or sysfs.device_dir(bdf).is_dir():
         return None
@@ -109,7 +109,7 @@ def restore(
             for name in list(journal.state.devices):
                 try:
                     bdfs.append(sysfs.resolve(name))
-                except UsageError:
+                except HostUsageError:
                     journal.forget_device(name)  # gone (hot-unplugged): nothing to give back
         else:
             bdfs = []
@@ -139,5 +139,5 @@ def unbind(
     """Give the named devices back to their original drivers (see `restore`)."""
     names = list(devices)
     if not names:
-        raise UsageError("name at least one device")
+        raise HostUsageError("name at least one device")
     return restore(names, dry_run=dry_run, on_step=on_step, journal_dir=journal_dir)

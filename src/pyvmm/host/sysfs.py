@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bdf import Bdf, parse_bdf
-from .errors import HostError, UsageError
+from .errors import HostError, HostUsageError
 
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 PCI_DRIVERS = Path("/sys/bus/pci/drivers")
@@ -88,10 +88,10 @@ def _header_type(directory: Path) -> int:
 
 
 def read_function(bdf: Bdf) -> PciFunction:
-    """The function's current state; UsageError when no such device exists."""
+    """The function's current state; HostUsageError when no such device exists."""
     directory = device_dir(bdf)
     if not directory.is_dir():
-        raise UsageError(f"{bdf}: no such PCI device (see `pyvmm-host list`)")
+        raise HostUsageError(f"{bdf}: no such PCI device (see `pyvmm-host list`)")
     override = _read(directory / "driver_override")
     group = _link_name(directory / "iommu_group")
     return PciFunction(
@@ -121,7 +121,7 @@ def scan() -> list[PciFunction]:
     for name in sorted(names):
         try:
             functions.append(read_function(parse_bdf(name)))
-        except UsageError:
+        except HostUsageError:
             continue  # vanished while we looked (hot-unplug)
     return sorted(functions, key=lambda f: f.bdf)
 
@@ -130,7 +130,7 @@ def resolve(spelling: str | Bdf) -> Bdf:
     """A DEVICE argument as the user wrote it, checked to exist."""
     bdf = spelling if isinstance(spelling, Bdf) else parse_bdf(spelling)
     if not device_dir(bdf).is_dir():
-        raise UsageError(f"{spelling}: no such PCI device (see `pyvmm-host list`)")
+        raise HostUsageError(f"{spelling}: no such PCI device (see `pyvmm-host list`)")
     return bdf
 
 

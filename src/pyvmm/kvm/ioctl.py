@@ -11,6 +11,8 @@ import errno
 import os
 from enum import IntEnum
 
+from pyvmm.errors import PyvmmError
+
 _libc = ctypes.CDLL(None, use_errno=True)
 libc_ioctl = _libc.ioctl
 libc_ioctl.restype = ctypes.c_int
@@ -19,8 +21,11 @@ libc_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 Arg = int | ctypes.Structure | ctypes.Union | ctypes.Array | ctypes._SimpleCData | None
 
 
-class IoctlError(OSError):
-    """An ioctl that failed; `errno` is set and the message names the request."""
+class IoctlError(OSError, PyvmmError):
+    """An ioctl that failed; `errno` is set and the message names the request (exit status 1)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # "KVM_CREATE_VCPU failed: Invalid argument", without "[Errno 22]"
 
 
 def request_name(request: int) -> str:

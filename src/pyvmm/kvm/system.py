@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
+from pyvmm.errors import PyvmmError
 from pyvmm.kvm.bindings import (
     KVM_API_VERSION,
     KVM_MSI_VALID_DEVID,
@@ -49,7 +50,7 @@ _KVM_RUN = int(KvmIoctl.KVM_RUN)
 _EXIT_INTR = int(KvmExit.KVM_EXIT_INTR)
 
 
-class KvmError(Exception):
+class KvmError(PyvmmError):
     """KVM is unusable or refused a request; the message is one line."""
 
 

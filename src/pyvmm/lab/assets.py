@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from pyvmm.errors import PyvmmError
 from pyvmm.lab import debian
 from pyvmm.lab.cpio import CpioArchive
 from pyvmm.lab.kmod import ModuleTree, run_depmod
@@ -43,7 +44,7 @@ SD_MARKER = b"PYVMM-LAB-SD-CARD\n"
 NVME_MARKER = b"PYVMM-LAB-NVME-DRIVE\n"
 
 
-class BuildError(RuntimeError):
+class BuildError(PyvmmError, RuntimeError):
     pass
 
 

@@ -6,8 +6,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from pyvmm.errors import PyvmmError
 
-class PackageError(RuntimeError):
+
+class PackageError(PyvmmError, RuntimeError):
     """A Debian package could not be found, downloaded or unpacked."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from pyvmm.errors import PyvmmError
 from pyvmm.lab.assets import Manifest, load_manifest
 from pyvmm.lab.devices import NINEP_SLOT, parse_device_spec, qemu_device_args
 from pyvmm.lab.paths import AssetPaths
@@ -30,7 +31,7 @@ EXIT_LAB_FAILED = 125
 _PASSED_ENV = ("LANG", "LC_ALL", "TERM", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
 
 
-class LabError(RuntimeError):
+class LabError(PyvmmError, RuntimeError):
     """The lab itself could not run (not the command inside it)."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm import layout
+from pyvmm.errors import UsageError
 from pyvmm.pci.allocator import IO_BAR_ALIGN, AddressAllocator, AddressRange
 from pyvmm.pci.apertures import SegmentWindows
 from pyvmm.pci.bar import BarInfo, BarKind, BarMove
@@ -34,8 +35,8 @@ def _ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
 
-class PciError(Exception):
-    """A PCI topology or resource problem caused by configuration (not by the guest)."""
+class PciError(UsageError):
+    """A PCI topology or resource problem caused by configuration (not by the guest): exit status 2."""
 
 
 class SlotError(PciError):

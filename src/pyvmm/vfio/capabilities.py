@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from pyvmm.errors import UsageError
+
 ConfigReader = Callable[[int, int], int]
 
 STATUS = 0x06
@@ -112,7 +114,7 @@ def hidden_ext_cap_patches(caps: CapabilityScan) -> list[ConfigPatch]:
     return [ConfigPatch(off, 0xFFFF, 0) for off, cid in caps.extended if cid in HIDDEN_EXT_CAPS]
 
 
-class CapabilityConflict(ValueError):
+class CapabilityConflict(UsageError, ValueError):
     """A capability pyvmm would add overlaps one the device already has (a configuration problem)."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pyvmm.errors import PyvmmError
 
-class VfioError(Exception):
+
+class VfioError(PyvmmError):
     """VFIO is unusable or refused a request; the message is one line and says what to do where it can."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pyvmm.errors import ExitStatus
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KvmDevType
 from pyvmm.kvm.ioctl import IoctlError
@@ -43,6 +44,8 @@ VFIO_DRIVER = "vfio-pci"
 
 class VfioConfigError(VfioError):
     """The --device list itself is at fault (a key not implemented, a group not given whole): exit 2."""
+
+    exit_status = ExitStatus.USAGE
 
 
 class Bus(Protocol):

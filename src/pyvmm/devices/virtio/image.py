@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvmm.devices.virtio.queue import split_views
+from pyvmm.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
-class DiskImageError(Exception):
+class DiskImageError(UsageError):
     """The image cannot be used (missing, unreadable, locked...); the message is one line."""
 
 
