@@ -22,7 +22,7 @@ from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bus import PciConfigIo
-from pyvmm.pci.planning import make_segments, plan_windows
+from pyvmm.pci.planning import plan_windows, planning_platform
 
 CODE_GPA = 0x1000
 DONE_PORT = 0x14
@@ -66,7 +66,7 @@ def measure(count: int, coalesce: bool = True) -> tuple[float, int]:
     memory = GuestMemory([(0, 0x10000)])
     memory.write(CODE_GPA, program(count))
     pio_bus, mmio_bus = IoBus("pio", 1 << 16), IoBus("mmio")
-    segment = make_segments(plan_windows([(1, 1)], 1 << 30, 40))[0]
+    segment = planning_platform(plan_windows([(1, 1)], 1 << 30, 40)).segments[0]
     pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, PciConfigIo(segment))
     done = Done()
     pio_bus.insert(DONE_PORT, 1, done)

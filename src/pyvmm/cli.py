@@ -6,7 +6,7 @@ import logging
 import sys
 
 from pyvmm.config import check_paths, parse_vm_config
-from pyvmm.errors import PyvmmError
+from pyvmm.errors import ExitStatus, PyvmmError
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except PyvmmError as exc:  # every failure a user can cause: one line, its own exit status
         print(f"pyvmm: {exc}", file=sys.stderr)
         return int(exc.exit_status)
+    except OSError as exc:  # a host failure no layer foresaw (e.g. out of file descriptors): still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pyvmm: {where}{exc.strerror or exc}", file=sys.stderr)
+        return int(ExitStatus.FAILURE)
     except KeyboardInterrupt:
         return 130
 

@@ -32,8 +32,8 @@ class VmError(PyvmmError):
     """The VM could not be built or failed while running (exit status 1)."""
 
 
-def as_usage_error(exc: PyvmmError) -> UsageError:
-    """`exc`'s message as a usage error, for the places where the command line is what put it wrong."""
-    error = UsageError(str(exc))
-    error.__cause__ = exc
+def in_context(prefix: str, exc: PyvmmError) -> PyvmmError:
+    """`exc` with `prefix` (the option or device it concerns) before its message; same exit status."""
+    error = PyvmmError(f"{prefix}: {exc}")
+    error.exit_status = exc.exit_status
     return error

@@ -13,8 +13,8 @@ import threading
 
 from pyvmm import layout
 from pyvmm.errors import PyvmmError
+from pyvmm.hypervisor import GsiRouting, Irqfds
 from pyvmm.kvm.routing import MsiRoute, Route, default_irqchip_routes
-from pyvmm.kvm.system import Vm
 from pyvmm.pci.msi import MsiMessage, address_is_routable
 
 
@@ -25,8 +25,8 @@ class InterruptError(PyvmmError):
 class MsiRouter:
     """The VM-wide GSI routing table: the default IOAPIC/PIC routes plus every unmasked MSI vector."""
 
-    def __init__(self, vm: Vm) -> None:
-        self._vm = vm
+    def __init__(self, routing: GsiRouting) -> None:
+        self._routing = routing
         self._lock = threading.Lock()
         self._msi: dict[int, MsiRoute] = {}
         self._free = list(range(layout.MSI_GSI_END - 1, layout.MSI_GSI_BASE - 1, -1))
@@ -51,7 +51,7 @@ class MsiRouter:
             else:
                 self._msi[gsi] = MsiRoute(gsi, message.address, message.data)
             routes: list[Route] = [*default_irqchip_routes(layout.IOAPIC_NUM_PINS), *self._msi.values()]
-            self._vm.set_gsi_routing(routes)
+            self._routing.set_gsi_routing(routes)
 
 
 class IrqfdMsiVectors:
@@ -62,9 +62,9 @@ class IrqfdMsiVectors:
     when the irqfd is assigned again.
     """
 
-    def __init__(self, router: MsiRouter, vm: Vm, count: int) -> None:
+    def __init__(self, router: MsiRouter, irqfds: Irqfds, count: int) -> None:
         self._router = router
-        self._vm = vm
+        self._irqfds = irqfds
         self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         self._gsi: list[int | None] = [None] * count
         self._assigned = [False] * count
@@ -84,7 +84,7 @@ class IrqfdMsiVectors:
                 if gsi is None:
                     return
                 if self._assigned[vector]:
-                    self._vm.irqfd(self.eventfds[vector], gsi, deassign=True)
+                    self._irqfds.irqfd(self.eventfds[vector], gsi, deassign=True)
                     self._assigned[vector] = False
                 self._router.set_route(gsi, None)
                 return
@@ -92,7 +92,7 @@ class IrqfdMsiVectors:
                 gsi = self._gsi[vector] = self._router.allocate_gsi()
             self._router.set_route(gsi, message)
             if not self._assigned[vector]:
-                self._vm.irqfd(self.eventfds[vector], gsi)
+                self._irqfds.irqfd(self.eventfds[vector], gsi)
                 self._assigned[vector] = True
 
     def enable_changed(self, enabled: bool, count: int) -> None:
@@ -115,7 +115,7 @@ class IrqfdMsiVectors:
                     continue
                 if self._assigned[vector]:
                     with contextlib.suppress(OSError):
-                        self._vm.irqfd(self.eventfds[vector], gsi, deassign=True)
+                        self._irqfds.irqfd(self.eventfds[vector], gsi, deassign=True)
                     self._assigned[vector] = False
                 with contextlib.suppress(OSError):
                     self._router.set_route(gsi, None)  # the route goes from KVM's table too

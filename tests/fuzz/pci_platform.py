@@ -1,36 +1,36 @@
-"""A guest's view of the emulated PCI platform, wired as pyvmm.vmm wires it, plus its invariants.
+"""A guest's view of the emulated PCI platform, the builder's own PciPlatform, plus its invariants.
 
-Real pieces: IoBus (port and MMIO), PciSegment (with the shared I/O allocator and the ECAM window on the
-MMIO bus, 0xCF8 on the port bus), PciConfigMmio, PciConfigIo, PciConfiguration, BarBusAdapter, MsiCapability
-and MsixCapability. The only test glue is FuzzDevice (a ConfigSpaceDevice whose memory BAR serves its MSI-X
-table and PBA the way virtio-pci and VFIO devices do) and the BAR-move callback, which moves the bus range
-exactly as the VMM does (refusing when the bus refuses).
+Real pieces: IoBus (port and MMIO), PciPlatform (segments with the shared I/O allocator, the ECAM windows on
+the MMIO bus, 0xCF8 on the port bus, attach and the BAR-move wiring), PciConfigMmio, PciConfigIo,
+PciConfiguration, BarBusAdapter, MsiCapability and MsixCapability. The only test glue is FuzzDevice (a
+ConfigSpaceDevice whose memory BAR serves its MSI-X table and PBA the way virtio-pci and VFIO devices do).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
 from fuzz.sinks import RecordingSink, in_msi_window
 from pyvmm import layout
-from pyvmm.devices.bus import BusError, IoBus
-from pyvmm.pci.allocator import AddressAllocator, io_allocator
+from pyvmm.devices.bus import IoBus
+from pyvmm.pci.allocator import AddressAllocator
 from pyvmm.pci.apertures import mmio64_aperture, segment_windows
 from pyvmm.pci.bar import ROM_BAR_INDEX, BarInfo, BarKind, BarMove
-from pyvmm.pci.bus import PciConfigIo, PciConfigMmio, PciError, PciSegment
+from pyvmm.pci.bus import PciError, PciSegment
 from pyvmm.pci.config import Command, InterruptPin, PciConfiguration, Reg
 from pyvmm.pci.device import BarBusAdapter, ConfigSpaceDevice, PciDevice
 from pyvmm.pci.msi import MSIX_ENTRY_SIZE, MsiCapability, MsixCapability
+from pyvmm.pci.platform import PciPlatform
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
 IO_SPACE_SIZE = 1 << 16
 VENDOR_CAP_ID = 0x09
 
-# Fixed port ranges the platform owns (registered on the port bus like pyvmm.vmm does).
+# Fixed port ranges the platform owns (registered on the port bus as pyvmm.builder does).
 FIXED_PORTS = (
     (layout.SERIAL_COM1_PORT, 8),
     (layout.ACPI_PM_PORT, layout.ACPI_PM_SIZE),
@@ -205,28 +205,35 @@ class Attached:
     device: PciDevice  # a FuzzDevice, or any other model a target attaches (e.g. a VFIO device)
 
 
-@dataclass
 class Platform:
-    ram_size: int
-    segments: list[PciSegment] = field(default_factory=list)
-    devices: list[Attached] = field(default_factory=list)
-    pio: IoBus = field(default_factory=lambda: IoBus("pio", IO_SPACE_SIZE))
-    mmio: IoBus = field(default_factory=lambda: IoBus("mmio"))
-    io: AddressAllocator = field(default_factory=io_allocator)
-    refused_by_bus: int = 0
+    """The VM's own PciPlatform (pyvmm.pci.platform), on real buses, with the fixed legacy ranges taken on the
+    port bus, plus the bookkeeping the invariants need."""
+
+    def __init__(self, ram_size: int, weights32: list[int], weights64: list[int]) -> None:
+        self.ram_size = ram_size
+        self.pio = IoBus("pio", IO_SPACE_SIZE)
+        self.mmio = IoBus("mmio")
+        for port, length in FIXED_PORTS[:2]:
+            self.pio.insert(port, length, _Stub())
+        windows = segment_windows(weights32, weights64, mmio64_aperture(ram_size))
+        self.pci = PciPlatform(windows, pio_bus=self.pio, mmio_bus=self.mmio, page_size=PAGE)
+        self.devices: list[Attached] = []
 
     @classmethod
     def build(cls, ram_size: int, weights32: list[int], weights64: list[int]) -> Platform:
-        p = cls(ram_size)
-        for port, length in FIXED_PORTS[:2]:
-            p.pio.insert(port, length, _Stub())
-        windows = segment_windows(weights32, weights64, mmio64_aperture(ram_size))
-        for w in windows:
-            segment = PciSegment(w.segment, w, p.io, on_bar_move=p._move_bar, page_size=PAGE)
-            p.segments.append(segment)
-            p.mmio.insert(segment.ecam_base, layout.PCI_MMCONFIG_SIZE_PER_SEGMENT, PciConfigMmio(segment))
-        p.pio.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, PciConfigIo(p.segments[0]))
-        return p
+        return cls(ram_size, weights32, weights64)
+
+    @property
+    def segments(self) -> list[PciSegment]:
+        return self.pci.segments
+
+    @property
+    def io(self) -> AddressAllocator:
+        return self.pci.io
+
+    @property
+    def refused_by_bus(self) -> int:
+        return self.pci.refused_moves
 
     def attach(self, segment: PciSegment, spec: DeviceSpec) -> Attached | None:
         return self.attach_device(segment, FuzzDevice(spec, f"dev{len(self.devices)}"), spec.slot)
@@ -234,28 +241,17 @@ class Platform:
     def attach_device(
         self, segment: PciSegment, device: PciDevice, slot: int | None = None
     ) -> Attached | None:
-        """Plug any PciDevice in and put its BARs on the buses, as the VMM does; None if it does not fit."""
+        """Plug any PciDevice in through PciPlatform.attach, as the VMM does; None if it does not fit."""
         try:
-            slot = segment.add_device(device, slot)
+            address = self.pci.attach(device, segment.id, slot)
         except PciError:  # a configuration error (window full, slot taken), not a guest action
             return None
-        for p in segment.placements(slot):
-            self.bus_for(p.kind).insert(p.address, p.size, BarBusAdapter(device, p.index))
-        attached = Attached(segment, slot, device)
+        attached = Attached(segment, address.slot, device)
         self.devices.append(attached)
         return attached
 
     def bus_for(self, kind: BarKind) -> IoBus:
         return self.pio if kind == BarKind.IO else self.mmio
-
-    def _move_bar(self, device: PciDevice, move: BarMove) -> bool:
-        kind = next(b.kind for b in device.bars() if b.index == move.bar_index)
-        try:
-            self.bus_for(kind).move(move.old, move.new)
-        except BusError:
-            self.refused_by_bus += 1
-            return False
-        return True
 
     # ---- guest accesses ----------------------------------------------------------------------------
 

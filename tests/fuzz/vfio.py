@@ -403,7 +403,7 @@ class VfioPciMachine(RuleBasedStateMachine):
             self.dev,
             self.vm,
             MsiRouter(self.vm),
-            mapper=self.mapper,  # type: ignore[arg-type]
+            memory_slots=self.mapper,  # type: ignore[arg-type]
             page_size=PAGE,
         )
         self.a = self.p.attach_device(segment, self.model)

@@ -18,14 +18,14 @@ import json, os, sys, time
 from pyvmm import layout
 from pyvmm.devices.bus import IoBus
 from pyvmm.interrupts import MsiRouter
+from pyvmm.kvm.memslots import KvmMemorySlots
 from pyvmm.kvm.system import Kvm
+from pyvmm.kvm.vfio_device import KvmVfioDevice
 from pyvmm.memory import GuestMemory
-from pyvmm.pci.allocator import io_allocator
 from pyvmm.pci.apertures import mmio64_aperture, segment_windows
-from pyvmm.pci.bus import PciSegment
+from pyvmm.pci.platform import PciPlatform
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.passthrough import VfioPassthrough
-from pyvmm.vfio.slots import KvmSlotMapper
 
 SD, NVME = "/sys/bus/pci/devices/0000:00:03.0/", "/sys/bus/pci/devices/0000:00:04.0"
 RAM = 64 << 20
@@ -65,17 +65,17 @@ kvm = Kvm()
 vm = kvm.create_vm()
 vm.create_irqchip()
 memory = GuestMemory.for_size(RAM)
-for slot, region in enumerate(memory.regions):
-    vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+slots = KvmMemorySlots(vm)
+for region in memory.regions:
+    slots.map_memory(region.gpa, region.size, region.host_address)
 router = MsiRouter(vm)
-mmio, pio = IoBus("mmio"), IoBus("pio")
-(windows,) = segment_windows([1], [1], mmio64_aperture(RAM, 39))
-segment = PciSegment(0, windows, io_allocator())
-vfio = VfioPassthrough(vm, router, memory, KvmSlotMapper(vm, len(memory.regions)), p2p_dma=True)
+platform = PciPlatform(segment_windows([1], [1], mmio64_aperture(RAM, 39)), pio_bus=IoBus("pio", 1 << 16),
+                       mmio_bus=IoBus("mmio"), memory_slots=slots)
+vfio = VfioPassthrough(KvmVfioDevice(vm), vm, router, memory, slots, p2p_dma=True)
 report = {}
 
-sd = vfio.add_device(SD, segment, mmio, pio)
-nvme = vfio.add_device(NVME, segment, mmio, pio)
+sd, _ = vfio.add_device(SD, platform)
+nvme, _ = vfio.add_device(NVME, platform)
 report["groups"] = sorted(vfio.groups)
 report["dma"] = {hex(k): hex(v) for k, v in vfio.container.mappings.items()}
 report["sd"], report["nvme"] = facts(sd), facts(nvme)
@@ -140,7 +140,7 @@ report["irq_msix_off"] = interrupts("0000:00:04.0")
 def fresh():
     """Another VM (KVM allows one VFIO pseudo-device per VM) with its own container."""
     other = kvm.create_vm()
-    return VfioPassthrough(other, MsiRouter(other))
+    return VfioPassthrough(KvmVfioDevice(other), other, MsiRouter(other))
 
 
 # A second container cannot take the groups while this one holds them.

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from test_boot_bzimage import make_bzimage
 
-from pyvmm import cli, vfio, vmm
-from pyvmm.pci import vmplan
+from pyvmm import builder, cli, vfio, vmm, vmplan
 
 VGA16_RESOURCE = (
     "0x00000000fd000000 0x00000000fdffffff 0x0000000000042208\n"
@@ -31,9 +30,9 @@ def no_kvm_no_vfio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("--dry-run must not open KVM or VFIO")
 
-    monkeypatch.setattr(vmm, "Kvm", forbidden)
+    monkeypatch.setattr(builder, "Kvm", forbidden)
     monkeypatch.setattr(vfio, "attach_vfio_devices", forbidden)
-    monkeypatch.setattr(vmm, "VirtualMachine", forbidden)
+    monkeypatch.setattr(vmm, "build_vm", forbidden)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\naddress sizes\t: 40 bits physical, 48 bits virtual\n")
     monkeypatch.setattr(vmplan, "CPUINFO", cpuinfo)

@@ -39,7 +39,7 @@ def test_subpage_bar_slot_covers_a_neighbour() -> None:
     fn = HostFunction(config, [HostBar(0, BarKind.MEM32, 32, False, True, None, False)], 2048, {}, False)
     platform = Platform.build(256 << 20, [1], [1])
     vm, mapper = FakeVm(), FakeMapper()
-    model = VfioPciDevice(StandInDevice(fn), vm, MsiRouter(vm), mapper=mapper, page_size=PAGE)  # type: ignore[arg-type]
+    model = VfioPciDevice(StandInDevice(fn), vm, MsiRouter(vm), memory_slots=mapper, page_size=PAGE)  # type: ignore[arg-type]
     attached = platform.attach_device(platform.segments[0], model)
     assert attached is not None
     try:
@@ -74,7 +74,7 @@ def test_access_straddling_the_msix_table() -> None:
     fn = HostFunction(config, [HostBar(0, BarKind.MEM32, 4096, False, False, None, False)], 0, {2: 1}, False)
     dev = StandInDevice(fn)
     vm = FakeVm()
-    model = VfioPciDevice(dev, vm, MsiRouter(vm), mapper=FakeMapper(), page_size=PAGE)  # type: ignore[arg-type]
+    model = VfioPciDevice(dev, vm, MsiRouter(vm), memory_slots=FakeMapper(), page_size=PAGE)  # type: ignore[arg-type]
     try:
         pba = dev.raw(0, 0x800, 8)
         model.bar_write(0, 0x7FD, 4, 0xAABBCCDD)
@@ -97,7 +97,7 @@ def test_bar_pages_leave_the_guest_while_memory_decoding_is_off() -> None:
     fn = HostFunction(config, [HostBar(0, BarKind.MEM32, 2 * PAGE, False, True, None, False)], 0, {}, False)
     platform = Platform.build(256 << 20, [1], [1])
     vm, mapper = FakeVm(), FakeMapper()
-    model = VfioPciDevice(StandInDevice(fn), vm, MsiRouter(vm), mapper=mapper, page_size=PAGE)  # type: ignore[arg-type]
+    model = VfioPciDevice(StandInDevice(fn), vm, MsiRouter(vm), memory_slots=mapper, page_size=PAGE)  # type: ignore[arg-type]
     attached = platform.attach_device(platform.segments[0], model)
     assert attached is not None
     try:

@@ -17,7 +17,7 @@ from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm, KvmError
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bus import HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, PciConfigIo
-from pyvmm.pci.planning import make_segments, plan_windows
+from pyvmm.pci.planning import plan_windows, planning_platform
 
 
 class Recorder:
@@ -108,7 +108,7 @@ def test_config_address_writes_are_queued_by_kvm_and_seen_in_order() -> None:
     memory = GuestMemory([(0, 0x10000)])
     memory.write(0x1000, PROGRAM)
     pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
-    segment = make_segments(plan_windows([(1, 1)], 1 << 30, 40))[0]
+    segment = planning_platform(plan_windows([(1, 1)], 1 << 30, 40)).segments[0]
     pio.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, PciConfigIo(segment))
     done = threading.Event()
     done_port = Recorder(0x14, [])

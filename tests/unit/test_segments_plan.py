@@ -12,7 +12,7 @@ from pyvmm.config import DiskConfig
 from pyvmm.devices.virtio.attach import disk_bars
 from pyvmm.pci.bar import BarInfo, BarKind
 from pyvmm.pci.bus import PciSegment
-from pyvmm.pci.planning import PlanError, PlanItem, format_plan, make_segments, plan_pci, plan_windows
+from pyvmm.pci.planning import PlanError, PlanItem, format_plan, plan_pci, plan_windows, planning_platform
 from pyvmm.vfio import capabilities as caps
 from pyvmm.vfio.pci import HostBar, guest_bar_layout, parse_resource, sysfs_function
 
@@ -98,11 +98,12 @@ def test_explicit_slots_are_reserved_before_automatic_placement() -> None:
     assert [d.bdf for d in plan.devices] == ["0001:00:01.0", "0001:00:00.0"]
 
 
-def test_make_segments_matches_the_plan_windows() -> None:
+def test_the_platform_has_a_segment_per_plan_window() -> None:
     windows = plan_windows([(2, 1), (1, 1)], RAM, BITS)
-    segments = make_segments(windows)
+    platform = planning_platform(windows)
+    segments = platform.segments
     assert [s.id for s in segments] == [0, 1] and all(isinstance(s, PciSegment) for s in segments)
-    assert segments[0].io is segments[1].io  # one VM-wide I/O allocator
+    assert segments[0].io is segments[1].io is platform.io  # one VM-wide I/O allocator
 
 
 def test_too_many_segments_for_a_narrow_64bit_area() -> None:

@@ -165,7 +165,7 @@ def make(
     )
     vm = FakeVm()
     mapper = FakeMapper()
-    model = VfioPciDevice(dev, vm, MsiRouter(vm), mapper=mapper, exclude_mmap_bars=exclude)
+    model = VfioPciDevice(dev, vm, MsiRouter(vm), memory_slots=mapper, exclude_mmap_bars=exclude)
     for index, address in ((0, 0x1_0000_0000), (2, BAR2), (4, BAR4), (6, ROM)):
         model.assign_bar(index, address)
     return dev, vm, mapper, model

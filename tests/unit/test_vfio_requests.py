@@ -12,7 +12,7 @@ import pytest
 from pyvmm.host.errors import HostUsageError
 from pyvmm.host.journal import BindMethod, DeviceRecord, Journal, read_state
 from pyvmm.host.restoring import restore
-from pyvmm.vfio.requests import DeviceRequests, removal_message, requested_devices
+from pyvmm.vfio.requests import DeviceRequests, removal_message
 
 GONE = "0000:7e:1f.6"  # no host has this function (checked below)
 
@@ -44,7 +44,6 @@ def test_each_device_is_reported_once_by_name() -> None:
     ]
     message = calls[0][1]
     assert "\n" not in message and message.startswith(calls[0][0] + ": ") and "stopped" in message
-    assert {"0000:00:04.0", "0000:00:05.0"} <= requested_devices()
     for fd in fds:  # close() closed them
         with pytest.raises(OSError):
             os.fstat(fd)

@@ -441,26 +441,27 @@ def test_attach_disks_places_bars_and_binds_notifications(tmp_path: Path) -> Non
     from pyvmm.devices.virtio.attach import attach_disks
     from pyvmm.devices.virtio.pci import NOTIFY_CFG_OFFSET, VIRTIO_BAR64_ALIGN
     from pyvmm.interrupts import MsiRouter
-    from pyvmm.pci.allocator import io_allocator
     from pyvmm.pci.apertures import mmio64_aperture, segment_windows
-    from pyvmm.pci.bus import PciSegment
+    from pyvmm.pci.platform import PciAddress, PciPlatform
 
     windows = segment_windows([1, 1], [1, 1], mmio64_aperture(1 << 30))
-    segments = [PciSegment(w.segment, w, io_allocator()) for w in windows]
-    vm = FakeKvmVm()
     bus = IoBus("mmio")
+    platform = PciPlatform(windows, pio_bus=IoBus("pio", 1 << 16), mmio_bus=bus)
+    segments = platform.segments
+    vm = FakeKvmVm()
     memory = GuestMemory([(0, RAM)])
     disks = [
         DiskConfig(path=make_image(tmp_path, "a.img")),
         DiskConfig(path=make_image(tmp_path, "b.img"), readonly=True, pci_segment=1, pci_device_id=5,
                    num_queues=2),
     ]
-    devs = attach_disks(disks, memory=memory, vm=vm, router=MsiRouter(vm), segments=segments, mmio_bus=bus)
+    devs = attach_disks(disks, memory=memory, platform=platform, router=MsiRouter(vm), irqfds=vm,
+                        ioeventfds=vm)
     try:
         a, b = devs
-        [pa] = segments[0].placements(segments[0].slot_of(a))
-        assert segments[1].device(5) is b
-        [pb] = segments[1].placements(5)
+        [pa] = platform.placements(PciAddress(0, segments[0].slot_of(a)))
+        assert platform.device(PciAddress(1, 5)) is b
+        [pb] = platform.placements(PciAddress(1, 5))
         assert pa.address < 1 << 32 and pb.address >= 1 << 32 and pb.address % VIRTIO_BAR64_ALIGN == 0
         assert set(vm.ioeventfds) == {pa.address + NOTIFY_CFG_OFFSET, pb.address + NOTIFY_CFG_OFFSET,
                                       pb.address + NOTIFY_CFG_OFFSET + 4}
@@ -477,19 +478,19 @@ def test_attach_disks_failure_releases_earlier_images(tmp_path: Path) -> None:
     from pyvmm.devices.bus import IoBus
     from pyvmm.devices.virtio.attach import attach_disks
     from pyvmm.interrupts import MsiRouter
-    from pyvmm.pci.allocator import io_allocator
     from pyvmm.pci.apertures import mmio64_aperture, segment_windows
-    from pyvmm.pci.bus import PciSegment
+    from pyvmm.pci.platform import PciPlatform
 
     windows = segment_windows([1], [1], mmio64_aperture(1 << 30))
-    segments = [PciSegment(0, windows[0], io_allocator())]
+    platform = PciPlatform(windows, pio_bus=IoBus("pio", 1 << 16), mmio_bus=IoBus("mmio"))
     vm = FakeKvmVm()
     path = make_image(tmp_path)
     disks = [DiskConfig(path=path), DiskConfig(path=path)]  # the same image twice for writing
     with pytest.raises(DiskImageError, match="in use"):
-        attach_disks(disks, memory=GuestMemory([(0, RAM)]), vm=vm, router=MsiRouter(vm), segments=segments,
-                     mmio_bus=IoBus("mmio"))
+        attach_disks(disks, memory=GuestMemory([(0, RAM)]), platform=platform, router=MsiRouter(vm),
+                     irqfds=vm, ioeventfds=vm)
     assert vm.ioeventfds == {}
+    assert [address.slot for address, _ in platform.devices()] == [0]  # only the host bridge is left
     VirtioBlock.open(str(path)).close()  # the first one's lock is gone
 
 

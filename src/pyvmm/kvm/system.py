@@ -336,9 +336,9 @@ class Vcpu(_Fd):
         self.index = index
         try:
             self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError:
+        except OSError as exc:  # Python's mmap dups the fd first: EMFILE shows here before anywhere else
             super().close()
-            raise
+            raise KvmError(f"vCPU {index}: cannot map its kvm_run area: {exc.strerror}") from exc
         self.mmap_size = mmap_size
         # Take the address and drop the buffer export at once, so that close() can unmap.
         self.run_address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))

@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from pyvmm import layout
-from pyvmm.pci.allocator import io_allocator
 from pyvmm.pci.apertures import SegmentWindows, Window, mmio64_aperture, segment_windows
 from pyvmm.pci.bar import ROM_BAR_INDEX, BarInfo, BarKind, BarMove
-from pyvmm.pci.bus import BarAllocationError, BarMoveCallback, BarPlacement, PciError, PciSegment
+from pyvmm.pci.bus import BarAllocationError, BarPlacement, PciError
 from pyvmm.pci.device import PciDevice
+from pyvmm.pci.platform import PciPlatform
 
 Weights = Sequence[tuple[int, int]]  # (mmio32, mmio64) weight of every segment
 
@@ -97,18 +97,29 @@ def plan_windows(weights: Weights, ram_size: int, phys_bits: int) -> list[Segmen
         raise PlanError(f"--platform num_pci_segments={len(weights)}: {exc}") from exc
 
 
-def make_segments(windows: Sequence[SegmentWindows], on_bar_move: BarMoveCallback | None = None
-                  ) -> list[PciSegment]:
-    """One PciSegment per window, sharing the VM-wide I/O port allocator."""
-    io = io_allocator()
-    return [PciSegment(w.segment, w, io, on_bar_move=on_bar_move) for w in windows]
+class _Unserved:
+    """A bus that accepts every range and serves none: planning only needs the placements."""
+
+    def insert(self, base: int, length: int, device: object) -> None:
+        pass
+
+    def remove(self, base: int) -> None:
+        pass
+
+    def move(self, old_base: int, new_base: int) -> None:
+        pass
 
 
-def reserve_slots(segments: Sequence[PciSegment], items: Sequence[PlanItem]) -> None:
+def planning_platform(windows: Sequence[SegmentWindows]) -> PciPlatform:
+    """A PciPlatform on buses that serve nothing: the builder's placement code, with nothing behind it."""
+    return PciPlatform(windows, pio_bus=_Unserved(), mmio_bus=_Unserved())
+
+
+def reserve_slots(platform: PciPlatform, items: Sequence[PlanItem]) -> None:
     """Keep every explicitly requested slot, so that automatic placement never takes one."""
     for item in items:
         if item.slot is not None:
-            segments[item.segment].reserve_slot(item.slot)
+            platform.reserve_slot(item.segment, item.slot)
 
 
 # ---- planning --------------------------------------------------------------------------------------------
@@ -122,16 +133,15 @@ class _Exhausted(Exception):
 
 def _place(items: Sequence[PlanItem], weights: Weights, ram_size: int, phys_bits: int) -> PciPlan:
     windows = plan_windows(weights, ram_size, phys_bits)
-    segments = make_segments(windows)
-    reserve_slots(segments, items)
+    platform = planning_platform(windows)
+    reserve_slots(platform, items)
     planned: list[PlannedDevice] = []
     for item in items:
-        segment = segments[item.segment]
         try:
-            slot = segment.add_device(_Placeholder(item), item.slot)
+            address = platform.attach(_Placeholder(item), item.segment, item.slot)
         except BarAllocationError as exc:
             raise _Exhausted(item, exc) from exc
-        planned.append(PlannedDevice(item, slot, tuple(segment.placements(slot))))
+        planned.append(PlannedDevice(item, address.slot, tuple(platform.placements(address))))
     return PciPlan(phys_bits, tuple(weights), tuple(windows), tuple(items), tuple(planned))
 
 

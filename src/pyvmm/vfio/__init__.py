@@ -3,18 +3,15 @@
 bindings (linux/vfio.h in ctypes), container (VfioContainer, VfioGroup), device (VfioDevice: infos, region
 I/O, mmap, SET_IRQS, reset), hostmap (aligned device mmaps), capabilities and areas (pure logic: capability
 walks and patches, mmappable BAR areas, MSI-X relocation), pci (VfioPciDevice, the guest-facing model),
-slots (KVM memory slots for BAR areas), dma (guest RAM in the IOMMU), passthrough (one VM's VFIO side and
+dma (guest RAM in the IOMMU), passthrough (one VM's VFIO side and
 `attach_vfio_devices`, the builder's entry point).
 """
 
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.passthrough import VfioPassthrough, attach_vfio_devices
 from pyvmm.vfio.pci import VfioPciDevice
-from pyvmm.vfio.slots import GuestMapper, KvmSlotMapper
 
 __all__ = [
-    "GuestMapper",
-    "KvmSlotMapper",
     "VfioError",
     "VfioPassthrough",
     "VfioPciDevice",

@@ -10,7 +10,6 @@ undoes everything in reverse.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -21,21 +20,16 @@ from pathlib import Path
 from typing import Protocol
 
 from pyvmm.errors import ExitStatus
+from pyvmm.hypervisor import Irqfds, MemorySlots, VfioGroupRegistry
 from pyvmm.interrupts import MsiRouter
-from pyvmm.kvm.bindings import KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KvmDevType
-from pyvmm.kvm.ioctl import IoctlError
-from pyvmm.kvm.system import Vm
 from pyvmm.memory import GuestMemory
-from pyvmm.pci.bar import BarKind
-from pyvmm.pci.bus import PciSegment
-from pyvmm.pci.device import BarBusAdapter
+from pyvmm.pci.platform import PciAddress, PciPlatform
 from pyvmm.vfio.container import VfioContainer, VfioGroup, group_members
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.pci import VfioPciDevice
-from pyvmm.vfio.requests import DeviceRequests, requested_devices
-from pyvmm.vfio.slots import GuestMapper
+from pyvmm.vfio.requests import DeviceRequests
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +40,6 @@ class VfioConfigError(VfioError):
     """The --device list itself is at fault (a key not implemented, a group not given whole): exit 2."""
 
     exit_status = ExitStatus.USAGE
-
-
-class Bus(Protocol):
-    def insert(self, base: int, length: int, device: object) -> None: ...
 
 
 class DeviceLike(Protocol):
@@ -100,58 +90,54 @@ def host_function(path: str | os.PathLike[str]) -> HostFunction:
 class VfioPassthrough:
     """The VFIO side of one VM; `memory` (if given) is DMA-mapped when the container gets its first group.
 
+    `registry` is the KVM VFIO device (created before the first group joins), `irqfds` and `router` carry
+    the devices' interrupts, `memory_slots` maps their BAR areas into the guest.
     With `on_request`, every device gets a request eventfd (see pyvmm.vfio.requests): when the host takes
     a device away, `on_request(name, message)` runs once, on a watcher thread started by start_watching().
     """
 
     def __init__(
         self,
-        vm: Vm,
+        registry: VfioGroupRegistry,
+        irqfds: Irqfds,
         router: MsiRouter,
         memory: GuestMemory | None = None,
-        mapper: GuestMapper | None = None,
+        memory_slots: MemorySlots | None = None,
         p2p_dma: bool = True,
         on_request: Callable[[str, str], None] | None = None,
     ) -> None:
-        self.vm = vm
+        self.registry = registry
+        self.irqfds = irqfds
         self.router = router
         self.memory = memory
-        self.mapper = mapper
+        self.memory_slots = memory_slots
         self.p2p_dma = p2p_dma
-        self.kvm_device_fd: int | None = None
         self.container: VfioContainer | None = None
         self.groups: dict[int, VfioGroup] = {}
         self.devices: list[VfioPciDevice] = []
+        self._plugged: list[tuple[PciPlatform, PciAddress]] = []  # unplugged again by close()
         self._raw: list[VfioDevice] = []
         self.requests = DeviceRequests(on_request) if on_request is not None else None
 
     # ---- host side ------------------------------------------------------------------------------------
 
-    def _kvm_vfio_device(self) -> int:
-        if self.kvm_device_fd is None:
-            try:
-                self.kvm_device_fd = self.vm.create_device(KvmDevType.KVM_DEV_TYPE_VFIO)
-            except IoctlError as e:
-                raise VfioError(f"cannot create the KVM VFIO device: {e.strerror}") from e
-        return self.kvm_device_fd
-
     def group(self, group_id: int, hint: str = "") -> VfioGroup:
         """The open, viable group `group_id` in the shared container, known to KVM (opened once)."""
         if group_id in self.groups:
             return self.groups[group_id]
-        kvm_fd = self._kvm_vfio_device()
         if self.container is None:
             self.container = VfioContainer()
         first = not self.container.groups
         group = VfioGroup(group_id, hint)
         try:
             self.container.attach(group)
-            self.vm.set_device_attr(
-                kvm_fd, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, ctypes.c_int32(group.fd)
-            )
-        except IoctlError as e:
+            self.registry.add_group(group.fd)
+        except VfioError:
             group.close()
-            raise VfioError(f"IOMMU group {group_id}: KVM_DEV_VFIO_FILE_ADD failed: {e.strerror}") from e
+            raise
+        except OSError as e:  # the KVM VFIO device refused it
+            group.close()
+            raise VfioError(f"IOMMU group {group_id}: adding it to the KVM VFIO device failed: {e}") from e
         except BaseException:
             group.close()
             raise
@@ -180,33 +166,30 @@ class VfioPassthrough:
     def add_device(
         self,
         path: str | os.PathLike[str],
-        segment: PciSegment,
-        mmio_bus: Bus,
-        pio_bus: Bus,
+        platform: PciPlatform,
+        segment: int = 0,
         slot: int | None = None,
         name: str | None = None,
         exclude_mmap_bars: tuple[int, ...] = (),
         gpudirect_clique: int | None = None,
-    ) -> VfioPciDevice:
-        """Open the host function at `path`, plug its device model into `segment` and trap its BARs."""
+    ) -> tuple[VfioPciDevice, PciAddress]:
+        """Open the host function at `path` and plug its device model into the platform."""
         device = self.open_device(path)
         model = VfioPciDevice(
             device,
-            self.vm,
+            self.irqfds,
             self.router,
             name=name or device.name,
-            mapper=self.mapper,
+            memory_slots=self.memory_slots,
             exclude_mmap_bars=exclude_mmap_bars,
             p2p_container=self.container if self.p2p_dma else None,
             gpudirect_clique=gpudirect_clique,
         )
         self.devices.append(model)
-        guest_slot = segment.add_device(model, slot)
-        for placement in segment.placements(guest_slot):
-            bus = pio_bus if placement.kind == BarKind.IO else mmio_bus
-            bus.insert(placement.address, placement.size, BarBusAdapter(model, placement.index))
-        log.info("%s: host %s at %04x:00:%02x.0", model.name, device.name, segment.id, guest_slot)
-        return model
+        address = platform.attach(model, segment, slot)
+        self._plugged.append((platform, address))
+        log.info("%s: host %s at %s", model.name, device.name, address)
+        return model, address
 
     # ---- teardown -------------------------------------------------------------------------------------
 
@@ -215,6 +198,10 @@ class VfioPassthrough:
         Closing every fd of a device is what lets a removal the host started finish."""
         if self.requests is not None:
             self.requests.stop()
+        for platform, address in reversed(self._plugged):
+            with contextlib.suppress(Exception):
+                platform.detach(address)
+        self._plugged.clear()
         for model in reversed(self.devices):
             with contextlib.suppress(Exception):
                 model.close()
@@ -223,11 +210,9 @@ class VfioPassthrough:
             device.close()
         self._raw.clear()
         for group in reversed(list(self.groups.values())):
-            if self.kvm_device_fd is not None and group.fd >= 0:
+            if group.fd >= 0:
                 with contextlib.suppress(OSError):
-                    self.vm.set_device_attr(
-                        self.kvm_device_fd, KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_DEL, ctypes.c_int32(group.fd)
-                    )
+                    self.registry.remove_group(group.fd)
             group.close()
         self.groups.clear()
         if self.container is not None:
@@ -262,14 +247,13 @@ def check_groups_complete(passthrough: VfioPassthrough, given: set[str]) -> None
 
 
 def attach_vfio_devices(
-    vm: Vm,
+    devices: Iterable[DeviceLike],
+    *,
+    platform: PciPlatform,
+    registry: VfioGroupRegistry,
+    irqfds: Irqfds,
     router: MsiRouter,
     memory: GuestMemory,
-    segments: list[PciSegment],
-    mmio_bus: Bus,
-    pio_bus: Bus,
-    devices: Iterable[DeviceLike],
-    mapper: GuestMapper,
     p2p_dma: bool = True,
     on_request: Callable[[str, str], None] | None = None,
 ) -> VfioPassthrough:
@@ -285,15 +269,15 @@ def attach_vfio_devices(
             raise VfioConfigError(
                 f"--device path={dev.path}: iommu=on needs virtio-iommu, which pyvmm does not have yet"
             )
-    passthrough = VfioPassthrough(vm, router, memory, mapper, p2p_dma, on_request)
+    passthrough = VfioPassthrough(registry, irqfds, router, memory, platform.memory_slots, p2p_dma,
+                                  on_request)
     try:
         given = set()
         for dev in configs:
-            model = passthrough.add_device(
+            model, _ = passthrough.add_device(
                 dev.path,
-                segments[dev.pci_segment],
-                mmio_bus,
-                pio_bus,
+                platform,
+                dev.pci_segment,
                 slot=dev.pci_device_id,
                 name=dev.id,
                 exclude_mmap_bars=tuple(dev.x_exclude_mmap_bars),
@@ -335,6 +319,7 @@ class ManagedBinding:
     def __init__(self, devices: Iterable[DeviceLike]) -> None:
         self.names = [_function_name(dev.path) for dev in devices if getattr(dev, "managed", False)]
         self.changed: list[str] = []
+        self.asked_back: set[str] = set()  # functions the host asked back while the VM had them
         self._held: list[int] = []
         self._previous: dict[int, object] = {}
 
@@ -344,6 +329,11 @@ class ManagedBinding:
     def _stop(self, signum: int, frame: object) -> None:
         self.hold_signals()  # only the first signal interrupts: the way out must not be interrupted again
         raise _stopped_by(signum)
+
+    def host_asked_back(self, name: str) -> None:
+        """The host asked for `name` back (pyvmm.vfio.requests): it leaves vfio-pci once the VM has closed
+        it, and is not given back by us (a removed device is gone; restore drops it from the journal)."""
+        self.asked_back.add(name)
 
     def hold_signals(self) -> None:
         """From now on SIGINT and SIGTERM only get noted (call before tearing the VM down)."""
@@ -384,7 +374,7 @@ class ManagedBinding:
             if self.changed:
                 from pyvmm import host
 
-                _wait_for_removals(self.changed)
+                _wait_for_removals(sorted(self.asked_back & set(self.changed)))
                 try:
                     outcome = host.restore(self.changed)
                 except host.HostError as exc:
@@ -411,7 +401,7 @@ def _wait_for_removals(names: list[str]) -> None:
     gone, and restore drops it from the journal)."""
     from pyvmm.host import sysfs
 
-    for name in sorted(requested_devices() & set(names)):
+    for name in names:
         directory = Path("/sys/bus/pci/devices") / name
 
         def released(directory: Path = directory) -> bool:

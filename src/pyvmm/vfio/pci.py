@@ -5,7 +5,7 @@ never written to the device); MSI and MSI-X are emulated with pci/msi.py and rou
 multi-function bit reads clear, the interrupt pin reads INTA; everything else is the VFIO config region,
 with read patches (hidden extended capabilities, the GPUDirect clique capability).
 
-Data path: mmappable BAR areas become guest memory through a GuestMapper (KVM slots); the MSI-X table and
+Data path: mmappable BAR areas become guest memory through MemorySlots (KVM slots); the MSI-X table and
 PBA pages and non-mmappable BARs trap here and are served with pread/pwrite on the device fd. Interrupts
 never pass through Python: VFIO signals eventfds that KVM injects (MSI/MSI-X: irqfd on an MSI route;
 INTx: irqfd with a resample fd that unmasks the line at the guest's EOI).
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvmm.hypervisor import Irqfds, MemorySlots
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
-from pyvmm.kvm.system import Vm
 from pyvmm.pci.bar import NUM_BARS, ROM_BAR_INDEX, BarInfo, BarKind, BarMove
 from pyvmm.pci.config import Command, PciConfiguration, Reg
 from pyvmm.pci.device import PciDevice
@@ -35,7 +35,6 @@ from pyvmm.vfio.container import VfioContainer
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.hostmap import PAGE_SIZE, HostMapping
-from pyvmm.vfio.slots import GuestMapper
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +169,10 @@ class VfioPciDevice(PciDevice):
     def __init__(
         self,
         device: VfioDevice,
-        vm: Vm,
+        irqfds: Irqfds,
         router: MsiRouter,
         name: str | None = None,
-        mapper: GuestMapper | None = None,
+        memory_slots: MemorySlots | None = None,
         exclude_mmap_bars: Iterable[int] = (),
         p2p_container: VfioContainer | None = None,
         gpudirect_clique: int | None = None,
@@ -181,9 +180,9 @@ class VfioPciDevice(PciDevice):
     ) -> None:
         self.device = device
         self.name = name or device.name
-        self._vm = vm
+        self._irqfds = irqfds
         self._router = router
-        self._mapper = mapper
+        self._slots = memory_slots
         self._p2p = p2p_container
         self._p2p_refused: set[tuple[int, int]] = set()  # (BAR, guest address) already reported
         self._page = page_size
@@ -229,7 +228,7 @@ class VfioPciDevice(PciDevice):
         self._patches.setdefault(patch.offset & ~3, []).append(patch)
 
     def _vectors(self, count: int) -> IrqfdMsiVectors:
-        return IrqfdMsiVectors(self._router, self._vm, count)
+        return IrqfdMsiVectors(self._router, self._irqfds, count)
 
     def _setup_msi(self) -> None:
         offset = self.caps.find(caps.CapId.MSI)
@@ -380,8 +379,8 @@ class VfioPciDevice(PciDevice):
                 m.area.offset,
             )
             return
-        if self._mapper is not None:
-            m.handle = self._mapper.map_memory(gpa, m.area.size, m.area.host_address)
+        if self._slots is not None:
+            m.handle = self._slots.map_memory(gpa, m.area.size, m.area.host_address)
         m.gpa = gpa
         if self._p2p is not None:
             try:
@@ -400,8 +399,8 @@ class VfioPciDevice(PciDevice):
             with contextlib.suppress(VfioError):
                 self._p2p.unmap_dma(m.dma_iova, m.area.size)
             m.dma_iova = None
-        if m.handle is not None and self._mapper is not None:
-            self._mapper.unmap_memory(m.handle)
+        if m.handle is not None and self._slots is not None:
+            self._slots.unmap_memory(m.handle)
         m.handle = None
         m.gpa = None
 
@@ -454,7 +453,7 @@ class VfioPciDevice(PciDevice):
             return
         self._intx_trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._intx_resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._vm.irqfd(self._intx_trigger, irq, resample_fd=self._intx_resample)
+        self._irqfds.irqfd(self._intx_trigger, irq, resample_fd=self._intx_resample)
         self._intx_gsi = irq
         if not self._active:
             self._arm_intx()
@@ -645,7 +644,7 @@ class VfioPciDevice(PciDevice):
         self._disarm_intx()
         if self._intx_gsi is not None:
             with contextlib.suppress(OSError):
-                self._vm.irqfd(self._intx_trigger, self._intx_gsi, deassign=True)
+                self._irqfds.irqfd(self._intx_trigger, self._intx_gsi, deassign=True)
             self._intx_gsi = None
         for fd in (self._intx_trigger, self._intx_resample):
             if fd >= 0:

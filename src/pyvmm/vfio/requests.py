@@ -6,9 +6,9 @@ the device's user registered for the request IRQ, then waits (repeating the requ
 fd of the device is closed. Without such an eventfd the removal blocks until the VMM happens to exit.
 
 DeviceRequests waits on those eventfds in one thread and reports each device once, with a one-line message;
-the VMM stops the VM on it and closing the VM's VFIO side lets the removal finish. The names of devices
-asked back are also kept for this process (`requested_devices`), so that managed=on does not try to give
-back a device the host is removing.
+the VMM stops the VM on it and closing the VM's VFIO side lets the removal finish. The VMM also tells its
+managed=on binding (ManagedBinding.host_asked_back), so that it does not give back a device the host is
+removing.
 """
 
 from __future__ import annotations
@@ -27,16 +27,6 @@ from pyvmm.vfio.errors import VfioError
 log = logging.getLogger(__name__)
 
 _REQ = VfioPciIrq.VFIO_PCI_REQ_IRQ_INDEX
-
-_requested: set[str] = set()
-_requested_lock = threading.Lock()
-
-
-def requested_devices() -> frozenset[str]:
-    """Host functions (0000:01:00.0) the host has asked back from this process so far."""
-    with _requested_lock:
-        return frozenset(_requested)
-
 
 def removal_message(name: str) -> str:
     return (
@@ -101,8 +91,6 @@ class DeviceRequests:
                 if name in self._reported:
                     continue  # the kernel repeats its request until the device is released
                 self._reported.add(name)
-                with _requested_lock:
-                    _requested.add(name)
                 try:
                     self._on_request(name, removal_message(name))
                 except Exception:  # the watcher must go on for the other devices

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Protocol
 
 from pyvmm.config import DiskConfig
 from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
@@ -18,16 +17,11 @@ from pyvmm.devices.virtio.pci import (
     VirtioPciDevice,
     vector_count,
 )
+from pyvmm.hypervisor import Ioeventfds, Irqfds
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
-from pyvmm.kvm.system import Vm
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarInfo, BarKind
-from pyvmm.pci.bus import PciSegment
-from pyvmm.pci.device import BarBusAdapter
-
-
-class MmioBus(Protocol):
-    def insert(self, base: int, length: int, device: BarBusAdapter) -> None: ...
+from pyvmm.pci.platform import PciAddress, PciPlatform
 
 
 def uses_64bit_bar(segment: int, hotplug: bool = False) -> bool:
@@ -46,34 +40,34 @@ def attach_disks(
     disks: Sequence[DiskConfig],
     *,
     memory: GuestMemory,
-    vm: Vm,
+    platform: PciPlatform,
     router: MsiRouter,
-    segments: Sequence[PciSegment],
-    mmio_bus: MmioBus,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds,
 ) -> list[VirtioPciDevice]:
     """Open every image (DiskImageError: missing, unreadable, locked) and plug one virtio-blk each.
 
-    Explicit `pci_device_id` slots should already be reserved on their segments. On failure everything
-    attached so far is closed again (images unlocked) before the exception propagates.
+    Explicit `pci_device_id` slots should already be reserved on the platform. On failure everything
+    attached so far is unplugged and closed again (images unlocked) before the exception propagates.
     """
     attached: list[VirtioPciDevice] = []
+    plugged: list[PciAddress] = []
     try:
         for n, disk in enumerate(disks):
             params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
             blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
             try:
-                vectors = IrqfdMsiVectors(router, vm, vector_count(blk))
+                vectors = IrqfdMsiVectors(router, irqfds, vector_count(blk))
             except BaseException:
                 blk.close()
                 raise
-            dev = VirtioPciDevice(blk, memory, vectors, bar64=uses_64bit_bar(disk.pci_segment), ioeventfds=vm,
-                                  name=f"virtio-blk-{disk.id or n}")
+            dev = VirtioPciDevice(blk, memory, vectors, bar64=uses_64bit_bar(disk.pci_segment),
+                                  ioeventfds=ioeventfds, name=f"virtio-blk-{disk.id or n}")
             attached.append(dev)  # closed below if anything later fails
-            segment = segments[disk.pci_segment]
-            slot = segment.add_device(dev, disk.pci_device_id)
-            for p in segment.placements(slot):
-                mmio_bus.insert(p.address, p.size, BarBusAdapter(dev, p.index))
+            plugged.append(platform.attach(dev, disk.pci_segment, disk.pci_device_id))
     except BaseException:
+        for address in reversed(plugged):
+            platform.detach(address)
         for dev in reversed(attached):
             with contextlib.suppress(Exception):
                 dev.close()

@@ -37,6 +37,7 @@ from pyvmm.devices.virtio.spec import (
     bit,
 )
 from pyvmm.devices.virtio.worker import QueueWorker
+from pyvmm.hypervisor import Ioeventfds
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarKind, BarMove
 from pyvmm.pci.config import PciConfiguration
@@ -112,13 +113,6 @@ class MsiTrigger(MsiVectorSink, Protocol):
     def trigger(self, vector: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-class IoeventfdVm(Protocol):
-    """The part of kvm.system.Vm the transport uses to bind queue eventfds to notify addresses."""
-
-    def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int | None = None, pio: bool = False,
-                  deassign: bool = False) -> None: ...
 
 
 def vector_count(device: VirtioDevice) -> int:
@@ -205,7 +199,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
         vectors: MsiTrigger,
         *,
         bar64: bool,
-        ioeventfds: IoeventfdVm | None = None,
+        ioeventfds: Ioeventfds | None = None,
         name: str | None = None,
     ) -> None:
         num_queues = len(device.queue_sizes)

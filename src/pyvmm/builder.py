@@ -1,0 +1,290 @@
+"""The VM builder: the one place that turns a validated VmConfig into a VirtualMachine ready to run.
+
+Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
+→ legacy devices → PCI platform (planned first) → disks → passed-through devices → ACPI tables → kernel →
+vCPUs (CPUID, MSRs, boot state). Everything is built in locals and registered for closing as it is opened;
+when a step fails, what was opened is closed again before the error propagates (one line, its own exit
+status: see pyvmm.errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pyvmm import layout
+from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
+from pyvmm.acpi.tables import build_acpi_tables
+from pyvmm.boot import (
+    BootVcpuState,
+    CpuidEntry,
+    CpuTopology,
+    KernelImageError,
+    adjust_cpuid,
+    boot_msrs,
+    guest_phys_bits,
+    host_phys_bits,
+    load_linux,
+    setup_boot_vcpu,
+)
+from pyvmm.config import ConsoleMode, VmConfig
+from pyvmm.console import ConsoleOutput, TerminalInput
+from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
+from pyvmm.devices.bus import IoBus
+from pyvmm.devices.i8042 import I8042Device
+from pyvmm.devices.serial import Serial
+from pyvmm.errors import UsageError, VmError, in_context
+from pyvmm.interrupts import MsiRouter
+from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
+from pyvmm.kvm.coalesced import coalesce_port_writes
+from pyvmm.kvm.memslots import KvmMemorySlots
+from pyvmm.kvm.runloop import VcpuLoop
+from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
+from pyvmm.machine import ExitKind, ExitLatch, Service, VirtualMachine
+from pyvmm.memory import GuestMemory, GuestMemoryError
+from pyvmm.pci.planning import PciPlan, reserve_slots
+from pyvmm.pci.platform import PciAddress, PciPlatform
+from pyvmm.vmplan import vm_plan
+
+log = logging.getLogger("pyvmm")
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def _closing(stack: contextlib.ExitStack, resource: _Closable) -> None:
+    """Close `resource` with the VM; a failure to close is logged and the rest still closes."""
+
+    def close() -> None:
+        try:
+            resource.close()
+        except Exception:
+            log.debug("closing %r failed", resource, exc_info=True)
+
+    stack.callback(close)
+
+
+class KvmIrqLine:
+    """An IOAPIC/PIC input driven with KVM_IRQ_LINE (the in-kernel irqchip does the rest)."""
+
+    def __init__(self, vm: Vm, irq: int) -> None:
+        self._vm = vm
+        self._irq = irq
+
+    def set_level(self, asserted: bool) -> None:
+        self._vm.irq_line(self._irq, 1 if asserted else 0)
+
+
+def build_vm(config: VmConfig, on_host_request: Callable[[str], None] | None = None) -> VirtualMachine:
+    """Build the VM `config` describes. `on_host_request(name)` is told (besides the VM stopping) when the
+    host asks a passed-through function back while the VM has it."""
+    stack = contextlib.ExitStack()
+    try:
+        machine = _build(config, stack, on_host_request)
+    except BaseException:
+        stack.close()
+        raise
+    return machine
+
+
+def _build(config: VmConfig, stack: contextlib.ExitStack,
+           on_host_request: Callable[[str], None] | None) -> VirtualMachine:
+    latch = ExitLatch()
+    try:
+        kvm = Kvm()
+    except KvmError as exc:
+        raise VmError(f"{exc} (pyvmm needs KVM: without it, try pyvmm in `pyvmm-lab shell`)") from exc
+    _closing(stack, kvm)
+    if config.cpus.boot > kvm.max_vcpus:
+        raise UsageError(f"--cpus: boot={config.cpus.boot} is more than the {kvm.max_vcpus} vCPUs "
+                         "this host's KVM allows")
+    supported = [_cpuid_entry(e) for e in kvm.supported_cpuid()]
+    phys_bits = guest_phys_bits(host_phys_bits(supported), config.cpus.max_phys_bits)
+    vm = kvm.create_vm()
+    _closing(stack, vm)
+    vm.set_tss_addr(layout.KVM_TSS_START)
+    vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+    vm.create_irqchip()
+    vm.create_pit2()
+
+    try:
+        memory = GuestMemory.for_size(config.memory.size)
+    except GuestMemoryError as exc:
+        raise in_context(f"--memory size={config.memory.size >> 20}M", exc) from exc
+    _closing(stack, memory)
+    memory_slots = KvmMemorySlots(vm)
+    for region in memory.regions:
+        memory_slots.map_memory(region.gpa, region.size, region.host_address)
+
+    pio_bus, mmio_bus = IoBus("pio", 1 << 16), IoBus("mmio")
+    services = _add_legacy_devices(config, vm, pio_bus, latch, stack)
+    # Every BAR is planned first (exhaustion is found here, before any image or device is opened); the
+    # platform is built on the plan's windows and devices land where the plan says (_check_plan).
+    plan = vm_plan(config, phys_bits)
+    platform = PciPlatform(plan.windows, pio_bus=pio_bus, mmio_bus=mmio_bus, memory_slots=memory_slots)
+    reserve_slots(platform, plan.items)
+    router = MsiRouter(vm)  # one VM-wide GSI routing table, shared by virtio and VFIO
+    _add_disks(config, memory, platform, router, vm, stack)
+    _add_vfio_devices(config, memory, platform, router, vm, latch, stack, on_host_request)
+    _check_plan(plan, platform)
+
+    tables = build_acpi_tables(
+        AcpiPlatform(
+            num_vcpus=config.cpus.boot,
+            segments=[
+                AcpiPciSegment(w.segment, layout.ecam_base(w.segment), (w.mmio32.start, w.mmio32.end),
+                               (w.mmio64.start, w.mmio64.end))
+                for w in plan.windows
+            ],
+            serial=config.serial.mode is not ConsoleMode.OFF,
+        )
+    )
+    memory.write(tables.address, tables.data)
+    memory.write(layout.RESET_VECTOR, _reset_vector_stub())
+
+    payload = config.payload
+    if payload.kernel is None:  # the parser requires --kernel
+        raise UsageError("--kernel: a kernel to boot is required")
+    try:
+        info = load_linux(memory, payload.kernel, payload.cmdline, payload.initramfs,
+                          layout.e820_entries(config.memory.size), rsdp_addr=tables.rsdp_address)
+    except KernelImageError as exc:
+        raise in_context(f"--kernel {payload.kernel}", exc) from exc
+    log.info("kernel %s loaded, entry %#x", info.kernel_version or "?", info.entry_point)
+
+    vcpus = _create_vcpus(config, vm, kvm_supported=supported, phys_bits=phys_bits)
+    state = setup_boot_vcpu(memory, info.entry_point, info.zero_page)
+    _set_boot_state(vcpus[0], state)
+    # The 0xCF8 address register needs no answer, and Linux's early PCI probes (an AGP-bridge search
+    # over all 256 buses) write it thousands of times: KVM queues those writes instead of exiting.
+    coalesced = coalesce_port_writes(vm, vcpus[0], layout.PCI_CONFIG_IO_PORT, 4, pio_bus, mmio_bus)
+    loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
+    return VirtualMachine(vcpus=vcpus, loops=loops, latch=latch, memory=memory, platform=platform,
+                          services=services, resources=stack)
+
+
+def _add_legacy_devices(config: VmConfig, vm: Vm, pio_bus: IoBus, latch: ExitLatch,
+                        stack: contextlib.ExitStack) -> list[Service]:
+    """COM1 (when --serial is on), the ACPI PM registers and the i8042's reset line."""
+    services: list[Service] = []
+    if config.serial.mode is not ConsoleMode.OFF:
+        output = ConsoleOutput(config.serial)
+        _closing(stack, output)
+        serial = Serial(KvmIrqLine(vm, layout.SERIAL_COM1_IRQ), output.write)
+        pio_bus.insert(layout.SERIAL_COM1_PORT, 8, serial)
+        if config.serial.mode is ConsoleMode.TTY:
+            services.append(TerminalInput(serial.queue_input))
+    pm = AcpiPmDevice(
+        on_poweroff=lambda: latch.request(ExitKind.POWEROFF),
+        on_reset=lambda: latch.request(ExitKind.RESET),
+    )
+    pio_bus.insert(layout.ACPI_PM_PORT, layout.ACPI_PM_SIZE, pm)
+    i8042 = I8042Device(on_reset=lambda: latch.request(ExitKind.RESET))
+    pio_bus.insert(layout.I8042_PORT, layout.I8042_SIZE, i8042)
+    return services
+
+
+def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+               stack: contextlib.ExitStack) -> None:
+    """Open and lock every --disk image and plug one virtio-blk each (before VFIO, as CH orders them)."""
+    if not config.disks:
+        return
+    # The virtio and VFIO stacks are imported only by VMs that use them: start-up time matters.
+    from pyvmm.devices.virtio.attach import attach_disks
+
+    for disk in attach_disks(config.disks, memory=memory, platform=platform, router=router, irqfds=vm,
+                             ioeventfds=vm):
+        _closing(stack, disk)
+
+
+def _add_vfio_devices(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+                      latch: ExitLatch, stack: contextlib.ExitStack,
+                      on_host_request: Callable[[str], None] | None) -> None:
+    """Open, DMA-map (all RAM, IOVA = GPA) and plug every --device before the guest runs."""
+    if not config.devices:
+        return
+    from pyvmm.kvm.vfio_device import KvmVfioDevice
+    from pyvmm.vfio import attach_vfio_devices
+
+    def host_request(name: str, message: str) -> None:
+        # The host takes a device away (removed, unbound): stop, exit 1 with its message.
+        if on_host_request is not None:
+            on_host_request(name)
+        latch.request(ExitKind.ERROR, message)
+
+    registry = KvmVfioDevice(vm)
+    registry.create()  # before any group joins a container (docs/ARCHITECTURE.md)
+    vfio = attach_vfio_devices(config.devices, platform=platform, registry=registry, irqfds=vm, router=router,
+                               memory=memory, p2p_dma=config.platform.vfio_p2p_dma, on_request=host_request)
+    _closing(stack, vfio)
+
+
+def _check_plan(plan: PciPlan, platform: PciPlatform) -> None:
+    """Every device's BARs where the plan (and `--dry-run`) said they would be."""
+    for planned in plan.devices:
+        address = PciAddress(planned.item.segment, planned.slot)
+        actual = tuple(platform.placements(address)) if platform.device(address) else ()
+        if actual != planned.placements:
+            log.warning("%s: BARs placed at %s, not where planned (%s)", planned.item.label,
+                        [hex(p.address) for p in actual], [hex(p.address) for p in planned.placements])
+
+
+def _create_vcpus(config: VmConfig, vm: Vm, *, kvm_supported: list[CpuidEntry], phys_bits: int) -> list[Vcpu]:
+    topology = None
+    if config.cpus.topology is not None:
+        t = config.cpus.topology
+        topology = CpuTopology(t.threads_per_core, t.cores_per_die, t.dies_per_package, t.packages)
+    tsc_deadline = bool(vm.check_extension(KvmCap.KVM_CAP_TSC_DEADLINE_TIMER))
+    vcpus = []
+    for index in range(config.cpus.boot):
+        vcpu = vm.create_vcpu(index)
+        vcpus.append(vcpu)
+        entries = adjust_cpuid(kvm_supported, index, config.cpus.boot, phys_bits, topology, tsc_deadline)
+        vcpu.set_cpuid2([_kvm_cpuid_entry(e) for e in entries])
+        vcpu.set_msrs(boot_msrs())
+    return vcpus
+
+
+def _set_boot_state(vcpu: Vcpu, state: BootVcpuState) -> None:
+    regs = vcpu.get_regs()
+    _fill(regs, state.regs)
+    vcpu.set_regs(regs)
+    sregs = vcpu.get_sregs()
+    _fill(sregs, state.sregs)
+    vcpu.set_sregs(sregs)
+    fpu = vcpu.get_fpu()
+    _fill(fpu, state.fpu)
+    vcpu.set_fpu(fpu)
+
+
+def _fill(struct: Any, values: Any) -> None:
+    """Copy a boot dataclass into the ctypes struct whose field names it shares."""
+    for name in getattr(values, "__dataclass_fields__", {}):
+        value = getattr(values, name)
+        if hasattr(value, "__dataclass_fields__"):
+            _fill(getattr(struct, name), value)
+        else:
+            setattr(struct, name, int(value))
+
+
+def _reset_vector_stub() -> bytes:
+    """Real-mode code at the reset vector that asks for a reset through the ACPI reset register.
+
+    There is no firmware: a guest that reboots by jumping back to the BIOS entry point finds this instead.
+    """
+    port = layout.ACPI_PM_PORT + PmRegister.RESET
+    return bytes([0xBA, port & 0xFF, port >> 8, 0xB0, RESET_VALUE, 0xEE, 0xF4, 0xEB, 0xFD])
+    # mov dx, port; mov al, value; out dx, al; 1: hlt; jmp 1b
+
+
+def _cpuid_entry(e: kvm_cpuid_entry2) -> CpuidEntry:
+    return CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+
+
+def _kvm_cpuid_entry(e: CpuidEntry) -> kvm_cpuid_entry2:
+    return kvm_cpuid_entry2(function=e.function, index=e.index, flags=e.flags,
+                            eax=e.eax, ebx=e.ebx, ecx=e.ecx, edx=e.edx)
+

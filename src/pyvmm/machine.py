@@ -1,0 +1,140 @@
+"""A built VM: its vCPU loops, what it must start when it runs, and what it closes; `run`, `request_stop`,
+`close`. Built only by `pyvmm.builder.build_vm`, which hands it every part ready (no optional parts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from pyvmm.kvm.regs import format_registers
+from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
+from pyvmm.kvm.system import Vcpu
+from pyvmm.memory import GuestMemory
+from pyvmm.pci.platform import PciPlatform
+
+log = logging.getLogger("pyvmm")
+
+
+class ExitKind(Enum):
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    SIGNAL = "signal"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class VmExit:
+    kind: ExitKind
+    detail: str = ""
+
+
+class ExitLatch:
+    """Why the VM stops: the first reason given wins. Devices built before the VM exists (the ACPI PM
+    device, the i8042, VFIO's request watcher) report to it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._exit: VmExit | None = None
+        self._set = threading.Event()
+
+    def request(self, kind: ExitKind, detail: str = "") -> None:
+        with self._lock:
+            if self._exit is None:
+                self._exit = VmExit(kind, detail)
+        self._set.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._set.wait(timeout)
+
+    @property
+    def exit(self) -> VmExit:
+        with self._lock:
+            return self._exit or VmExit(ExitKind.ERROR, "the VM stopped without a reason")
+
+    def vcpu_stopped(self, result: RunResult) -> None:
+        """A vCPU loop ended (called on its thread)."""
+        if result.reason is StopReason.POWEROFF:
+            self.request(ExitKind.POWEROFF)
+        elif result.reason is StopReason.RESET:
+            self.request(ExitKind.RESET)
+        elif result.reason in (StopReason.ERROR, StopReason.HALTED):
+            self.request(ExitKind.ERROR, result.describe())
+
+
+class Service(Protocol):
+    """Something that works beside the vCPUs while the VM runs (e.g. the terminal's input)."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class VirtualMachine:
+    """A VM ready to run. `resources` closes everything the builder opened, in reverse order."""
+
+    def __init__(
+        self,
+        *,
+        vcpus: Sequence[Vcpu],
+        loops: Sequence[VcpuLoop],
+        latch: ExitLatch,
+        memory: GuestMemory,
+        platform: PciPlatform,
+        services: Sequence[Service],
+        resources: contextlib.ExitStack,
+    ) -> None:
+        self.vcpus = list(vcpus)
+        self.loops = list(loops)
+        self.latch = latch
+        self.memory = memory
+        self.platform = platform
+        self.services = list(services)
+        self._resources = resources
+
+    def request_stop(self, kind: ExitKind, detail: str = "") -> None:
+        """Ask every vCPU to stop; the first reason given wins."""
+        self.latch.request(kind, detail)
+
+    def run(self) -> VmExit:
+        """Start one thread per vCPU and wait until the guest powers off, fails or a signal stops it."""
+        install_kick_handler()
+
+        def on_signal(signum: int, frame: object) -> None:
+            self.request_stop(ExitKind.SIGNAL, signal.Signals(signum).name)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        threads = []
+        try:
+            threads = [loop.start_thread() for loop in self.loops]
+            for service in self.services:
+                service.start()
+            # A timed wait stays interruptible by SIGINT/SIGTERM; it need not wake often (each wake costs CPU
+            # while the guest idles, and everything that ends the VM sets the latch).
+            while not self.latch.wait(30.0):
+                pass
+        finally:
+            stop_all(self.loops)
+            for thread in threads:
+                thread.join(timeout=10)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if log.isEnabledFor(logging.DEBUG):
+            for vcpu in self.vcpus:  # where each vCPU was when it stopped
+                log.debug("vCPU %d:\n%s", vcpu.index, format_registers(vcpu.get_regs(), vcpu.get_sregs()))
+        return self.latch.exit
+
+    def close(self) -> None:
+        for service in self.services:
+            with contextlib.suppress(Exception):
+                service.close()
+        self.services.clear()
+        self.loops.clear()
+        self.vcpus.clear()  # closed with the KVM VM
+        self._resources.close()
