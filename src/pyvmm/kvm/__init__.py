@@ -1,7 +1,6 @@
 """KVM through ctypes.
 
-bindings  structs, ioctl numbers and constants mirroring <linux/kvm.h> / <asm/kvm.h>
-ioctl     ioctl(2) via libc (GIL released, errno kept) raising IoctlError
+bindings  structs, ioctl numbers and constants mirroring <linux/kvm.h> / <asm/kvm.h> (on pyvmm.ioctl)
 system    Kvm (/dev/kvm), Vm (VM fd), Vcpu (vCPU fd + kvm_run page)
 routing   GSI routing entries (irqchip / MSI) and KVM's default irqchip table
 runloop   the per-vCPU run loop dispatching exits to the I/O buses, and its stop/kick mechanism

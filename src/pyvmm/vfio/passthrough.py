@@ -22,8 +22,8 @@ from typing import Protocol
 
 from pyvmm.errors import ExitStatus
 from pyvmm.interrupts import MsiRouter
+from pyvmm.ioctl import IoctlError
 from pyvmm.kvm.bindings import KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD, KVM_DEV_VFIO_FILE_DEL, KvmDevType
-from pyvmm.kvm.ioctl import IoctlError
 from pyvmm.kvm.system import Vm
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarKind
