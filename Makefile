@@ -25,6 +25,7 @@ lab-assets: deps
 
 lint: venv
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 unit: venv
 	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable,
         str(BENCH / "harness.py"),
         "--span",
-        sizes["span"],
+        str(sizes["span"]),
         "--io-seconds",
         str(sizes["io_seconds"]),
         "--trap-seconds",

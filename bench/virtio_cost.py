@@ -30,6 +30,8 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 
 
 class Vectors:
+    """A virtio_pci.MsiTrigger without KVM: routing changes are dropped, a trigger is an eventfd write."""
+
     def __init__(self, count: int) -> None:
         self.count = count
         self.fd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -37,8 +39,14 @@ class Vectors:
     def __len__(self) -> int:
         return self.count
 
-    def route(self, vector: int, message: object) -> None:
+    def vector_changed(self, vector: int, message: object) -> None:
         pass
+
+    def enable_changed(self, enabled: bool, count: int) -> None:
+        pass
+
+    def signal(self, vector: int, message: object) -> None:
+        self.trigger(vector)
 
     def trigger(self, vector: int) -> None:
         os.eventfd_write(self.fd, 1)  # what an irqfd-bound vector costs
@@ -95,7 +103,9 @@ def make_device(image: str, memory: GuestMemory) -> tuple[VirtioPciDevice, Ring]
 
 
 def measure(dev: VirtioPciDevice, ring: Ring, per_kick: int, segments: int, rounds: int) -> float:
-    sectors = dev.device.image.sectors
+    block = dev.device
+    assert isinstance(block, VirtioBlock)
+    sectors = block.image.sectors
     span = segments * (8 if segments == 1 else 16)
     heads = [ring.request(slot, 0, segments, 4096 if segments == 1 else 8192) for slot in range(per_kick)]
     # Warm up, then time rounds of `per_kick` requests followed by one process() call.

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 
 def with_flex_array(
-    header: type[ctypes.Structure], name: str, element: type[ctypes._CData], n: int
+    header: type[ctypes.Structure],
+    name: str,
+    element: type[ctypes.Structure | ctypes.Union | ctypes._SimpleCData[Any]],
+    n: int,
 ) -> type[ctypes.Structure]:
     """`header` followed by a flexible array member `name` of `n` `element`s, as one Structure type."""
     if n < 0:

@@ -130,14 +130,3 @@ def test_flexible_array_helpers_append_entries() -> None:
     assert b.kvm_msrs_array(3) is msrs  # cached: one type per length
     with pytest.raises(ValueError, match="negative"):
         b.kvm_msrs_array(-1)
-
-
-def test_ioc_encoding_and_limits() -> None:
-    assert b._IOWR(0xAE, 0x05, 8) == 0xC008AE05
-    assert b._IOR(0xAE, 0x81, b.kvm_regs) == 0x8090AE81
-    assert b._IOW(0x3B, 0x64, 0) == 0x40003B64
-    assert b._IO(0xAE, 0x80) == 0xAE80
-    with pytest.raises(ValueError, match="does not fit"):
-        b._IOW(0xAE, 1, 1 << 14)
-    with pytest.raises(ValueError, match="out of range"):
-        b._IO(0xAE, 0x100)

@@ -12,9 +12,9 @@ import pytest
 
 from pyvmm import layout
 from pyvmm.devices.bus import IoBus
+from pyvmm.ioctl import IoctlError
 from pyvmm.kvm import bindings as b
 from pyvmm.kvm import selftest
-from pyvmm.kvm.ioctl import IoctlError
 from pyvmm.kvm.routing import IrqchipRoute, MsiRoute, default_irqchip_routes
 from pyvmm.kvm.runloop import StopReason, VcpuLoop, install_kick_handler
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm

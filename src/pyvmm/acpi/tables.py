@@ -29,7 +29,7 @@ class AcpiTableError(ValueError):
     """The tables do not fit where they must go."""
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes `data` (with that byte included) sum to zero mod 256."""
     return -sum(data) & 0xFF
 

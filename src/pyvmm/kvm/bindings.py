@@ -11,54 +11,7 @@ import functools
 from enum import IntEnum, IntFlag
 
 from pyvmm.cabi import with_flex_array
-
-# --- ioctl number encoding (include/uapi/asm-generic/ioctl.h) -------------------------------------------
-
-_IOC_NRBITS = 8
-_IOC_TYPEBITS = 8
-_IOC_SIZEBITS = 14
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
-_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
-_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
-
-_IOC_NONE = 0
-_IOC_WRITE = 1
-_IOC_READ = 2
-
-
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
-    if not 0 <= nr < 1 << _IOC_NRBITS or not 0 <= type_ < 1 << _IOC_TYPEBITS:
-        raise ValueError(f"ioctl type {type_:#x} / nr {nr:#x} out of range")
-    if not 0 <= size < 1 << _IOC_SIZEBITS:
-        raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (type_ << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
-
-
-def _size(arg: type[ctypes._CData] | int) -> int:
-    return arg if isinstance(arg, int) else ctypes.sizeof(arg)
-
-
-def _IO(type_: int, nr: int) -> int:
-    return _IOC(_IOC_NONE, type_, nr, 0)
-
-
-def _IOR(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
-    return _IOC(_IOC_READ, type_, nr, _size(arg))
-
-
-def _IOW(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
-    return _IOC(_IOC_WRITE, type_, nr, _size(arg))
-
-
-def _IOWR(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
-    return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, _size(arg))
-
+from pyvmm.ioctl import IO, IOR, IOW, IOWR
 
 KVMIO = 0xAE
 KVM_API_VERSION = 12
@@ -447,50 +400,50 @@ def kvm_irq_routing_array(n: int) -> type[ctypes.Structure]:
 
 class KvmIoctl(IntEnum):
     # /dev/kvm
-    KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
-    KVM_CREATE_VM = _IO(KVMIO, 0x01)
-    KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, kvm_msr_list)
-    KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
-    KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
-    KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
+    KVM_GET_API_VERSION = IO(KVMIO, 0x00)
+    KVM_CREATE_VM = IO(KVMIO, 0x01)
+    KVM_GET_MSR_INDEX_LIST = IOWR(KVMIO, 0x02, kvm_msr_list)
+    KVM_CHECK_EXTENSION = IO(KVMIO, 0x03)
+    KVM_GET_VCPU_MMAP_SIZE = IO(KVMIO, 0x04)
+    KVM_GET_SUPPORTED_CPUID = IOWR(KVMIO, 0x05, kvm_cpuid2)
     # VM
-    KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
-    KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
-    KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
-    KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
-    KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
-    KVM_IRQ_LINE = _IOW(KVMIO, 0x61, kvm_irq_level)
-    KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, kvm_irq_routing)
-    KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
-    KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
-    KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
-    KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
-    KVM_UNREGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x68, kvm_coalesced_mmio_zone)
-    KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, kvm_clock_data)
-    KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, kvm_clock_data)
-    KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
-    KVM_CREATE_DEVICE = _IOWR(KVMIO, 0xE0, kvm_create_device)
+    KVM_CREATE_VCPU = IO(KVMIO, 0x41)
+    KVM_SET_USER_MEMORY_REGION = IOW(KVMIO, 0x46, kvm_userspace_memory_region)
+    KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)
+    KVM_SET_IDENTITY_MAP_ADDR = IOW(KVMIO, 0x48, u64)
+    KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)
+    KVM_IRQ_LINE = IOW(KVMIO, 0x61, kvm_irq_level)
+    KVM_SET_GSI_ROUTING = IOW(KVMIO, 0x6A, kvm_irq_routing)
+    KVM_IRQFD = IOW(KVMIO, 0x76, kvm_irqfd)
+    KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, kvm_pit_config)
+    KVM_IOEVENTFD = IOW(KVMIO, 0x79, kvm_ioeventfd)
+    KVM_REGISTER_COALESCED_MMIO = IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
+    KVM_UNREGISTER_COALESCED_MMIO = IOW(KVMIO, 0x68, kvm_coalesced_mmio_zone)
+    KVM_SET_CLOCK = IOW(KVMIO, 0x7B, kvm_clock_data)
+    KVM_GET_CLOCK = IOR(KVMIO, 0x7C, kvm_clock_data)
+    KVM_SIGNAL_MSI = IOW(KVMIO, 0xA5, kvm_msi)
+    KVM_CREATE_DEVICE = IOWR(KVMIO, 0xE0, kvm_create_device)
     # device fds
-    KVM_SET_DEVICE_ATTR = _IOW(KVMIO, 0xE1, kvm_device_attr)
-    KVM_GET_DEVICE_ATTR = _IOW(KVMIO, 0xE2, kvm_device_attr)
-    KVM_HAS_DEVICE_ATTR = _IOW(KVMIO, 0xE3, kvm_device_attr)
+    KVM_SET_DEVICE_ATTR = IOW(KVMIO, 0xE1, kvm_device_attr)
+    KVM_GET_DEVICE_ATTR = IOW(KVMIO, 0xE2, kvm_device_attr)
+    KVM_HAS_DEVICE_ATTR = IOW(KVMIO, 0xE3, kvm_device_attr)
     # vCPU (KVM_ENABLE_CAP also on VMs with KVM_CAP_ENABLE_CAP_VM)
-    KVM_RUN = _IO(KVMIO, 0x80)
-    KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)
-    KVM_SET_REGS = _IOW(KVMIO, 0x82, kvm_regs)
-    KVM_GET_SREGS = _IOR(KVMIO, 0x83, kvm_sregs)
-    KVM_SET_SREGS = _IOW(KVMIO, 0x84, kvm_sregs)
-    KVM_GET_MSRS = _IOWR(KVMIO, 0x88, kvm_msrs)
-    KVM_SET_MSRS = _IOW(KVMIO, 0x89, kvm_msrs)
-    KVM_GET_FPU = _IOR(KVMIO, 0x8C, kvm_fpu)
-    KVM_SET_FPU = _IOW(KVMIO, 0x8D, kvm_fpu)
-    KVM_GET_LAPIC = _IOR(KVMIO, 0x8E, kvm_lapic_state)
-    KVM_SET_LAPIC = _IOW(KVMIO, 0x8F, kvm_lapic_state)
-    KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, kvm_cpuid2)
-    KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, kvm_cpuid2)
-    KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, kvm_mp_state)
-    KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, kvm_mp_state)
-    KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
+    KVM_RUN = IO(KVMIO, 0x80)
+    KVM_GET_REGS = IOR(KVMIO, 0x81, kvm_regs)
+    KVM_SET_REGS = IOW(KVMIO, 0x82, kvm_regs)
+    KVM_GET_SREGS = IOR(KVMIO, 0x83, kvm_sregs)
+    KVM_SET_SREGS = IOW(KVMIO, 0x84, kvm_sregs)
+    KVM_GET_MSRS = IOWR(KVMIO, 0x88, kvm_msrs)
+    KVM_SET_MSRS = IOW(KVMIO, 0x89, kvm_msrs)
+    KVM_GET_FPU = IOR(KVMIO, 0x8C, kvm_fpu)
+    KVM_SET_FPU = IOW(KVMIO, 0x8D, kvm_fpu)
+    KVM_GET_LAPIC = IOR(KVMIO, 0x8E, kvm_lapic_state)
+    KVM_SET_LAPIC = IOW(KVMIO, 0x8F, kvm_lapic_state)
+    KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)
+    KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, kvm_cpuid2)
+    KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)
+    KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)
+    KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)
 
 
 # --- constants ----------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import ctypes
 import mmap
 import threading
 
-from pyvmm.devices.bus import IoBus
 from pyvmm.kvm.bindings import KvmCap, kvm_coalesced_mmio, kvm_coalesced_mmio_ring
+from pyvmm.kvm.bus import Bus
 from pyvmm.kvm.system import Vcpu, Vm
 
 _HEADER_SIZE = ctypes.sizeof(kvm_coalesced_mmio_ring)
@@ -24,7 +24,7 @@ _ENTRY_SIZE = ctypes.sizeof(kvm_coalesced_mmio)
 class CoalescedRing:
     """Consumer side of the ring at `address` (inside a live vCPU mapping of `page_size` bytes)."""
 
-    def __init__(self, address: int, page_size: int, pio_bus: IoBus, mmio_bus: IoBus) -> None:
+    def __init__(self, address: int, page_size: int, pio_bus: Bus, mmio_bus: Bus) -> None:
         self.header = kvm_coalesced_mmio_ring.from_address(address)
         self.capacity = (page_size - _HEADER_SIZE) // _ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
         self.entries = (kvm_coalesced_mmio * self.capacity).from_address(address + _HEADER_SIZE)
@@ -62,7 +62,7 @@ class CoalescedRing:
 
 
 def coalesce_port_writes(
-    vm: Vm, vcpu: Vcpu, port: int, size: int, pio_bus: IoBus, mmio_bus: IoBus
+    vm: Vm, vcpu: Vcpu, port: int, size: int, pio_bus: Bus, mmio_bus: Bus
 ) -> CoalescedRing | None:
     """Have KVM queue guest writes to ports [port, port+size) and return the VM's ring (read through
     `vcpu`'s mapping, which must outlive it); None when this KVM cannot coalesce port I/O, in which case

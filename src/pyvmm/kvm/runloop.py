@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
-from pyvmm.devices.bus import IoBus
 from pyvmm.kvm.bindings import (
     KvmExit,
     KvmExitIo,
@@ -31,6 +30,7 @@ from pyvmm.kvm.bindings import (
     kvm_run,
     kvm_sregs,
 )
+from pyvmm.kvm.bus import Bus
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.regs import format_registers
 
@@ -108,8 +108,8 @@ class VcpuLoop:
     def __init__(
         self,
         vcpu: RunnableVcpu,
-        pio_bus: IoBus,
-        mmio_bus: IoBus,
+        pio_bus: Bus,
+        mmio_bus: Bus,
         on_stop: Callable[[RunResult], None] | None = None,
         kick_signal: int = KICK_SIGNAL,
         debug: bool = False,

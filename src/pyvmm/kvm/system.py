@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Self
 
 from pyvmm.errors import PyvmmError
+from pyvmm.ioctl import IoctlError, ioctl, libc_ioctl
 from pyvmm.kvm.bindings import (
     KVM_API_VERSION,
     KVM_MSI_VALID_DEVID,
@@ -43,7 +44,6 @@ from pyvmm.kvm.bindings import (
     kvm_userspace_memory_region,
     u64,
 )
-from pyvmm.kvm.ioctl import IoctlError, ioctl, libc_ioctl
 from pyvmm.kvm.routing import Route, encode_routes
 
 _KVM_RUN = int(KvmIoctl.KVM_RUN)

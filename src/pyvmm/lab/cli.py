@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from pyvmm.lab.assets import BuildError, LabBuilder
 from pyvmm.lab.debian import PackageError
@@ -14,7 +15,7 @@ USAGE_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         print(f"pyvmm-lab: {message}", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)
 

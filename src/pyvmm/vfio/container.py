@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from pyvmm.kvm.ioctl import IoctlError, ioctl
+from pyvmm.ioctl import IoctlError, ioctl
 from pyvmm.vfio.bindings import (
     VFIO_API_VERSION,
     VfioDmaMapFlag,

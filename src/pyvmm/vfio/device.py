@@ -10,7 +10,7 @@ import mmap
 import os
 from dataclasses import dataclass
 
-from pyvmm.kvm.ioctl import IoctlError, ioctl
+from pyvmm.ioctl import IoctlError, ioctl
 from pyvmm.vfio.bindings import (
     VFIO_PCI_NUM_IRQS,
     VFIO_PCI_NUM_REGIONS,

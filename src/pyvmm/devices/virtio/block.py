@@ -186,6 +186,7 @@ class VirtioBlock(VirtioDevice):
             log.warning("virtio-blk: %s", exc)
             return self._fail_broken_chain(chain)
         writable = buffers.writable
+        status: memoryview | None
         if writable and len(writable[-1]) == 1:  # how drivers lay it out: the status byte on its own
             data_in, status = writable[:-1], writable[-1]
         else:
