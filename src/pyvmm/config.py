@@ -1,4 +1,4 @@
-"""The `pyvmm` command line turned into validated configuration (ch-vfio-spec §1.2-§1.10, §1.13).
+"""The `pyvmm` command line turned into validated configuration (docs/cli.md).
 
 `parse_vm_config(argv)` parses and validates everything that needs no file system, KVM or sysfs binding
 state; `check_paths(config)` then checks that the files and PCI functions named exist. Both raise
@@ -7,7 +7,8 @@ state; `check_paths(config)` then checks that the files and PCI functions named 
 Project rules on top of cloud-hypervisor's:
 - a key CH has but pyvmm does not implement is accepted only with CH's default value (so command lines
   that spell out defaults still work) and otherwise refused as "not supported by pyvmm yet";
-- `x_nv_gpudirect_clique` must be 0-15 (the capability has 4 bits for it, spec §4.5.4);
+- `x_nv_gpudirect_clique` must be 0-15 (the capability has 4 bits for it,
+  docs/vfio.md#gpudirect-clique-capability);
 - duplicate `--device path=`s are found after normalising (realpath), not textually;
 - `max` above `boot` (CPU hotplug) is refused; `--disk image_type` may only be raw (and defaults to it);
 - two devices asking for the same PCI slot are refused here rather than at device creation;
@@ -183,7 +184,8 @@ class VmConfig:
 
 
 def aperture_weights(config: VmConfig) -> list[tuple[int, int]]:
-    """(mmio32, mmio64) weight of every segment; later `--pci-segment` entries win (spec §1.10)."""
+    """(mmio32, mmio64) weight of every segment; later `--pci-segment` entries win
+    (docs/cli.md#segment-weights)."""
     weights = [(1, 1)] * config.platform.num_pci_segments
     for seg in config.pci_segments:
         weights[seg.pci_segment] = (seg.mmio32_aperture_weight, seg.mmio64_aperture_weight)

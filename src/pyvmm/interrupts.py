@@ -57,9 +57,9 @@ class MsiRouter:
 class IrqfdMsiVectors:
     """`count` MSI vectors, each an eventfd bound by irqfd to a GSI routed to the guest's message.
 
-    Order (ch-vfio-spec §4.6.0): unmasking installs the route before assigning the irqfd; masking deassigns
-    the irqfd before removing the route. While masked, signals accumulate in the eventfd and are delivered
-    when the irqfd is assigned again.
+    Order (docs/interrupts.md#routing-and-irqfd-order): unmasking installs the route before assigning the
+    irqfd; masking deassigns the irqfd before removing the route. While masked, signals accumulate in the
+    eventfd and are delivered when the irqfd is assigned again.
     """
 
     def __init__(self, router: MsiRouter, irqfds: Irqfds, count: int) -> None:

@@ -1,6 +1,6 @@
 """Guest-physical address layout for x86_64 guests (every fixed address lives here).
 
-The layout follows cloud-hypervisor's (see ch-vfio-spec §2) so that guests and users see the same
+The layout follows cloud-hypervisor's (see docs/memory-layout.md) so that guests and users see the same
 addresses under both VMMs.
 """
 

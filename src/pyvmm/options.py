@@ -1,4 +1,4 @@
-"""cloud-hypervisor's option-string grammar (ch-vfio-spec §1.1).
+"""cloud-hypervisor's option-string grammar (docs/cli.md#option-string-grammar).
 
 A structured flag such as `--device` takes one string of comma-separated items: `key=value` items and
 valueless flags (`off`, `tty`). Commas inside double quotes or `[brackets]` do not split. A key given twice

@@ -1,4 +1,5 @@
-"""Issue 7 acceptance in the lab: the NVIDIA GPUDirect P2P clique capability (ch-vfio-spec §4.5.4) on the
+"""Issue 7 acceptance in the lab: the NVIDIA GPUDirect P2P clique capability
+(docs/vfio.md#gpudirect-clique-capability) on the
 NVMe drive as the guest reads it, and the two refusals (an id above 15; a device whose MSI capability
 already covers 0xD4, the e1000e NIC)."""
 
@@ -63,7 +64,7 @@ def test_clique_5_on_the_nvme_and_the_refusals(lab) -> None:
     match = re.search(r"^CFG (0001:00:00.0) \S*/nvme ((?:[0-9a-f]{2} ?){256})$", out, re.MULTILINE)
     assert match, out
     config = bytes.fromhex(match.group(2).replace(" ", ""))
-    # 8 bytes at 0xD4 exactly as §4.5.4 lays them out for clique 5.
+    # 8 bytes at 0xD4 exactly as docs/vfio.md#gpudirect-clique-capability lays them out for clique 5.
     assert config[0xD4:0xDC].hex(" ") == "09 00 08 50 32 50 28 00", config.hex(" ")
     # The capability list reaches 0xD4 from the previous last capability and ends there.
     chain = []

@@ -105,7 +105,7 @@ for f in 03 04 05; do pyvmm-host bind 0000:00:$f.0 >/dev/null; done
 echo "PYVMM-STATUS=$?"
 """
 
-SEGMENT1_WINDOW = (0xC21AF000, 0xCA86AFFF)  # 16 segments, weights 1, 4, 1, ... (§2.6)
+SEGMENT1_WINDOW = (0xC21AF000, 0xCA86AFFF)  # 16 segments, weights 1, 4, 1, ... (docs/pci.md#aperture-weights)
 
 
 def test_three_16m_displays_exhaust_segment_1_until_it_gets_weight_4(lab) -> None:

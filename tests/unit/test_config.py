@@ -1,4 +1,4 @@
-"""Command line -> VmConfig: multiplicity, defaults, validation catalogue (ch-vfio-spec §1.2-§1.13)."""
+"""Command line -> VmConfig: multiplicity, defaults, validation catalogue (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The option-string grammar (ch-vfio-spec §1.1)."""
+"""The option-string grammar (docs/cli.md#option-string-grammar)."""
 
 from __future__ import annotations
 

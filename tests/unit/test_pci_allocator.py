@@ -27,7 +27,7 @@ def test_first_allocation_goes_to_the_top_of_the_window() -> None:
 
 
 def test_unaligned_window_fits_thirteen_16mib_bars() -> None:
-    # ch-vfio-spec §5: segment 1 of a 2:1 split.
+    # docs/pci.md#32-bit-exhaustion: segment 1 of a 2:1 split.
     a = AddressAllocator(0xDAAA_A000, 0xE7FF_FFFF)
     got = [a.allocate(16 * MiB, 16 * MiB) for _ in range(13)]
     assert got == [0xE700_0000 - i * 16 * MiB for i in range(13)]

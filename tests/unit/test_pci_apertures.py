@@ -1,4 +1,4 @@
-"""Aperture split among PCI segments: every worked example of ch-vfio-spec §2.6."""
+"""Aperture split among PCI segments: every worked example of docs/pci.md#aperture-weights."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """PCI segments: the shared BAR plan (pci/planning.py), exhaustion messages with their remedy, sysfs BARs
-as VFIO will present them, and the GPUDirect clique's place (ch-vfio-spec §1.6, §2.6, §2.7, §4.4.4,
-§4.5.4, §5)."""
+as VFIO will present them, and the GPUDirect clique's place (docs/pci.md#virtio-blk-bars,
+#aperture-weights, #bar-allocation, #32-bit-exhaustion; docs/vfio.md#msi-x-table-relocation,
+#gpudirect-clique-capability)."""
 
 from __future__ import annotations
 

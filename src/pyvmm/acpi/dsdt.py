@@ -1,6 +1,6 @@
 """DSDT content: one PCI host bridge per segment, ECAM reservation, COM1 and the S5 sleep state.
 
-Follows cloud-hypervisor's description of segments (ch-vfio-spec §6.2, §6.3) minus PCI hotplug.
+Follows cloud-hypervisor's description of segments (docs/pci.md#acpi-description) minus PCI hotplug.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Address-range allocator for PCI windows and I/O port space (ch-vfio-spec §2.7).
+"""Address-range allocator for PCI windows and I/O port space (docs/pci.md#bar-allocation).
 
 Placement is top-down first fit: free gaps are scanned from the highest address downwards and a request
 lands at the highest address of the first gap that can hold it at the requested alignment. Guests and

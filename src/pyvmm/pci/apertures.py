@@ -1,4 +1,4 @@
-"""Split of the 32-bit and 64-bit PCI device areas among segments (ch-vfio-spec §2.6).
+"""Split of the 32-bit and 64-bit PCI device areas among segments (docs/pci.md#aperture-weights).
 
 Each segment gets `weight * unit` bytes, contiguous in segment order, where `unit` is the per-weight share
 rounded down to the area's alignment (4 KiB below 4 GiB, 4 GiB above); the last segment takes whatever is

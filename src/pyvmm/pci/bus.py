@@ -1,7 +1,8 @@
 """PCI segments (one bus of 32 slots each), BAR placement, and the two config-access mechanisms.
 
-ch-vfio-spec §3 and §4.4.2/§4.4.5. Every device is function 0 of its slot; unlike cloud-hypervisor, accesses
-to functions 1-7 read all-ones and writes to them are dropped, on both ECAM and port 0xCF8.
+docs/pci.md#config-space-access, #slot-assignment, #bar-allocation, #bar-relocation-by-the-guest. Every device
+is function 0 of its slot; unlike cloud-hypervisor, accesses to functions 1-7 read all-ones and writes to them
+are dropped, on both ECAM and port 0xCF8.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class SlotError(PciError):
 
 
 class BarAllocationError(PciError):
-    """No aligned free range for a BAR in the window it must live in (ch-vfio-spec §5)."""
+    """No aligned free range for a BAR in the window it must live in (docs/pci.md#32-bit-exhaustion)."""
 
     def __init__(
         self,

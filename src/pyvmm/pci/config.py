@@ -1,4 +1,5 @@
-"""A type-0 PCI configuration space (4 KiB) with shadow BAR registers (ch-vfio-spec §4.3, §4.4.3, §4.4.5).
+"""A type-0 PCI configuration space (4 KiB) with shadow BAR registers
+(docs/pci.md#shadow-bar-registers, docs/pci.md#bar-relocation-by-the-guest).
 
 Every byte has a writable mask; BAR and expansion-ROM dwords follow the sizing protocol and report guest
 relocations as BarMove objects; capability bodies can be plain bytes or delegated to a handler object

@@ -1,4 +1,4 @@
-"""Emulation of the MSI capability and of MSI-X (capability, vector table, PBA) (ch-vfio-spec §4.6).
+"""Emulation of the MSI capability and of MSI-X (capability, vector table, PBA) (docs/interrupts.md).
 
 Pure logic: guest register accesses go in, routing changes come out through an MsiVectorSink. Unlike
 cloud-hypervisor, byte writes are accepted everywhere, masking one MSI-X vector removes its route (and

@@ -1,4 +1,5 @@
-"""Where every PCI device's BARs go, worked out before anything is opened (ch-vfio-spec §2.6, §2.7, §5).
+"""Where every PCI device's BARs go, worked out before anything is opened (docs/pci.md#aperture-weights,
+#bar-allocation, #32-bit-exhaustion).
 
 The plan runs the builder's own placement code (PciSegment.add_device, top-down first fit per window) on
 placeholder devices that ask for the same BARs, in the builder's order: explicit slots reserved first, then
@@ -89,7 +90,7 @@ class _Placeholder(PciDevice):
 
 
 def plan_windows(weights: Weights, ram_size: int, phys_bits: int) -> list[SegmentWindows]:
-    """Every segment's 32-bit and 64-bit window (§2.6)."""
+    """Every segment's 32-bit and 64-bit window (docs/pci.md#aperture-weights)."""
     try:
         return segment_windows([w for w, _ in weights], [w for _, w in weights],
                                mmio64_aperture(ram_size, phys_bits))

@@ -1,5 +1,5 @@
-"""Which parts of a BAR may be mmapped into the guest, and the MSI-X table relocation (ch-vfio-spec §4.4.4,
-§4.7.1). Pure logic.
+"""Which parts of a BAR may be mmapped into the guest, and the MSI-X table relocation
+(docs/vfio.md#which-bar-parts-are-mapped, docs/vfio.md#msi-x-table-relocation). Pure logic.
 """
 
 from __future__ import annotations

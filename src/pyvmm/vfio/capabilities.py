@@ -1,4 +1,5 @@
-"""Capability walks over a device's config space and the read patches the guest sees (ch-vfio-spec §4.5).
+"""Capability walks over a device's config space and the read patches the guest sees
+(docs/vfio.md#capabilities).
 
 Pure logic over a `read(offset, size) -> int` function, so it runs against the VFIO config region as well
 as against bytes in a test. Both walks stop on loops and on all-ones answers.
@@ -182,7 +183,8 @@ def clique_conflict(read: ConfigReader, caps: CapabilityScan) -> str | None:
 def gpudirect_clique_patches(
     caps: CapabilityScan, clique: int, read: ConfigReader | None = None
 ) -> list[ConfigPatch]:
-    """The NVIDIA P2P clique vendor capability at 0xD4, linked from the last standard capability (§4.5.4).
+    """The NVIDIA P2P clique vendor capability at 0xD4, linked from the last standard capability
+    (docs/vfio.md#gpudirect-clique-capability).
 
     Raises CapabilityConflict when a capability of the device already occupies 0xD4-0xDB (`read`, the
     device's config space, tells how long its capabilities are; without it only their starts are checked).

@@ -1,7 +1,7 @@
 """The VFIO container (/dev/vfio/vfio: one IOMMU context, DMA mappings) and groups (/dev/vfio/<id>).
 
-Container/group mode with the type1v2 IOMMU (ch-vfio-spec §4.1). The IOMMU model can only be set once a
-group is attached, so `VfioContainer.attach(group)` does it with the first group.
+Container/group mode with the type1v2 IOMMU (docs/vfio.md#host-setup-order). The IOMMU model can only be
+set once a group is attached, so `VfioContainer.attach(group)` does it with the first group.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Guest RAM in the IOMMU: every RAM region DMA-mapped with IOVA = guest-physical address (spec §4.8)."""
+"""Guest RAM in the IOMMU: every RAM region DMA-mapped with IOVA = guest-physical address
+(docs/vfio.md#dma-mapping-of-guest-ram)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mmap of device-fd areas at aligned host addresses (ch-vfio-spec §4.7.2).
+"""mmap of device-fd areas at aligned host addresses (docs/vfio.md#mapping-bar-areas).
 
 A BAR area is mapped at a host address aligned to min(next power of two of its length, 1 GiB) so that the
 kernel can back it with huge PMD/PUD mappings; Python's mmap module cannot place a mapping, so libc is

@@ -1,10 +1,10 @@
 """All VFIO devices of one VM: the KVM VFIO pseudo-device, one shared container, groups, device models.
 
-Order (ch-vfio-spec §8 points 1-2): the KVM VFIO device exists before any group is added; for a new group:
-open and check viability → join the container (the first group selects type1v2) → KVM_DEV_VFIO_FILE_ADD →
-only then the device fd. Guest RAM is DMA-mapped when the container gets its first group, so it is in place
-before any device model exists and long before the guest runs. Groups are shared by their devices; close()
-undoes everything in reverse.
+Order (docs/vfio.md#host-setup-order): the KVM VFIO device exists before any group is added; for a new group:
+open and check viability → join the container (the first group selects type1v2) → KVM_DEV_VFIO_FILE_ADD → only
+then the device fd. Guest RAM is DMA-mapped when the container gets its first group, so it is in place before
+any device model exists and long before the guest runs. Groups are shared by their devices; close() undoes
+everything in reverse.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def _is_endpoint(bdf: str) -> bool:
 
 
 def check_groups_complete(passthrough: VfioPassthrough, given: set[str]) -> None:
-    """Every endpoint function of a group in use must be given to this guest (ch-vfio-spec §4.9)."""
+    """Every endpoint function of a group in use must be given to this guest (docs/vfio.md#iommu-groups)."""
     for group_id in sorted(passthrough.groups):
         missing = [bdf for bdf, _drv in group_members(group_id) if bdf not in given and _is_endpoint(bdf)]
         if missing:

@@ -1,4 +1,4 @@
-"""The VFIO PCI device model: a host PCI function presented to the guest (ch-vfio-spec §4.3-4.7).
+"""The VFIO PCI device model: a host PCI function presented to the guest (docs/vfio.md).
 
 Configuration space: BARs and the ROM live only in a shadow PciConfiguration (sized and relocated there,
 never written to the device); MSI and MSI-X are emulated with pci/msi.py and routed with irqfds; the
@@ -97,7 +97,7 @@ def msix_geometry(
     """(vectors, table BIR, PBA BIR, physical PBA offset, guest layout) of the MSI-X capability at `offset`.
 
     `region_size(bir)` is the host size of a BAR (None: absent). Shared by the device model and the planner,
-    so both agree on how far the table relocation (§4.4.4) enlarges a 64-bit BAR.
+    so both agree on how far the table relocation (docs/vfio.md#msi-x-table-relocation) enlarges a 64-bit BAR.
     """
     control = read(offset + 2, 2)
     table = read(offset + 4, 4)
@@ -204,7 +204,8 @@ class VfioPciDevice(PciDevice):
         self._msi_off = self._msix_off = -1
         self._msix_phys_pba = 0
         try:
-            # Reset first: MSI/MSI-X control words must be read in their after-reset state (§8.3).
+            # Reset first: MSI/MSI-X control words must be read in their after-reset state
+            # (docs/vfio.md#device-creation-order).
             self.did_reset = device.reset()
             self.caps = caps.scan(device.read_config, device.config_size)
             self._patches: dict[int, list[caps.ConfigPatch]] = {}
@@ -485,7 +486,8 @@ class VfioPciDevice(PciDevice):
         self._intx_armed = False
 
     def _irq_enable_changed(self, index: VfioPciIrq, enabled: bool, count: int) -> None:
-        """MSI/MSI-X on: INTx off, then VFIO_DEVICE_SET_IRQS; off: SET_IRQS count 0, then INTx back (§8.5)."""
+        """MSI/MSI-X on: INTx off, then VFIO_DEVICE_SET_IRQS; off: SET_IRQS count 0, then INTx back
+        (docs/interrupts.md#enabling-and-disabling-msi-or-msi-x)."""
         sink = self._msi_sink if index == _MSI else self._msix_sink
         if sink is None:
             return
@@ -554,7 +556,7 @@ class VfioPciDevice(PciDevice):
             if offset & ~3 in _BAR_DWORDS:
                 return self.shadow.write(offset, size, value)  # never reaches the device
             # Interrupt emulation first (it may arm VFIO vectors), then the device: the kernel must see the
-            # guest's enable bit only after SET_IRQS (§4.3 step 3).
+            # guest's enable bit only after SET_IRQS (docs/vfio.md#config-writes).
             for start, handler in self._handlers():
                 lo, hi = max(offset, start + 2), min(offset + size, start + handler.length)
                 if lo < hi:

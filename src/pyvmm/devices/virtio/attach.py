@@ -25,7 +25,7 @@ from pyvmm.pci.platform import PciAddress, PciPlatform
 
 
 def uses_64bit_bar(segment: int, hotplug: bool = False) -> bool:
-    """ch-vfio-spec §1.6: only a boot-time virtio-blk on segment 0 gets a 32-bit BAR."""
+    """docs/pci.md#virtio-blk-bars: only a boot-time virtio-blk on segment 0 gets a 32-bit BAR."""
     return segment != 0 or hotplug
 
 
