@@ -43,15 +43,22 @@ class VfioConfigError(VfioError):
 
 
 class DeviceLike(Protocol):
-    """The fields of config.DeviceConfig this module reads."""
+    """The fields of config.DeviceConfig this module reads (read-only: the config is frozen)."""
 
-    path: Path
-    id: str | None
-    iommu: bool
-    pci_segment: int
-    pci_device_id: int | None
-    x_nv_gpudirect_clique: int | None
-    x_exclude_mmap_bars: tuple[int, ...]
+    @property
+    def path(self) -> Path: ...
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def iommu(self) -> bool: ...
+    @property
+    def pci_segment(self) -> int: ...
+    @property
+    def pci_device_id(self) -> int | None: ...
+    @property
+    def x_nv_gpudirect_clique(self) -> int | None: ...
+    @property
+    def x_exclude_mmap_bars(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
