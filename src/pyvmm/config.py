@@ -71,7 +71,8 @@ class ImageType(Enum):
 
 
 SUPPORTED_IMAGE_TYPES = frozenset({ImageType.RAW})
-SERIAL_MODES = frozenset(ConsoleMode)
+# pty and socket= (CH has both) are refused until pyvmm serves them: accepting them meant dropping the output.
+SERIAL_MODES = frozenset({ConsoleMode.OFF, ConsoleMode.NULL, ConsoleMode.TTY, ConsoleMode.FILE})
 CONSOLE_MODES = frozenset({ConsoleMode.OFF, ConsoleMode.NULL, ConsoleMode.TTY, ConsoleMode.FILE})
 
 
