@@ -136,9 +136,10 @@ class VirtualMachine:
         vm.create_pit2()
 
         try:
-            memory = self.memory = GuestMemory.for_size(cfg.memory.size)
-        except GuestMemoryError as exc:
-            raise VmError(f"--memory size={cfg.memory.size >> 20}M: {exc}") from exc
+            memory = self.memory = GuestMemory.for_config(cfg.memory)
+        except GuestMemoryError as exc:  # a huge page pool too small is the user's to fix: exit 2
+            wrapper = UsageError if exc.exit_status == UsageError.exit_status else VmError
+            raise wrapper(f"--memory size={cfg.memory.size >> 20}M: {exc}") from exc
         for slot, region in enumerate(memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
 
