@@ -280,14 +280,15 @@ class GuestMemory:
         return region
 
     def _prepare(self, region: MemoryRegion, thp: bool) -> None:
-        """Advice and population, then the view every access slices."""
+        """Advice and population, then the view every access slices. Advice covers the whole mapping
+        (alignment slack included: never touched, and one VMA rather than three); population only RAM."""
         backing, mapping, start, size = self.backing, region.mapping, region.offset, region.size
         if thp and backing.thp:
             with contextlib.suppress(OSError):  # kernels without THP: plain pages
-                mapping.madvise(Madvice.HUGEPAGE, start, size)
+                mapping.madvise(Madvice.HUGEPAGE)
         if backing.mergeable:
             try:
-                mapping.madvise(Madvice.MERGEABLE, start, size)
+                mapping.madvise(Madvice.MERGEABLE)
             except OSError as exc:  # EINVAL: a kernel built without KSM; cloud-hypervisor warns too
                 log.warning("--memory mergeable=on: KSM is not available on this host (%s)", exc.strerror)
         if backing.prefault:
