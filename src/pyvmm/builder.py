@@ -111,7 +111,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     vm.create_pit2()
 
     try:
-        memory = GuestMemory.for_size(config.memory.size)
+        memory = GuestMemory.for_config(config.memory)
     except GuestMemoryError as exc:
         raise in_context(f"--memory size={config.memory.size >> 20}M", exc) from exc
     _closing(stack, memory)

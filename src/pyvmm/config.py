@@ -158,7 +158,7 @@ class PlatformConfig:
     num_pci_segments: int = 1
     vfio_p2p_dma: bool = True
     iommu_segments: tuple[int, ...] = ()  # always empty for now: needs virtio-iommu
-    iommu_address_width: int = 64
+    iommu_address_width: int = 64  # always 64 for now: only a virtio-iommu would narrow it
     iommufd: bool = False  # always False for now: container/group mode only
 
 
@@ -234,6 +234,8 @@ _DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
 }
 _CONSOLE_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _PLATFORM_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    # the guest address width a virtio-iommu offers; 64 (the default) is what a guest without one has
+    "iommu_address_width": frozenset({"64"}),
     "iommufd": frozenset({"off"}),
     "iommufd_fd": frozenset(),
     "tdx": frozenset({"off"}),
@@ -260,6 +262,7 @@ _UNSUPPORTED_HINTS = {
     "hotplug_size": "give the whole amount with size=",
     "hotplugged_size": "give the whole amount with size=",
     "iommufd": "the default container/group mode (iommufd=off) is used",
+    "iommu_address_width": "it sets a virtio-iommu's address width, and pyvmm has no virtio-iommu",
     "iommu": "a virtio-iommu is not available; leave iommu off",
     "fd": "give the function's sysfs directory with path=",
 }
@@ -402,6 +405,10 @@ def parse_memory(text: str) -> MemoryConfig:
     mergeable = opts.toggle("mergeable", False)
     if shared and mergeable:
         raise OptionError("Invalid to set both 'mergeable' and 'shared' for memory")
+    if hugepages and mergeable:
+        # cloud-hypervisor accepts it, but hugetlb RAM is mapped shared and KSM never merges it
+        raise OptionError("Invalid to set both 'mergeable' and 'hugepages' for memory: KSM does not merge "
+                          "huge pages")
     return MemoryConfig(
         size=size,
         shared=shared,
@@ -541,7 +548,7 @@ def parse_device(text: str) -> DeviceConfig:
     )
 
 
-_PLATFORM_KEYS = frozenset({"num_pci_segments", "iommu_segments", "iommu_address_width", "vfio_p2p_dma"})
+_PLATFORM_KEYS = frozenset({"num_pci_segments", "iommu_segments", "vfio_p2p_dma"})
 
 
 def parse_platform(text: str) -> PlatformConfig:
@@ -556,14 +563,7 @@ def parse_platform(text: str) -> PlatformConfig:
             raise OptionError(f"Invalid PCI segment id: {seg} in iommu_segments (num_pci_segments={num})")
     if iommu_segments:
         raise OptionError("iommu_segments is not supported by pyvmm yet (it needs a virtio-iommu)")
-    width = _required_int(opts, "iommu_address_width", 64, bits=8)
-    if width > 64:
-        raise OptionError(f"IOMMU address width in bits ({width}) should be less than or equal to 64")
-    return PlatformConfig(
-        num_pci_segments=num,
-        vfio_p2p_dma=opts.toggle("vfio_p2p_dma", True),
-        iommu_address_width=width,
-    )
+    return PlatformConfig(num_pci_segments=num, vfio_p2p_dma=opts.toggle("vfio_p2p_dma", True))
 
 
 _PCI_SEGMENT_KEYS = frozenset({"pci_segment", "mmio32_aperture_weight", "mmio64_aperture_weight"})
@@ -752,12 +752,13 @@ _HELP = {
   max_phys_bits=<bits>  cap on guest physical address bits (default {layout.DEFAULT_MAX_PHYS_BITS})""",
     "--memory": """guest RAM (VFIO pins it, so all of it is allocated at start):
   size=<size>           RAM size, e.g. 4G (default 512M)
-  shared=on|off         back RAM with a shared memfd (default off)
-  hugepages=on|off      back RAM with huge pages (default off)
+  shared=on|off         back RAM with a memfd mapped shared (default off)
+  hugepages=on|off      back RAM with hugetlb pages from the host's pool
+                        (/proc/sys/vm/nr_hugepages), mapped shared (default off)
   hugepage_size=<size>  huge page size, e.g. 2M or 1G (default: the host's)
   prefault=on|off       populate all RAM at start (default off)
-  thp=on|off            transparent huge pages (default on)
-  mergeable=on|off      KSM; not with shared=on (default off)""",
+  thp=on|off            transparent huge pages; not with hugepages (default on)
+  mergeable=on|off      KSM; not with shared=on or hugepages=on (default off)""",
     "--serial": """16550 UART COM1 (I/O port 0x3f8, IRQ 4), one of (default null):
   off | null | tty | pty | file=<path> | socket=<path>""",
     "--console": """virtio-console PCI device (default tty):
@@ -791,8 +792,7 @@ be repeated:
     "--platform": f"""PCI segments and DMA:
   num_pci_segments=<n>  PCI segments (host bridges), 1-{MAX_PCI_SEGMENTS} (default 1)
   vfio_p2p_dma=on|off   also DMA-map device BARs for peer-to-peer (default on;
-                        turn off if the host IOMMU cannot reach them)
-  iommu_address_width=<bits>  at most 64 (default 64)""",
+                        turn off if the host IOMMU cannot reach them)""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)

@@ -220,6 +220,7 @@ def test_memory_keys() -> None:
         ("size=1G,hugepage_size=2M", "Huge page size specified but huge pages not enabled"),
         ("size=1G,hugepages=on,hugepage_size=3M", "Huge page size is not power of 2: 3145728"),
         ("size=1G,shared=on,mergeable=on", "Invalid to set both 'mergeable' and 'shared' for memory"),
+        ("size=1G,hugepages=on,mergeable=on", "Invalid to set both 'mergeable' and 'hugepages' for memory"),
         ("size=1000", "misaligned with default page size"),
         ("size=3M,hugepages=on,hugepage_size=2M", "misaligned"),
         ("size=0", "size=0 (memory zones) is not supported by pyvmm yet"),
@@ -434,9 +435,9 @@ def test_pci_slot_requested_twice() -> None:
 
 def test_platform_keys() -> None:
     platform = parse(
-        "--platform", "num_pci_segments=4,vfio_p2p_dma=off,iommu_address_width=48,iommufd=off"
+        "--platform", "num_pci_segments=4,vfio_p2p_dma=off,iommu_address_width=64,iommufd=off"
     ).platform
-    assert platform == PlatformConfig(num_pci_segments=4, vfio_p2p_dma=False, iommu_address_width=48)
+    assert platform == PlatformConfig(num_pci_segments=4, vfio_p2p_dma=False)
 
 
 @pytest.mark.parametrize(
@@ -446,7 +447,9 @@ def test_platform_keys() -> None:
         ("num_pci_segments=97", "Number of PCI segments (97) not in range of 1 to 96"),
         ("num_pci_segments=2,iommu_segments=[2]", "Invalid PCI segment id: 2"),
         ("num_pci_segments=2,iommu_segments=[1]", "iommu_segments is not supported by pyvmm yet"),
-        ("iommu_address_width=65", "IOMMU address width in bits (65) should be less than or equal to 64"),
+        # only a virtio-iommu uses it (its guest address width): any value but the default is refused
+        ("iommu_address_width=48", "iommu_address_width=48 is not supported by pyvmm yet; it sets a virtio"),
+        ("iommu_address_width=65", "iommu_address_width=65 is not supported by pyvmm yet"),
         ("iommufd=on", "iommufd=on is not supported by pyvmm yet"),
         ("iommufd_fd=3", "iommufd_fd is not supported by pyvmm yet"),
         ("system_uuid=abc", "system_uuid is not supported by pyvmm yet"),
