@@ -37,7 +37,7 @@ def _bind_by_override(changer: Changer, journal: Journal, fn: PciFunction) -> No
     journal.record_device(_record(fn, BindMethod.DRIVER_OVERRIDE))
     changer.write(str(fn.bdf), sysfs.device_attr(fn.bdf, "driver_override"), VFIO_DRIVER)
     _unbind_native(changer, fn)
-    changer.write(str(fn.bdf), str(sysfs.DRIVERS_PROBE), str(fn.bdf))
+    changer.write(str(fn.bdf), sysfs.drivers_probe(), str(fn.bdf))
 
 
 def _bind_by_new_id(
