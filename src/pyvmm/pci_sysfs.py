@@ -215,6 +215,10 @@ class PciSysfs:
     def exists(self, bdf: Bdf | str) -> bool:
         return self.device_dir(bdf).is_dir()
 
+    def driver(self, bdf: Bdf | str) -> str | None:
+        """The driver bound to the function, None when none is (or there is no such function)."""
+        return read_driver(self.device_dir(bdf))
+
     def function(self, bdf: Bdf) -> PciFunction | None:
         """The function's current state; None when no such function exists."""
         directory = self.device_dir(bdf)
