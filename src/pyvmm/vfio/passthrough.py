@@ -403,7 +403,7 @@ def _wait_for_removals(names: list[str]) -> None:
     for name in sorted(requested_devices() & set(names)):
 
         def released(name: str = name) -> bool:
-            return not pci_sysfs.SYSFS.exists(name) or pci_sysfs.SYSFS.driver(name) != VFIO_DRIVER
+            return pci_sysfs.SYSFS.driver(name) != VFIO_DRIVER  # a removed device has no driver either
 
         with contextlib.suppress(OSError):
             if not sysfs.settle(released, REMOVAL_WAIT_SECONDS):
