@@ -63,11 +63,14 @@ def test_unbound_and_vfio_members_keep_a_group_viable() -> None:
         assert judge(me, [me, other])[0] is Verdict.OK
 
 
-def test_bridges_with_a_bridge_header_do_not_block_but_a_driven_isa_bridge_does() -> None:
+def test_ports_on_pcieport_do_not_block_but_driven_bridges_do() -> None:
     root_port = fn("0000:00:1c.0", "pcieport", klass=0x060400, header=1)
-    other_port = fn("0000:00:1c.1", "some-driver", klass=0x060400, header=1)
+    idle_bridge = fn("0000:00:1e.0", None, klass=0x060401, header=1)
+    # Since Linux 5.19 a bridge header exempts nothing: a driver without driver_managed_dma claims the group.
+    other_port = fn("0000:00:1c.1", "shpchp", klass=0x060400, header=1)
     lpc = fn("0000:00:1f.0", "lpc_ich", klass=0x060100)
-    assert not blocks_group(root_port) and not blocks_group(other_port) and blocks_group(lpc)
+    assert not blocks_group(root_port) and not blocks_group(idle_bridge)
+    assert blocks_group(other_port) and blocks_group(lpc)
     sata = fn("0000:00:1f.2", "ahci", klass=0x010601, group=7)
     word, problems = judge(sata, [lpc, sata])
     assert word is Verdict.SHARED and Problem.GROUP_WITH_BRIDGE in problems

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from pyvmm.pci_sysfs import Bdf
 
 from .errors import HostUsageError
+
+__all__ = ["Bdf", "parse_bdf"]
 
 # Domains are 4 hex digits normally, 5 behind Intel VMD; buses 2, devices 2 (< 32), functions 1 (< 8).
 _BDF = re.compile(
     r"^(?:(?P<domain>[0-9a-fA-F]{1,8}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])$"
 )
-
-
-@dataclass(frozen=True, order=True)
-class Bdf:
-    domain: int
-    bus: int
-    device: int
-    function: int
-
-    def __str__(self) -> str:
-        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function:x}"
-
-    @property
-    def slot(self) -> str:
-        """Domain, bus and device without the function: the functions of one card share it."""
-        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}"
 
 
 def parse_bdf(text: str) -> Bdf:

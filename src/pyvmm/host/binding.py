@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _bind_by_override(changer: Changer, journal: Journal, fn: PciFunction) -> No
     journal.record_device(_record(fn, BindMethod.DRIVER_OVERRIDE))
     changer.write(str(fn.bdf), sysfs.device_attr(fn.bdf, "driver_override"), VFIO_DRIVER)
     _unbind_native(changer, fn)
-    changer.write(str(fn.bdf), str(sysfs.DRIVERS_PROBE), str(fn.bdf))
+    changer.write(str(fn.bdf), sysfs.drivers_probe(), str(fn.bdf))
 
 
 def _bind_by_new_id(
@@ -142,7 +143,7 @@ def bind_to_vfio(
                 for fn in pending:
                     _bind_by_override(changer, journal, fn)
             if not dry_run:
-                failed = [fn for fn in targets if not sysfs.settle(lambda fn=fn: _bound_to_vfio(fn))]
+                failed = [fn for fn in targets if not sysfs.settle(functools.partial(_bound_to_vfio, fn))]
                 if failed:
                     raise HostError(_bind_failure(failed))
         except HostError as e:

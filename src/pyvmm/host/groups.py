@@ -1,14 +1,14 @@
-"""IOMMU groups: which functions share one, and which members stand in the way of VFIO."""
+"""IOMMU groups: which functions share one, and which members stand in the way of VFIO (the rule itself is
+pyvmm.pci_sysfs.member_role, shared with `pyvmm --device`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .sysfs import VFIO_DRIVER, PciFunction
+from pyvmm.pci_sysfs import MemberRole, member_role
 
-# Drivers VFIO tolerates in a group it owns: they do no DMA of their own on the device's behalf.
-HARMLESS_DRIVERS = frozenset({VFIO_DRIVER, "pci-stub", "pcieport"})
+from .sysfs import PciFunction
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,23 @@ class IommuGroup:
 
     @property
     def viable(self) -> bool:
-        """What VFIO requires before a VMM may open the group: nobody else drives any member."""
+        """What VFIO requires before a VMM may open the group: no member's driver claims its DMA."""
         return not self.blockers
 
 
 def blocks_group(member: PciFunction) -> bool:
     """True when this member keeps its group from being usable through VFIO."""
-    if member.driver is None or member.driver in HARMLESS_DRIVERS:
-        return False
-    # Bridges with a bridge header are tolerated on any driver (the kernel exempts them).
-    return member.header_type == 0
+    return member_role(member).blocks
+
+
+def stuck_bridge(member: PciFunction) -> bool:
+    """A bridge on a driver that blocks the group: pyvmm never hands it over, so the group stays unviable."""
+    return member_role(member) is MemberRole.DRIVEN_BRIDGE
+
+
+def joins_guest(member: PciFunction) -> bool:
+    """An endpoint (on vfio-pci, or idle): the guest that gets one function of the group gets this one too."""
+    return member_role(member).joins_guest
 
 
 def build_groups(functions: Iterable[PciFunction]) -> list[IommuGroup]:

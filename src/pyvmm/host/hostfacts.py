@@ -12,7 +12,7 @@ from pathlib import Path
 from . import modules
 from .errors import HostUsageError
 from .modules import ModuleState
-from .sysfs import IOMMU_GROUPS
+from .sysfs import iommu_present
 
 PROC_INTERRUPTS = Path("/proc/interrupts")
 SYS_IRQ = Path("/sys/kernel/irq")
@@ -28,13 +28,6 @@ class HostFacts:
     unsafe_interrupts_allowed: bool
     memlock_limit: int | None  # soft RLIMIT_MEMLOCK in bytes; None when unlimited
     can_lock_memory: bool  # CAP_IPC_LOCK: VFIO then ignores the limit
-
-
-def iommu_present() -> bool:
-    try:
-        return any(IOMMU_GROUPS.iterdir())
-    except OSError:
-        return False
 
 
 def interrupt_remapping() -> bool:

@@ -127,7 +127,7 @@ def _rdev(path: str) -> tuple[int, int] | None:
 
 def _ninep_tags(devpath: str) -> set[str]:
     """Mount tags of virtio-9p devices that are children (virtioN) of the function."""
-    tags = set()
+    tags: set[str] = set()
     try:
         children = os.listdir(devpath)
     except OSError:
@@ -149,7 +149,7 @@ def host_uses(devpath: str) -> list[HostUse]:
     blocks = _block_devices_under(devpath)
     if blocks:
         for m in mounts:
-            key = (m.major, m.minor)
+            key: tuple[int, int] | None = (m.major, m.minor)
             if key not in blocks and m.source.startswith("/dev/"):
                 key = _rdev(m.source) or key
             if key in blocks:

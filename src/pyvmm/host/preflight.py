@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
-from .groups import IommuGroup, blocks_group
+from .groups import IommuGroup, blocks_group, joins_guest, stuck_bridge
 from .hostfacts import HostFacts, format_size
 from .inuse import HostUse
 from .modules import ModuleState
@@ -32,6 +32,7 @@ class Problem(Enum):
     IN_USE = "in-use"
     GROUP_NOT_VIABLE = "group-not-viable"  # other endpoints to take along (`bind --group`)
     GROUP_WITH_BRIDGE = "group-with-bridge"  # a bridge on a host driver shares the group: never viable
+    GROUP_MEMBERS = "group-members"  # other members already on vfio-pci: the same guest gets them too
     MEMLOCK = "memlock"
     BOUND = "bound-to-vfio"
 
@@ -140,7 +141,7 @@ def device_findings(
         others = [m for m in group.members if m.bdf != bdf and blocks_group(m)]
         if others:
             named = ", ".join(describe(m, db) for m in others)
-            if any(m.is_bridge for m in others):
+            if any(stuck_bridge(m) for m in others):
                 found.append(Finding(
                     Problem.GROUP_WITH_BRIDGE, Severity.ERROR,
                     f"IOMMU group {group.number} can never be viable: it also holds {named}, and a bridge "
@@ -153,6 +154,17 @@ def device_findings(
                     f"IOMMU group {group.number} is not viable: it also holds {named}",
                     f"pass the whole group: `pyvmm-host bind --group {bdf}`",
                 ))
+        companions = [m for m in group.members if m.bdf != bdf and joins_guest(m)]
+        if companions and not function.is_bridge:
+            named = ", ".join(str(m.bdf) for m in companions)
+            paths = " ".join(f"path=/sys/bus/pci/devices/{m.bdf}/" for m in companions)
+            found.append(Finding(
+                Problem.GROUP_MEMBERS, Severity.WARNING,
+                f"IOMMU group {group.number} also holds {named}: a guest that gets {bdf} gets "
+                f"{'them' if len(companions) > 1 else 'it'} too (bound to vfio-pci: `pyvmm-host bind --group "
+                f"{bdf}`)",
+                f"give the guest every one: --device path=/sys/bus/pci/devices/{bdf}/ {paths}",
+            ))
     for use in uses:
         found.append(Finding(
             Problem.IN_USE, Severity.ERROR,

@@ -27,7 +27,7 @@ def give_back(changer: Changer, journal: Journal, bdf: Bdf, record: DeviceRecord
             changer.write(subject, sysfs.driver_attr(VFIO_DRIVER, "unbind"), subject)
         if fn.driver_override == VFIO_DRIVER:
             changer.write(subject, sysfs.device_attr(bdf, "driver_override"), "\n")
-        changer.write(subject, str(sysfs.DRIVERS_PROBE), subject)
+        changer.write(subject, sysfs.drivers_probe(), subject)
         after = None if changer.dry_run else sysfs.read_function(bdf).driver
         return DeviceOutcome(bdf, fn.driver, after, True, f"reprobed ({after or 'no driver'} took it)")
     if fn.driver is not None and fn.driver != record.driver:
@@ -35,7 +35,7 @@ def give_back(changer: Changer, journal: Journal, bdf: Bdf, record: DeviceRecord
     if fn.driver_override != record.driver_override:
         changer.write(subject, sysfs.device_attr(bdf, "driver_override"), record.driver_override or "\n")
     if record.driver is None:
-        changer.write(subject, str(sysfs.DRIVERS_PROBE), subject)
+        changer.write(subject, sysfs.drivers_probe(), subject)
     elif fn.driver != record.driver:
         bind = sysfs.driver_attr(record.driver, "bind")
         if changer.dry_run or Path(bind).exists():
@@ -43,7 +43,7 @@ def give_back(changer: Changer, journal: Journal, bdf: Bdf, record: DeviceRecord
         else:
             failed = errno.ENOENT
         if failed is not None:
-            changer.write(subject, str(sysfs.DRIVERS_PROBE), subject)  # the driver will not take it by name
+            changer.write(subject, sysfs.drivers_probe(), subject)  # the driver will not take it by name
     if (not changer.dry_run and record.driver is not None
             and not sysfs.settle(lambda: sysfs.read_function(bdf).driver == record.driver)):
         now = sysfs.read_function(bdf).driver
@@ -106,11 +106,11 @@ def restore(
         drop_new_ids(changer, journal)
         if devices is None:
             bdfs = []
-            for name in list(journal.state.devices):
+            for recorded in list(journal.state.devices):
                 try:
-                    bdfs.append(sysfs.resolve(name))
+                    bdfs.append(sysfs.resolve(recorded))
                 except HostUsageError:
-                    journal.forget_device(name)  # gone (hot-unplugged): nothing to give back
+                    journal.forget_device(recorded)  # gone (hot-unplugged): nothing to give back
         else:
             bdfs = []
             for name in devices:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from . import sysfs
 from .bdf import Bdf
 from .errors import RefusedError
-from .groups import blocks_group, group_of
+from .groups import blocks_group, group_of, stuck_bridge
 from .pciids import PciIds
 from .preflight import describe
 from .sysfs import PciFunction
@@ -38,7 +38,7 @@ def select_targets(
             for m in others:
                 if not m.is_bridge and m not in chosen:
                     chosen.append(m)
-            stuck = [m for m in others if m.is_bridge and blocks_group(m)]
+            stuck = [m for m in others if stuck_bridge(m)]
             if stuck:
                 named = ", ".join(describe(m, db) for m in stuck)
                 raise RefusedError(

@@ -1,4 +1,5 @@
-"""Reading PCI functions from sysfs, and the one function that writes to it."""
+"""The host layer's view of sysfs: PCI functions read through pyvmm.pci_sysfs (the one module that reads
+/sys/bus/pci), with user-facing errors, and the one function that writes to sysfs (binding, restoring)."""
 
 from __future__ import annotations
 
@@ -6,136 +7,54 @@ import errno
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+
+from pyvmm import pci_sysfs
+from pyvmm.pci_sysfs import VFIO_DRIVER, PciFunction
 
 from .bdf import Bdf, parse_bdf
 from .errors import HostError, HostUsageError
 
-PCI_DEVICES = Path("/sys/bus/pci/devices")
-PCI_DRIVERS = Path("/sys/bus/pci/drivers")
-DRIVERS_PROBE = Path("/sys/bus/pci/drivers_probe")
-IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
-DEV_VFIO = Path("/dev/vfio")
-VFIO_DRIVER = "vfio-pci"
+__all__ = ["VFIO_DRIVER", "PciFunction"]
+
 SETTLE_SECONDS = 5.0  # how long a driver link or /dev/vfio node may take to appear
-
-_PCI_CLASS_BRIDGE = 0x06
-
-
-@dataclass(frozen=True)
-class PciFunction:
-    """One PCI function as sysfs shows it right now."""
-
-    bdf: Bdf
-    vendor_id: int
-    device_id: int
-    subsystem_vendor_id: int
-    subsystem_device_id: int
-    class_code: int  # 24 bits: base class, subclass, programming interface
-    revision: int
-    header_type: int  # layout bits only (0 endpoint, 1 PCI bridge, 2 CardBus bridge)
-    driver: str | None
-    driver_override: str | None
-    iommu_group: int | None
-    sysfs_path: str  # resolved path under /sys/devices: devices below it belong to this function
-
-    @property
-    def ids(self) -> str:
-        return f"{self.vendor_id:04x}:{self.device_id:04x}"
-
-    @property
-    def is_bridge(self) -> bool:
-        """A bridge by class (host, ISA, PCI-PCI, ...) or by config header layout: never passed through."""
-        return self.class_code >> 16 == _PCI_CLASS_BRIDGE or self.header_type != 0
-
-    @property
-    def vfio_group_path(self) -> Path | None:
-        return None if self.iommu_group is None else DEV_VFIO / str(self.iommu_group)
 
 
 def device_dir(bdf: Bdf) -> Path:
-    return PCI_DEVICES / str(bdf)
+    return pci_sysfs.SYSFS.device_dir(bdf)
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
+def driver_dir(driver: str) -> Path:
+    return pci_sysfs.SYSFS.driver_dir(driver)
 
 
-def _hex(path: Path) -> int:
-    text = _read(path)
-    return int(text, 16) if text else 0
-
-
-def _link_name(path: Path) -> str | None:
-    try:
-        return os.path.basename(os.readlink(path))
-    except OSError:
-        return None
-
-
-def _header_type(directory: Path) -> int:
-    # Byte 0x0E of config space; its top bit only says "multi-function". Unprivileged reads see 64 bytes.
-    try:
-        with open(directory / "config", "rb") as f:
-            data = f.read(16)
-        return data[14] & 0x7F if len(data) >= 15 else 0
-    except OSError:
-        return 0
+def drivers_probe() -> str:
+    return str(pci_sysfs.SYSFS.drivers_probe)
 
 
 def read_function(bdf: Bdf) -> PciFunction:
     """The function's current state; HostUsageError when no such device exists."""
-    directory = device_dir(bdf)
-    if not directory.is_dir():
+    function = pci_sysfs.SYSFS.function(bdf)
+    if function is None:
         raise HostUsageError(f"{bdf}: no such PCI device (see `pyvmm-host list`)")
-    override = _read(directory / "driver_override")
-    group = _link_name(directory / "iommu_group")
-    return PciFunction(
-        bdf=bdf,
-        vendor_id=_hex(directory / "vendor"),
-        device_id=_hex(directory / "device"),
-        subsystem_vendor_id=_hex(directory / "subsystem_vendor"),
-        subsystem_device_id=_hex(directory / "subsystem_device"),
-        class_code=_hex(directory / "class"),
-        revision=_hex(directory / "revision"),
-        header_type=_header_type(directory),
-        driver=_link_name(directory / "driver"),
-        # The kernel shows "(null)" when no override is set.
-        driver_override=None if override in (None, "", "(null)") else override,
-        iommu_group=int(group) if group is not None and group.isdigit() else None,
-        sysfs_path=os.path.realpath(directory),
-    )
+    return function
 
 
 def scan() -> list[PciFunction]:
     """Every PCI function, in address order."""
-    try:
-        names = os.listdir(PCI_DEVICES)
-    except OSError:
-        return []
-    functions = []
-    for name in sorted(names):
-        try:
-            functions.append(read_function(parse_bdf(name)))
-        except HostUsageError:
-            continue  # vanished while we looked (hot-unplug)
-    return sorted(functions, key=lambda f: f.bdf)
+    return pci_sysfs.SYSFS.functions()
+
+
+def iommu_present() -> bool:
+    return bool(pci_sysfs.SYSFS.group_numbers())
 
 
 def resolve(spelling: str | Bdf) -> Bdf:
     """A DEVICE argument as the user wrote it, checked to exist."""
     bdf = spelling if isinstance(spelling, Bdf) else parse_bdf(spelling)
-    if not device_dir(bdf).is_dir():
+    if not pci_sysfs.SYSFS.exists(bdf):
         raise HostUsageError(f"{spelling}: no such PCI device (see `pyvmm-host list`)")
     return bdf
-
-
-def driver_dir(driver: str) -> Path:
-    return PCI_DRIVERS / driver
 
 
 def device_attr(bdf: Bdf, attr: str) -> str:

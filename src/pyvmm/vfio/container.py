@@ -11,8 +11,8 @@ import ctypes
 import errno
 import logging
 import os
-from pathlib import Path
 
+from pyvmm import pci_sysfs
 from pyvmm.ioctl import IoctlError, ioctl
 from pyvmm.vfio.bindings import (
     VFIO_API_VERSION,
@@ -30,9 +30,6 @@ from pyvmm.vfio.errors import VfioError
 log = logging.getLogger(__name__)
 
 CONTAINER_PATH = "/dev/vfio/vfio"
-IOMMU_GROUPS_SYSFS = Path("/sys/kernel/iommu_groups")
-# Drivers that do not stop a group from being viable (what vfio-pci's own check tolerates for endpoints).
-_HARMLESS_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
 
 
 def _open(path: str, what: str, hint: str = "") -> int:
@@ -141,23 +138,17 @@ class VfioContainer:
             os.close(fd)
 
 
-def group_members(group_id: int) -> list[tuple[str, str | None]]:
-    """(BDF, driver or None) of every device in IOMMU group `group_id`, from sysfs."""
-    members = []
-    devices = IOMMU_GROUPS_SYSFS / str(group_id) / "devices"
-    with contextlib.suppress(OSError):
-        for entry in sorted(devices.iterdir()):
-            driver = entry / "driver"
-            name = os.path.basename(os.readlink(driver)) if driver.is_symlink() else None
-            members.append((entry.name, name))
-    return members
-
-
 def not_viable_message(group_id: int, device_hint: str) -> str:
-    blockers = [
-        f"{bdf} is on {drv}" for bdf, drv in group_members(group_id) if drv and drv not in _HARMLESS_DRIVERS
-    ]
-    who = "; ".join(blockers) if blockers else "a member is bound to a host driver"
+    """Why the kernel calls the group not viable, by the rule `pyvmm-host` uses (pyvmm.pci_sysfs)."""
+    blockers = pci_sysfs.blockers(pci_sysfs.SYSFS.group_members(group_id))
+    who = "; ".join(f"{m.name} is on {m.driver}" for m in blockers) or "a member is bound to a host driver"
+    bridges = [m.name for m in blockers if pci_sysfs.member_role(m) is pci_sysfs.MemberRole.DRIVEN_BRIDGE]
+    if bridges:
+        return (
+            f"IOMMU group {group_id} is not viable ({who}): {', '.join(bridges)} is a bridge, which cannot "
+            "be passed through; move the device to a slot with its own group "
+            f"(see `pyvmm-host check {device_hint}`)"
+        )
     return (
         f"IOMMU group {group_id} is not viable ({who}): give the whole group to VFIO with "
         f"`pyvmm-host bind --group {device_hint}` and pass every member to the guest"

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pyvmm import pci_sysfs
 from pyvmm.errors import ExitStatus
 from pyvmm.hypervisor import Irqfds, MemorySlots, VfioGroupRegistry
 from pyvmm.interrupts import MsiRouter
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
-from pyvmm.vfio.container import VfioContainer, VfioGroup, group_members
+from pyvmm.vfio.container import VfioContainer, VfioGroup
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
@@ -33,7 +34,7 @@ from pyvmm.vfio.requests import DeviceRequests
 
 log = logging.getLogger(__name__)
 
-VFIO_DRIVER = "vfio-pci"
+VFIO_DRIVER = pci_sysfs.VFIO_DRIVER
 
 
 class VfioConfigError(VfioError):
@@ -72,26 +73,22 @@ class HostFunction:
 
 def host_function(path: str | os.PathLike[str]) -> HostFunction:
     """Check that `path` is a PCI function bound to vfio-pci; one-line errors say how to fix it."""
-    given = Path(path)
-    directory = given.resolve()
-    name = directory.name  # resolve() also drops a trailing slash
-    if not (directory / "config").is_file() or not (directory / "vendor").is_file():
+    function = pci_sysfs.function_at(path)
+    if function is None:
         raise VfioError(
             f"{path}: not a PCI function (expected /sys/bus/pci/devices/<domain:bus:dev.fn>/; "
             "see `pyvmm-host list`)"
         )
-    driver_link = directory / "driver"
-    driver = os.path.basename(os.readlink(driver_link)) if driver_link.is_symlink() else None
+    name, driver = function.name, function.driver
     if driver != VFIO_DRIVER:
         now = f"is bound to {driver}" if driver else "has no driver"
         raise VfioError(f"{name} {now}, not vfio-pci: run `pyvmm-host bind {name}` first")
-    group_link = directory / "iommu_group"
-    if not group_link.is_symlink():
+    if function.iommu_group is None:
         raise VfioError(
             f"{name} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on) "
             "(see `pyvmm-host check`)"
         )
-    return HostFunction(name, int(os.path.basename(os.readlink(group_link))), driver)
+    return HostFunction(name, function.iommu_group, driver)
 
 
 class VfioPassthrough:
@@ -232,24 +229,17 @@ class VfioPassthrough:
 # ---- the builder's entry point -----------------------------------------------------------------------------
 
 
-def _is_endpoint(bdf: str) -> bool:
-    try:
-        with open(f"/sys/bus/pci/devices/{bdf}/config", "rb") as f:
-            header = f.read(0x10)
-    except OSError:
-        return True
-    return len(header) < 0x10 or header[0x0E] & 0x7F == 0
-
-
 def check_groups_complete(passthrough: VfioPassthrough, given: set[str]) -> None:
-    """Every endpoint function of a group in use must be given to this guest (docs/vfio.md#iommu-groups)."""
+    """Every endpoint function of a group in use must be given to this guest (docs/vfio.md#iommu-groups; the
+    rule is pyvmm.pci_sysfs.member_role, the one `pyvmm-host` uses)."""
     for group_id in sorted(passthrough.groups):
-        missing = [bdf for bdf, _drv in group_members(group_id) if bdf not in given and _is_endpoint(bdf)]
+        missing = [m.name for m in pci_sysfs.left_out(pci_sysfs.SYSFS.group_members(group_id), given)]
         if missing:
-            paths = " ".join(f"path=/sys/bus/pci/devices/{bdf}/" for bdf in missing)
+            paths = " ".join(f"path=/sys/bus/pci/devices/{name}/" for name in missing)
             raise VfioConfigError(
                 f"IOMMU group {group_id} also holds {', '.join(missing)}: all endpoint functions of a "
-                f"group go to the same guest (add --device {paths})"
+                f"group go to the same guest (add --device {paths}, bound with `pyvmm-host bind --group` or "
+                "managed=on)"
             )
 
 
@@ -305,13 +295,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _function_name(path: str | os.PathLike[str]) -> str:
-    directory = Path(path).resolve()
-    if not (directory / "config").is_file():
+    function = pci_sysfs.function_at(path)
+    if function is None:
         raise VfioConfigError(
             f"{path}: not a PCI function (expected /sys/bus/pci/devices/<domain:bus:dev.fn>/; "
             "see `pyvmm-host list`)"
         )
-    return directory.name
+    return function.name
 
 
 class ManagedBinding:
@@ -409,12 +399,9 @@ def _wait_for_removals(names: list[str]) -> None:
     from pyvmm.host import sysfs
 
     for name in names:
-        directory = Path("/sys/bus/pci/devices") / name
 
-        def released(directory: Path = directory) -> bool:
-            link = directory / "driver"
-            return not directory.is_dir() or not link.is_symlink() or os.path.basename(
-                os.readlink(link)) != VFIO_DRIVER
+        def released(name: str = name) -> bool:
+            return pci_sysfs.SYSFS.driver(name) != VFIO_DRIVER  # a removed device has no driver either
 
         with contextlib.suppress(OSError):
             if not sysfs.settle(released, REMOVAL_WAIT_SECONDS):

@@ -20,8 +20,8 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
+from pyvmm import pci_sysfs
 from pyvmm.hypervisor import Irqfds, MemorySlots
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.pci.bar import NUM_BARS, ROM_BAR_INDEX, BarInfo, BarKind, BarMove
@@ -721,10 +721,10 @@ def sysfs_function(path: str | os.PathLike[str], clique: int | None = None,
                    page_size: int = PAGE_SIZE) -> SysfsFunction:
     """The guest BARs of the host function at sysfs `path`, computed as VfioPciDevice would (OSError if the
     directory cannot be read)."""
-    directory = Path(path).resolve()
+    directory = pci_sysfs.function_dir(path)
     name = directory.name
-    host = parse_resource((directory / "resource").read_text())
-    config = (directory / "config").read_bytes()
+    host = parse_resource(pci_sysfs.read_resource(directory))
+    config = pci_sysfs.read_config(directory)
     read = caps.bytes_reader(config)
     scan = caps.scan(read, len(config))
     sizes = {bar.index: bar.size for bar in host}
@@ -737,8 +737,7 @@ def sysfs_function(path: str | os.PathLike[str], clique: int | None = None,
     problem = None
     if clique is not None and scan.last is not None:
         problem = caps.clique_conflict(read, scan)
-    driver_link = directory / "driver"
-    driver = os.path.basename(os.readlink(driver_link)) if driver_link.is_symlink() else None
+    driver = pci_sysfs.read_driver(directory)
     ids = f"{read(Reg.VENDOR_ID, 2):04x}:{read(Reg.DEVICE_ID, 2):04x}"
     return SysfsFunction(name, ids, driver, tuple(guest_bar_layout(host, msix_bar, page_size, name)), problem,
                          len(config) > 0x40)
