@@ -97,6 +97,26 @@ def _bound_to_vfio(fn: PciFunction) -> bool:
     return now.driver == VFIO_DRIVER and path is not None and path.exists()
 
 
+UNSAFE_INTERRUPTS_FLAG = "--allow-unsafe-interrupts"
+
+
+def _check_interrupt_isolation(facts: hostfacts.HostFacts, allow_unsafe_interrupts: bool) -> list[str]:
+    """Without interrupt remapping a device's MSI writes are not isolated: refuse unless the caller accepted
+    that by name (the flag, which also makes VFIO accept the device). Returns the warnings to show."""
+    if facts.interrupt_remapping:
+        return []
+    if not allow_unsafe_interrupts:
+        already = " (vfio_iommu_type1 allow_unsafe_interrupts is already on, set by someone else)" \
+            if facts.unsafe_interrupts_allowed else ""
+        raise RefusedError(
+            f"no interrupt remapping on this host{already}: a guest could make its device inject interrupts "
+            f"into the host; enable it (VT-d/AMD-Vi with intremap=on) or accept the risk with "
+            f"{UNSAFE_INTERRUPTS_FLAG}"
+        )
+    return [f"no interrupt remapping on this host: unsafe interrupts allowed ({UNSAFE_INTERRUPTS_FLAG}); the "
+            "guest is not isolated from the host's interrupts"]
+
+
 def bind_to_vfio(
     devices: Iterable[str | Bdf],
     *,
@@ -110,31 +130,29 @@ def bind_to_vfio(
 ) -> Outcome:
     """Bind the devices (with `group`, their whole IOMMU groups) to vfio-pci, journalling their original
     state first; already-bound devices are left alone. Raises HostUsageError for unknown devices, RefusedError
-    for devices that must not be taken, HostError when a step or the final check fails."""
+    for devices that must not be taken, HostError when a step or the final check fails.
+
+    Everything from the scan on happens under the journal's lock: a second bind (or a managed VM) waits for
+    the first and then sees its result (the device already on vfio-pci), never the state before it."""
     requested = sysfs.resolve_all(devices)
     if not requested:
         raise HostUsageError("name at least one device")
-    functions = sysfs.scan()
-    db = load_pci_ids()
-    targets = select_targets(requested, functions, group, db)
-    warnings: list[str] = []
-    for fn in targets:
-        uses = host_uses(fn.sysfs_path)
-        if uses and not force:
-            raise RefusedError(
-                f"{fn.bdf}: in use by the host: {'; '.join(u.detail for u in uses)}; stop that first, "
-                "or override with --force"
-            )
-        warnings += [f"{fn.bdf}: taken although in use by the host (--force): {u.detail}" for u in uses]
-    facts = hostfacts.gather()
-    if not facts.interrupt_remapping and not facts.unsafe_interrupts_allowed and not allow_unsafe_interrupts:
-        warnings.append(
-            "no interrupt remapping on this host: VFIO will refuse the devices unless unsafe interrupts are "
-            "allowed (--allow-unsafe-interrupts; see `pyvmm-host check` for the risk)"
-        )
-    pending = [fn for fn in targets if fn.driver != VFIO_DRIVER]
     changer = Changer(dry_run, on_step)
     with open_journal(journal_dir, dry_run) as journal:
+        functions = sysfs.scan()
+        db = load_pci_ids()
+        targets = select_targets(requested, functions, group, db)
+        warnings: list[str] = []
+        for fn in targets:
+            uses = host_uses(fn.sysfs_path)
+            if uses and not force:
+                raise RefusedError(
+                    f"{fn.bdf}: in use by the host: {'; '.join(u.detail for u in uses)}; stop that first, "
+                    "or override with --force"
+                )
+            warnings += [f"{fn.bdf}: taken although in use by the host (--force): {u.detail}" for u in uses]
+        warnings += _check_interrupt_isolation(hostfacts.gather(), allow_unsafe_interrupts)
+        pending = [fn for fn in targets if fn.driver != VFIO_DRIVER]
         ensure_vfio_modules(changer, journal, allow_unsafe_interrupts)
         try:
             if method is BindMethod.NEW_ID:

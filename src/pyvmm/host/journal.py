@@ -4,14 +4,21 @@ lock file serialises pyvmm processes touching the host."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
+import stat
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from pyvmm.pci_sysfs import Bdf
 
 from .errors import HostError
 
@@ -20,6 +27,50 @@ JOURNAL_NAME = "host-journal.json"
 LOCK_NAME = "host.lock"
 FORMAT = "pyvmm-host-journal"
 VERSION = 1
+
+
+# Journal fields become sysfs paths (/sys/bus/pci/drivers/<driver>/bind, /sys/module/<module>/parameters/...)
+# and values: a tampered journal must not steer a write anywhere else. Kernel driver and module names are
+# plain words; `.` alone or `..` never are.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
+_IDS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
+_HEX16 = re.compile(r"^[0-9a-fA-F]{1,4}$")
+_PARAM_VALUE = re.compile(r"^[\x20-\x7e]{0,64}$")  # one printable line: what a sysfs parameter shows
+
+
+def _plain(kind: str, value: object) -> str:
+    if not isinstance(value, str) or not _PLAIN_NAME.match(value) or ".." in value:
+        raise ValueError(f"{kind} {value!r} is not a plain name")
+    return value
+
+
+def _optional_plain(kind: str, value: object) -> str | None:
+    return None if value is None else _plain(kind, value)
+
+
+def _bdf(value: object) -> str:
+    bdf = Bdf.from_name(value) if isinstance(value, str) else None
+    if bdf is None or str(bdf) != value:
+        raise ValueError(f"bdf {value!r} is not a PCI address as the kernel writes it (0000:01:00.0)")
+    return value
+
+
+def _ids(value: object) -> str:
+    if not isinstance(value, str) or not _IDS.match(value):
+        raise ValueError(f"ids {value!r} is not vendor:device (1b36:0010)")
+    return value
+
+
+def _hex16(kind: str, value: object) -> int:
+    if not isinstance(value, str) or not _HEX16.match(value):
+        raise ValueError(f"{kind} {value!r} is not a 16-bit hex number")
+    return int(value, 16)
+
+
+def _param_value(value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not _PARAM_VALUE.match(value)):
+        raise ValueError(f"parameter value {value!r} is not one printable line")
+    return value
 
 
 class BindMethod(Enum):
@@ -101,71 +152,190 @@ class JournalState:
         try:
             state = cls()
             for d in doc["devices"]:
-                state.devices[d["bdf"]] = DeviceRecord(
-                    d["bdf"], d["driver"], d["driver_override"], d["ids"], BindMethod(d["method"])
+                bdf = _bdf(d["bdf"])
+                state.devices[bdf] = DeviceRecord(
+                    bdf, _optional_plain("driver", d["driver"]),
+                    _optional_plain("driver_override", d["driver_override"]), _ids(d["ids"]),
+                    BindMethod(d["method"]),
                 )
             state.new_ids = [
-                NewIdRecord(n["driver"], int(n["vendor_id"], 16), int(n["device_id"], 16))
+                NewIdRecord(_plain("driver", n["driver"]), _hex16("vendor_id", n["vendor_id"]),
+                            _hex16("device_id", n["device_id"]))
                 for n in doc["new_ids"]
             ]
-            state.params = [ParamRecord(p["module"], p["name"], p["original"]) for p in doc["params"]]
+            state.params = [
+                ParamRecord(_plain("module", p["module"]), _plain("parameter", p["name"]),
+                            _param_value(p["original"]))
+                for p in doc["params"]
+            ]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed entry ({type(e).__name__}: {e})") from None
         return state
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+LOCK_WAIT_SECONDS = 300.0  # a bind of a large group under emulation takes minutes; then give up, in one line
+_LOCK_POLL_SECONDS = 0.05
+_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC  # never through a symlink planted in the directory, never into a child
+
+
+def _owner_ok(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _check_dir_stat(directory: Path, st: os.stat_result) -> None:
+    """The journal directory must be ours alone: anyone else who can write it can steer pyvmm-host's
+    sysfs writes (the journal says what to write where) or swap the lock."""
+    if stat.S_ISLNK(st.st_mode):
+        raise HostError(f"journal directory {directory} is a symbolic link: remove it (pyvmm-host creates a "
+                        "real directory)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise HostError(f"journal directory {directory} is not a directory: move it out of the way")
+    if not _owner_ok(st.st_uid):
+        raise HostError(f"journal directory {directory} is owned by uid {st.st_uid}, not root: check who "
+                        f"made it, then `chown root: {directory}` or remove it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise HostError(f"journal directory {directory} is writable by group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):04o}): check its files, then `chmod go-w {directory}`")
+
+
+def open_dir(directory: Path, create: bool) -> int | None:
+    """An O_DIRECTORY fd of the checked journal directory (created 0700 when `create`); None when it does
+    not exist and `create` is false. The checks are repeated on the opened fd: a swap after them is caught."""
+    if create:
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise HostError(f"cannot create the journal directory {directory}: {e.strerror} (run as root)") \
+                from None
     try:
-        os.fsync(fd)
-    finally:
+        _check_dir_stat(directory, os.lstat(directory))
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
+    except FileNotFoundError:
+        if create:
+            raise HostError(f"journal directory {directory} vanished while pyvmm-host opened it: try again") \
+                from None
+        return None
+    except OSError as e:
+        raise HostError(f"cannot open the journal directory {directory}: {e.strerror} (run as root)") \
+            from None
+    try:
+        _check_dir_stat(directory, os.fstat(fd))
+    except HostError:
         os.close(fd)
+        raise
+    return fd
+
+
+def open_file(dir_fd: int, directory: Path, name: str, flags: int, mode: int = 0o600) -> int:
+    """Open `name` in the journal directory without following a symlink; refuse a file that is not a
+    regular file of ours. OSError (other than a symlink) propagates to the caller, which names the file."""
+    path = directory / name
+    try:
+        fd = os.open(name, flags | _OPEN, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise HostError(f"journal file {path} is a symbolic link: remove it") from None
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = f"journal file {path} is not a regular file: remove it"
+    elif not _owner_ok(st.st_uid):
+        problem = f"journal file {path} is owned by uid {st.st_uid}, not root: check who wrote it, remove it"
+    if problem is not None:
+        os.close(fd)
+        raise HostError(problem)
+    return fd
+
+
+def _lock(fd: int, path: Path, seconds: float) -> None:
+    """Wait (bounded) for the exclusive lock another pyvmm process may hold for its bind or give-back."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise HostError(
+                    f"another pyvmm process has held {path} for {seconds:.0f} s: wait for it to finish "
+                    f"(fuser -v {path}) and try again"
+                ) from None
+            time.sleep(_LOCK_POLL_SECONDS)
 
 
 class Journal:
-    """The on-disk journal, held under an exclusive lock while open (a context manager)."""
+    """The on-disk journal, held under an exclusive lock while open (a context manager). Callers scan and
+    check the host only inside it, so that what they checked still holds when they change it."""
 
-    def __init__(self, directory: Path = JOURNAL_DIR) -> None:
+    def __init__(self, directory: Path = JOURNAL_DIR, lock_wait: float = LOCK_WAIT_SECONDS) -> None:
         self.directory = directory
         self.path = directory / JOURNAL_NAME
         self.state = JournalState()
+        self.lock_wait = lock_wait
+        self._dir_fd: int | None = None
         self._lock_fd: int | None = None
 
     def __enter__(self) -> Journal:
+        self._dir_fd = open_dir(self.directory, create=True)
+        assert self._dir_fd is not None
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise HostError(
-                f"cannot open the journal in {self.directory}: {e.strerror} (run as root)"
-            ) from None
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self.state = read_state(self.directory)
+            try:
+                self._lock_fd = open_file(self._dir_fd, self.directory, LOCK_NAME, os.O_RDWR | os.O_CREAT)
+            except OSError as e:
+                lock = self.directory / LOCK_NAME
+                raise HostError(f"cannot open the lock {lock}: {e.strerror} (run as root)") from None
+            _lock(self._lock_fd, self.directory / LOCK_NAME, self.lock_wait)
+            self.state = _read(self._dir_fd, self.directory)
+        except BaseException:
+            self._close()
+            raise
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def save(self) -> None:
         """Make the state durable: write a temporary file, fsync it, rename it over, fsync the directory."""
-        if self.state.empty:
-            if self.path.exists():
-                self.path.unlink()
-                _fsync_dir(self.directory)
-            return
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        dir_fd = self._dir_fd
+        assert dir_fd is not None, "save() outside `with Journal(...)`"
         try:
-            os.write(fd, self.state.to_text().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.directory)
+            if self.state.empty:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(JOURNAL_NAME, dir_fd=dir_fd)
+                    os.fsync(dir_fd)
+                return
+            tmp = JOURNAL_NAME + ".tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)  # a leftover of a crash: a fresh file, never one opened through
+            text = self.state.to_text()
+            try:
+                JournalState.from_text(text)  # what we could not read back would strand the devices
+            except ValueError as e:
+                raise HostError(f"refusing to journal an unusual host state: {e}") from None
+            fd = open_file(dir_fd, self.directory, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                os.write(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, JOURNAL_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
+        except OSError as e:
+            raise HostError(f"cannot write the journal {self.path}: {e.strerror}") from None
 
     # Each recorder saves before returning: callers make the change only afterwards.
 
@@ -200,19 +370,35 @@ class Journal:
         self.save()
 
 
-def read_state(directory: Path = JOURNAL_DIR) -> JournalState:
-    """The journal's state without locking (for dry runs and reports); empty when there is none."""
+def _read(dir_fd: int, directory: Path) -> JournalState:
     path = directory / JOURNAL_NAME
     try:
-        text = path.read_text()
+        fd = open_file(dir_fd, directory, JOURNAL_NAME, os.O_RDONLY)
     except FileNotFoundError:
         return JournalState()
+    except OSError as e:
+        raise HostError(f"cannot read the journal {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            text = f.read().decode(errors="replace")
     except OSError as e:
         raise HostError(f"cannot read the journal {path}: {e.strerror}") from None
     try:
         return JournalState.from_text(text)
     except ValueError as e:
         raise HostError(f"the journal {path} is damaged: {e}; repair or remove it by hand") from None
+
+
+def read_state(directory: Path = JOURNAL_DIR) -> JournalState:
+    """The journal's state without locking (for dry runs and reports); empty when there is none. The
+    directory and file get the same checks as under the lock."""
+    dir_fd = open_dir(directory, create=False)
+    if dir_fd is None:
+        return JournalState()
+    try:
+        return _read(dir_fd, directory)
+    finally:
+        os.close(dir_fd)
 
 
 class DryRunJournal(Journal):
