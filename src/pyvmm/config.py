@@ -160,6 +160,8 @@ class PlatformConfig:
     iommu_segments: tuple[int, ...] = ()  # always empty for now: needs virtio-iommu
     iommu_address_width: int = 64  # always 64 for now: only a virtio-iommu would narrow it
     iommufd: bool = False  # always False for now: container/group mode only
+    # pyvmm-only: run --devices on a host without interrupt remapping (not isolated; SECURITY.md)
+    allow_unsafe_interrupts: bool = False
 
 
 @dataclass(frozen=True)
@@ -548,7 +550,10 @@ def parse_device(text: str) -> DeviceConfig:
     )
 
 
-_PLATFORM_KEYS = frozenset({"num_pci_segments", "iommu_segments", "vfio_p2p_dma"})
+_PLATFORM_KEYS = frozenset({
+    "num_pci_segments", "iommu_segments", "vfio_p2p_dma",
+    "allow_unsafe_interrupts",  # pyvmm-only (docs/cli.md#platform)
+})
 
 
 def parse_platform(text: str) -> PlatformConfig:
@@ -563,7 +568,11 @@ def parse_platform(text: str) -> PlatformConfig:
             raise OptionError(f"Invalid PCI segment id: {seg} in iommu_segments (num_pci_segments={num})")
     if iommu_segments:
         raise OptionError("iommu_segments is not supported by pyvmm yet (it needs a virtio-iommu)")
-    return PlatformConfig(num_pci_segments=num, vfio_p2p_dma=opts.toggle("vfio_p2p_dma", True))
+    return PlatformConfig(
+        num_pci_segments=num,
+        vfio_p2p_dma=opts.toggle("vfio_p2p_dma", True),
+        allow_unsafe_interrupts=opts.toggle("allow_unsafe_interrupts", False),
+    )
 
 
 _PCI_SEGMENT_KEYS = frozenset({"pci_segment", "mmio32_aperture_weight", "mmio64_aperture_weight"})
@@ -792,7 +801,11 @@ be repeated:
     "--platform": f"""PCI segments and DMA:
   num_pci_segments=<n>  PCI segments (host bridges), 1-{MAX_PCI_SEGMENTS} (default 1)
   vfio_p2p_dma=on|off   also DMA-map device BARs for peer-to-peer (default on;
-                        turn off if the host IOMMU cannot reach them)""",
+                        turn off if the host IOMMU cannot reach them)
+  allow_unsafe_interrupts=on|off
+                        pass devices through on a host without interrupt
+                        remapping: the guest is then not isolated from the
+                        host's interrupts (default off: refused)""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)

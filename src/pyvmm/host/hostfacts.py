@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvmm.irq_remapping import interrupt_remapping, unsafe_interrupts_allowed
+
 from . import modules
 from .errors import HostUsageError
 from .modules import ModuleState
 from .sysfs import iommu_present
 
-PROC_INTERRUPTS = Path("/proc/interrupts")
-SYS_IRQ = Path("/sys/kernel/irq")
 _CAP_IPC_LOCK = 14
 
 
@@ -28,23 +27,6 @@ class HostFacts:
     unsafe_interrupts_allowed: bool
     memlock_limit: int | None  # soft RLIMIT_MEMLOCK in bytes; None when unlimited
     can_lock_memory: bool  # CAP_IPC_LOCK: VFIO then ignores the limit
-
-
-def interrupt_remapping() -> bool:
-    """Remapped interrupts show chip names such as IR-PCI-MSI or IR-IO-APIC (Intel and AMD alike)."""
-    text = ""
-    with contextlib.suppress(OSError):
-        text = PROC_INTERRUPTS.read_text()
-    if re.search(r"\bIR-|\b(?:INTEL|AMD)-IR\b", text):
-        return True
-    try:
-        for irq in SYS_IRQ.iterdir():
-            chip = (irq / "chip_name").read_text()
-            if chip.startswith("IR-") or "-IR" in chip:
-                return True
-    except OSError:
-        pass
-    return False
 
 
 def can_lock_memory() -> bool:
@@ -68,9 +50,7 @@ def gather() -> HostFacts:
         vfio_pci=modules.module_state(modules.VFIO_PCI),
         vfio_iommu_type1=modules.module_state(modules.VFIO_IOMMU_TYPE1),
         interrupt_remapping=interrupt_remapping(),
-        unsafe_interrupts_allowed=modules.is_true(
-            modules.read_param(modules.VFIO_IOMMU_TYPE1, modules.UNSAFE_INTERRUPTS)
-        ),
+        unsafe_interrupts_allowed=unsafe_interrupts_allowed(),
         memlock_limit=memlock_limit(),
         can_lock_memory=can_lock_memory(),
     )

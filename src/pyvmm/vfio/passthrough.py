@@ -313,8 +313,9 @@ class ManagedBinding:
     handlers while the guest runs). A SIGKILL leaves the journal: `pyvmm-host restore --all` undoes it.
     """
 
-    def __init__(self, devices: Iterable[DeviceLike]) -> None:
+    def __init__(self, devices: Iterable[DeviceLike], allow_unsafe_interrupts: bool = False) -> None:
         self.names = [_function_name(dev.path) for dev in devices if getattr(dev, "managed", False)]
+        self.allow_unsafe_interrupts = allow_unsafe_interrupts  # --platform allow_unsafe_interrupts=on
         self.changed: list[str] = []
         self.asked_back: set[str] = set()  # functions the host asked back while the VM had them
         self._held: list[int] = []
@@ -345,7 +346,9 @@ class ManagedBinding:
 
         self._previous = {sig: signal.signal(sig, self._hold) for sig in STOP_SIGNALS}
         try:
-            outcome = host.bind_to_vfio(self.names, group=True)
+            outcome = host.bind_to_vfio(
+                self.names, group=True, allow_unsafe_interrupts=self.allow_unsafe_interrupts
+            )
         except host.HostError as exc:
             self._restore_handlers()
             raise VfioError(f"managed=on: {exc}") from exc
@@ -414,9 +417,11 @@ def _stopped_by(signum: int) -> SystemExit:
 
 
 @contextlib.contextmanager
-def managed_binding(devices: Iterable[DeviceLike]) -> Iterator[ManagedBinding]:
+def managed_binding(
+    devices: Iterable[DeviceLike], allow_unsafe_interrupts: bool = False
+) -> Iterator[ManagedBinding]:
     """`with managed_binding(config.devices) as managed:` build and run the VM; see ManagedBinding."""
-    managed = ManagedBinding(devices)
+    managed = ManagedBinding(devices, allow_unsafe_interrupts)
     managed.bind()
     try:
         yield managed
