@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import sys
 import termios
 import threading
@@ -12,6 +14,55 @@ import tty
 from collections.abc import Callable
 
 from pyvmm.config import ConsoleConfig, ConsoleMode
+from pyvmm.errors import UsageError
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+}
+
+
+def open_output_file(path: str | os.PathLike[str]) -> int:
+    """`--serial file=PATH` as pyvmm (root) opens it: created, or an existing regular file truncated; never
+    through a symlink (a planted link would make pyvmm truncate any file it names) and never a device, FIFO
+    or directory (docs/cli.md#serial-port-and-console). UsageError (exit 2), one line, otherwise."""
+    option = f"--serial file={os.fspath(path)}"
+    # O_NONBLOCK: a FIFO without a reader must not hang pyvmm before it is refused; no O_TRUNC before fstat
+    # has said it is a regular file.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise UsageError(f"{option}: is a symbolic link, which pyvmm does not follow: name the file "
+                             f"itself ({os.path.realpath(path)})") from None
+        kind = _kind(path)
+        if kind is not None:
+            raise UsageError(f"{option}: is {kind}, not a regular file: name a new or regular file") from None
+        raise UsageError(f"{option}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            raise UsageError(f"{option}: is {kind}, not a regular file: name a new or regular file")
+        os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        raise UsageError(f"{option}: {exc.strerror}") from None
+    except UsageError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(path: str | os.PathLike[str]) -> str | None:
+    """What a path that is not a regular file is (for the message); None when it is one or is not there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 class ConsoleOutput:
@@ -23,7 +74,7 @@ class ConsoleOutput:
             self._fd = os.dup(sys.stdout.fileno())
         elif config.mode is ConsoleMode.FILE:
             assert config.path is not None  # the parser requires a path for file=
-            self._fd = os.open(config.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            self._fd = open_output_file(config.path)
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
