@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -25,6 +26,7 @@ from .errors import HostError
 JOURNAL_DIR = Path("/run/pyvmm")
 JOURNAL_NAME = "host-journal.json"
 LOCK_NAME = "host.lock"
+TMP_NAME = "host-journal.tmp"  # the next journal, renamed over it once durable
 FORMAT = "pyvmm-host-journal"
 VERSION = 1
 
@@ -168,8 +170,10 @@ class JournalState:
                             _param_value(p["original"]))
                 for p in doc["params"]
             ]
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError) as e:
             raise ValueError(f"malformed entry ({type(e).__name__}: {e})") from None
+        except ValueError as e:
+            raise ValueError(f"malformed entry: {e}") from None
         return state
 
 
@@ -318,7 +322,7 @@ class Journal:
                     os.unlink(JOURNAL_NAME, dir_fd=dir_fd)
                     os.fsync(dir_fd)
                 return
-            tmp = JOURNAL_NAME + ".tmp"
+            tmp = TMP_NAME
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dir_fd)  # a leftover of a crash: a fresh file, never one opened through
             text = self.state.to_text()
@@ -337,13 +341,21 @@ class Journal:
         except OSError as e:
             raise HostError(f"cannot write the journal {self.path}: {e.strerror}") from None
 
-    # Each recorder saves before returning: callers make the change only afterwards.
+    # Each recorder saves before returning: callers make the change only afterwards. A record that cannot be
+    # saved is taken out again, so that memory and disk agree.
+
+    def _save_or_undo(self, undo: Callable[[], object]) -> None:
+        try:
+            self.save()
+        except HostError:
+            undo()
+            raise
 
     def record_device(self, record: DeviceRecord) -> None:
         """Remember a device's original state; the first record wins (it is the state to go back to)."""
         if record.bdf not in self.state.devices:
             self.state.devices[record.bdf] = record
-            self.save()
+            self._save_or_undo(lambda: self.state.devices.pop(record.bdf))
 
     def forget_device(self, bdf: str) -> None:
         if self.state.devices.pop(bdf, None) is not None:
@@ -352,7 +364,7 @@ class Journal:
     def record_new_id(self, record: NewIdRecord) -> None:
         if record not in self.state.new_ids:
             self.state.new_ids.append(record)
-            self.save()
+            self._save_or_undo(lambda: self.state.new_ids.remove(record))
 
     def forget_new_id(self, record: NewIdRecord) -> None:
         if record in self.state.new_ids:
@@ -362,7 +374,7 @@ class Journal:
     def record_param(self, record: ParamRecord) -> None:
         if not any((p.module, p.name) == (record.module, record.name) for p in self.state.params):
             self.state.params.append(record)
-            self.save()
+            self._save_or_undo(lambda: self.state.params.remove(record))
 
     def forget_param(self, record: ParamRecord) -> None:
         key = (record.module, record.name)

@@ -1,0 +1,80 @@
+"""`--serial file=PATH`: created or truncated as a regular file, never through a symlink, never a device,
+FIFO or directory (issue 19)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pyvmm.config import ConsoleConfig, ConsoleMode
+from pyvmm.console import ConsoleOutput, open_output_file
+from pyvmm.errors import ExitStatus, UsageError
+
+
+def _refused(path: Path, match: str) -> str:
+    with pytest.raises(UsageError, match=match) as err:
+        open_output_file(path)
+    assert "\n" not in str(err.value) and err.value.exit_status is ExitStatus.USAGE
+    assert str(err.value).startswith(f"--serial file={path}: ")
+    return str(err.value)
+
+
+def test_a_new_file_is_created_and_an_old_one_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "serial.log"
+    output = ConsoleOutput(ConsoleConfig(ConsoleMode.FILE, path))
+    output.write(b"hello\n")
+    output.close()
+    assert path.read_bytes() == b"hello\n"
+    assert stat.S_IMODE(path.stat().st_mode) & 0o777 == 0o644 & ~_umask()
+    output = ConsoleOutput(ConsoleConfig(ConsoleMode.FILE, path))
+    output.write(b"again\n")
+    output.close()
+    assert path.read_bytes() == b"again\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "shadow"
+    target.write_text("precious\n")
+    link = tmp_path / "serial.log"
+    link.symlink_to(target)
+    message = _refused(link, "is a symbolic link, which pyvmm does not follow")
+    assert message.endswith(f"name the file itself ({target})")
+    assert target.read_text() == "precious\n"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    _refused(dangling, "is a symbolic link")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_reader(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _refused(fifo, "is a FIFO, not a regular file: name a new or regular file")
+
+
+def test_a_fifo_with_a_reader_is_refused_too(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        _refused(fifo, "is a FIFO, not a regular file")
+    finally:
+        os.close(reader)
+
+
+def test_a_directory_and_a_device_are_refused(tmp_path: Path) -> None:
+    _refused(tmp_path, "is a directory, not a regular file")
+    _refused(Path("/dev/null"), "is a character device, not a regular file")
+
+
+def test_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    _refused(tmp_path / "no" / "serial.log", "No such file or directory")
