@@ -113,6 +113,9 @@ def test_without_interrupt_remapping_unsafe_interrupts_are_needed_and_the_risk_i
     assert [(f.problem, f.severity) for f in host_findings(allowed)] == [
         (Problem.UNSAFE_INTERRUPTS, Severity.WARNING)
     ]
+    # Someone else's parameter is no consent: bind and pyvmm still ask for the user's own (issue 19).
+    assert "--platform allow_unsafe_interrupts=on" in host_findings(allowed)[0].fix
+    assert "--platform allow_unsafe_interrupts=on" in finding.fix
 
 
 def test_memlock_limit_against_guest_memory() -> None:

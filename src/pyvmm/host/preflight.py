@@ -94,14 +94,17 @@ def host_findings(host: HostFacts, memory: int | None = None) -> list[Finding]:
             found.append(Finding(
                 Problem.UNSAFE_INTERRUPTS, Severity.WARNING,
                 f"no interrupt remapping, and vfio_iommu_type1 allow_unsafe_interrupts is on: {risk}",
-                "enable interrupt remapping (firmware, intremap=on) and restore the parameter",
+                "enable interrupt remapping (firmware, intremap=on) and restore the parameter; until then "
+                "`pyvmm-host bind` and `pyvmm` still refuse unless told (--allow-unsafe-interrupts, "
+                "--platform allow_unsafe_interrupts=on)",
             ))
         else:
             found.append(Finding(
                 Problem.NO_INTERRUPT_REMAPPING, Severity.ERROR,
                 f"no interrupt remapping: VFIO refuses devices unless unsafe interrupts are allowed; {risk}",
                 "enable interrupt remapping (firmware, intremap=on), or accept the risk with "
-                "`pyvmm-host bind --allow-unsafe-interrupts`",
+                "`pyvmm-host bind --allow-unsafe-interrupts` and "
+                "`pyvmm --platform allow_unsafe_interrupts=on`",
             ))
     if memory is not None and not host.can_lock_memory and host.memlock_limit is not None \
             and host.memlock_limit < memory:
