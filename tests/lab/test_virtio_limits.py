@@ -157,7 +157,8 @@ GUEST = open("/tmp/guest.sh").read()
 @MAKE_IMAGE@
 EOF
 pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=1 --memory size=512M \
-  --serial tty --console off --disk path=/tmp/hostile.img --cmdline @CMDLINE@ > /tmp/guest.log 2>&1 < /dev/null &
+  --serial tty --console off --disk path=/tmp/hostile.img --cmdline @CMDLINE@ \
+  > /tmp/guest.log 2>&1 < /dev/null &
 PID=$!
 wait_for() {
   i=0
