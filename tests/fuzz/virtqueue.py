@@ -11,8 +11,9 @@ documented way a corrupt ring is reported (the transport sets DEVICE_NEEDS_RESET
 re-initialises the queue like a driver after a reset.
 
 Every chain the real walker hands to `VirtioBlock.handle_chain` is judged first by a model written from the
-virtio 1.x spec (§2.7.5 descriptor chains, §5.2.6 block requests) and pyvmm's documented limits (a chain is
-at most the queue size long, an indirect table at most the queue size, one level of indirection):
+virtio 1.x spec (§2.7.5 descriptor chains, §5.2.6 block requests) and pyvmm's documented limits
+(docs/virtio-blk.md#limits: a chain, its indirect table included, is at most the queue size long, one level
+of indirection; at most seg_max data segments of at most size_max bytes; one discard segment):
 
 - the walker reports exactly the chains the model calls malformed, with the same buffers;
 - no exception escapes;
