@@ -11,8 +11,9 @@ documented way a corrupt ring is reported (the transport sets DEVICE_NEEDS_RESET
 re-initialises the queue like a driver after a reset.
 
 Every chain the real walker hands to `VirtioBlock.handle_chain` is judged first by a model written from the
-virtio 1.x spec (§2.7.5 descriptor chains, §5.2.6 block requests) and pyvmm's documented limits (a chain is
-at most the queue size long, an indirect table at most the queue size, one level of indirection):
+virtio 1.x spec (§2.7.5 descriptor chains, §5.2.6 block requests) and pyvmm's documented limits
+(docs/virtio-blk.md#limits: a chain, its indirect table included, is at most the queue size long, one level
+of indirection; at most seg_max data segments of at most size_max bytes; one discard segment):
 
 - the walker reports exactly the chains the model calls malformed, with the same buffers;
 - no exception escapes;
@@ -154,7 +155,7 @@ def spec_walk(
                 or flags & F_NEXT
                 or length == 0
                 or length % 16
-                or length // 16 > size
+                or len(out) + length // 16 > size  # the whole chain is at most the queue size
                 or not in_ram(addr, length)
             ):
                 return out, True
@@ -228,6 +229,7 @@ def predict(
     *,
     readonly: bool,
     acked: int,
+    queue_size: int,
 ) -> Prediction:
     """§5.2.6: what the block device must do with this chain."""
     p = Prediction(buffers, walk_error)
@@ -267,6 +269,11 @@ def predict(
     header = snap.gather(_bytes_at(readable, 0, 16))
     payload = snap.gather(_bytes_at(readable, 16, rlen - 16))
     req_type, _, sector = struct.unpack("<IIQ", header)
+    if req_type in (REQ_IN, REQ_OUT):
+        data = data_in if req_type == REQ_IN else _bytes_at(readable, 16, rlen - 16)
+        # seg_max (queue size - 2, at least 1) and size_max (1 MiB) over the non-empty data buffers
+        if len(data) > max(min(queue_size - 2, 1024), 1) or any(n > MiB for _, n in data):
+            return finish(S_IOERR, 0)
     if req_type == REQ_IN:
         if n_in % SECTOR or sector + n_in // SECTOR > IMAGE_SECTORS:
             return finish(S_IOERR, 0)
@@ -294,7 +301,7 @@ def predict(
         if not payload or len(payload) % 16:
             return finish(S_IOERR, 0)
         if len(payload) > 16:
-            return finish(S_UNSUPP, 0)  # max_discard_seg / max_write_zeroes_seg is 1
+            return finish(S_IOERR, 0)  # max_discard_seg / max_write_zeroes_seg is 1
         seg_sector, count, flags = struct.unpack("<QII", payload)
         allowed = 1 if req_type == REQ_WRITE_ZEROES else 0  # VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
         if flags & ~allowed:
@@ -472,7 +479,8 @@ class VirtqueueBlkMachine(RuleBasedStateMachine):
         )
         assert got == buffers, f"chain {chain.head}: walker {got} != model {buffers}"
         assert len(got) <= q.size, "a chain longer than the queue"
-        pred = predict(mem, self.image, buffers, walk_error, readonly=self.readonly, acked=self.acked)
+        pred = predict(mem, self.image, buffers, walk_error, readonly=self.readonly, acked=self.acked,
+                       queue_size=q.size)
         before = Snapshot(mem) if pred.memory_after is None else None
         written = self.blk_handle(queue_index, chain)
         self.chains += 1

@@ -209,7 +209,7 @@ def test_discard_and_write_zeroes(blk: Blk) -> None:
     assert blk.submit(RequestType.DISCARD, out=struct.pack("<QII", 256, 8, 0))[0] == BlkStatus.OK
     # unmap flag on discard, two segments, beyond the end, malformed payload
     assert blk.submit(RequestType.DISCARD, out=struct.pack("<QII", 0, 8, 1))[0] == BlkStatus.UNSUPP
-    assert blk.submit(RequestType.DISCARD, out=seg + seg)[0] == BlkStatus.UNSUPP
+    assert blk.submit(RequestType.DISCARD, out=seg + seg)[0] == BlkStatus.IOERR  # max_discard_seg is 1
     assert blk.submit(RequestType.DISCARD, out=struct.pack("<QII", IMAGE_SECTORS, 1, 0))[0] == BlkStatus.IOERR
     assert blk.submit(RequestType.WRITE_ZEROES, out=seg[:10])[0] == BlkStatus.IOERR
 
@@ -509,4 +509,167 @@ def test_failed_flush_is_an_ioerr_and_the_device_goes_on(blk: Blk, monkeypatch: 
     assert [r.exc_info for r in caplog.records] == [None] and "flush failed" in caplog.text
     monkeypatch.undo()
     assert blk.submit(RequestType.FLUSH)[0] == BlkStatus.OK
+    assert blk.submit(RequestType.IN, sector=0, in_len=512)[0] == BlkStatus.OK
+
+
+# ---- what one request may cost (issue 19; docs/virtio-blk.md#limits) --------------------------------------
+
+TABLE = 0x280000  # indirect tables of up to 2048 entries fit below DATA
+PAGE = 0x500000  # the one guest page (or megabyte) every data descriptor of the hostile chains names
+PEAK_BOUND = 1 * MiB  # what serving one hostile request may allocate in Python (the copies were 40 MiB)
+
+
+def send(b: Blk, buffers: list[tuple[int, int, bool]], indirect: bool = True) -> tuple[int, int, int]:
+    """One chain (header at HDR, written by the caller; status at STATUS unless the caller puts it
+    elsewhere), served while tracemalloc watches; returns (status, used length, peak bytes allocated)."""
+    import tracemalloc
+
+    b.memory.write(STATUS, b"\xff")
+    head = b.ring.add_indirect(TABLE, buffers) if indirect else b.ring.add(buffers)
+    tracemalloc.start()
+    try:
+        b.ring.publish(head)
+        b.driver.notify(0)
+        [(used_head, used_len)] = wait_used(b.ring, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert used_head == head
+    return b.memory.read(STATUS, 1)[0], used_len, peak
+
+
+def header(b: Blk, req_type: int, sector: int = 0) -> None:
+    b.memory.write(HDR, struct.pack("<IIQ", req_type, 0, sector))
+
+
+def test_config_advertises_the_limits(blk: Blk) -> None:
+    assert blk.driver.device_cfg(8, 4) == 1 * MiB  # size_max
+    assert blk.driver.device_cfg(12, 4) == 126  # seg_max
+    assert blk.driver.device_cfg(40, 4) == 1 and blk.driver.device_cfg(52, 4) == 1  # max_*_seg
+    device = blk.dev.device
+    assert isinstance(device, VirtioBlock) and device.max_request_bytes == 126 * MiB
+
+
+@pytest.mark.parametrize("kind", [RequestType.DISCARD, RequestType.WRITE_ZEROES])
+def test_discard_naming_one_megabyte_forty_times_is_refused_without_copying_it(blk: Blk,
+                                                                               kind: RequestType) -> None:
+    """The review's case: 40 descriptors over the same 1 MiB made pyvmm copy 40 MiB before it looked at
+    the size. Now the payload's length (40 MiB, 2.6 million segments, max_discard_seg 1) is judged from the
+    descriptor lengths: IOERR, nothing gathered, the image untouched, the device goes on."""
+    before = blk.path.read_bytes()
+    blk.memory.write(PAGE, struct.pack("<QII", 0, 16, 0))  # a valid first segment
+    header(blk, kind)
+    status, used, peak = send(blk, [(HDR, 16, False)] + [(PAGE, MiB, False)] * 40 + [(STATUS, 1, True)])
+    assert status == BlkStatus.IOERR and used == 1
+    assert peak < PEAK_BOUND, f"serving the request allocated {peak} bytes"
+    assert blk.path.read_bytes() == before
+    assert blk.submit(kind, out=struct.pack("<QII", 0, 16, 0))[0] == BlkStatus.OK
+
+
+def test_discard_payload_must_be_whole_segments_even_when_split(blk: Blk) -> None:
+    header(blk, RequestType.DISCARD)
+    blk.memory.write(PAGE, struct.pack("<QII", 0, 16, 0))
+    one_in_pieces = [(PAGE, 4, False), (PAGE + 4, 12, False)]
+    assert send(blk, [(HDR, 16, False), *one_in_pieces, (STATUS, 1, True)])[0] == BlkStatus.OK
+    assert send(blk, [(HDR, 16, False), (PAGE, 24, False), (STATUS, 1, True)])[0] == BlkStatus.IOERR
+    assert send(blk, [(HDR, 16, False), (PAGE, 32, False), (STATUS, 1, True)])[0] == BlkStatus.IOERR
+
+
+@pytest.mark.parametrize("req_type", [RequestType.IN, RequestType.OUT])
+def test_128_descriptors_over_one_page(blk: Blk, req_type: RequestType) -> None:
+    """With the default 128-entry queue: header + 126 data descriptors over the same page + status is
+    a request at the limits and is served in place (preadv/pwritev, no copy); 128 data descriptors (a
+    chain longer than the queue) are refused by the walk, 127 in 128 descriptors (status or header sharing
+    one: more than seg_max) are IOERR."""
+    writable = req_type == RequestType.IN
+    image = pattern(IMAGE_SECTORS * 512)
+    blk.memory.write(PAGE, pattern(4096, seed=5))
+    header(blk, req_type)
+    at_limit = [(HDR, 16, False)] + [(PAGE, 4096, writable)] * 126 + [(STATUS, 1, True)]
+    status, used, peak = send(blk, at_limit)
+    assert status == BlkStatus.OK and used == (126 * 4096 + 1 if writable else 1)
+    assert peak < PEAK_BOUND
+    if writable:
+        assert blk.memory.read(PAGE, 4096) == image[125 * 4096 : 126 * 4096]  # the last one read wins
+    else:
+        assert blk.path.read_bytes()[: 126 * 4096] == pattern(4096, seed=5) * 126
+    before = blk.path.read_bytes()
+    blk.memory.write(PAGE, pattern(4096, seed=9))
+    too_long = [(HDR, 16, False)] + [(PAGE, 4096, writable)] * 128 + [(STATUS, 1, True)]
+    # A table longer than the queue is not read at all, so there is no status byte to answer in: the
+    # chain goes back with nothing written (the driver sees no OK; Linux calls that an I/O error).
+    assert send(blk, too_long)[:2] == (0xFF, 0)
+    if writable:
+        shared = [(HDR, 16, False)] + [(PAGE, 4096, True)] * 126 + [(PAGE + 4096, 4097, True)]
+        status_at = PAGE + 2 * 4096
+    else:
+        blk.memory.write(PAGE - 16, struct.pack("<IIQ", req_type, 0, 0))  # header sharing data's first
+        shared = [(PAGE - 16, 16 + 4096, False)] + [(PAGE, 4096, False)] * 126 + [(STATUS, 1, True)]
+        status_at = STATUS
+    blk.memory.write(status_at, b"\xff")
+    head = blk.ring.add_indirect(TABLE, shared)
+    blk.ring.publish(head)
+    blk.driver.notify(0)
+    assert wait_used(blk.ring, 1) == [(head, 1)]
+    assert blk.memory.read(status_at, 1)[0] == BlkStatus.IOERR  # 127 data segments > seg_max 126
+    assert blk.path.read_bytes() == before
+    if writable:
+        assert blk.memory.read(PAGE, 4096) == pattern(4096, seed=9)  # nothing was read into it
+
+
+def test_seg_max_is_capped_for_large_queues(tmp_path: Path) -> None:
+    b = start(make_image(tmp_path), params=BlockParams(queue_size=2048))
+    try:
+        assert b.driver.device_cfg(12, 4) == 1024
+        header(b, RequestType.IN)
+        at_limit = [(HDR, 16, False)] + [(PAGE, 512, True)] * 1024 + [(STATUS, 1, True)]
+        assert send(b, at_limit)[:2] == (BlkStatus.OK, 1024 * 512 + 1)
+        over = [(HDR, 16, False)] + [(PAGE, 512, True)] * 1025 + [(STATUS, 1, True)]
+        assert send(b, over)[:2] == (BlkStatus.IOERR, 1)
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("req_type", [RequestType.IN, RequestType.OUT])
+def test_size_max_per_segment(tmp_path: Path, req_type: RequestType) -> None:
+    b = start(make_image(tmp_path, sectors=8192))  # 4 MiB
+    try:
+        writable = req_type == RequestType.IN
+        header(b, req_type)
+        assert send(b, [(HDR, 16, False), (PAGE, MiB, writable), (STATUS, 1, True)])[0] == BlkStatus.OK
+        before = b.path.read_bytes()
+        over = [(HDR, 16, False), (PAGE, MiB + 512, writable), (STATUS, 1, True)]
+        assert send(b, over)[0] == BlkStatus.IOERR
+        assert send(b, over, indirect=False)[0] == BlkStatus.IOERR
+        assert b.path.read_bytes() == before
+    finally:
+        b.close()
+
+
+def test_a_read_at_the_total_limit_is_served_in_place(tmp_path: Path) -> None:
+    """126 segments of 1 MiB, all the same megabyte of guest RAM: 126 MiB read (max_request_bytes of the
+    default queue), never held by pyvmm."""
+    path = tmp_path / "big.img"
+    with open(path, "wb") as f:
+        f.truncate(128 * MiB)
+        f.seek(125 * MiB)
+        f.write(b"last megabyte")
+    b = start(path)
+    try:
+        header(b, RequestType.IN)
+        status, used, peak = send(b, [(HDR, 16, False)] + [(PAGE, MiB, True)] * 126 + [(STATUS, 1, True)])
+        assert status == BlkStatus.OK and used == 126 * MiB + 1
+        assert peak < PEAK_BOUND
+        assert b.memory.read(PAGE, 13) == b"last megabyte"
+    finally:
+        b.close()
+
+
+def test_warnings_about_guest_requests_are_rate_limited(blk: Blk, caplog: pytest.LogCaptureFixture) -> None:
+    header(blk, RequestType.IN)
+    over = [(HDR, 16, False), (PAGE, MiB + 512, True), (STATUS, 1, True)]
+    for _ in range(50):
+        assert send(blk, over)[0] == BlkStatus.IOERR
+    records = [r for r in caplog.records if "size_max" in r.getMessage()]
+    assert 1 <= len(records) <= 10, len(records)
     assert blk.submit(RequestType.IN, sector=0, in_len=512)[0] == BlkStatus.OK

@@ -386,3 +386,21 @@ def test_bulk_decode_agrees_with_the_general_walk(
     if chain.error is None:
         assert _positions(memory, chain.readable) == _positions(memory, general.readable)
         assert _positions(memory, chain.writable) == _positions(memory, general.writable)
+
+
+def test_a_chain_is_at_most_the_queue_size_with_its_indirect_table() -> None:
+    """§2.7.5.3.1: direct descriptors before an indirect one count toward the queue size too."""
+    _memory, ring, q = setup(size=8)
+    for table, entries in ((0x20000, 8), (0x21000, 7)):
+        for i in range(entries - 1):
+            ring.write_desc(i, 0x100000, 16, F_NEXT, i + 1, table=table)
+        ring.write_desc(entries - 1, 0x101000, 1, F_WRITE, 0, table=table)
+    ring.write_desc(0, 0x100000, 16, F_NEXT, 1)
+    ring.write_desc(1, 0x20000, 16 * 8, F_INDIRECT)  # 1 + 8 descriptors
+    ring.write_desc(2, 0x100000, 16, F_NEXT, 3)
+    ring.write_desc(3, 0x21000, 16 * 7, F_INDIRECT)  # 1 + 7
+    ring.publish(0, 2)
+    over = q.pop()
+    assert over is not None and over.error is not None and "longer than the queue" in over.error
+    at_limit = q.pop()
+    assert at_limit is not None and at_limit.error is None and len(at_limit.descriptors) == 8

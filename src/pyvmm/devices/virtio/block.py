@@ -1,14 +1,22 @@
 """virtio-blk (virtio 1.x §5.2) over a raw image.
 
 Every request ends with a status byte: a malformed chain, a buffer outside guest RAM, an out-of-range
-sector or a write to a read-only disk fails that one request (IOERR, or UNSUPP for unknown or
-unnegotiated commands); nothing the guest sends raises out of the device or touches the image.
+sector, a request over the advertised limits or a write to a read-only disk fails that one request (IOERR,
+or UNSUPP for unknown or unnegotiated commands); nothing the guest sends raises out of the device or
+touches the image.
+
+What one request may cost is bounded before any I/O or copy (docs/virtio-blk.md#limits): at most
+`seg_max` data segments of at most SIZE_MAX bytes each, so at most seg_max * SIZE_MAX bytes (read and
+written in place, never copied), and a discard/write-zeroes payload of exactly MAX_DISCARD_SEGMENTS
+16-byte segments, judged from the descriptor lengths before it is gathered. A chain may name the same
+guest page in every descriptor: only lengths are counted, never what they point at.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -30,7 +38,10 @@ log = logging.getLogger(__name__)
 VIRTIO_BLK_ID_BYTES = 20
 REQUEST_HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 DISCARD_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
-SIZE_MAX = 1 << 20  # largest single buffer the driver should send
+SIZE_MAX = 1 << 20  # size_max: largest data segment (descriptor) the driver may send
+# seg_max is the queue size less header and status, but at most this: a request then moves at most
+# SEG_MAX_CAP * SIZE_MAX = 1 GiB (and its used length fits the ring's 32 bits).
+SEG_MAX_CAP = 1024
 MAX_DISCARD_SECTORS = 0xFFFF_FFFF
 MAX_DISCARD_SEGMENTS = 1
 DISCARD_SECTOR_ALIGNMENT = 4096 // SECTOR_SIZE
@@ -58,6 +69,7 @@ class RequestType(IntEnum):
 
 
 _IN, _OUT = int(RequestType.IN), int(RequestType.OUT)  # used for every request: plain ints
+_SIZE_MAX = SIZE_MAX
 
 
 class BlkStatus(IntEnum):
@@ -67,6 +79,31 @@ class BlkStatus(IntEnum):
 
 
 _OK = int(BlkStatus.OK)
+
+
+class RateLimitedWarnings:
+    """At most `burst` warnings per `interval` seconds, then one line saying how many were dropped: a
+    guest can send a million bad requests a second, and each must not cost a log line."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0) -> None:
+        self._log = logger
+        self._burst = burst
+        self._interval = interval
+        self._window_start = -interval
+        self._count = 0
+        self._dropped = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self._interval:
+            if self._dropped:
+                self._log.warning("virtio-blk: %d more warnings like these were not logged", self._dropped)
+            self._window_start, self._count, self._dropped = now, 0, 0
+        if self._count < self._burst:
+            self._count += 1
+            self._log.warning(msg, *args)
+        else:
+            self._dropped += 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +124,9 @@ class VirtioBlock(VirtioDevice):
         self.image = image
         serial = params.serial if params.serial is not None else image.identity
         self.device_id = serial.encode()[:VIRTIO_BLK_ID_BYTES]
-        self.seg_max = max(params.queue_size - 2, 1)
+        self.seg_max = max(min(params.queue_size - 2, SEG_MAX_CAP), 1)
+        self.max_request_bytes = self.seg_max * SIZE_MAX  # what seg_max and size_max allow together
+        self._warn = RateLimitedWarnings(log)
         features = (
             bit(BlkFeature.SIZE_MAX)
             | bit(BlkFeature.SEG_MAX)
@@ -168,7 +207,14 @@ class VirtioBlock(VirtioDevice):
             else:
                 return self._handle_general(chain)
             length = sum(map(len, data))
-            if length and self._in_range(sector, length):
+            # The advertised limits, in O(1) for the common sizes: no segment can exceed SIZE_MAX when the
+            # whole request does not (Linux's default largest request is 1280 KiB).
+            if (
+                length
+                and len(data) <= self.seg_max
+                and (length <= _SIZE_MAX or max(map(len, data)) <= _SIZE_MAX)
+                and self._in_range(sector, length)
+            ):
                 try:
                     transfer(sector << 9, data, length)
                 except OSError:
@@ -183,7 +229,7 @@ class VirtioBlock(VirtioDevice):
         try:
             buffers = map_chain(chain)
         except ChainError as exc:
-            log.warning("virtio-blk: %s", exc)
+            self._warn.warning("virtio-blk: %s", exc)
             return self._fail_broken_chain(chain)
         writable = buffers.writable
         status: memoryview | None
@@ -193,7 +239,7 @@ class VirtioBlock(VirtioDevice):
             data_in, status_views = split_views(writable, max(buffers.writable_len - 1, 0))
             status = next((v for v in status_views if len(v)), None)
             if status is None:
-                log.warning("virtio-blk: chain %d has no writable status byte", chain.head)
+                self._warn.warning("virtio-blk: chain %d has no writable status byte", chain.head)
                 return 0
         try:
             status_value, written = self._execute(buffers.readable, data_in)
@@ -219,7 +265,7 @@ class VirtioBlock(VirtioDevice):
             header, payload = split_views(readable, REQUEST_HEADER.size)
             raw = header[0] if len(header) == 1 else gather(header)
             if len(raw) < REQUEST_HEADER.size:
-                log.warning("virtio-blk: request header of %d bytes", len(raw))
+                self._warn.warning("virtio-blk: request header of %d bytes", len(raw))
                 return BlkStatus.IOERR, 0
         req_type, _reserved, sector = REQUEST_HEADER.unpack(raw)
         if req_type == _IN:
@@ -244,25 +290,41 @@ class VirtioBlock(VirtioDevice):
         if self._in_range(sector, length):
             return True
         if length % SECTOR_SIZE:
-            log.warning("virtio-blk: transfer of %d bytes is not a whole number of sectors", length)
+            self._warn.warning("virtio-blk: transfer of %d bytes is not a whole number of sectors", length)
             return False
-        log.warning("virtio-blk: sectors %d+%d beyond the disk's %d", sector, length // SECTOR_SIZE,
-                    self.image.sectors)
+        self._warn.warning("virtio-blk: sectors %d+%d beyond the disk's %d", sector, length // SECTOR_SIZE,
+                           self.image.sectors)
         return False
 
+    def _segments_ok(self, data: list[memoryview]) -> bool:
+        """seg_max and size_max as advertised, over the non-empty data buffers (lengths only: nothing is
+        read or copied); together they cap the request at max_request_bytes."""
+        lengths = [n for n in map(len, data) if n]
+        if len(lengths) > self.seg_max:
+            self._warn.warning("virtio-blk: request of %d data segments, more than seg_max %d", len(lengths),
+                               self.seg_max)
+            return False
+        if lengths and max(lengths) > SIZE_MAX:
+            self._warn.warning("virtio-blk: data segment of %d bytes, more than size_max %d", max(lengths),
+                               SIZE_MAX)
+            return False
+        return True
+
     def _read(self, sector: int, data_in: list[memoryview]) -> tuple[BlkStatus, int]:
+        if not self._segments_ok(data_in):
+            return BlkStatus.IOERR, 0
         length = sum(map(len, data_in))
         if not self._range_ok(sector, length):
             return BlkStatus.IOERR, 0
         try:
             self.image.readv(sector * SECTOR_SIZE, data_in, length)
         except OSError as exc:
-            log.warning("virtio-blk: read at sector %d failed: %s", sector, exc)
+            self._warn.warning("virtio-blk: read at sector %d failed: %s", sector, exc)
             return BlkStatus.IOERR, 0
         return BlkStatus.OK, length
 
     def _write(self, sector: int, data_out: list[memoryview]) -> BlkStatus:
-        if self.image.readonly:
+        if self.image.readonly or not self._segments_ok(data_out):
             return BlkStatus.IOERR
         length = sum(map(len, data_out))
         if not self._range_ok(sector, length):
@@ -270,7 +332,7 @@ class VirtioBlock(VirtioDevice):
         try:
             self.image.writev(sector * SECTOR_SIZE, data_out, length)
         except OSError as exc:
-            log.warning("virtio-blk: write at sector %d failed: %s", sector, exc)
+            self._warn.warning("virtio-blk: write at sector %d failed: %s", sector, exc)
             return BlkStatus.IOERR
         return BlkStatus.OK
 
@@ -278,7 +340,7 @@ class VirtioBlock(VirtioDevice):
         try:
             self.image.flush()
         except OSError as exc:  # EIO, or ENOSPC from a file system that allocates at writeback
-            log.warning("virtio-blk: flush failed: %s", exc)
+            self._warn.warning("virtio-blk: flush failed: %s", exc)
             return BlkStatus.IOERR
         return BlkStatus.OK
 
@@ -286,11 +348,18 @@ class VirtioBlock(VirtioDevice):
         feature = BlkFeature.DISCARD if kind == RequestType.DISCARD else BlkFeature.WRITE_ZEROES
         if not self._features & bit(feature) or not self.acked_features & bit(feature):
             return BlkStatus.IOERR if self.image.readonly else BlkStatus.UNSUPP
-        raw = gather(payload)
-        if not raw or len(raw) % DISCARD_SEGMENT.size:
+        # Judged from the descriptor lengths, before anything is gathered: a chain may name the same
+        # megabyte of guest RAM in every descriptor, and the copy would be as large as the chain says.
+        length = sum(map(len, payload))
+        if not length or length % DISCARD_SEGMENT.size:
+            self._warn.warning("virtio-blk: %s payload of %d bytes is not a whole number of %d-byte segments",
+                               kind.name.lower(), length, DISCARD_SEGMENT.size)
             return BlkStatus.IOERR
-        if len(raw) // DISCARD_SEGMENT.size > MAX_DISCARD_SEGMENTS:
-            return BlkStatus.UNSUPP
+        if length // DISCARD_SEGMENT.size > MAX_DISCARD_SEGMENTS:
+            self._warn.warning("virtio-blk: %s of %d segments, more than the %d advertised",
+                               kind.name.lower(), length // DISCARD_SEGMENT.size, MAX_DISCARD_SEGMENTS)
+            return BlkStatus.IOERR
+        raw = gather(payload)  # at most MAX_DISCARD_SEGMENTS * 16 bytes
         allowed_flags = WRITE_ZEROES_FLAG_UNMAP if kind == RequestType.WRITE_ZEROES else 0
         for sector, count, flags in DISCARD_SEGMENT.iter_unpack(raw):
             if flags & ~allowed_flags:
@@ -306,7 +375,7 @@ class VirtioBlock(VirtioDevice):
                     self.image.write_zeroes(sector * SECTOR_SIZE, count * SECTOR_SIZE,
                                             bool(flags & WRITE_ZEROES_FLAG_UNMAP))
             except OSError as exc:
-                log.warning("virtio-blk: %s of sectors %d+%d failed: %s", kind.name.lower(), sector, count,
-                            exc)
+                self._warn.warning("virtio-blk: %s of sectors %d+%d failed: %s", kind.name.lower(), sector,
+                                   count, exc)
                 return BlkStatus.IOERR
         return BlkStatus.OK

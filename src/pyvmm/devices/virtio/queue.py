@@ -318,8 +318,10 @@ class Virtqueue:
                     problem = "indirect descriptor with NEXT set"
                 elif length == 0 or length % DESC_SIZE:
                     problem = f"indirect table of {length} bytes is not a multiple of {DESC_SIZE}"
-                elif length // DESC_SIZE > self.size:
-                    problem = f"indirect table of {length // DESC_SIZE} entries is longer than the queue"
+                elif len(descriptors) + length // DESC_SIZE > self.size:
+                    # The whole chain, direct part and table, is at most the queue size (§2.7.5.3.1).
+                    problem = (f"indirect table of {length // DESC_SIZE} entries after {len(descriptors)} "
+                               f"descriptors is longer than the queue size {self.size}")
                 if problem is None:
                     try:
                         table = self._memory.view(addr, length)
