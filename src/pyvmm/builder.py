@@ -24,10 +24,10 @@ from pyvmm.boot import (
     KernelImageError,
     adjust_cpuid,
     boot_msrs,
+    boot_vcpu_state,
     guest_phys_bits,
     host_phys_bits,
-    load_linux,
-    setup_boot_vcpu,
+    load_kernel,
 )
 from pyvmm.config import ConsoleMode, VmConfig
 from pyvmm.console import ConsoleOutput, TerminalInput
@@ -148,15 +148,16 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     payload = config.payload
     if payload.kernel is None:  # the parser requires --kernel
         raise UsageError("--kernel: a kernel to boot is required")
-    try:
-        info = load_linux(memory, payload.kernel, payload.cmdline, payload.initramfs,
-                          layout.e820_entries(config.memory.size), rsdp_addr=tables.rsdp_address)
+    try:  # a bzImage or an ELF vmlinux (PVH entry): docs/boot.md
+        kernel = load_kernel(memory, payload.kernel, payload.cmdline, payload.initramfs,
+                             layout.e820_entries(config.memory.size), rsdp_addr=tables.rsdp_address)
     except KernelImageError as exc:
         raise in_context(f"--kernel {payload.kernel}", exc) from exc
-    log.info("kernel %s loaded, entry %#x", info.kernel_version or "?", info.entry_point)
+    log.info("kernel %s (%s) loaded, entry %#x", kernel.version or "?", kernel.format.value,
+             kernel.entry_point)
 
     vcpus = _create_vcpus(config, vm, kvm_supported=supported, phys_bits=phys_bits)
-    state = setup_boot_vcpu(memory, info.entry_point, info.zero_page)
+    state = boot_vcpu_state(memory, kernel)
     _set_boot_state(vcpus[0], state)
     # The 0xCF8 address register needs no answer, and Linux's early PCI probes (an AGP-bridge search
     # over all 256 buses) write it thousands of times: KVM queues those writes instead of exiting.

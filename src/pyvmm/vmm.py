@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pyvmm import irq_remapping
-from pyvmm.boot import KernelImageError, parse_bzimage
+from pyvmm.boot import KernelImageError, check_kernel
 from pyvmm.builder import build_vm
 from pyvmm.config import ConsoleMode, VmConfig
 from pyvmm.errors import UsageError, VmError, in_context
@@ -42,12 +42,12 @@ def run_vm(config: VmConfig) -> int:
 
 
 def _check_kernel(config: VmConfig) -> None:
-    """Refuse a file that is not a bzImage before touching KVM."""
+    """Refuse a file that is neither a bzImage nor a PVH ELF vmlinux before touching KVM (headers only)."""
     kernel = config.payload.kernel
     if kernel is None:  # the parser requires --kernel
         raise UsageError("--kernel: a kernel to boot is required")
     try:
-        parse_bzimage(kernel.read_bytes())
+        check_kernel(kernel, config.memory.size)
     except KernelImageError as exc:
         raise in_context(f"--kernel {kernel}", exc) from exc
     except OSError as exc:

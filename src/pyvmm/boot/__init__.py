@@ -1,10 +1,11 @@
-"""Linux direct kernel boot (x86-64 64-bit boot protocol): bzImage loading, boot vCPU state, CPUID.
+"""Linux direct kernel boot: a bzImage (x86-64 64-bit boot protocol) or an ELF vmlinux (PVH entry), boot
+vCPU state, CPUID.
 
 Everything here is plain data written into GuestMemory or returned as dataclasses; the KVM layer turns it
 into kvm_regs / kvm_sregs / kvm_fpu / MSR and CPUID ioctls. Typical use by the VM builder:
 
-    info = load_linux(memory, kernel, cmdline, initramfs, layout.e820_entries(ram), rsdp_addr)
-    state = setup_boot_vcpu(memory, info.entry_point, info.zero_page)          # vCPU 0 only
+    kernel = load_kernel(memory, path, cmdline, initramfs, layout.e820_entries(ram), rsdp_addr)
+    state = boot_vcpu_state(memory, kernel)                                      # vCPU 0 only
     for vcpu_id in range(max_vcpus):                                             # every vCPU
         cpuid = adjust_cpuid(supported, vcpu_id, max_vcpus, phys_bits)
         msrs = boot_msrs()
@@ -32,6 +33,7 @@ from pyvmm.boot.cpu import (
     SpecialRegisters,
     boot_msrs,
     setup_boot_vcpu,
+    setup_pvh_boot_vcpu,
 )
 from pyvmm.boot.cpuid import (
     CpuidEntry,
@@ -42,7 +44,10 @@ from pyvmm.boot.cpuid import (
     guest_phys_bits,
     host_phys_bits,
 )
+from pyvmm.boot.elf import ElfKernel, LoadSegment, parse_elf_kernel
 from pyvmm.boot.gdt import Segment
+from pyvmm.boot.kernel import KernelFormat, LoadedKernel, boot_vcpu_state, check_kernel, load_kernel
+from pyvmm.boot.pvh import PvhBootInfo, load_pvh
 from pyvmm.boot.zeropage import E820Entry, ZeroPageError
 
 __all__ = [
@@ -58,11 +63,16 @@ __all__ = [
     "CpuidFlag",
     "DescriptorTable",
     "E820Entry",
+    "ElfKernel",
     "FpuState",
     "GeneralRegisters",
+    "KernelFormat",
     "KernelImageError",
     "LoadFlags",
+    "LoadSegment",
+    "LoadedKernel",
     "Msr",
+    "PvhBootInfo",
     "Segment",
     "SetupHeader",
     "SpecialRegisters",
@@ -70,10 +80,16 @@ __all__ = [
     "ZeroPageError",
     "adjust_cpuid",
     "boot_msrs",
+    "boot_vcpu_state",
+    "check_kernel",
     "guest_phys_bits",
     "host_phys_bits",
+    "load_kernel",
     "load_linux",
+    "load_pvh",
     "parse_bzimage",
+    "parse_elf_kernel",
     "parse_setup_header",
     "setup_boot_vcpu",
+    "setup_pvh_boot_vcpu",
 ]

@@ -4,7 +4,8 @@ Who gets what:
 
 * Every vCPU: its own CPUID (see pyvmm.boot.cpuid) and `boot_msrs()`.
 * Only the boot vCPU (`BOOT_VCPU_ID`, which KVM treats as the BSP): `setup_boot_vcpu()`'s registers,
-  special registers and FPU state, entering the kernel directly in long mode.
+  special registers and FPU state, entering a bzImage directly in long mode, or `setup_pvh_boot_vcpu()`'s,
+  entering an ELF vmlinux at its PVH entry in 32-bit protected mode without paging (docs/boot.md).
 * Application processors get no register setup: they stay in KVM's reset state, waiting in the in-kernel
   LAPIC for the INIT/SIPI sequence the guest kernel sends when it brings them up.
 
@@ -253,6 +254,42 @@ def setup_boot_vcpu(memory: GuestMemory, entry_point: int, zero_page: int) -> Bo
         regs=boot_general_registers(entry_point, zero_page),
         sregs=boot_special_registers(gdt, idt, cr3),
     )
+
+
+# PVH entry (docs/boot.md#pvh-entry): flat 4 GiB 32-bit segments, paging off, %ebx = hvm_start_info.
+PVH_CR0 = Cr0.PE | Cr0.ET
+PVH_CODE_SEGMENT = Segment(
+    base=0, limit=_FLAT_4G, selector=BOOT_CS_SELECTOR, type=SegmentType.CODE_EXEC_READ_ACCESSED,
+    present=True, dpl=0, db=True, s=True, l=False, g=True, avl=False,
+)  # fmt: skip
+# Type 0xB outside long mode is a busy 32-bit TSS, which the PVH ABI asks for in TR (base 0, limit 0x67).
+PVH_TSS_SEGMENT = TSS_SEGMENT
+
+
+def pvh_gdt_bytes() -> bytes:
+    """The PVH GDT: null, unused, 32-bit flat code, flat data (the selectors of the 64-bit boot GDT)."""
+    table = [0] * GDT_ENTRIES
+    table[BOOT_CS_SELECTOR // DESCRIPTOR_SIZE] = encode_descriptor(PVH_CODE_SEGMENT)
+    table[BOOT_DS_SELECTOR // DESCRIPTOR_SIZE] = encode_descriptor(DATA_SEGMENT)
+    return struct.pack(f"<{GDT_ENTRIES}Q", *table)
+
+
+def setup_pvh_boot_vcpu(memory: GuestMemory, entry_point: int, start_info: int) -> BootVcpuState:
+    """Write the PVH GDT/IDT and return the boot vCPU's 32-bit PVH entry state (`BOOT_VCPU_ID` only)."""
+    if not (0 <= entry_point < 1 << 32 and 0 <= start_info < 1 << 32):
+        raise ValueError("the PVH entry point and start info must be 32-bit addresses")
+    gdt = pvh_gdt_bytes()
+    memory.write(layout.BOOT_GDT_START, gdt)
+    memory.write(layout.BOOT_IDT_START, bytes(IDT_SIZE))
+    sregs = SpecialRegisters(
+        cs=PVH_CODE_SEGMENT, ds=DATA_SEGMENT, es=DATA_SEGMENT, fs=DATA_SEGMENT, gs=DATA_SEGMENT,
+        ss=DATA_SEGMENT, tr=PVH_TSS_SEGMENT, ldt=LDT_SEGMENT,
+        gdt=DescriptorTable(layout.BOOT_GDT_START, len(gdt) - 1),
+        idt=DescriptorTable(layout.BOOT_IDT_START, IDT_SIZE - 1),
+        cr0=int(PVH_CR0), cr2=0, cr3=0, cr4=0, cr8=0, efer=0,
+    )  # fmt: skip
+    regs = GeneralRegisters(rip=entry_point, rbx=start_info, rsp=layout.BOOT_STACK_POINTER)
+    return BootVcpuState(regs=regs, sregs=sregs)
 
 
 def boot_msrs() -> list[tuple[int, int]]:

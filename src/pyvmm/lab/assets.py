@@ -22,6 +22,7 @@ from pyvmm.lab import debian
 from pyvmm.lab.cpio import CpioArchive
 from pyvmm.lab.kmod import ModuleTree, run_depmod
 from pyvmm.lab.paths import AssetPaths
+from pyvmm.lab.vmlinux import extract_vmlinux
 
 RECIPE_VERSION = "1"
 BUSYBOX = Path("/bin/busybox")
@@ -123,6 +124,20 @@ class LabBuilder:
             shutil.copyfile(vmlinuz, self.paths.kernel)
             _write_stamp(self.paths.kernel, key)
         return package, tree
+
+    def vmlinux(self, release: str) -> None:
+        """The lab kernel uncompressed from its bzImage (an ELF vmlinux with the PVH note)."""
+        key = _key(release, "vmlinux", sha256_file(self.paths.kernel))
+        if _stamp_ok(self.paths.vmlinux, key):
+            return
+        _progress("uncompressing the kernel into an ELF vmlinux")
+        tmp = self.paths.vmlinux.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(extract_vmlinux(self.paths.kernel.read_bytes()))
+        except PyvmmError as exc:
+            raise BuildError(f"{self.paths.kernel}: {exc}") from exc
+        tmp.replace(self.paths.vmlinux)
+        _write_stamp(self.paths.vmlinux, key)
 
     # -- initramfs images -------------------------------------------------------------------------
     def lab_initramfs(self, tree: ModuleTree) -> None:
@@ -232,6 +247,7 @@ class LabBuilder:
     def build(self) -> Manifest:
         self.paths.assets.mkdir(parents=True, exist_ok=True)
         package, tree = self.kernel()
+        self.vmlinux(tree.release)
         self.lab_initramfs(tree)
         self.guest_initramfs(tree)
         disk_sha = self.guest_disk(tree)

@@ -31,6 +31,11 @@ class AssetPaths:
         return self.assets / "vmlinuz"
 
     @property
+    def vmlinux(self) -> Path:
+        """The same kernel uncompressed: the ELF vmlinux for the PVH entry."""
+        return self.assets / "vmlinux"
+
+    @property
     def lab_initramfs(self) -> Path:
         return self.assets / "lab-initramfs.cpio.gz"
 

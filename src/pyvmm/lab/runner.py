@@ -79,6 +79,7 @@ class Lab:
                 "PYVMM_LAB": "1",
                 "PYVMM_CACHE": str(self.paths.root),
                 "PYVMM_GUEST_KERNEL": str(self.paths.kernel),
+                "PYVMM_GUEST_VMLINUX": str(self.paths.vmlinux),
                 "PYVMM_GUEST_INITRAMFS": str(self.paths.guest_initramfs),
                 # The lab root is an overlay on a tmpfs: writing this path copies it up inside the lab,
                 # so every run starts from the pristine image and the outside copy is never changed.
