@@ -215,15 +215,35 @@ def test_initramfs_that_does_not_fit_is_refused(memory: GuestMemory) -> None:
         _load(memory, elf, initramfs=b"x" * 0x2000)
 
 
-def test_cli_refuses_a_bad_elf_with_exit_2(tmp_path: Path) -> None:
+def _pyvmm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("elf", "words"),
+    [
+        (make_elf(entry_note=None), "no PVH entry point"),
+        # RAM is checked against --memory before KVM is opened
+        (make_elf(segments=[(0x1000_0000, KERNEL_TEXT, 0x1000)], entry_note=struct.pack("<Q", 0x1000_0000)),
+         "outside guest RAM (128 MiB)"),
+    ],
+    ids=["no-note", "beyond-memory"],
+)
+def test_cli_refuses_a_bad_elf_with_exit_2(tmp_path: Path, elf: bytes, words: str) -> None:
     path = tmp_path / "vmlinux"
-    path.write_bytes(make_elf(entry_note=None))
-    proc = subprocess.run([sys.executable, "-m", "pyvmm", "--kernel", str(path), "--memory", "size=128M"],
-                          capture_output=True, text=True, timeout=60)
+    path.write_bytes(elf)
+    proc = _pyvmm("--kernel", str(path), "--memory", "size=128M", "--dry-run")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"pyvmm: --kernel {path}: "), proc.stderr
-    assert "no PVH entry point" in lines[0]
+    assert words in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_accepts_a_vmlinux(tmp_path: Path) -> None:
+    path = tmp_path / "vmlinux"
+    path.write_bytes(make_elf())
+    proc = _pyvmm("--kernel", str(path), "--memory", "size=128M", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- the lab's vmlinux, out of a bzImage ---------------------------------------------------------
