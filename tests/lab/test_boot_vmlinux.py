@@ -11,6 +11,21 @@ pytestmark = pytest.mark.lab
 GUEST_CMD = "nproc; grep MemTotal /proc/meminfo; cat /proc/cmdline; dmesg | grep -e ACPI: -e BIOS-e820"
 
 
+# What loading costs pyvmm itself in the lab (reading the file into guest RAM, the boot structures).
+LOAD_TIMING = """python3 -c '
+import os, time
+from pyvmm import layout
+from pyvmm.boot import load_kernel
+from pyvmm.memory import GuestMemory
+for var in ("PYVMM_GUEST_VMLINUX", "PYVMM_GUEST_KERNEL"):
+    memory = GuestMemory.for_size(512 << 20)
+    start = time.monotonic()
+    load_kernel(memory, os.environ[var], "console=ttyS0", os.environ["PYVMM_GUEST_INITRAMFS"],
+                layout.e820_entries(512 << 20), 0xA0000)
+    print(f"PYVMM-LOAD-SECONDS {var}={time.monotonic() - start:.3f}")
+'; """
+
+
 def _boot(kernel_var: str, label: str) -> str:
     return (
         f'echo "=== {label} ==="; start=$(date +%s.%N); '
@@ -38,7 +53,8 @@ def _check(out: str) -> float:
 
 
 def test_pvh_vmlinux_and_bzimage_boot(lab) -> None:
-    script = _boot("PYVMM_GUEST_VMLINUX", "PVH") + _boot("PYVMM_GUEST_KERNEL", "BZIMAGE") + "true"
+    script = LOAD_TIMING + _boot("PYVMM_GUEST_VMLINUX", "PVH") + _boot("PYVMM_GUEST_KERNEL", "BZIMAGE")
+    script += "true"
     proc = lab(script, devices="none")
     assert proc.returncode == 0, proc.stdout
     pvh, bzimage = proc.stdout.split("=== BZIMAGE ===")
@@ -47,3 +63,4 @@ def test_pvh_vmlinux_and_bzimage_boot(lab) -> None:
     assert re.search(r"BIOS-e820: \[mem 0x0000000000100000-0x000000001fffffff\] usable", pvh), pvh
     pvh_s, bz_s = _check(pvh), _check(bzimage)
     print(f"boot time (VMM start to exit): PVH vmlinux {pvh_s:.2f} s, bzImage {bz_s:.2f} s")
+    print("\n".join(re.findall(r"PYVMM-LOAD-SECONDS \S+", proc.stdout)))
