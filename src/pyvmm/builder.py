@@ -33,6 +33,7 @@ from pyvmm.config import ConsoleMode, VmConfig
 from pyvmm.console import ConsoleOutput, TerminalInput
 from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
+from pyvmm.devices.cmos import CmosDevice
 from pyvmm.devices.i8042 import I8042Device
 from pyvmm.devices.serial import Serial
 from pyvmm.errors import UsageError, VmError, in_context
@@ -140,6 +141,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
                 for w in plan.windows
             ],
             serial=config.serial.mode is not ConsoleMode.OFF,
+            cmos_rtc=True,
         )
     )
     memory.write(tables.address, tables.data)
@@ -169,7 +171,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
 
 def _add_legacy_devices(config: VmConfig, vm: Vm, pio_bus: IoBus, latch: ExitLatch,
                         stack: contextlib.ExitStack) -> list[Service]:
-    """COM1 (when --serial is on), the ACPI PM registers and the i8042's reset line."""
+    """COM1 (when --serial is on), the ACPI PM registers, the i8042's reset line and the CMOS RTC."""
     services: list[Service] = []
     if config.serial.mode is not ConsoleMode.OFF:
         output = ConsoleOutput(config.serial)
@@ -185,6 +187,8 @@ def _add_legacy_devices(config: VmConfig, vm: Vm, pio_bus: IoBus, latch: ExitLat
     pio_bus.insert(layout.ACPI_PM_PORT, layout.ACPI_PM_SIZE, pm)
     i8042 = I8042Device(on_reset=lambda: latch.request(ExitKind.RESET))
     pio_bus.insert(layout.I8042_PORT, layout.I8042_SIZE, i8042)
+    # The guest's wall clock at boot (and `hwclock`) comes from here, as under cloud-hypervisor.
+    pio_bus.insert(layout.CMOS_PORT, layout.CMOS_SIZE, CmosDevice.for_ram_size(config.memory.size))
     return services
 
 

@@ -123,6 +123,8 @@ def test_fadt(tables: AcpiTables) -> None:
 def test_fadt_with_rtc() -> None:
     fadt = find(build_acpi_tables(platform(cmos_rtc=True)), b"FACP")
     assert not struct.unpack_from("<H", fadt, 109)[0] & (1 << 5)
+    assert fadt[108] == 0x32  # CENTURY: the CMOS byte with the century, as Linux's mc146818 code reads it
+    assert find(build_acpi_tables(platform()), b"FACP")[108] == 0  # no RTC, no century byte
 
 
 def test_fadt_registers_drive_the_pm_device(tables: AcpiTables) -> None:

@@ -40,7 +40,9 @@ class AcpiPlatform:
     segments: Sequence[AcpiPciSegment]
     serial: bool = True
     pci_intx_irqs: tuple[int, ...] = layout.PCI_INTX_IRQS
-    cmos_rtc: bool = False  # no RTC device: the FADT says so, and Linux skips the CMOS RTC probe
+    # With an RTC at 0x70 the FADT says it is there (as cloud-hypervisor's does) and Linux registers its
+    # rtc_cmos platform device; without, the FADT says it is absent and Linux skips the probe.
+    cmos_rtc: bool = False
     apic_ids: tuple[int, ...] = field(default=())  # empty: vCPU i has APIC id i
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from pyvmm import layout
 from pyvmm.acpi.dsdt import dsdt_body
 from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
 from pyvmm.devices.acpi_pm import REGISTER_WIDTH_BITS, RESET_VALUE, PmRegister, register_port
+from pyvmm.devices.cmos import CmosReg
 
 OEM_ID = b"PYVMM "
 OEM_REVISION = 1
@@ -124,6 +125,9 @@ def fadt(dsdt_address: int, platform: AcpiPlatform) -> bytes:
     boot_arch = IapcBootArch.VGA_NOT_PRESENT  # no i8042 either (bit clear)
     if not platform.cmos_rtc:
         boot_arch |= IapcBootArch.CMOS_RTC_NOT_PRESENT
+    else:
+        # Where the century is: without it Linux assumes 19xx/20xx from the two-digit year only.
+        put(108, "B", CmosReg.CENTURY)
     flags = FadtFlags.HW_REDUCED_ACPI | FadtFlags.RESET_REG_SUP | FadtFlags.PWR_BUTTON | FadtFlags.SLP_BUTTON
     put(109, "H", boot_arch)
     put(112, "I", flags)
