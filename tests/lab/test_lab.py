@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,8 @@ from pyvmm.lab.assets import load_manifest
 from pyvmm.lab.paths import AssetPaths
 
 pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
 
 INVENTORY = r"""
 set -u
@@ -189,3 +194,43 @@ def test_vmm_starts_in_the_lab_rewrite_no_kernel_code(lab) -> None:
     assert lines.get("ANCHOR-VMS") == "1", out
     assert lines.get("WITH-ANCHOR") == "0", out
     assert int(lines.get("WITHOUT-ANCHOR", "0")) > 0, out  # the probe sees patching when there is some
+
+
+def _checkout_under_tmp(root: Path) -> Path:
+    """A clone of this checkout with a minimal venv of its own (what `pip install -e` amounts to: a .pth
+    naming the clone's src, and a `pyvmm` script on the venv's python), all under `root`."""
+    clone = root / "pyvmm-clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    venv = clone / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "pyvmm-clone.pth").write_text(f"{clone / 'src'}\n")
+    script = venv / "bin" / "pyvmm"
+    script.write_text(f"#!{venv}/bin/python\nimport sys\nfrom pyvmm.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    return clone
+
+
+def test_the_lab_shows_the_outside_tmp(lab) -> None:
+    """A file and a checkout (with its venv) under the outside /tmp are there inside the lab; /tmp stays
+    writable there, and writes in the lab never reach the outside /tmp."""
+    root = Path(tempfile.mkdtemp(prefix="pyvmm-lab-tmp-", dir="/tmp"))
+    try:
+        (root / "outside.txt").write_text("made-outside\n")
+        clone = _checkout_under_tmp(root)
+        script = (
+            f"cat {root}/outside.txt; "
+            f"cd {clone} && ./.venv/bin/pyvmm --help | head -1; "
+            "./.venv/bin/python -c 'import pyvmm; print(\"IMPORTED\", pyvmm.__file__)'; "
+            f'echo inside > "$TMPDIR/pyvmm-lab-written" && echo > {root}/from-lab && echo TMP-WRITABLE'
+        )
+        proc = lab(script, devices="none")
+        out = proc.stdout
+        assert proc.returncode == 0, out
+        assert "made-outside" in out, out
+        assert "usage: pyvmm" in out, out
+        assert f"IMPORTED {clone}/src/pyvmm/__init__.py" in out, out
+        assert "TMP-WRITABLE" in out, out
+        assert not (root / "from-lab").exists()  # the overlay's writes stay in the lab
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

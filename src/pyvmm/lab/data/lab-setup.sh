@@ -1,6 +1,10 @@
 #!/bin/sh
 # Runs inside the lab's root (the outside tree): bring the host up as a passthrough host boots.
 printf '1 4 1 7\n' > /proc/sys/kernel/printk  # only errors reach the console; dmesg has the rest
+# /tmp shows the outside /tmp like every other path (read-only underneath, writable overlay on top), so a
+# checkout cloned under /tmp works in the lab. The lab initramfs's init mounts an empty tmpfs there; take it
+# away again (done here, not in that init, so that lab images built before still get it right).
+if [ "$(awk '$2 == "/tmp" {print $3}' /proc/self/mounts | tail -n 1)" = tmpfs ]; then umount /tmp || exit 1; fi
 # Drivers for every device present, by modalias, as udev's coldplug would load them; repeated because
 # drivers create new devices (an SD host finds its card, which wants mmc_block).
 coldplug() {
