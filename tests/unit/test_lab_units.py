@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
 
 import pytest
 
+from pyvmm.lab.assets import Manifest
 from pyvmm.lab.cpio import CpioArchive, read_newc
 from pyvmm.lab.devices import (
     CATALOGUE,
@@ -18,6 +20,8 @@ from pyvmm.lab.devices import (
     qemu_device_args,
 )
 from pyvmm.lab.kmod import canonical, modinfo_fields
+from pyvmm.lab.paths import AssetPaths
+from pyvmm.lab.runner import Lab, LabOptions, default_lab_cpus
 
 
 def test_cpio_roundtrip_keeps_modes_links_and_parents() -> None:
@@ -85,3 +89,20 @@ def test_lab_usage_errors_are_one_line_with_status_2(capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"pyvmm-lab: {option}") and err.count("\n") == 1, err
+
+
+def test_lab_defaults_to_two_cpus_where_there_are_two_cores(monkeypatch) -> None:
+    """A 4-vCPU guest needs more than one lab CPU (issue 17); never more lab CPUs than host cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert default_lab_cpus() == 2 and LabOptions().cpus == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_lab_cpus() == 1 and LabOptions().cpus == 1
+
+
+def test_several_lab_cpus_run_on_several_host_threads(tmp_path) -> None:
+    lab = object.__new__(Lab)
+    lab.paths = AssetPaths(tmp_path)
+    lab.manifest = Manifest("k", "6.1", "", "", "")
+    argv = lab.qemu_argv(tmp_path, LabOptions(devices=[], cpus=2), interactive=False)
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert argv[argv.index("-smp") + 1] == "2"

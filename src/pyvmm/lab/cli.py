@@ -9,7 +9,7 @@ from typing import NoReturn
 from pyvmm.lab.assets import BuildError, LabBuilder
 from pyvmm.lab.debian import PackageError
 from pyvmm.lab.devices import CATALOGUE, DEFAULT_DEVICES, DeviceSpecError, parse_device_spec
-from pyvmm.lab.runner import Lab, LabError, LabOptions
+from pyvmm.lab.runner import DEFAULT_LAB_CPUS, Lab, LabError, LabOptions, default_lab_cpus
 
 USAGE_ERROR = 2
 
@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--devices", metavar="SPEC",
                         help=f"comma-separated lab devices (default: {default}; see `devices`)")
         sp.add_argument("--memory", type=int, default=2048, metavar="MIB", help="lab RAM in MiB (2048)")
-        sp.add_argument("--cpus", type=int, default=1, metavar="N", help="lab CPUs (1)")
+        sp.add_argument("--cpus", type=int, default=default_lab_cpus(), metavar="N",
+                        help=f"lab CPUs ({DEFAULT_LAB_CPUS}, or 1 on a single-core machine; enough for a "
+                        "4-vCPU guest)")
         sp.add_argument("--timeout", type=float, default=900, metavar="S",
                         help="give up after S seconds (900)")
         sp.add_argument("-v", "--verbose", action="store_true", help="show the lab's boot messages")

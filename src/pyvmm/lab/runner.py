@@ -35,11 +35,22 @@ class LabError(PyvmmError, RuntimeError):
     """The lab itself could not run (not the command inside it)."""
 
 
+def default_lab_cpus() -> int:
+    """2 lab CPUs where this machine has 2 cores or more, else 1. With one lab CPU a guest with several
+    vCPUs crawls (every vCPU thread and the lab's own work share one emulated CPU: a 4-vCPU guest did not
+    reach init in 25 minutes); with two, QEMU runs them on two host threads (multi-threaded TCG). More lab
+    CPUs than host cores only adds contention."""
+    return min(DEFAULT_LAB_CPUS, len(os.sched_getaffinity(0)))
+
+
+DEFAULT_LAB_CPUS = 2
+
+
 @dataclass
 class LabOptions:
     devices: list[str] = field(default_factory=lambda: parse_device_spec(None))
     memory_mib: int = 2048
-    cpus: int = 1
+    cpus: int = field(default_factory=default_lab_cpus)
     timeout: float = 900.0
     stall_timeout: float | None = None  # give up when the command prints nothing for this long
     verbose: bool = False
