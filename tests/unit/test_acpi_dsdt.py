@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(ACPIEXEC is None, reason="acpiexec (acpica-tools
 
 PCI_DSM_UUID_BYTES = "(D0 37 C9 E5 53 35 7A 4D 91 17 EA 4D 19 C3 43 4D)"
 PNP0A08, PNP0A03, PNP0C02, PNP0501 = 0x080AD041, 0x030AD041, 0x020CD041, 0x0105D041
+PNP0B00 = 0x000BD041
 
 SEGMENTS = [
     AcpiPciSegment(0, layout.ecam_base(0), (0xC000_0000, 0xD3FF_FFFF), (0x1_0000_0000, 0x1FFF_FFFF_FFFF)),
@@ -196,6 +197,20 @@ def test_s5_matches_pm_device(ev: dict[str, str]) -> None:
 def test_no_com1_without_serial(tmp_path: Path) -> None:
     table = dsdt(AcpiPlatform(num_vcpus=1, segments=SEGMENTS[:1], serial=False))
     (block,) = evaluate(table, ["\\_SB.COM1._HID"], tmp_path)
+    assert "AE_NOT_FOUND" in block
+
+
+def test_cmos_rtc(tmp_path: Path) -> None:
+    """A PNP0B00 device with the two ports and no interrupt (Linux then binds rtc_cmos without alarms)."""
+    table = dsdt(AcpiPlatform(num_vcpus=1, segments=SEGMENTS[:1], cmos_rtc=True))
+    hid, uid, crs = evaluate(table, [f"\\_SB.RTC_.{n}" for n in ("_HID", "_UID", "_CRS")], tmp_path)
+    assert integers(hid) == [PNP0B00]
+    assert integers(uid) == [0]
+    assert windows(buffer(crs)) == [("io", layout.CMOS_PORT, layout.CMOS_PORT + 1)]
+
+
+def test_no_rtc_without_cmos_rtc(tmp_path: Path) -> None:
+    (block,) = evaluate(dsdt(AcpiPlatform(num_vcpus=1, segments=SEGMENTS[:1])), ["\\_SB.RTC_._HID"], tmp_path)
     assert "AE_NOT_FOUND" in block
 
 

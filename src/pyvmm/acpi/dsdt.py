@@ -1,4 +1,4 @@
-"""DSDT content: one PCI host bridge per segment, ECAM reservation, COM1 and the S5 sleep state.
+"""DSDT content: one PCI host bridge per segment, ECAM reservation, COM1, the CMOS RTC and the S5 state.
 
 Follows cloud-hypervisor's description of segments (docs/pci.md#acpi-description) minus PCI hotplug.
 """
@@ -118,6 +118,21 @@ def com1() -> Device:
     ])
 
 
+def cmos_rtc() -> Device:
+    """The CMOS clock as an ACPI PNP device, with its ports and no interrupt.
+
+    Without it Linux registers a fallback platform device with the ISA clock's IRQ 8, and on a HW-reduced
+    platform (no legacy PIC: no IRQ numbers are preallocated) that IRQ does not exist, so rtc_cmos fails
+    its probe with -EINVAL. Described here without an IRQ, Linux binds rtc_cmos without alarm support,
+    which is what the device offers: it raises no interrupt, and IOAPIC pin 8 stays free for PCI INTx.
+    """
+    return Device("RTC_", [
+        Name("_HID", eisa_id("PNP0B00")),
+        Name("_UID", 0),
+        Name("_CRS", ResourceTemplate([IO(layout.CMOS_PORT, layout.CMOS_PORT, 1, layout.CMOS_SIZE)])),
+    ])
+
+
 def sleep_state_s5() -> Name:
     # SLP_TYPa, SLP_TYPb, two reserved; a HW-reduced platform only uses SLP_TYPa.
     return Name("\\_S5_", Package([SLP_TYP_S5, 0, 0, 0]))
@@ -130,4 +145,6 @@ def dsdt_body(platform: AcpiPlatform) -> bytes:
     devices.append(motherboard_resources(platform))
     if platform.serial:
         devices.append(com1())
+    if platform.cmos_rtc:
+        devices.append(cmos_rtc())
     return encode_all([Scope("\\_SB_", devices), sleep_state_s5()])
