@@ -40,8 +40,8 @@ class AcpiPlatform:
     segments: Sequence[AcpiPciSegment]
     serial: bool = True
     pci_intx_irqs: tuple[int, ...] = layout.PCI_INTX_IRQS
-    # With an RTC at 0x70 the FADT says it is there (as cloud-hypervisor's does) and Linux registers its
-    # rtc_cmos platform device; without, the FADT says it is absent and Linux skips the probe.
+    # With an RTC at 0x70 the FADT says it is there (as cloud-hypervisor's does) and the DSDT describes it
+    # (PNP0B00, see dsdt.cmos_rtc); without, the FADT says it is absent and Linux skips the probe.
     cmos_rtc: bool = False
     apic_ids: tuple[int, ...] = field(default=())  # empty: vCPU i has APIC id i
 
