@@ -185,7 +185,9 @@ def parse_bzimage(data: bytes | bytearray | memoryview) -> BzImage:
     return BzImage(header, kernel)
 
 
-def _read(source: bytes | bytearray | memoryview | str | os.PathLike[str], what: str) -> bytes | memoryview:
+def read_source(source: bytes | bytearray | memoryview | str | os.PathLike[str],
+                what: str) -> bytes | memoryview:
+    """A kernel or initramfs given as bytes or as a path; KernelImageError (one line) when unreadable."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return memoryview(source).cast("B")
     try:
@@ -267,7 +269,7 @@ def load_linux(
     layout.EBDA_START so that kernels older than protocol 2.14 still find the RSDP by scanning the EBDA.
     Raises KernelImageError for a bad kernel, command line or initramfs, ZeroPageError for a bad E820 map.
     """
-    image = parse_bzimage(_read(kernel, "kernel"))
+    image = parse_bzimage(read_source(kernel, "kernel"))
     header = image.header
     if not header.has_64bit_entry:
         raise KernelImageError(
@@ -287,7 +289,7 @@ def load_linux(
 
     initramfs_addr = initramfs_size = 0
     if initramfs is not None:
-        data = _read(initramfs, "initramfs")
+        data = read_source(initramfs, "initramfs")
         if len(data) == 0:
             raise KernelImageError("initramfs is empty")
         initramfs_size = len(data)

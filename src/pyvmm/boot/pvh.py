@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from pyvmm import layout
-from pyvmm.boot.bzimage import KernelImageError
+from pyvmm.boot.bzimage import KernelImageError, read_source
 from pyvmm.boot.elf import ElfKernel, ImageFile, LoadSegment, parse_elf_kernel
 from pyvmm.boot.zeropage import E820Entry, validate_e820
 from pyvmm.memory import GuestMemory, GuestMemoryError
@@ -152,16 +152,6 @@ def _initramfs_address(memory: GuestMemory, size: int, segments: Sequence[LoadSe
     return (top - size) // PAGE_SIZE * PAGE_SIZE
 
 
-def _read_initramfs(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes | memoryview:
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return memoryview(source).cast("B")
-    try:
-        with open(source, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise KernelImageError(f"cannot read initramfs {os.fspath(source)}: {e.strerror}") from None
-
-
 def load_pvh(
     memory: GuestMemory,
     image: ImageFile,
@@ -179,7 +169,7 @@ def load_pvh(
     initramfs_addr = initramfs_size = 0
     data: bytes | memoryview = b""
     if initramfs is not None:
-        data = _read_initramfs(initramfs)
+        data = read_source(initramfs, "initramfs")
         if len(data) == 0:
             raise KernelImageError("initramfs is empty")
         initramfs_size = len(data)
