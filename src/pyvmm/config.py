@@ -769,7 +769,7 @@ _HELP = {
   thp=on|off            transparent huge pages; not with hugepages (default on)
   mergeable=on|off      KSM; not with shared=on or hugepages=on (default off)""",
     "--serial": """16550 UART COM1 (I/O port 0x3f8, IRQ 4), one of (default null):
-  off | null | tty | pty | file=<path> | socket=<path>""",
+  off | null | tty | file=<path>  (pty and socket= are not supported yet)""",
     "--console": """virtio-console PCI device (default tty):
   off | null | tty | file=<path>
   id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
