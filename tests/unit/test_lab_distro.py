@@ -46,6 +46,8 @@ def test_configure_gives_a_first_boot_tree_with_a_root_shell_on_serial_consoles(
     assert firstboot.is_symlink() and str(firstboot.readlink()) == "/dev/null"
     inputrc = (tmp_path / "etc/inputrc").read_text()
     assert inputrc.startswith("set bell-style none\n") and "enable-bracketed-paste off" in inputrc
+    for rel in ("etc/.updated", "var/.updated"):  # nothing for ConditionNeedsUpdate= units to do
+        assert (tmp_path / rel).read_text().startswith("TIMESTAMP_NSEC="), rel
     for d in ("usr/share/doc", "usr/share/man", "usr/share/locale", "var/lib/apt/lists"):
         assert (tmp_path / d).is_dir() and not any((tmp_path / d).iterdir()), d
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def recipe() -> str:
 
 def _run(argv: list[str], what: str, **kwargs: object) -> None:
     if shutil.which(argv[0]) is None:
-        raise DistroBuildError(f"{what}: {argv[0]} not found: run `make deps` (Debian package {argv[0]})")
+        raise DistroBuildError(f"{what}: {argv[0]} not found: run `make deps` (scripts/install-deps.sh)")
     proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:])
@@ -138,6 +139,12 @@ def configure(root: Path) -> None:
         link = root / "etc/systemd/system" / unit
         link.unlink(missing_ok=True)
         link.symlink_to("/dev/null")
+    # The first boot has nothing to update (systemd-hwdb-update, ldconfig, the journal catalog: minutes
+    # under nested emulation): the tree was made just now. ConditionNeedsUpdate= compares /usr's mtime with
+    # these stamps.
+    stamp = f"TIMESTAMP_NSEC={time.time_ns()}\n"
+    for rel in ("etc/.updated", "var/.updated"):
+        (root / rel).write_text(stamp)
     for rel in DROPPED:
         path = root / rel
         if path.is_dir() and not path.is_symlink():
