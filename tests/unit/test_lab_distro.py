@@ -86,7 +86,7 @@ def test_make_disk_is_an_mbr_disk_with_the_tree_as_ext4_on_partition_1(tmp_path)
     distro.make_disk(root, disk, "pyvmm-distro")
     size = disk.stat().st_size
     # the tree, ext4's own room, the free space: nothing like the few hundred MiB a fixed size would be
-    assert distro.FREE_SPACE < size < distro.FREE_SPACE + (32 << 20)
+    assert distro.FREE_SPACE < size < distro.FREE_SPACE + (24 << 20)
     table = subprocess.run(["sfdisk", "-d", str(disk)], capture_output=True, text=True, check=True).stdout
     assert "label: dos" in table and "start=        2048" in table and "type=83" in table
     image = f"{disk}?offset={distro.PART_OFFSET}"

@@ -70,7 +70,7 @@ DROPPED = [
 ]
 
 PART_OFFSET = 1 << 20
-FREE_SPACE = 64 << 20  # room for the guest to write (logs, the journal, a test's files)
+FREE_SPACE = 48 << 20  # room for the guest to write (logs, the journal, a test's files)
 
 
 class DistroBuildError(PyvmmError, RuntimeError):
@@ -169,8 +169,8 @@ def make_disk(root: Path, dest: Path, label: str) -> None:
     """An MBR disk, one Linux partition at 1 MiB holding `root` as ext4, just big enough plus FREE_SPACE;
     sparse where nothing is written."""
     used, entries = _tree_bytes(root)
-    # ext4's own structures (inode tables, the journal, bitmaps) take about a tenth of a small file system.
-    part = used * 11 // 10 + FREE_SPACE + (16 << 20)
+    # ext4's own structures: the journal (8 MiB here), inode tables and bitmaps (a few percent).
+    part = used * 21 // 20 + FREE_SPACE + (12 << 20)
     size = PART_OFFSET + (part + (1 << 20) - 1) // (1 << 20) * (1 << 20)
     with dest.open("wb") as f:
         f.truncate(size)
