@@ -19,14 +19,14 @@ pytestmark = pytest.mark.lab
 
 # NAME COMMAND, run in the guest's root shell one after the other.
 GUEST_COMMANDS = r"""
-state systemctl is-system-running --wait
-failed systemctl list-units --failed --plain --no-legend
+state systemctl --no-pager is-system-running --wait
+failed systemctl --no-pager list-units --failed --plain --no-legend
 cpus nproc
 root findmnt -n -o SOURCE,FSTYPE,OPTIONS /
 init readlink /proc/1/exe; cat /etc/hostname
 modules uname -r; ls /lib/modules; cut -d' ' -f1 /proc/modules | sort | tr '\n' ' '; echo
 card i=0; until [ -b /dev/mmcblk0 ] || [ $i = 50 ]; do sleep 0.2; i=$((i+1)); done; sha256sum /dev/mmcblk0
-timing systemd-analyze
+timing systemd-analyze --no-pager
 clock date -u '+%F %T'
 """
 

@@ -30,7 +30,7 @@ class Console:
     def __init__(self, argv: list[str]) -> None:
         self.start = time.monotonic()
         master, slave = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
         os.close(slave)
         self.fd = master
         self.buffer = b""
