@@ -58,8 +58,9 @@ pyvmm-host unbind $SD > /dev/null
 )
 
 
-# Lines the console interleaves with a command's output: kernel messages and systemd's boot status.
-_NOISE = re.compile(r"^\[\s*\d+\.\d+\] |\x1b\[|^\s*\[\s*(OK|FAILED|DEPEND|TIME)\s*\] |^ {9}\S")
+# Lines the console interleaves with a command's output: kernel messages and systemd's boot status; and
+# serial_session.py's echo of the console ("| ..."), which follows each section until the next one.
+_NOISE = re.compile(r"^\| |^\[\s*\d+\.\d+\] |\x1b\[|^\s*\[\s*(OK|FAILED|DEPEND|TIME)\s*\] |^ {9}\S")
 
 
 def _clean(text: str) -> str:
