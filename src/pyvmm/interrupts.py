@@ -14,12 +14,12 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from pyvmm import layout
 from pyvmm.errors import PyvmmError
 from pyvmm.hypervisor import GsiRouting, Irqfds
-from pyvmm.kvm.routing import MsiRoute, Route, default_irqchip_routes
+from pyvmm.kvm.routing import MsiRoute, Route, RouteTable, default_irqchip_routes
 from pyvmm.pci.msi import MsiMessage, address_is_routable
 
 log = logging.getLogger(__name__)
@@ -38,58 +38,6 @@ class GsiExhausted(InterruptError):
     """No GSI left in the VM's MSI pool."""
 
 
-class RouteTable:
-    """The routes KVM_SET_GSI_ROUTING takes, kept as one list updated in place: O(1) per change.
-
-    The fixed (irqchip) routes come first and never move; an MSI route's position is kept per GSI, and a
-    removed route's place is taken by the last one. `routes` is what is sent to KVM, as it is.
-    """
-
-    def __init__(self, fixed: Iterable[Route]) -> None:
-        self.routes: list[Route] = list(fixed)
-        self._fixed = len(self.routes)
-        self._where: dict[int, int] = {}  # MSI GSI -> index in routes
-
-    def __len__(self) -> int:
-        """The number of MSI routes."""
-        return len(self._where)
-
-    def get(self, gsi: int) -> MsiRoute | None:
-        at = self._where.get(gsi)
-        if at is None:
-            return None
-        route = self.routes[at]
-        assert isinstance(route, MsiRoute)
-        return route
-
-    def put(self, route: MsiRoute) -> MsiRoute | None:
-        """Install or replace the route of `route.gsi`; returns the route it replaced."""
-        at = self._where.get(route.gsi)
-        if at is None:
-            self._where[route.gsi] = len(self.routes)
-            self.routes.append(route)
-            return None
-        old = self.routes[at]
-        self.routes[at] = route
-        assert isinstance(old, MsiRoute)
-        return old
-
-    def remove(self, gsi: int) -> MsiRoute | None:
-        at = self._where.pop(gsi, None)
-        if at is None:
-            return None
-        old = self.routes[at]
-        last = self.routes.pop()
-        if at < len(self.routes):
-            self.routes[at] = last
-            self._where[last.gsi] = at
-        assert isinstance(old, MsiRoute)
-        return old
-
-    def apply(self, gsi: int, route: MsiRoute | None) -> MsiRoute | None:
-        return self.remove(gsi) if route is None else self.put(route)
-
-
 class MsiRouter:
     """The VM-wide GSI routing table: the default IOAPIC/PIC routes plus every unmasked MSI vector.
 
@@ -102,7 +50,7 @@ class MsiRouter:
             raise ValueError(f"MSI route cap {max_routes} out of range 1..{MAX_MSI_ROUTES}")
         self._routing = routing
         self._lock = threading.Lock()
-        self._table = RouteTable(default_irqchip_routes(layout.IOAPIC_NUM_PINS))
+        self._table = RouteTable(default_irqchip_routes(layout.IOAPIC_NUM_PINS), max_routes)
         self._free = list(range(layout.MSI_GSI_BASE + max_routes - 1, layout.MSI_GSI_BASE - 1, -1))
         self.max_routes = max_routes
         self.kvm_calls = 0  # KVM_SET_GSI_ROUTING calls made (for tests and measurements)
@@ -110,7 +58,7 @@ class MsiRouter:
     @property
     def routes(self) -> Sequence[Route]:
         """The table as KVM has it (read-only view)."""
-        return tuple(self._table.routes)
+        return tuple(self._table)
 
     def allocate_gsi(self) -> int:
         with self._lock:
@@ -131,16 +79,16 @@ class MsiRouter:
         """Apply several route changes with one KVM_SET_GSI_ROUTING; all or none (OSError: none)."""
         with self._lock:
             undo: list[tuple[int, MsiRoute | None]] = []
-            for gsi, message in changes.items():
-                route = None if message is None else MsiRoute(gsi, message.address, message.data)
-                if self._table.get(gsi) == route:
-                    continue
-                undo.append((gsi, self._table.apply(gsi, route)))
-            if not undo:
-                return
             try:
+                for gsi, message in changes.items():
+                    route = None if message is None else MsiRoute(gsi, message.address, message.data)
+                    if self._table.get(gsi) == route:
+                        continue
+                    undo.append((gsi, self._table.apply(gsi, route)))
+                if not undo:
+                    return
                 self.kvm_calls += 1
-                self._routing.set_gsi_routing(self._table.routes)
+                self._routing.set_gsi_routing(self._table)  # the table itself: KVM gets it as it is
             except BaseException:
                 for gsi, old in reversed(undo):
                     self._table.apply(gsi, old)

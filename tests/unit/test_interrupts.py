@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from pyvmm import layout
-from pyvmm.interrupts import MAX_MSI_ROUTES, GsiExhausted, IrqfdMsiVectors, MsiRouter, RouteTable
-from pyvmm.kvm.routing import MsiRoute, default_irqchip_routes
+from pyvmm.interrupts import MAX_MSI_ROUTES, GsiExhausted, IrqfdMsiVectors, MsiRouter
+from pyvmm.kvm.routing import MsiRoute, RouteTable, default_irqchip_routes, encode_routes
 from pyvmm.pci.msi import MsiMessage, MsixCapability
 
 IRQCHIP = len(default_irqchip_routes(layout.IOAPIC_NUM_PINS))
@@ -46,15 +46,38 @@ def msg(data: int) -> MsiMessage:
 
 
 def test_route_table_updates_in_place() -> None:
-    table = RouteTable(default_irqchip_routes())
+    table = RouteTable(default_irqchip_routes(), 4)
     for gsi in (24, 25, 26):
         assert table.put(MsiRoute(gsi, 0xFEE0_0000, gsi)) is None
     assert table.remove(24) == MsiRoute(24, 0xFEE0_0000, 24)
-    assert table.routes[:IRQCHIP] == default_irqchip_routes()  # the irqchip routes never move
-    assert sorted(r.gsi for r in table.routes[IRQCHIP:]) == [25, 26] and len(table) == 2
+    assert list(table[:IRQCHIP]) == default_irqchip_routes()  # the irqchip routes never move
+    assert sorted(r.gsi for r in table[IRQCHIP:]) == [25, 26] and table.msi_count == 2
     assert table.put(MsiRoute(26, 0xFEE0_0000, 7)) == MsiRoute(26, 0xFEE0_0000, 26)
     assert table.get(26) == MsiRoute(26, 0xFEE0_0000, 7) and table.get(24) is None
     assert table.remove(24) is None
+    for gsi in (27, 28):
+        table.put(MsiRoute(gsi, 0xFEE0_0000, 1))
+    with pytest.raises(ValueError):
+        table.put(MsiRoute(29, 0xFEE0_0000, 1))  # capacity 4
+
+
+def test_route_table_stays_encoded_as_kvm_takes_it() -> None:
+    """After any mix of changes the kept `struct kvm_irq_routing` is byte for byte a fresh encoding."""
+    import ctypes
+    import random
+
+    rng = random.Random(19)
+    table = RouteTable(default_irqchip_routes(), 64)
+    for _ in range(2000):
+        gsi = rng.randrange(24, 88)
+        if rng.random() < 0.4:
+            table.remove(gsi)
+        else:
+            table.put(MsiRoute(gsi, 0xFEE0_0000 | rng.randrange(256) << 12, rng.randrange(1 << 32)))
+    kept, fresh = table.encoded(), encode_routes(list(table))
+    size = ctypes.sizeof(fresh)
+    assert kept.nr == fresh.nr == len(table)
+    assert ctypes.string_at(ctypes.addressof(kept), size) == ctypes.string_at(ctypes.addressof(fresh), size)
 
 
 def test_router_calls_kvm_once_per_change_and_never_for_the_same_route() -> None:
