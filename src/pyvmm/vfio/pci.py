@@ -745,6 +745,11 @@ class VfioPciDevice(PciDevice):
 
     def close(self) -> None:
         """Undo everything in reverse: guest mappings, interrupts, host mappings, the device fd."""
+        lock = getattr(self, "_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            self._close()
+
+    def _close(self) -> None:
         for m in getattr(self, "_mappings", []):
             with contextlib.suppress(Exception):
                 self._uninstall(m)
