@@ -127,7 +127,8 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     plan = vm_plan(config, phys_bits)
     platform = PciPlatform(plan.windows, pio_bus=pio_bus, mmio_bus=mmio_bus, memory_slots=memory_slots)
     reserve_slots(platform, plan.items)
-    router = MsiRouter(vm)  # one VM-wide GSI routing table, shared by virtio and VFIO
+    # One VM-wide GSI routing table, shared by virtio and VFIO.
+    router = MsiRouter(vm, config.platform.x_max_msi_routes)
     _add_disks(config, memory, platform, router, vm, stack)
     _add_vfio_devices(config, memory, platform, router, vm, latch, stack, on_host_request)
     _check_plan(plan, platform)

@@ -162,6 +162,8 @@ class PlatformConfig:
     iommufd: bool = False  # always False for now: container/group mode only
     # pyvmm-only: run --devices on a host without interrupt remapping (not isolated; SECURITY.md)
     allow_unsafe_interrupts: bool = False
+    # pyvmm-only: the MSI routes (GSIs) the guest's vectors may take (docs/interrupts.md#routing-failures)
+    x_max_msi_routes: int = layout.MSI_ROUTES_MAX
 
 
 @dataclass(frozen=True)
@@ -552,7 +554,7 @@ def parse_device(text: str) -> DeviceConfig:
 
 _PLATFORM_KEYS = frozenset({
     "num_pci_segments", "iommu_segments", "vfio_p2p_dma",
-    "allow_unsafe_interrupts",  # pyvmm-only (docs/cli.md#platform)
+    "allow_unsafe_interrupts", "x_max_msi_routes",  # pyvmm-only (docs/cli.md#platform)
 })
 
 
@@ -568,10 +570,14 @@ def parse_platform(text: str) -> PlatformConfig:
             raise OptionError(f"Invalid PCI segment id: {seg} in iommu_segments (num_pci_segments={num})")
     if iommu_segments:
         raise OptionError("iommu_segments is not supported by pyvmm yet (it needs a virtio-iommu)")
+    routes = _required_int(opts, "x_max_msi_routes", layout.MSI_ROUTES_MAX, bits=32)
+    if not 1 <= routes <= layout.MSI_ROUTES_MAX:
+        raise OptionError(f"x_max_msi_routes={routes} is out of range 1..{layout.MSI_ROUTES_MAX}")
     return PlatformConfig(
         num_pci_segments=num,
         vfio_p2p_dma=opts.toggle("vfio_p2p_dma", True),
         allow_unsafe_interrupts=opts.toggle("allow_unsafe_interrupts", False),
+        x_max_msi_routes=routes,
     )
 
 
@@ -805,7 +811,9 @@ be repeated:
   allow_unsafe_interrupts=on|off
                         pass devices through on a host without interrupt
                         remapping: the guest is then not isolated from the
-                        host's interrupts (default off: refused)""",
+                        host's interrupts (default off: refused)
+  x_max_msi_routes=<n>  MSI/MSI-X vectors the guest may route at once, 1-{layout.MSI_ROUTES_MAX}
+                        (default {layout.MSI_ROUTES_MAX}); further vectors stay masked""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)

@@ -70,6 +70,7 @@ IOAPIC_NUM_PINS = 24
 PCI_INTX_IRQS = (5, 6, 7, 8, 9, 10, 11, 12)  # slot s uses PCI_INTX_IRQS[s % 8]
 MSI_GSI_BASE = 24
 MSI_GSI_END = 4096
+MSI_ROUTES_MAX = 2048  # GSIs 24-2071: half of KVM's 4096 routes (docs/interrupts.md#routing-failures)
 
 
 def ecam_base(segment: int) -> int:

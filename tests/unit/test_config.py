@@ -438,6 +438,8 @@ def test_platform_keys() -> None:
         "--platform", "num_pci_segments=4,vfio_p2p_dma=off,iommu_address_width=64,iommufd=off"
     ).platform
     assert platform == PlatformConfig(num_pci_segments=4, vfio_p2p_dma=False)
+    assert parse("--platform", "x_max_msi_routes=16").platform.x_max_msi_routes == 16
+    assert parse().platform.x_max_msi_routes == 2048
 
 
 @pytest.mark.parametrize(
@@ -453,6 +455,8 @@ def test_platform_keys() -> None:
         ("iommufd=on", "iommufd=on is not supported by pyvmm yet"),
         ("iommufd_fd=3", "iommufd_fd is not supported by pyvmm yet"),
         ("system_uuid=abc", "system_uuid is not supported by pyvmm yet"),
+        ("x_max_msi_routes=0", "x_max_msi_routes=0 is out of range 1..2048"),
+        ("x_max_msi_routes=2049", "x_max_msi_routes=2049 is out of range 1..2048"),
     ],
 )
 def test_platform_errors(value: str, message: str) -> None:

@@ -16,6 +16,7 @@ from pyvmm.interrupts import MsiRouter
 from pyvmm.pci.bar import BarMove
 from pyvmm.vfio.bindings import VfioDeviceFlag, VfioIrqInfoFlag, VfioIrqSetFlag, VfioRegionInfoFlag
 from pyvmm.vfio.device import IrqInfo, RegionInfo, SparseArea, VfioDevice
+from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.pci import VfioPciDevice
 
 STRIDE = 1 << 24  # region i lives at i * STRIDE in the stand-in fd
@@ -50,12 +51,17 @@ class StandInDevice(VfioDevice):
         os.pwrite(self.fd, config, 7 * STRIDE)
         self.irqs = {i: IrqInfo(i, VfioIrqInfoFlag.VFIO_IRQ_INFO_EVENTFD, n) for i, n in irqs.items()}
         self.calls: list[tuple] = []
+        self.sets: list[tuple[int, int, list[int]]] = []  # (index, start, fds) of every SET_IRQS
+        self.refuse_from = 1 << 30  # SET_IRQS covering a vector from this one fails (host out of vectors)
 
     def _set_irqs(self, index, flags, start=0, data=None, count=None) -> None:
         action = flags & ~(VfioIrqSetFlag.VFIO_IRQ_SET_DATA_NONE | VfioIrqSetFlag.VFIO_IRQ_SET_DATA_EVENTFD)
+        if data and start + len(data) > self.refuse_from:
+            raise VfioError("VFIO_DEVICE_SET_IRQS failed: No space left on device")
         self.calls.append(
             ("set_irqs", int(index), VfioIrqSetFlag(action).name, len(data) if data else (count or 0))
         )
+        self.sets.append((int(index), start, list(data or [])))
 
     def reset(self) -> bool:
         self.calls.append(("reset",))
@@ -299,8 +305,9 @@ def test_msix_enable_orders_intx_off_before_set_irqs_and_honours_vector_masks() 
     model.config_write(0x43, 1, 0x80)  # MSI-X enable with a byte write
     assert dev.calls == [
         ("set_irqs", 0, "VFIO_IRQ_SET_ACTION_TRIGGER", 0),
-        ("set_irqs", 2, "VFIO_IRQ_SET_ACTION_TRIGGER", 64),
+        ("set_irqs", 2, "VFIO_IRQ_SET_ACTION_TRIGGER", 2),  # vectors 0-1: only 1 unmasked (0 gets fd -1)
     ]
+    assert dev.sets[-1][2][0] == -1 and dev.sets[-1][2][1] >= 0
     assert model.config_read(0x40, 4) >> 16 == 0x8000 | 63
     new = vm.irqfds[before:]
     assert len(new) == 1 and not new[0][3]
@@ -315,6 +322,139 @@ def test_msix_enable_orders_intx_off_before_set_irqs_and_honours_vector_masks() 
     model.config_write(0x42, 2, 63)
     assert dev.calls[0] == ("set_irqs", 2, "VFIO_IRQ_SET_ACTION_TRIGGER", 0)
     assert dev.calls[1] == ("set_irqs", 0, "VFIO_IRQ_SET_ACTION_TRIGGER", 1)
+
+
+def unmask(model: VfioPciDevice, vector: int, data: int = 0x40, table: int = 0x2000) -> None:
+    at = table + 16 * vector
+    model.bar_write(0, at, 8, 0xFEE0_0000)
+    model.bar_write(0, at + 8, 4, data + vector)
+    model.bar_write(0, at + 12, 4, 0)
+
+
+def msix_sets(dev: StandInDevice) -> list[tuple[int, list[bool]]]:
+    """(start, which vectors got an eventfd) of each MSI-X SET_IRQS; an empty list is a disable."""
+    return [(start, [fd >= 0 for fd in fds]) for index, start, fds in dev.sets if index == 2]
+
+
+def noresize(dev: StandInDevice, on: bool) -> None:
+    flags = VfioIrqInfoFlag.VFIO_IRQ_INFO_EVENTFD | (VfioIrqInfoFlag.VFIO_IRQ_INFO_NORESIZE if on else 0)
+    dev.irqs[2] = IrqInfo(2, flags, dev.irqs[2].count)
+
+
+def test_msix_vectors_reach_vfio_as_the_guest_unmasks_them_noresize() -> None:
+    dev, _, _, model = make()
+    noresize(dev, True)  # Linux before 6.5: the count cannot grow while enabled
+    unmask(model, 2)
+    model.config_write(0x42, 2, 0x8000 | 63)  # enable: vectors 0-2 at the host, only 2 with an eventfd
+    assert msix_sets(dev) == [(0, [False, False, True])]
+    dev.sets.clear()
+    unmask(model, 1)  # inside the range: set alone
+    assert msix_sets(dev) == [(1, [True])]
+    dev.sets.clear()
+    unmask(model, 5)  # beyond it: disable, enable again with every eventfd given so far
+    assert msix_sets(dev) == [(0, []), (0, [False, True, True, False, False, True])]
+    dev.sets.clear()
+    model.bar_write(0, 0x2000 + 16 * 5 + 12, 4, 1)  # masking keeps the eventfd at VFIO (pending waits there)
+    unmask(model, 5)
+    assert msix_sets(dev) == []
+    model.config_write(0x42, 2, 63)  # disable: all gone; enabling again starts from what is unmasked
+    model.config_write(0x42, 2, 0x8000 | 63)
+    assert msix_sets(dev)[-2:] == [(0, []), (0, [False, True, True, False, False, True])]
+
+
+def test_msix_vectors_added_in_place_without_noresize() -> None:
+    dev, _, _, model = make()
+    noresize(dev, False)  # Linux 6.5+ with dynamic MSI-X
+    model.config_write(0x42, 2, 0x8000 | 63)  # nothing unmasked: MSI-X on at the host with no vector
+    assert msix_sets(dev) == [(0, [False])]
+    unmask(model, 7)
+    assert msix_sets(dev)[1:] == [(7, [True])]
+
+
+def test_function_mask_release_is_one_routing_call_and_one_set_irqs() -> None:
+    dev, vm, _, model = make()
+    noresize(dev, True)
+    model.config_write(0x42, 2, 0xC000 | 63)  # enabled, function masked
+    for vector in range(64):
+        unmask(model, vector)
+    calls_before, sets_before = len(vm.routing), len(dev.sets)
+    model.config_write(0x42, 2, 0x8000 | 63)  # function mask off: 64 vectors at once
+    assert len(vm.routing) == calls_before + 1
+    assert sum(1 for r in vm.routing[-1] if hasattr(r, "data")) == 64
+    assert msix_sets(dev)[len(msix_sets(dev)) - 2:] == [(0, []), (0, [True] * 64)]
+    assert len(dev.sets) == sets_before + 2
+
+
+def test_vectors_vfio_refuses_stay_off_and_the_rest_keeps_working() -> None:
+    dev, _, _, model = make()
+    noresize(dev, True)
+    model.config_write(0x42, 2, 0x8000 | 63)
+    unmask(model, 0)
+    dev.refuse_from = 4  # the host has interrupts for 4 vectors only
+    unmask(model, 9)  # refused: back to the range that worked
+    assert msix_sets(dev)[-2:] == [(0, []), (0, [True])]
+    unmask(model, 3)  # still fits
+    assert msix_sets(dev)[-2:] == [(0, []), (0, [True, False, False, True])]
+
+
+def test_gsi_pool_exhaustion_leaves_vectors_masked_and_the_device_working(caplog) -> None:
+    dev = StandInDevice(bytes(nvme_like_config()), nvme_like_bars(), {0: 1, 1: 4, 2: 64})
+    noresize(dev, True)
+    vm = FakeVm()
+    model = VfioPciDevice(dev, vm, MsiRouter(vm, max_routes=3), memory_slots=FakeMapper())
+    model.assign_bar(0, 0x1_0000_0000)
+    model.config_write(0x42, 2, 0x8000 | 63)
+    for vector in range(10):
+        unmask(model, vector)
+    msi_routes = [r for r in vm.routing[-1] if hasattr(r, "data")]
+    assert sorted(r.data for r in msi_routes) == [0x40, 0x41, 0x42]
+    assert len(vm.assigned) == 3
+    assert msix_sets(dev)[-1] == (0, [True, True, True])  # the others never reach the host
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "stays masked" in r.message]
+    assert len(warnings) == 1, warnings  # once per device, not once per vector
+    # Masking a routed vector frees nothing (a vector keeps its GSI) but its route goes.
+    model.bar_write(0, 0x2000 + 12, 4, 1)
+    assert sorted(r.data for r in vm.routing[-1] if hasattr(r, "data")) == [0x41, 0x42]
+
+
+def relocated_config() -> bytearray:
+    """nvme_like_config with the MSI-X table at 0x2800 (sharing a page with registers) and PBA at 0x3800."""
+    c = nvme_like_config()
+    struct.pack_into("<HII", c, 0x42, 63, 0x2800, 0x3800)
+    return c
+
+
+def test_relocated_table_leaves_the_physical_table_page_unmapped() -> None:
+    dev = StandInDevice(bytes(relocated_config()), nvme_like_bars(), {0: 1, 1: 4, 2: 64})
+    vm, mapper = FakeVm(), FakeMapper()
+    model = VfioPciDevice(dev, vm, MsiRouter(vm), memory_slots=mapper)
+    assert model.msix is not None and model.msix.table_offset == 0x4000  # the guest's BAR0 doubled
+    model.assign_bar(0, 0x1_0000_0000)
+    areas = {(a.bar, a.offset, a.size) for a in model.mapped_areas}
+    assert areas == {(0, 0, 0x2000), (4, 0, 0x1000)}  # pages 0x2000 (table) and 0x3000 (PBA) trap
+    assert (0x1_0000_0000, 0x2000) in [(g, s) for g, s, _ in mapper.slots.values()]
+    # The guest's table is the emulated one above; the physical one below is never the device's.
+    dev.poke(0, 0x2800, b"\x5a" * 16)
+    assert model.bar_read(0, 0x2800, 4) == 0xFFFF_FFFF
+    model.bar_write(0, 0x2800, 4, 0x1234)
+    assert dev.raw(0, 0x2800, 4) == b"\x5a" * 4
+    dev.poke(0, 0x2000, b"\x11\x22\x33\x44")
+    assert model.bar_read(0, 0x2000, 4) == 0x4433_2211  # registers sharing that page still reach the device
+    assert model.bar_read(0, 0x400C, 4) == 1  # emulated entry 0, masked
+
+
+def test_d3hot_takes_the_bar_pages_out_like_memory_space_disable() -> None:
+    dev, _, mapper, model = make()
+    mapped = len(mapper.slots)
+    assert mapped == 2
+    model.config_write(0x64, 2, 0x0003)  # PMCSR: D3hot
+    assert mapper.slots == {}
+    assert model.bar_read(0, 0x10, 4) == dev.read_int(0, 0x10, 4)  # trapped now
+    model.config_write(0x04, 2, 0x0000)  # memory space off too, then on again: still D3hot
+    model.config_write(0x04, 2, 0x0006)
+    assert mapper.slots == {}
+    model.config_write(0x64, 2, 0x0000)  # D0
+    assert len(mapper.slots) == mapped
 
 
 def test_msi_with_several_vectors_and_per_vector_mask() -> None:

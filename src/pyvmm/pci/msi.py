@@ -48,7 +48,10 @@ class MsiVectorSink(Protocol):
     """Receives routing changes. Order: vector changes first, then enable_changed."""
 
     def vector_changed(self, vector: int, message: MsiMessage | None) -> None:
-        """`vector` now delivers `message`; None means masked, disabled or unroutable."""
+        """`vector` now delivers `message`; None means masked, disabled or unroutable.
+
+        A sink may also offer `vectors_changed(changes)`, called instead when one register write changes
+        several vectors (MSI-X enable, function mask), so that it can update its routes in one go."""
 
     def enable_changed(self, enabled: bool, count: int) -> None:
         """MSI/MSI-X was turned on with `count` vectors, or off (count 0)."""
@@ -72,9 +75,14 @@ class _Router:
         self.count = 0
 
     def sync(self, routes: dict[int, MsiMessage | None], enabled: bool, count: int) -> None:
-        for vector, message in routes.items():
-            if message != self.routes[vector]:
-                self.routes[vector] = message
+        changed = [(vector, message) for vector, message in routes.items() if message != self.routes[vector]]
+        for vector, message in changed:
+            self.routes[vector] = message
+        batch = getattr(self.sink, "vectors_changed", None) if len(changed) > 1 else None
+        if batch is not None:
+            batch(changed)  # a sink that can: one routing-table update for all of them
+        else:
+            for vector, message in changed:
                 self.sink.vector_changed(vector, message)
         if (enabled, count) != (self.enabled, self.count):
             self.enabled, self.count = enabled, count

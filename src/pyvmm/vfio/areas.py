@@ -32,9 +32,10 @@ def mappable_areas(
 ) -> list[SparseArea]:
     """Page-aligned areas of a BAR region to map into the guest; the rest of the BAR traps.
 
-    `holes` are (offset, length) ranges that must trap (the MSI-X table and PBA living in this BAR); they
-    are widened to whole pages, so table pages are never mapped. A region holding a hole is mapped only if
-    the kernel said where (sparse areas) or that MSI-X pages may be mapped (MSI-X mappable).
+    `holes` are (offset, length) ranges that must trap (the physical MSI-X table and PBA living in this BAR,
+    relocated for the guest or not); they are widened to whole pages, so table pages are never mapped. A
+    region holding a hole is mapped only if the kernel said where (sparse areas) or that MSI-X pages may be
+    mapped (MSI-X mappable).
     """
     if excluded or not mmappable or region_size <= 0:
         return []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from pyvmm.pci.device import PciDevice
 from pyvmm.pci.msi import MsiCapability, MsiMessage, MsixCapability
 from pyvmm.vfio import capabilities as caps
 from pyvmm.vfio.areas import MsixLayout, mappable_areas, relocate_msix
-from pyvmm.vfio.bindings import VfioPciIrq, VfioPciRegion
+from pyvmm.vfio.bindings import VfioIrqInfoFlag, VfioPciIrq, VfioPciRegion
 from pyvmm.vfio.container import VfioContainer
 from pyvmm.vfio.device import VfioDevice
 from pyvmm.vfio.errors import VfioError
@@ -151,10 +152,12 @@ class _VectorSink:
         self.vectors = vectors
 
     def vector_changed(self, vector: int, message: MsiMessage | None) -> None:
-        try:
-            self.vectors.vector_changed(vector, message)
-        except OSError as e:
-            log.warning("%s: routing %s vector %d failed: %s", self.owner.name, self.index.name, vector, e)
+        self.vectors_changed([(vector, message)])
+
+    def vectors_changed(self, changes: list[tuple[int, MsiMessage | None]]) -> None:
+        routed = self.vectors.vectors_changed(changes)  # never raises: a failed vector stays masked
+        if routed:
+            self.owner._vectors_routed(self.index, routed)
 
     def enable_changed(self, enabled: bool, count: int) -> None:
         self.owner._irq_enable_changed(self.index, enabled, count)
@@ -188,10 +191,16 @@ class VfioPciDevice(PciDevice):
         self._page = page_size
         self._exclude = frozenset(exclude_mmap_bars)
         self._mappings: list[_Mapping] = []
-        # BAR pages are in the guest only while the guest has Memory Space Enable set: vfio-pci revokes its
-        # mmaps while decoding is off, and a memslot over a revoked mapping fails KVM_RUN with EFAULT. With
-        # no memslot the access traps and reads all-ones, as a master abort does on real hardware.
-        self._memory_enabled = bool(device.read_config(Reg.COMMAND, 2) & Command.MEMORY_SPACE)
+        # One lock around what vCPU threads can race on: BAR moves and mappings, MSI/MSI-X updates, the
+        # config writes that drive both (re-entrant: a config write may move BARs and enable MSI-X).
+        self._lock = threading.RLock()
+        # BAR pages are in the guest only while the guest has Memory Space Enable set and the function is
+        # not in D3hot: vfio-pci revokes its mmaps in both cases, and a memslot over a revoked mapping fails
+        # KVM_RUN with EFAULT. With no memslot the access traps and reads all-ones, as a master abort does.
+        self._memory_space = bool(device.read_config(Reg.COMMAND, 2) & Command.MEMORY_SPACE)
+        self._pm_off: int | None = None
+        self._d3hot = False
+        self._memory_enabled = self._memory_space
         self._intx_gsi: int | None = None
         self._intx_trigger = -1
         self._intx_resample = -1
@@ -203,11 +212,17 @@ class VfioPciDevice(PciDevice):
         self._msix_sink: _VectorSink | None = None
         self._msi_off = self._msix_off = -1
         self._msix_phys_pba = 0
+        self._msix_phys_table = 0
+        self._msix_given: set[int] = set()  # MSI-X vectors whose eventfd VFIO has (guest unmasked them once)
+        self._msix_warned = False
         try:
             # Reset first: MSI/MSI-X control words must be read in their after-reset state
             # (docs/vfio.md#device-creation-order).
             self.did_reset = device.reset()
             self.caps = caps.scan(device.read_config, device.config_size)
+            self._pm_off = self.caps.find(caps.CapId.PM)
+            self._d3hot = self._power_state_d3hot()
+            self._memory_enabled = self._memory_space and not self._d3hot
             self._patches: dict[int, list[caps.ConfigPatch]] = {}
             for patch in caps.hidden_ext_cap_patches(self.caps):
                 self.add_patch(patch)
@@ -229,7 +244,7 @@ class VfioPciDevice(PciDevice):
         self._patches.setdefault(patch.offset & ~3, []).append(patch)
 
     def _vectors(self, count: int) -> IrqfdMsiVectors:
-        return IrqfdMsiVectors(self._router, self._irqfds, count)
+        return IrqfdMsiVectors(self._router, self._irqfds, count, self.name)
 
     def _setup_msi(self) -> None:
         offset = self.caps.find(caps.CapId.MSI)
@@ -259,6 +274,7 @@ class VfioPciDevice(PciDevice):
             return
         size, table_bir, pba_bir, pba_off, layout = geometry
         self._msix_bar_size = layout.bar_size
+        self._msix_phys_table = self.device.read_config(offset + 4, 4) & ~7
         self._msix_phys_pba = pba_off
         self._msix_sink = _VectorSink(self, _MSIX, self._vectors(size))
         self.msix = MsixCapability(
@@ -308,7 +324,9 @@ class VfioPciDevice(PciDevice):
         if msix is None:
             return holes
         if msix.table_bir == index:
-            holes.append((msix.table_offset, msix.table_length))
+            # The physical table, wherever the guest sees it: relocated or not, its page never reaches the
+            # guest (docs/vfio.md#which-bar-parts-are-mapped).
+            holes.append((self._msix_phys_table, msix.table_length))
         if msix.pba_bir == index:
             holes.append((self._phys_pba_offset(), msix.pba_length))
         return holes
@@ -433,18 +451,21 @@ class VfioPciDevice(PciDevice):
         return self.shadow.bars()
 
     def assign_bar(self, index: int, address: int) -> None:
-        self.shadow.set_bar_address(index, address)
-        for m in self._mappings:
-            if m.area.bar == index:
-                self._uninstall(m)
-                self._install(m)
+        with self._lock:
+            self.shadow.set_bar_address(index, address)
+            for m in self._mappings:
+                if m.area.bar == index:
+                    self._uninstall(m)
+                    self._install(m)
 
     def bar_move_refused(self, move: BarMove) -> None:
-        self.shadow.cancel_move(move)
-        self._reinstall_bar(move.bar_index)
+        with self._lock:
+            self.shadow.cancel_move(move)
+            self._reinstall_bar(move.bar_index)
 
     def bar_moved(self, move: BarMove) -> None:
-        self._reinstall_bar(move.bar_index)
+        with self._lock:
+            self._reinstall_bar(move.bar_index)
 
     def assign_intx(self, irq: int) -> None:
         """Arm INTx on GSI `irq` (irqfd + resample) when the device has a usable pin."""
@@ -487,7 +508,8 @@ class VfioPciDevice(PciDevice):
 
     def _irq_enable_changed(self, index: VfioPciIrq, enabled: bool, count: int) -> None:
         """MSI/MSI-X on: INTx off, then VFIO_DEVICE_SET_IRQS; off: SET_IRQS count 0, then INTx back
-        (docs/interrupts.md#enabling-and-disabling-msi-or-msi-x)."""
+        (docs/interrupts.md#enabling-and-disabling-msi-or-msi-x). MSI gets all its vectors at once, MSI-X
+        only those the guest has unmasked (docs/interrupts.md#msi-x-vectors-at-the-host)."""
         sink = self._msi_sink if index == _MSI else self._msix_sink
         if sink is None:
             return
@@ -495,14 +517,83 @@ class VfioPciDevice(PciDevice):
             if index in self._active:
                 self.device.disable_irqs(index)
                 del self._active[index]
+            if index == _MSIX:
+                self._msix_given.clear()
             if enabled and count:
                 self._disarm_intx()
-                self.device.enable_eventfds(index, sink.vectors.eventfds[:count])
-                self._active[index] = count
+                if index == _MSIX:
+                    used = [v for v in range(count) if sink.vectors.routed(v)]
+                    self._msix_set_host(used, count)
+                else:
+                    self.device.enable_eventfds(index, sink.vectors.eventfds[:count])
+                    self._active[index] = count
         except VfioError as e:
             log.error("%s: %s", self.name, e)
         if not self._active:
             self._arm_intx()
+
+    def _vectors_routed(self, index: VfioPciIrq, vectors: list[int]) -> None:
+        """The guest unmasked `vectors` and they are routed: VFIO gets the eventfds it lacks."""
+        if index != _MSIX or _MSIX not in self._active or self.msix is None:
+            return  # MSI: every vector was given at enable; MSI-X off: given when the guest enables it
+        new = [v for v in vectors if v not in self._msix_given]
+        if new:
+            self._msix_set_host(new, self.msix.table_size)
+
+    def _msix_fds(self, start: int, stop: int) -> list[int]:
+        assert self._msix_sink is not None
+        fds = self._msix_sink.vectors.eventfds
+        return [fds[v] if v in self._msix_given else -1 for v in range(start, stop)]
+
+    def _msix_set_host(self, new: list[int], table_size: int) -> None:
+        """Give VFIO the eventfds of MSI-X vectors `new`, enabling MSI-X at the host if it is off.
+
+        The host range grows to the highest vector used (QEMU does the same). With VFIO_IRQ_INFO_NORESIZE
+        (every kernel before 6.5) a longer range means disabling MSI-X and enabling it again with the new
+        count; without it the vectors are added in place. A vector VFIO refuses stays off at the host.
+        """
+        if self._msix_sink is None:
+            return
+        old_count = self._active.get(_MSIX, 0)
+        want = set(self._msix_given).union(new)
+        top = max(want, default=-1) + 1
+        # At least 1: count 1 with fd -1 turns MSI-X on at the host with no vector, as the guest has it.
+        count = min(max(top, old_count, 1), table_size)
+        before = set(self._msix_given)
+        self._msix_given = want
+        try:
+            if old_count == 0:
+                self.device.enable_eventfds(_MSIX, self._msix_fds(0, count))
+                self._active[_MSIX] = count
+            elif count > old_count and self._msix_noresize:
+                self.device.disable_irqs(_MSIX)
+                del self._active[_MSIX]
+                self.device.enable_eventfds(_MSIX, self._msix_fds(0, count))
+                self._active[_MSIX] = count
+            else:
+                lo, hi = min(new), max(new) + 1
+                self.device.enable_eventfds(_MSIX, self._msix_fds(lo, hi), start=lo)
+                self._active[_MSIX] = max(count, old_count)
+        except VfioError as e:
+            level = logging.DEBUG if self._msix_warned else logging.WARNING
+            self._msix_warned = True
+            log.log(level, "%s: MSI-X vectors %s stay off at the host: %s", self.name, sorted(new)[:8], e)
+            self._msix_given = before
+            if _MSIX not in self._active and old_count:
+                with contextlib.suppress(VfioError):  # back to the range that worked
+                    self.device.enable_eventfds(_MSIX, self._msix_fds(0, old_count))
+                    self._active[_MSIX] = old_count
+
+    @property
+    def _msix_noresize(self) -> bool:
+        info = self.device.irqs.get(_MSIX)
+        return info is None or bool(info.flags & VfioIrqInfoFlag.VFIO_IRQ_INFO_NORESIZE)
+
+    def _power_state_d3hot(self) -> bool:
+        """Whether the function is in D3hot (PMCSR PowerState 3), as vfio-pci sees it."""
+        if self._pm_off is None:
+            return False
+        return self.device.read_config(self._pm_off + 4, 2) & 0x3 == 0x3
 
     # ---- configuration space --------------------------------------------------------------------------
 
@@ -552,6 +643,10 @@ class VfioPciDevice(PciDevice):
         if size not in (1, 2, 4) or offset < 0 or offset % 4 + size > 4 or offset + size > 4096:
             return []
         value &= _ones(size)
+        with self._lock:
+            return self._config_write(offset, size, value)
+
+    def _config_write(self, offset: int, size: int, value: int) -> list[BarMove]:
         try:
             if offset & ~3 in _BAR_DWORDS:
                 return self.shadow.write(offset, size, value)  # never reaches the device
@@ -565,9 +660,13 @@ class VfioPciDevice(PciDevice):
                 self.device.write_config(offset, size, value)
             moves = self.shadow.write(offset, size, value)
             if offset <= Reg.COMMAND < offset + size:
-                enabled = bool((value >> (8 * (Reg.COMMAND - offset))) & Command.MEMORY_SPACE)
-                # A BAR whose move this write releases is still at its old place until the bus moves it.
-                self._sync_memory_enable(enabled, {m.bar_index: m.old for m in moves})
+                self._memory_space = bool((value >> (8 * (Reg.COMMAND - offset))) & Command.MEMORY_SPACE)
+            pmcsr = self._pm_off + 4 if self._pm_off is not None else -1
+            if offset <= pmcsr < offset + size or offset <= pmcsr + 1 < offset + size:
+                self._d3hot = self._power_state_d3hot()  # what vfio-pci made of the guest's write
+            # A BAR whose move this write releases is still at its old place until the bus moves it.
+            decoding = self._memory_space and not self._d3hot
+            self._sync_memory_enable(decoding, {m.bar_index: m.old for m in moves})
             return moves
         except Exception:
             log.exception("%s: config write %#x+%d = %#x failed", self.name, offset, size, value)
@@ -584,6 +683,8 @@ class VfioPciDevice(PciDevice):
         for name, bir, start, length in (
             ("table", msix.table_bir, msix.table_offset, msix.table_length),
             ("pba", msix.pba_bir, msix.pba_offset, msix.pba_length),
+            # The physical table left behind by a relocation: never the device's (the guest's is above).
+            ("straddle", msix.table_bir, self._msix_phys_table, msix.table_length),
         ):
             if index != bir or not (offset < start + length and start < offset + size):
                 continue
@@ -599,6 +700,10 @@ class VfioPciDevice(PciDevice):
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if size not in (1, 2, 4, 8) or offset < 0 or offset + size > self._bar_size(index):
             return _ones(max(size, 0))
+        with self._lock:
+            return self._bar_read(index, offset, size)
+
+    def _bar_read(self, index: int, offset: int, size: int) -> int:
         try:
             target = self._msix_target(index, offset, size)
             if target == "straddle":
@@ -620,6 +725,10 @@ class VfioPciDevice(PciDevice):
         if size not in (1, 2, 4, 8) or offset < 0 or offset + size > self._bar_size(index):
             return
         value &= _ones(size)
+        with self._lock:
+            self._bar_write(index, offset, size, value)
+
+    def _bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         try:
             target = self._msix_target(index, offset, size)
             if target == "table" and self.msix is not None:
@@ -636,6 +745,11 @@ class VfioPciDevice(PciDevice):
 
     def close(self) -> None:
         """Undo everything in reverse: guest mappings, interrupts, host mappings, the device fd."""
+        lock = getattr(self, "_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            self._close()
+
+    def _close(self) -> None:
         for m in getattr(self, "_mappings", []):
             with contextlib.suppress(Exception):
                 self._uninstall(m)

@@ -57,7 +57,7 @@ def attach_disks(
             params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
             blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
             try:
-                vectors = IrqfdMsiVectors(router, irqfds, vector_count(blk))
+                vectors = IrqfdMsiVectors(router, irqfds, vector_count(blk), f"virtio-blk-{disk.id or n}")
             except BaseException:
                 blk.close()
                 raise
