@@ -74,6 +74,18 @@ def test_every_catalogue_device_gets_its_own_slot() -> None:
     assert "snapshot=on" in joined  # guests' writes never reach the cached images
 
 
+def test_sd_port_puts_the_reader_alone_below_its_own_root_port() -> None:
+    args = qemu_device_args(["sd-port", "sd", "sd-port"], "/sd.img", "/nvme.img")
+    joined = " ".join(args.args)
+    # Alone on the port's secondary bus the reader can be bus-reset; each has its own drive and chassis.
+    assert "pcie-root-port,id=sdport0p,chassis=10,addr=0x03.0" in joined
+    assert "sdhci-pci,id=sdport0,bus=sdport0p,addr=0x0" in joined
+    assert "pcie-root-port,id=sdport1p,chassis=11,addr=0x05.0" in joined
+    assert "sdhci-pci,id=sd0,addr=0x04.0" in joined
+    drives = [a.split("id=")[1].split(",")[0] for a in args.args if a.startswith("file=")]
+    assert drives == ["sdportimg0", "sdimg0", "sdportimg1"]
+
+
 def test_too_many_devices_is_refused() -> None:
     with pytest.raises(DeviceSpecError, match="too many"):
         qemu_device_args(["edu"] * 40, "/sd", "/nv")

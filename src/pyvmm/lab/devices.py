@@ -18,6 +18,12 @@ CATALOGUE: dict[str, LabDevice] = {
     for d in (
         LabDevice("sd", "PCI SD/MMC card reader with a card (1b36:0007), INTx only", "sdhci-pci"),
         LabDevice(
+            "sd-port",
+            "the same card reader behind its own PCIe root port (bus 01, as on real hosts): it can be reset "
+            "(a bus reset), unlike the reader on the root bus",
+            "sdhci-pci",
+        ),
+        LabDevice(
             "gpu-audio",
             "GPU with its HDMI audio function: display 1234:1111 + audio 8086:293e in one IOMMU group",
             "bochs-drm (display), snd_hda_intel (audio)",
@@ -75,11 +81,17 @@ def qemu_device_args(names: list[str], sd_image: str, nvme_image: str) -> QemuDe
         counts[name] = n + 1
         uid = f"{name.replace('-', '')}{n}"
         addr = f"addr={slot:#04x}.0"
-        if name == "sd":
-            drive = f"sdimg{n}"
+        if name in ("sd", "sd-port"):
+            drive = f"{name.replace('-', '')}img{n}"  # sdimg0, sdportimg0
+            reader = f"sdhci-pci,id={uid},{addr}"
+            if name == "sd-port":
+                # Alone below a root port, the reader has a secondary bus reset (QEMU's sdhci-pci has no FLR
+                # and no power management reset, so on the root bus it has none).
+                out.args += ["-device", f"pcie-root-port,id={uid}p,chassis={10 + n},{addr}"]
+                reader = f"sdhci-pci,id={uid},bus={uid}p,addr=0x0"
             out.args += [
                 "-drive", f"file={sd_image},if=none,id={drive},format=raw,snapshot=on",
-                "-device", f"sdhci-pci,id={uid},{addr}",
+                "-device", reader,
                 "-device", f"sd-card,drive={drive}",
             ]
         elif name == "gpu-audio":
