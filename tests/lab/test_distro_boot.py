@@ -54,7 +54,7 @@ sec want
 echo "WANT-SD=$PYVMM_LAB_SD_SHA256"
 pyvmm-host unbind $SD > /dev/null
 """.replace("@GUEST_COMMANDS@", GUEST_COMMANDS.strip()),
-    SD="0000:00:03.0",
+    SD="0000:01:00.0",  # the sd-port reader: alone below a root port, so it has a reset (a bus reset)
 )
 
 
@@ -74,7 +74,7 @@ def _session(out: str, label: str) -> dict[str, str]:
 
 
 def test_guide_command_line_boots_debian_systemd(lab) -> None:
-    proc = lab(SCRIPT, devices="sd", cpus=2, timeout=1500)
+    proc = lab(SCRIPT, devices="sd-port", cpus=2, timeout=1500)
     out = proc.stdout
     assert proc.returncode == 0, out
     parts = sections(out)
