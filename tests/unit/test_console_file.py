@@ -78,3 +78,17 @@ def test_a_directory_and_a_device_are_refused(tmp_path: Path) -> None:
 
 def test_a_missing_directory_is_one_line(tmp_path: Path) -> None:
     _refused(tmp_path / "no" / "serial.log", "No such file or directory")
+
+
+def test_console_file_is_opened_the_same_way_and_named_in_errors(tmp_path: Path) -> None:
+    """`--console file=` (virtio-console) shares the safe open; its errors name --console."""
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep")
+    link = tmp_path / "hvc0.log"
+    link.symlink_to(target)
+    with pytest.raises(UsageError) as err:
+        ConsoleOutput(ConsoleConfig(ConsoleMode.FILE, link), "--console")
+    assert str(err.value).startswith(f"--console file={link}: is a symbolic link")
+    assert target.read_bytes() == b"keep"
+    with pytest.raises(UsageError, match=r"^--console file=.*: is a directory"):
+        open_output_file(tmp_path, "--console")
