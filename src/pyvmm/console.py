@@ -160,13 +160,14 @@ class TerminalResize:
     """Tells `on_resize(columns, rows)` when stdout's terminal changes size (SIGWINCH; the handler runs on
     the main thread, which `start` and `close` must be called on)."""
 
-    def __init__(self, on_resize: Callable[[int, int], None]) -> None:
+    def __init__(self, on_resize: Callable[[int, int], None], fd: int | None = None) -> None:
         self._on_resize = on_resize
+        self._fd = fd  # None: stdout
         self._previous: signal.Handlers | Callable[..., object] | int | None = None
         self._installed = False
 
     def _handler(self, signum: int, frame: object) -> None:
-        size = terminal_size()
+        size = terminal_size(self._fd)
         if size is not None:
             self._on_resize(*size)
 

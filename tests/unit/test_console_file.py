@@ -92,3 +92,34 @@ def test_console_file_is_opened_the_same_way_and_named_in_errors(tmp_path: Path)
     assert target.read_bytes() == b"keep"
     with pytest.raises(UsageError, match=r"^--console file=.*: is a directory"):
         open_output_file(tmp_path, "--console")
+
+
+def test_terminal_size_and_resize_signal() -> None:
+    """What the virtio-console offers as VIRTIO_CONSOLE_F_SIZE, and SIGWINCH telling it the new size."""
+    import fcntl
+    import signal
+    import struct
+    import termios
+
+    from pyvmm.console import TerminalResize, terminal_size
+
+    master, slave = os.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        assert terminal_size(slave) == (120, 40)
+        r, w = os.pipe()
+        assert terminal_size(r) is None  # a pipe has no size
+        os.close(r)
+        os.close(w)
+        seen: list[tuple[int, int]] = []
+        before = signal.getsignal(signal.SIGWINCH)
+        resize = TerminalResize(lambda cols, rows: seen.append((cols, rows)), fd=slave)
+        resize.start()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        signal.raise_signal(signal.SIGWINCH)
+        resize.close()
+        assert seen == [(132, 50)]
+        assert signal.getsignal(signal.SIGWINCH) == before
+    finally:
+        os.close(master)
+        os.close(slave)
