@@ -812,11 +812,12 @@ _HELP = {
     "--serial": """16550 UART COM1 (I/O port 0x3f8, IRQ 4), one of (default null):
   off | null | tty | file=<path>  (pty and socket= are not supported yet)""",
     "--console": """virtio-console PCI device, the guest's hvc0 (default tty):
-  off | null | tty | file=<path>  (pty and socket= are not supported yet;
-                        tty is refused when --serial is tty too)
+  off | null | tty | file=<path>  (pty and socket= are not supported yet)
+  tty is refused when --serial is tty too (use --serial tty --console off)
   id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
-    "--rng": """virtio-rng PCI device (entropy); every VM has one (default src=/dev/urandom):
-  src=<path>            a readable file or character device""",
+    "--rng": """virtio-rng PCI device (entropy); every VM has one:
+  src=<path>            a readable file or character device
+                        (default /dev/urandom); at most 64 KiB per request""",
     "--disk": """virtio-blk disks; each CONFIG is one disk, the option may be repeated:
   path=<file>           raw disk image (required)
   readonly=on|off       (default off)
