@@ -293,3 +293,11 @@ def test_rng_source_refusals(tmp_path: Path) -> None:
     with pytest.raises(RngSourceError, match="not a regular file or character device") as exc:
         VirtioRng.open(str(fifo))  # no writer: refused, not a hang
     assert exc.value.exit_status == 2
+
+
+def test_console_input_after_close_is_harmless() -> None:
+    con = VirtioConsole(Sink())
+    dev, _, _ = plug(con)
+    dev.close()
+    assert dev.queue_eventfds == []
+    assert con.queue_input(b"late") == 4  # buffered; the kick finds no eventfd and writes nothing

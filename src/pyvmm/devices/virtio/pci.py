@@ -304,10 +304,9 @@ class VirtioPciDevice(ConfigSpaceDevice):
 
     def kick(self, index: int) -> None:
         """Have queue `index` served on the worker thread (the device has data for a filled queue)."""
-        fds = self.queue_eventfds
-        if 0 <= index < len(fds):
-            with contextlib.suppress(OSError):  # closed meanwhile: the VM is going away
-                os.eventfd_write(fds[index], 1)
+        with self._lock:  # against close(): see there
+            if 0 <= index < len(self.queue_eventfds):
+                os.eventfd_write(self.queue_eventfds[index], 1)
 
     def _unbind_ioeventfds(self) -> None:
         if self._vm is None or self._notify_base is None:
@@ -597,10 +596,11 @@ class VirtioPciDevice(ConfigSpaceDevice):
         self._unbind_ioeventfds()
         for q in self.queues:
             q.reset()  # drops the ring views into guest memory
-        for fd in self.queue_eventfds:
+        with self._lock:  # a kick from a device's host-side thread never writes to a reused fd number
+            fds, self.queue_eventfds = self.queue_eventfds, []
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.queue_eventfds = []
         self.device.close()
         self.vectors.close()
 
