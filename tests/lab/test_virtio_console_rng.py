@@ -87,6 +87,7 @@ def test_console_tty_and_file_and_rng(lab) -> None:
     tty = out.split("=== tty")[1].split("=== file")[0]
     file_run = out.split("=== file")[1].split("=== hvc0.log")[0]
     log = out.split("=== hvc0.log")[1]
+    print("\n".join(line for line in out.splitlines() if "SECONDS=" in line))  # timings, for -s runs
 
     # 1. hvc0 with --console tty: the kernel log, a driven shell, input not dropped, virtio-rng.
     assert "DRIVER-OK=True PYVMM-STATUS=0" in tty, tty
