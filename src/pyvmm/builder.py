@@ -235,7 +235,7 @@ def _add_rng(config: VmConfig, memory: GuestMemory, platform: PciPlatform, route
     src = config.rng.src
     try:
         device = VirtioRng.open(str(src))
-    except RngSourceError as exc:
+    except (RngSourceError, VmError) as exc:
         raise in_context(f"--rng src={src}", exc) from exc
     transport = attach_virtio(device, segment=0, slot=None, name="virtio-rng", memory=memory,
                               platform=platform, router=router, irqfds=vm, ioeventfds=vm)

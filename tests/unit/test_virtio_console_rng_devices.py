@@ -301,3 +301,23 @@ def test_console_input_after_close_is_harmless() -> None:
     dev.close()
     assert dev.queue_eventfds == []
     assert con.queue_input(b"late") == 4  # buffered; the kick finds no eventfd and writes nothing
+
+
+def test_rng_source_open_out_of_descriptors_is_not_a_usage_error() -> None:
+    import resource
+
+    from pyvmm.errors import VmError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with pytest.raises(VmError, match="Too many open files") as exc:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+                VirtioRng.open("/dev/urandom").close()
+        assert exc.value.exit_status == 1
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

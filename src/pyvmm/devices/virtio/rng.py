@@ -18,7 +18,7 @@ from pyvmm.devices.virtio.block import RateLimitedWarnings
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.queue import DescriptorChain, split_views
 from pyvmm.devices.virtio.spec import VirtioDeviceType
-from pyvmm.errors import UsageError
+from pyvmm.errors import UsageError, VmError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class VirtioRng(VirtioDevice):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # pyvmm's or the host's want, not
+                raise VmError(f"cannot open entropy source {path}: {exc.strerror}") from None  # the user's
             raise RngSourceError(f"entropy source {path}: {exc.strerror}") from None
         try:
             mode = os.fstat(fd).st_mode
