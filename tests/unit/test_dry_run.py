@@ -94,3 +94,20 @@ def test_other_usage_errors_still_exit_2(kernel: Path, tmp_path: Path,
     device = f"path={display(tmp_path, 3)},pci_segment=1"
     assert cli.main(["--kernel", str(kernel), "--device", device, "--dry-run"]) == 2
     assert "Invalid PCI segment id: 1" in capsys.readouterr().err
+
+
+def test_console_placement_keys_and_the_rng_slot() -> None:
+    """--console id/pci_segment/pci_device_id place the virtio-console; the rng takes segment 0's lowest
+    free slot after the disks; --console off takes no slot."""
+    from pyvmm.config import parse_vm_config
+    from pyvmm.vmplan import vm_plan
+
+    config = parse_vm_config(["--kernel", "k", "--platform", "num_pci_segments=2",
+                              "--console", "tty,id=con0,pci_segment=1,pci_device_id=7",
+                              "--disk", "path=/d.img"])
+    plan = vm_plan(config, 40)
+    where = {d.item.label: d.bdf for d in plan.devices}
+    assert where["--console"] == "0001:00:07.0"
+    assert where["--disk path=/d.img"] == "0000:00:01.0" and where["--rng"] == "0000:00:02.0"
+    off = vm_plan(parse_vm_config(["--kernel", "k", "--console", "off"]), 40)
+    assert [(d.item.label, d.bdf) for d in off.devices] == [("--rng", "0000:00:01.0")]
