@@ -212,7 +212,7 @@ def test_console_input_after_buffers_ran_out_rearms_notifications(event_idx: boo
 def test_console_input_from_another_thread_reaches_the_guest(console) -> None:
     con, _, _, driver, memory = console
     rx = driver.rings[RECEIVEQ]
-    heads = post_rx(driver, 8, size=16)
+    heads = post_rx(driver, 16, size=16)  # enough even if every 7-byte piece lands in a buffer of its own
     data = bytes(range(100))
     feeder = threading.Thread(target=lambda: [con.queue_input(data[i : i + 7]) for i in range(0, 100, 7)])
     feeder.start()
