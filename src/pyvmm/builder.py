@@ -1,10 +1,10 @@
 """The VM builder: the one place that turns a validated VmConfig into a VirtualMachine ready to run.
 
 Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
-→ legacy devices → PCI platform (planned first) → disks → passed-through devices → ACPI tables → kernel →
-vCPUs (CPUID, MSRs, boot state). Everything is built in locals and registered for closing as it is opened;
-when a step fails, what was opened is closed again before the error propagates (one line, its own exit
-status: see pyvmm.errors).
+→ legacy devices → PCI platform (planned first) → virtio-console, disks, virtio-rng → passed-through
+devices → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state). Everything is built in locals and
+registered for closing as it is opened; when a step fails, what was opened is closed again before the
+error propagates (one line, its own exit status: see pyvmm.errors).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pyvmm.boot import (
     load_kernel,
 )
 from pyvmm.config import ConsoleMode, VmConfig
-from pyvmm.console import ConsoleOutput, TerminalInput
+from pyvmm.console import ConsoleOutput, TerminalInput, TerminalResize, terminal_size
 from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.cmos import CmosDevice
@@ -127,9 +127,11 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     plan = vm_plan(config, phys_bits)
     platform = PciPlatform(plan.windows, pio_bus=pio_bus, mmio_bus=mmio_bus, memory_slots=memory_slots)
     reserve_slots(platform, plan.items)
-    # One VM-wide GSI routing table, shared by virtio and VFIO.
-    router = MsiRouter(vm, config.platform.x_max_msi_routes)
+    router = MsiRouter(vm, config.platform.x_max_msi_routes)  # one VM-wide GSI table, virtio and VFIO
+    # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
+    services += _add_console(config, memory, platform, router, vm, stack)
     _add_disks(config, memory, platform, router, vm, stack)
+    _add_rng(config, memory, platform, router, vm, stack)
     _add_vfio_devices(config, memory, platform, router, vm, latch, stack, on_host_request)
     _check_plan(plan, platform)
 
@@ -191,6 +193,53 @@ def _add_legacy_devices(config: VmConfig, vm: Vm, pio_bus: IoBus, latch: ExitLat
     # The guest's wall clock at boot (and `hwclock`) comes from here, as under cloud-hypervisor.
     pio_bus.insert(layout.CMOS_PORT, layout.CMOS_SIZE, CmosDevice.for_ram_size(config.memory.size))
     return services
+
+
+def _add_console(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+                 stack: contextlib.ExitStack) -> list[Service]:
+    """The virtio-console (`--console`, hvc0) unless it is off; with tty, the services feeding it stdin and
+    the terminal's size."""
+    console = config.console
+    if console.mode is ConsoleMode.OFF:
+        return []
+    from pyvmm.devices.virtio.attach import attach_virtio
+    from pyvmm.devices.virtio.console import VirtioConsole
+
+    output = ConsoleOutput(console, "--console")
+    _closing(stack, output)
+    size = terminal_size() if console.mode is ConsoleMode.TTY else None
+    device = VirtioConsole(output.write, size)
+    transport = attach_virtio(device, segment=console.pci_segment, slot=console.pci_device_id,
+                              name=f"virtio-console-{console.id or 0}", memory=memory, platform=platform,
+                              router=router, irqfds=vm, ioeventfds=vm)
+    _closing(stack, transport)
+    if console.mode is not ConsoleMode.TTY:
+        return []
+    services: list[Service] = [TerminalInput(device.queue_input, "console-input")]
+    if size is not None:
+
+        def resized(cols: int, rows: int) -> None:
+            if device.set_size(cols, rows):
+                transport.notify_config_change()
+
+        services.append(TerminalResize(resized))
+    return services
+
+
+def _add_rng(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+             stack: contextlib.ExitStack) -> None:
+    """The virtio-rng every VM has (`--rng src=`, /dev/urandom by default)."""
+    from pyvmm.devices.virtio.attach import attach_virtio
+    from pyvmm.devices.virtio.rng import RngSourceError, VirtioRng
+
+    src = config.rng.src
+    try:
+        device = VirtioRng.open(str(src))
+    except (RngSourceError, VmError) as exc:
+        raise in_context(f"--rng src={src}", exc) from exc
+    transport = attach_virtio(device, segment=0, slot=None, name="virtio-rng", memory=memory,
+                              platform=platform, router=router, irqfds=vm, ioeventfds=vm)
+    _closing(stack, transport)
 
 
 def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -125,6 +126,16 @@ class ConsoleConfig:
     pci_device_id: int | None = None
 
 
+DEFAULT_RNG_SOURCE = Path("/dev/urandom")
+
+
+@dataclass(frozen=True)
+class RngConfig:
+    """`--rng`: the virtio-rng every VM has (as under cloud-hypervisor) and where its bytes come from."""
+
+    src: Path = DEFAULT_RNG_SOURCE
+
+
 @dataclass(frozen=True)
 class DiskConfig:
     path: Path
@@ -180,6 +191,7 @@ class VmConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     serial: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.NULL))
     console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.TTY))
+    rng: RngConfig = field(default_factory=RngConfig)
     disks: tuple[DiskConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     platform: PlatformConfig = field(default_factory=PlatformConfig)
@@ -237,6 +249,7 @@ _DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     "iommu": frozenset({"off"}),
 }
 _CONSOLE_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
+_RNG_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _PLATFORM_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     # the guest address width a virtio-iommu offers; 64 (the default) is what a guest without one has
     "iommu_address_width": frozenset({"64"}),
@@ -603,6 +616,14 @@ def _device_label(kind: str, path: Path) -> str:
     return f"{kind} path={path}"
 
 
+def parse_rng(text: str) -> RngConfig:
+    """`--rng src=<path>[,iommu=off]`: cloud-hypervisor's keys (src defaults to /dev/urandom)."""
+    opts = parse_options(text, {"src"}, hidden=_RNG_UNSUPPORTED)
+    _refuse_unsupported(opts, _RNG_UNSUPPORTED)
+    src = opts.get("src")
+    return RngConfig(src=Path(src) if src is not None else DEFAULT_RNG_SOURCE)
+
+
 def _normalised(path: Path) -> str:
     return os.path.realpath(path)  # also resolves /sys/bus/pci/devices/<BDF> symlinks
 
@@ -638,7 +659,12 @@ def validate(config: VmConfig) -> None:
             slots[segment, slot] = label
 
     console = config.console
-    claim("--console", console.id, console.pci_segment, console.pci_device_id)
+    if console.mode is ConsoleMode.TTY and config.serial.mode is ConsoleMode.TTY:
+        # cloud-hypervisor refuses this too: two devices would read the same terminal's keystrokes
+        raise ConfigError("--serial tty --console tty", "only one of them can use the terminal; give the "
+                          "other another mode (e.g. --console off, or --serial null)")
+    if console.mode is not ConsoleMode.OFF:
+        claim("--console", console.id, console.pci_segment, console.pci_device_id)
     for disk in config.disks:
         label = _device_label("--disk", disk.path)
         claim(label, disk.id, disk.pci_segment, disk.pci_device_id)
@@ -710,6 +736,7 @@ def check_paths(config: VmConfig) -> None:
                 f"{dev.path} is not a PCI function (no config/vendor files); "
                 "expected a directory like /sys/bus/pci/devices/0000:01:00.0/",
             )
+    _check_rng_source(config.rng.src)
     for flag, console in (("--serial", config.serial), ("--console", config.console)):
         if console.path is not None:
             parent = console.path.parent
@@ -717,6 +744,20 @@ def check_paths(config: VmConfig) -> None:
                 raise ConfigError(
                     f"{flag} {console.mode.value}={console.path}", f"directory {parent} does not exist"
                 )
+
+
+def _check_rng_source(src: Path) -> None:
+    """--rng src= must be a readable regular file or character device (a FIFO or socket could block)."""
+    label = f"--rng src={src}"
+    try:
+        mode = src.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(label, f"entropy source {src}: {exc.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        raise ConfigError(label, f"entropy source {src} is not a regular file or character device "
+                                 "(e.g. src=/dev/urandom)")
+    if not os.access(src, os.R_OK):
+        raise ConfigError(label, f"entropy source {src} is not readable (check its permissions)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -776,9 +817,13 @@ _HELP = {
   mergeable=on|off      KSM; not with shared=on or hugepages=on (default off)""",
     "--serial": """16550 UART COM1 (I/O port 0x3f8, IRQ 4), one of (default null):
   off | null | tty | file=<path>  (pty and socket= are not supported yet)""",
-    "--console": """virtio-console PCI device (default tty):
-  off | null | tty | file=<path>
+    "--console": """virtio-console PCI device, the guest's hvc0 (default tty):
+  off | null | tty | file=<path>  (pty and socket= are not supported yet)
+  tty is refused when --serial is tty too (use --serial tty --console off)
   id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
+    "--rng": """virtio-rng PCI device (entropy); every VM has one:
+  src=<path>            a readable file or character device
+                        (default /dev/urandom); at most 64 KiB per request""",
     "--disk": """virtio-blk disks; each CONFIG is one disk, the option may be repeated:
   path=<file>           raw disk image (required)
   readonly=on|off       (default off)
@@ -867,6 +912,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--memory", "CONFIG"),
         ("--serial", "MODE"),
         ("--console", "CONFIG"),
+        ("--rng", "CONFIG"),
         ("--platform", "CONFIG"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
@@ -928,6 +974,7 @@ def parse_vm_config(argv: Sequence[str]) -> VmConfig:
             "--serial", ns.serial, lambda t: parse_console(t, "--serial"), ConsoleConfig(ConsoleMode.NULL)
         ),
         console=_parse_one("--console", ns.console, parse_console, ConsoleConfig(ConsoleMode.TTY)),
+        rng=_parse_one("--rng", ns.rng, parse_rng, RngConfig()),
         disks=tuple(_parse_each("--disk", ns.disk, parse_disk)),
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),

@@ -1,10 +1,12 @@
-"""Where the serial port's bytes go, and where its input comes from (`--serial tty|null|file=`)."""
+"""Where a guest console's bytes go, and where its input comes from (`--serial` and `--console`
+tty|null|file=): shared by the 16550 UART and virtio-console."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import signal
 import stat
 import sys
 import termios
@@ -22,11 +24,12 @@ _FILE_KINDS = {
 }
 
 
-def open_output_file(path: str | os.PathLike[str]) -> int:
-    """`--serial file=PATH` as pyvmm (root) opens it: created, or an existing regular file truncated; never
-    through a symlink (a planted link would make pyvmm truncate any file it names) and never a device, FIFO
-    or directory (docs/cli.md#serial-port-and-console). UsageError (exit 2), one line, otherwise."""
-    option = f"--serial file={os.fspath(path)}"
+def open_output_file(path: str | os.PathLike[str], flag: str = "--serial") -> int:
+    """`--serial file=PATH` (or `--console file=PATH`: `flag`) as pyvmm (root) opens it: created, or an
+    existing regular file truncated; never through a symlink (a planted link would make pyvmm truncate any
+    file it names) and never a device, FIFO or directory (docs/cli.md#serial-port-and-console). UsageError
+    (exit 2), one line, otherwise."""
+    option = f"{flag} file={os.fspath(path)}"
     # O_NONBLOCK: a FIFO without a reader must not hang pyvmm before it is refused; no O_TRUNC before fstat
     # has said it is a regular file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -66,15 +69,15 @@ def _kind(path: str | os.PathLike[str]) -> str | None:
 
 
 class ConsoleOutput:
-    """A byte sink: a dup of stdout (tty), a file, or nothing (null)."""
+    """A byte sink: a dup of stdout (tty), a file, or nothing (null). `flag` names the option in errors."""
 
-    def __init__(self, config: ConsoleConfig) -> None:
+    def __init__(self, config: ConsoleConfig, flag: str = "--serial") -> None:
         self._fd: int | None = None
         if config.mode is ConsoleMode.TTY:
             self._fd = os.dup(sys.stdout.fileno())
         elif config.mode is ConsoleMode.FILE:
             assert config.path is not None  # the parser requires a path for file=
-            self._fd = open_output_file(config.path)
+            self._fd = open_output_file(config.path, flag)
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -98,10 +101,13 @@ class ConsoleOutput:
 
 
 class TerminalInput:
-    """Feeds stdin to the guest's serial port; a terminal is put in raw mode and restored on close."""
+    """Feeds stdin to a guest console (the serial port or virtio-console); a terminal is put in raw mode and
+    restored on close. `deliver(data)` returns how many bytes the device took (it is retried with the rest
+    a moment later: input is held back, never dropped) or None to stop."""
 
-    def __init__(self, deliver: Callable[[bytes], int | None]) -> None:
+    def __init__(self, deliver: Callable[[bytes], int | None], name: str = "serial-input") -> None:
         self._deliver = deliver
+        self._name = name
         self._fd = sys.stdin.fileno()
         self._saved: list | None = None
         self._thread: threading.Thread | None = None
@@ -113,7 +119,7 @@ class TerminalInput:
                 tty.setraw(self._fd)
         except (OSError, termios.error):
             self._saved = None
-        self._thread = threading.Thread(target=self._pump, name="serial-input", daemon=True)
+        self._thread = threading.Thread(target=self._pump, name=self._name, daemon=True)
         self._thread.start()
 
     def _pump(self) -> None:
@@ -124,7 +130,8 @@ class TerminalInput:
                 return
             if not data:
                 return
-            # The UART takes what fits in its FIFO; wait for the guest to drain it rather than drop input.
+            # The device takes what fits (the UART's FIFO, virtio-console's bounded buffer); wait for the
+            # guest to drain it rather than drop input.
             while data:
                 taken = self._deliver(data)
                 if taken is None:
@@ -138,3 +145,41 @@ class TerminalInput:
             with contextlib.suppress(OSError, termios.error):
                 termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
             self._saved = None
+
+
+def terminal_size(fd: int | None = None) -> tuple[int, int] | None:
+    """(columns, rows) of the terminal on `fd` (stdout by default); None when it is not a terminal."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno() if fd is None else fd)
+    except (OSError, ValueError):
+        return None
+    return size.columns, size.lines
+
+
+class TerminalResize:
+    """Tells `on_resize(columns, rows)` when stdout's terminal changes size (SIGWINCH; the handler runs on
+    the main thread, which `start` and `close` must be called on)."""
+
+    def __init__(self, on_resize: Callable[[int, int], None], fd: int | None = None) -> None:
+        self._on_resize = on_resize
+        self._fd = fd  # None: stdout
+        self._previous: signal.Handlers | Callable[..., object] | int | None = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        size = terminal_size(self._fd)
+        if size is not None:
+            self._on_resize(*size)
+
+    def start(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGWINCH, self._handler)
+            self._installed = True
+        except ValueError:  # not the main thread: the size stays what it was at start
+            self._installed = False
+
+    def close(self) -> None:
+        if self._installed:
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGWINCH, self._previous)
+            self._installed = False

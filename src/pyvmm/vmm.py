@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pyvmm import irq_remapping
 from pyvmm.boot import KernelImageError, check_kernel
 from pyvmm.builder import build_vm
-from pyvmm.config import ConsoleMode, VmConfig
+from pyvmm.config import VmConfig
 from pyvmm.errors import UsageError, VmError, in_context
 from pyvmm.machine import ExitKind, VmExit
 from pyvmm.vmplan import dry_run_report
@@ -28,9 +28,6 @@ def run_vm(config: VmConfig) -> int:
     _check_kernel(config)
     if config.dry_run:
         return _dry_run(config)
-    if config.console.mode not in (ConsoleMode.OFF, ConsoleMode.NULL):
-        log.warning("--console %s: virtio-console is not available yet; the guest console is on "
-                    "--serial (use --serial tty --console off)", config.console.mode.value)
     with _managed_devices(config) as managed:
         machine = build_vm(config, on_host_request=managed.host_asked_back)
         try:

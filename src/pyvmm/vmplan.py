@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyvmm.boot import guest_phys_bits
-from pyvmm.config import VmConfig, aperture_weights
+from pyvmm.config import ConsoleMode, VmConfig, aperture_weights
 from pyvmm.pci.planning import PciPlan, PlanError, PlanItem, format_plan, plan_pci
 
 if TYPE_CHECKING:
@@ -26,21 +26,30 @@ def disk_label(path: Path) -> str:
     return f"--disk path={path}"
 
 
+CONSOLE_LABEL = "--console"
+RNG_LABEL = "--rng"
+
+
 def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
-    """Disks then devices, in command-line order (the builder's order), with the BARs each asks for.
+    """The builder's order, as cloud-hypervisor's (docs/pci.md#slot-assignment): the virtio-console (unless
+    --console off), disks, the virtio-rng, then devices in command-line order, with the BARs each asks for.
 
     A device whose sysfs files cannot be read, or whose config space has no room for the GPUDirect clique
     capability it asks for, is a PlanError.
     """
-    # Imported here: a VM without disks or devices starts without loading the virtio and VFIO stacks.
-    items: list[PlanItem] = []
-    if config.disks:
-        from pyvmm.devices.virtio.attach import disk_bars
+    # Imported here: a VM without devices starts without loading the VFIO stack.
+    from pyvmm.devices.virtio.attach import disk_bars, virtio_bars
 
-        items = [
-            PlanItem(disk_label(d.path), d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
-            for d in config.disks
-        ]
+    items: list[PlanItem] = []
+    console = config.console
+    if console.mode is not ConsoleMode.OFF:
+        items.append(PlanItem(CONSOLE_LABEL, console.pci_segment, console.pci_device_id, tuple(virtio_bars()),
+                              "virtio-console"))
+    items += [
+        PlanItem(disk_label(d.path), d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
+        for d in config.disks
+    ]
+    items.append(PlanItem(RNG_LABEL, 0, None, tuple(virtio_bars()), "virtio-rng"))
     functions: list[SysfsFunction] = []
     if config.devices:
         from pyvmm.vfio.pci import sysfs_function

@@ -20,6 +20,7 @@ from pyvmm.config import (
     MemoryConfig,
     PciSegmentConfig,
     PlatformConfig,
+    RngConfig,
     VmConfig,
     aperture_weights,
     check_paths,
@@ -250,7 +251,75 @@ def test_bare_memory_size_hints_at_size_key() -> None:
      ("file=/tmp/s.log", ConsoleMode.FILE, Path("/tmp/s.log")), ("tty,off", ConsoleMode.OFF, None)],
 )  # fmt: skip
 def test_serial_modes(value: str, mode: ConsoleMode, path: Path | None) -> None:
-    assert parse("--serial", value).serial == ConsoleConfig(mode, path)
+    assert parse("--serial", value, "--console", "null").serial == ConsoleConfig(mode, path)
+
+
+@pytest.mark.parametrize("console", [None, "tty", "tty,id=c"])
+def test_serial_and_console_both_tty_refused(console: str | None) -> None:
+    args = ("--serial", "tty") + (("--console", console) if console else ())
+    err = error(*args)
+    assert err.option == "--serial tty --console tty"
+    assert "only one of them can use the terminal" in err.message
+
+
+@pytest.mark.parametrize(("serial", "console"), [("tty", "off"), ("tty", "null"), ("null", "tty"),
+                                                 ("tty", "file=/tmp/c.log"), ("file=/tmp/s.log", "tty")])
+def test_serial_and_console_both_on(serial: str, console: str) -> None:
+    config = parse("--serial", serial, "--console", console)
+    assert config.serial.mode.value == serial.split("=")[0]
+    assert config.console.mode.value == console.split("=")[0]
+
+
+def test_console_off_frees_its_slot() -> None:
+    # an off console is no device: its pci_device_id claims no slot
+    config = parse("--console", "off,pci_device_id=3", "--disk", "path=/d.img,pci_device_id=3")
+    assert config.disks[0].pci_device_id == 3
+    err = error("--console", "tty,pci_device_id=3", "--disk", "path=/d.img,pci_device_id=3")
+    assert "already taken by --console" in err.message
+
+
+# --- --rng ---
+
+
+def test_rng_default_and_src() -> None:
+    assert parse().rng == RngConfig(Path("/dev/urandom"))
+    assert parse("--rng", "src=/dev/random").rng == RngConfig(Path("/dev/random"))
+    assert parse("--rng", "src=/dev/random,iommu=off").rng.src == Path("/dev/random")
+    assert parse("--rng", "src=").rng.src == Path("/dev/urandom")  # key= keeps the default
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("iommu=on", "iommu=on is not supported by pyvmm yet"),
+        ("src=/dev/urandom,id=r", "Unknown option: id (known: src)"),
+        ("pci_segment=1", "Unknown option: pci_segment"),
+        ("size=4", "Unknown option: size"),
+    ],
+)
+def test_rng_errors(value: str, message: str) -> None:
+    err = error("--rng", value)
+    assert err.option == f"--rng {value}"
+    assert message in err.message
+
+
+def test_rng_given_twice() -> None:
+    assert "given more than once" in error("--rng", "src=/dev/urandom", "--rng", "src=/dev/random").message
+
+
+def test_rng_source_checked(tmp_path: Path) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+    check_paths(parse_vm_config(["--kernel", str(kernel), "--rng", "src=/dev/urandom"]))
+    regular = tmp_path / "seed"
+    regular.write_bytes(b"x" * 64)
+    check_paths(parse_vm_config(["--kernel", str(kernel), "--rng", f"src={regular}"]))
+    for src, message in ((tmp_path / "missing", "No such file or directory"),
+                         (tmp_path, "is not a regular file or character device")):
+        with pytest.raises(ConfigError) as exc:
+            check_paths(parse_vm_config(["--kernel", str(kernel), "--rng", f"src={src}"]))
+        assert exc.value.option == f"--rng src={src}" and message in exc.value.message
+        assert exc.value.exit_status == 2
 
 
 def test_console_modes_and_pci_keys() -> None:

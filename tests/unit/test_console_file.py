@@ -78,3 +78,48 @@ def test_a_directory_and_a_device_are_refused(tmp_path: Path) -> None:
 
 def test_a_missing_directory_is_one_line(tmp_path: Path) -> None:
     _refused(tmp_path / "no" / "serial.log", "No such file or directory")
+
+
+def test_console_file_is_opened_the_same_way_and_named_in_errors(tmp_path: Path) -> None:
+    """`--console file=` (virtio-console) shares the safe open; its errors name --console."""
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep")
+    link = tmp_path / "hvc0.log"
+    link.symlink_to(target)
+    with pytest.raises(UsageError) as err:
+        ConsoleOutput(ConsoleConfig(ConsoleMode.FILE, link), "--console")
+    assert str(err.value).startswith(f"--console file={link}: is a symbolic link")
+    assert target.read_bytes() == b"keep"
+    with pytest.raises(UsageError, match=r"^--console file=.*: is a directory"):
+        open_output_file(tmp_path, "--console")
+
+
+def test_terminal_size_and_resize_signal() -> None:
+    """What the virtio-console offers as VIRTIO_CONSOLE_F_SIZE, and SIGWINCH telling it the new size."""
+    import fcntl
+    import signal
+    import struct
+    import termios
+
+    from pyvmm.console import TerminalResize, terminal_size
+
+    master, slave = os.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        assert terminal_size(slave) == (120, 40)
+        r, w = os.pipe()
+        assert terminal_size(r) is None  # a pipe has no size
+        os.close(r)
+        os.close(w)
+        seen: list[tuple[int, int]] = []
+        before = signal.getsignal(signal.SIGWINCH)
+        resize = TerminalResize(lambda cols, rows: seen.append((cols, rows)), fd=slave)
+        resize.start()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        signal.raise_signal(signal.SIGWINCH)
+        resize.close()
+        assert seen == [(132, 50)]
+        assert signal.getsignal(signal.SIGWINCH) == before
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -77,8 +77,13 @@ def test_report_shows_segments_windows_and_bars(kernel: Path, tmp_path: Path,
     assert "  32-bit window [0xc21af000-0xca86afff] 137968 KiB (134.73 MiB) (mmio32_aperture_weight=4)" in out
     assert f"  0001:00:00.0 --device path={devices[0]} (host 0000:00:03.0 1234:1111)" in out
     assert "    BAR0 (32-bit memory, 16 MiB) at [0xc9000000-0xc9ffffff] in the 32-bit window" in out
+    # cloud-hypervisor's order on segment 0: the default virtio-console, the disk, the virtio-rng; the two
+    # that are not boot-time disks get 64-bit BARs.
+    segment0 = out.split("PCI segment 1:")[0]
+    assert "  0000:00:01.0 --console (virtio-console)\n    BAR0 (64-bit memory, 512 KiB)" in segment0
+    assert "  0000:00:03.0 --rng (virtio-rng)\n    BAR0 (64-bit memory, 512 KiB)" in segment0
     # The disk on segment 0 present at boot: a 32-bit BAR at the top of segment 0's window.
-    assert f"  0000:00:01.0 --disk path={kernel} (virtio-blk)" in out
+    assert f"  0000:00:02.0 --disk path={kernel} (virtio-blk)" in out
     assert "    BAR0 (32-bit memory, 512 KiB) at [0xc2180000-0xc21fffff]" not in out  # not beyond its window
     assert "    BAR0 (32-bit memory, 512 KiB) at [0xc2100000-0xc217ffff] in the 32-bit window" in out
     assert "note:" in out and "not root" not in out.split("note:")[0]
@@ -89,3 +94,20 @@ def test_other_usage_errors_still_exit_2(kernel: Path, tmp_path: Path,
     device = f"path={display(tmp_path, 3)},pci_segment=1"
     assert cli.main(["--kernel", str(kernel), "--device", device, "--dry-run"]) == 2
     assert "Invalid PCI segment id: 1" in capsys.readouterr().err
+
+
+def test_console_placement_keys_and_the_rng_slot() -> None:
+    """--console id/pci_segment/pci_device_id place the virtio-console; the rng takes segment 0's lowest
+    free slot after the disks; --console off takes no slot."""
+    from pyvmm.config import parse_vm_config
+    from pyvmm.vmplan import vm_plan
+
+    config = parse_vm_config(["--kernel", "k", "--platform", "num_pci_segments=2",
+                              "--console", "tty,id=con0,pci_segment=1,pci_device_id=7",
+                              "--disk", "path=/d.img"])
+    plan = vm_plan(config, 40)
+    where = {d.item.label: d.bdf for d in plan.devices}
+    assert where["--console"] == "0001:00:07.0"
+    assert where["--disk path=/d.img"] == "0000:00:01.0" and where["--rng"] == "0000:00:02.0"
+    off = vm_plan(parse_vm_config(["--kernel", "k", "--console", "off"]), 40)
+    assert [(d.item.label, d.bdf) for d in off.devices] == [("--rng", "0000:00:01.0")]

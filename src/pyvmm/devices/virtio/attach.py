@@ -1,6 +1,7 @@
-"""Plugging `--disk` devices into a VM: image, virtio-blk, transport, MSI-X vectors, PCI slot, MMIO range.
+"""Plugging virtio devices into a VM: `--disk` (image, virtio-blk), `--console` and `--rng`; each gets its
+transport, MSI-X vectors, PCI slot and MMIO range.
 
-Kept here so the VM builder only calls `attach_disks` and closes what it returns.
+Kept here so the VM builder only calls `attach_disks` / `attach_virtio` and closes what they return.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 from pyvmm.config import DiskConfig
 from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
+from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import (
     VIRTIO_BAR64_ALIGN,
     VIRTIO_BAR_INDEX,
@@ -34,6 +36,40 @@ def disk_bars(disk: DiskConfig) -> list[BarInfo]:
     if uses_64bit_bar(disk.pci_segment):
         return [BarInfo(VIRTIO_BAR_INDEX, BarKind.MEM64, VIRTIO_BAR_SIZE, align=VIRTIO_BAR64_ALIGN)]
     return [BarInfo(VIRTIO_BAR_INDEX, BarKind.MEM32, VIRTIO_BAR_SIZE)]
+
+
+def virtio_bars() -> list[BarInfo]:
+    """The BAR of every other virtio device (console, rng): 64-bit, as cloud-hypervisor gives them
+    (docs/pci.md#virtio-blk-bars)."""
+    return [BarInfo(VIRTIO_BAR_INDEX, BarKind.MEM64, VIRTIO_BAR_SIZE, align=VIRTIO_BAR64_ALIGN)]
+
+
+def attach_virtio(
+    device: VirtioDevice,
+    *,
+    segment: int,
+    slot: int | None,
+    name: str,
+    memory: GuestMemory,
+    platform: PciPlatform,
+    router: MsiRouter,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds,
+) -> VirtioPciDevice:
+    """Plug `device` (which the transport then owns) with a 64-bit BAR; on failure it is closed again."""
+    try:
+        vectors = IrqfdMsiVectors(router, irqfds, vector_count(device))
+    except BaseException:
+        device.close()
+        raise
+    dev = VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+    try:
+        platform.attach(dev, segment, slot)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            dev.close()
+        raise
+    return dev
 
 
 def attach_disks(

@@ -85,8 +85,10 @@ class RateLimitedWarnings:
     """At most `burst` warnings per `interval` seconds, then one line saying how many were dropped: a
     guest can send a million bad requests a second, and each must not cost a log line."""
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0) -> None:
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0,
+                 name: str = "virtio-blk") -> None:
         self._log = logger
+        self._name = name
         self._burst = burst
         self._interval = interval
         self._window_start = -interval
@@ -97,7 +99,8 @@ class RateLimitedWarnings:
         now = time.monotonic()
         if now - self._window_start >= self._interval:
             if self._dropped:
-                self._log.warning("virtio-blk: %d more warnings like these were not logged", self._dropped)
+                self._log.warning("%s: %d more warnings like these were not logged", self._name,
+                                  self._dropped)
             self._window_start, self._count, self._dropped = now, 0, 0
         if self._count < self._burst:
             self._count += 1

@@ -17,6 +17,9 @@ class VirtioDevice(ABC):
     device_type: VirtioDeviceType
     name: str = "virtio"
     pci_class: tuple[int, int] = (0xFF, 0x00)  # (class, subclass) for the PCI header
+    # Queues the device fills when it has something to send (virtio-console's receiveq) instead of
+    # draining them on every kick: the transport calls fill_queue for those, process_queue for the rest.
+    filled_queues: frozenset[int] = frozenset()
 
     def __init__(self, queue_sizes: list[int]) -> None:
         if not queue_sizes:
@@ -24,6 +27,15 @@ class VirtioDevice(ABC):
         self.queue_sizes = list(queue_sizes)
         self.memory: GuestMemory | None = None
         self.acked_features = 0
+        self._kick: Callable[[int], None] = lambda index: None
+
+    def bind_kick(self, kick: Callable[[int], None]) -> None:
+        """The transport's way for the device to have queue `index` served on the worker thread (as a
+        driver notification would), e.g. when host input arrives for a filled queue."""
+        self._kick = kick
+
+    def kick(self, index: int) -> None:
+        self._kick(index)
 
     @property
     @abstractmethod
@@ -64,6 +76,10 @@ class VirtioDevice(ABC):
             if count == every and completed is not None:
                 count = 0
                 completed()
+
+    def fill_queue(self, queue: Virtqueue) -> None:  # noqa: B027 - only devices with filled_queues
+        """Put what the device has to send into `queue`'s available buffers (worker thread). It must leave
+        notifications enabled, so the driver's next buffer wakes it when data is waiting."""
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
         """Serve one request; returns the number of bytes written into its writable buffers."""

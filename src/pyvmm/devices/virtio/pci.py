@@ -228,6 +228,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
         self._msix_lock = threading.Lock()
         self._notify_base: int | None = None  # guest address the queue ioeventfds are bound to
         self._worker: QueueWorker | None = None
+        device.bind_kick(self.kick)
 
         if bar64:
             config.add_bar(VIRTIO_BAR_INDEX, BarKind.MEM64, VIRTIO_BAR_SIZE, align=VIRTIO_BAR64_ALIGN)
@@ -300,6 +301,12 @@ class VirtioPciDevice(ConfigSpaceDevice):
         for i, fd in enumerate(self.queue_eventfds):
             self._vm.ioeventfd(fd, base + NOTIFY_CFG_OFFSET + NOTIFY_OFF_MULTIPLIER * i, 2)
         self._notify_base = base
+
+    def kick(self, index: int) -> None:
+        """Have queue `index` served on the worker thread (the device has data for a filled queue)."""
+        with self._lock:  # against close(): see there
+            if 0 <= index < len(self.queue_eventfds):
+                os.eventfd_write(self.queue_eventfds[index], 1)
 
     def _unbind_ioeventfds(self) -> None:
         if self._vm is None or self._notify_base is None:
@@ -534,6 +541,11 @@ class VirtioPciDevice(ConfigSpaceDevice):
                 return
             used_before = q.used_idx
             try:
+                if index in self.device.filled_queues:
+                    self.device.fill_queue(q)
+                    if q.used_idx != used_before:
+                        self._used(q)
+                    return
                 while True:
                     q.disable_notifications()
                     self.device.process_queue(q, COMPLETIONS_PER_INTERRUPT, lambda: self._used(q))
@@ -584,10 +596,11 @@ class VirtioPciDevice(ConfigSpaceDevice):
         self._unbind_ioeventfds()
         for q in self.queues:
             q.reset()  # drops the ring views into guest memory
-        for fd in self.queue_eventfds:
+        with self._lock:  # a kick from a device's host-side thread never writes to a reused fd number
+            fds, self.queue_eventfds = self.queue_eventfds, []
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.queue_eventfds = []
         self.device.close()
         self.vectors.close()
 

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Init of pyvmm's test guests (busybox), used both in the guest initramfs and on the guest disk.
-# root=DEV on the command line: mount it and switch to it (initramfs only); else pyvmm.cmd="..." runs that
-# command, prints PYVMM-GUEST-EXIT=<status> and powers off; else a shell on the console.
+# root=DEV on the command line: mount it and switch to it (initramfs only); else pyvmm.shell=TTY (e.g. hvc0)
+# runs an interactive shell on /dev/TTY; else pyvmm.cmd="..." runs that command, prints
+# PYVMM-GUEST-EXIT=<status> and powers off; else a shell on the console.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
@@ -45,6 +46,14 @@ if [ -f /pyvmm-initramfs ] && [ -n "$root" ]; then
     exec switch_root /newroot /sbin/init
   fi
   echo "pyvmm-guest: cannot mount root=$root"
+fi
+shell=$(param pyvmm.shell)
+if [ -n "$shell" ]; then
+  # the tty's driver may be a module that coldplug has just loaded: give its device node a moment
+  i=0
+  while [ ! -c "/dev/$shell" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  echo "pyvmm-guest: shell on $shell"
+  exec setsid sh -c "exec sh -i </dev/$shell >/dev/$shell 2>&1"
 fi
 cmd=$(echo "$cmdline" | sed -n 's/.*pyvmm\.cmd="\([^"]*\)".*/\1/p')
 if [ -n "$cmd" ]; then
