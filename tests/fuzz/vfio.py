@@ -232,6 +232,7 @@ def host_functions(draw: st.DrawFn) -> HostFunction:
     config[0x34] = offsets[0] if offsets else draw(st.sampled_from([0, 0x40, 0xFF]))
     if not offsets:  # the random bytes 0x34 may point at must not spell an MSI or MSI-X capability
         config[0x40], config[0x41] = draw(st.sampled_from([0x00, CAP_PM, 0xFF])), 0
+        config[0xFC], config[0xFD] = draw(st.sampled_from([0x00, CAP_PM, 0xFF])), 0  # 0xFF reads as 0xFC
     fn.caps = offsets
     if pcie:
         ext = draw(st.lists(st.sampled_from(EXT_IDS), max_size=5))
