@@ -168,6 +168,12 @@ class VcpuLoop:
         finally:
             with self._thread_lock:
                 self._thread_id = None
+        if self.coalesced is not None:
+            # Writes this vCPU queued before it stopped (e.g. the console's last bytes) are not lost.
+            try:
+                self.coalesced.drain()
+            except Exception as e:
+                log.warning("vCPU %d: replaying queued writes as it stopped: %s", self.vcpu.index, e)
         self.result = result
         if self.on_stop is not None:
             self.on_stop(result)
