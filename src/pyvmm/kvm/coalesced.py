@@ -26,6 +26,7 @@ _ENTRY_SIZE = ctypes.sizeof(kvm_coalesced_mmio)
 # struct kvm_coalesced_mmio: phys_addr, len, pio, data[8] (checked against the ctypes binding below)
 _ENTRY = struct.Struct("<QII8s")
 _HEADER = struct.Struct("<II")  # first, last
+_MASKS = [(1 << (8 * n)) - 1 for n in range(9)]
 assert _ENTRY.size == _ENTRY_SIZE and _HEADER.size == _HEADER_SIZE
 assert (kvm_coalesced_mmio.len.offset, kvm_coalesced_mmio.data.offset) == (8, 16)
 
@@ -59,17 +60,18 @@ class CoalescedRing:
             first, capacity, page = header.first, self.capacity, self._page
             pio_bus, mmio_bus = self.pio_bus, self.mmio_bus
             unpack_entry = _ENTRY.unpack_from
-            while first != header.last:
-                if first >= capacity:  # the kernel never writes this; a corrupt index must not loop forever
-                    header.first = header.last
+            # KVM may append while we replay: take what is there, hand the slots back, look again.
+            while (last := header.last) != first:
+                if first >= capacity or last >= capacity:  # the kernel never writes this: do not follow it
+                    header.first = last
                     break
-                addr, length, pio, data = unpack_entry(page, _HEADER_SIZE + first * _ENTRY_SIZE)
-                length = min(length, 8)
-                value = int.from_bytes(data[:length], "little")
-                (pio_bus if pio else mmio_bus).write(addr, length, value)
-                first = (first + 1) % capacity
-                header.first = first  # hands the slot back to KVM
-                done += 1
+                while first != last:
+                    addr, length, pio, data = unpack_entry(page, _HEADER_SIZE + first * _ENTRY_SIZE)
+                    value = int.from_bytes(data, "little") & _MASKS[length if length < 8 else 8]
+                    (pio_bus if pio else mmio_bus).write(addr, length if length < 8 else 8, value)
+                    first = first + 1 if first + 1 < capacity else 0
+                    done += 1
+                header.first = first
             self.replayed += done
             for hook in self.after_drain:
                 hook()
