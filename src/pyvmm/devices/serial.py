@@ -163,7 +163,10 @@ class Serial16550:
         _check_access(offset, size)
         with self._lock:
             self._write(offset, value & 0xFF)
-            self._update_irq()
+            # A THR byte can only change the line through a THRE interrupt: with THRE off (the console
+            # writes with IER = 0) there is nothing to update, for each of the bytes of a burst.
+            if offset != _RBR_THR_DLL or self._ier & _IER_THRE or self._mcr & _MCR_LOOP:
+                self._update_irq()
             if not self._tx or (
                 self.batch_output and offset == _RBR_THR_DLL and len(self._tx) < _TX_BATCH_LIMIT
             ):
