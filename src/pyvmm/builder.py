@@ -39,7 +39,7 @@ from pyvmm.devices.serial import Serial
 from pyvmm.errors import UsageError, VmError, in_context
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
-from pyvmm.kvm.coalesced import coalesce_port_writes
+from pyvmm.kvm.coalesced import CoalescedRing, open_coalesced_ring
 from pyvmm.kvm.memslots import KvmMemorySlots
 from pyvmm.kvm.runloop import VcpuLoop
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
@@ -121,7 +121,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
         memory_slots.map_memory(region.gpa, region.size, region.host_address)
 
     pio_bus, mmio_bus = IoBus("pio", 1 << 16), IoBus("mmio")
-    services = _add_legacy_devices(config, vm, pio_bus, latch, stack)
+    services, serial = _add_legacy_devices(config, vm, pio_bus, latch, stack)
     # Every BAR is planned first (exhaustion is found here, before any image or device is opened); the
     # platform is built on the plan's windows and devices land where the plan says (_check_plan).
     plan = vm_plan(config, phys_bits)
@@ -164,22 +164,38 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     vcpus = _create_vcpus(config, vm, kvm_supported=supported, phys_bits=phys_bits)
     state = boot_vcpu_state(memory, kernel)
     _set_boot_state(vcpus[0], state)
-    # The 0xCF8 address register needs no answer, and Linux's early PCI probes (an AGP-bridge search
-    # over all 256 buses) write it thousands of times: KVM queues those writes instead of exiting.
-    coalesced = coalesce_port_writes(vm, vcpus[0], layout.PCI_CONFIG_IO_PORT, 4, pio_bus, mmio_bus)
+    coalesced = _coalesce_writes(vm, vcpus[0], pio_bus, mmio_bus, serial)
     loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
     return VirtualMachine(vcpus=vcpus, loops=loops, latch=latch, memory=memory, platform=platform,
                           services=services, resources=stack)
 
 
+def _coalesce_writes(vm: Vm, vcpu: Vcpu, pio_bus: IoBus, mmio_bus: IoBus,
+                     serial: Serial | None) -> CoalescedRing | None:
+    """Port writes that need no answer are queued by KVM instead of exiting (docs/ARCHITECTURE.md)."""
+    ring = open_coalesced_ring(vm, vcpu, pio_bus, mmio_bus)
+    if ring is None:
+        return None
+    # Linux's early PCI probes (an AGP-bridge search over all 256 buses) write 0xCF8 thousands of times.
+    ring.register_ports(vm, layout.PCI_CONFIG_IO_PORT, 4)
+    if serial is not None:
+        # Byte writes to COM1's THR (DLL while DLAB is set): the console's bytes, up to 16 per LSR poll.
+        ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1)
+        serial.batch_output = True
+        ring.after_drain.append(serial.flush_output)
+    return ring
+
+
 def _add_legacy_devices(config: VmConfig, vm: Vm, pio_bus: IoBus, latch: ExitLatch,
-                        stack: contextlib.ExitStack) -> list[Service]:
+                        stack: contextlib.ExitStack) -> tuple[list[Service], Serial | None]:
     """COM1 (when --serial is on), the ACPI PM registers, the i8042's reset line and the CMOS RTC."""
     services: list[Service] = []
+    serial = None
     if config.serial.mode is not ConsoleMode.OFF:
         output = ConsoleOutput(config.serial)
         _closing(stack, output)
         serial = Serial(KvmIrqLine(vm, layout.SERIAL_COM1_IRQ), output.write)
+        stack.callback(serial.flush_output)  # bytes replayed as the VM stopped (before the output closes)
         pio_bus.insert(layout.SERIAL_COM1_PORT, 8, serial)
         if config.serial.mode is ConsoleMode.TTY:
             services.append(TerminalInput(serial.queue_input))
@@ -192,7 +208,7 @@ def _add_legacy_devices(config: VmConfig, vm: Vm, pio_bus: IoBus, latch: ExitLat
     pio_bus.insert(layout.I8042_PORT, layout.I8042_SIZE, i8042)
     # The guest's wall clock at boot (and `hwclock`) comes from here, as under cloud-hypervisor.
     pio_bus.insert(layout.CMOS_PORT, layout.CMOS_SIZE, CmosDevice.for_ram_size(config.memory.size))
-    return services
+    return services, serial
 
 
 def _add_console(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,

@@ -1,9 +1,17 @@
 """A 16550A UART for the guest console (8 byte-wide registers from layout.SERIAL_COM1_PORT).
 
-Output is immediate (THR is always empty again after a write), input is queued by a reader thread through
-`queue_input`. The interrupt line is level-modelled: asserted while an enabled interrupt is pending, so a
-new pending condition after the guest has serviced the previous one is a 0->1 edge, which is what the
-edge-triggered IOAPIC pin of ISA IRQ 4 needs.
+THR is always empty again after a write: the byte goes to `output` at once, or, with `batch_output` set,
+when `flush_output()` is called. The builder sets it when KVM queues THR writes in the coalesced ring
+(docs/ARCHITECTURE.md#device-interfaces-devicesbuspy) and flushes after each replay: Linux's console polls
+LSR once and then writes up to 16 bytes, which then cost one exit and one write(2) instead of sixteen.
+Every trapped access replays the ring first, so the registers still see the guest's order (an LCR write
+that sets DLAB traps, hence the bytes queued before it are THR bytes). Input is queued by a reader thread
+through `queue_input`.
+
+The interrupt line is level-modelled: asserted while an enabled interrupt is pending, so a new pending
+condition after the guest has serviced the previous one is a 0->1 edge, which is what the edge-triggered
+IOAPIC pin of ISA IRQ 4 needs. A THRE interrupt for queued bytes is raised when they are replayed, i.e. at
+the guest's next trapped access: Linux's 8250 interrupt handler reads IIR again after filling the FIFO.
 """
 
 from __future__ import annotations
@@ -99,6 +107,7 @@ MSR_CONNECTED = Msr.DCD | Msr.DSR | Msr.CTS
 INPUT_FIFO_SIZE = 64
 DEFAULT_DIVISOR = 0x0C  # 9600 baud from the 1.8432 MHz clock
 REGISTER_COUNT = 8
+_TX_BATCH_LIMIT = 4096  # bytes held for one flush at most, whatever the caller does
 
 # Plain ints for the per-access paths: an IntFlag operation costs about a microsecond, and Linux's console
 # makes two register accesses per character (LSR poll, THR write).
@@ -109,10 +118,10 @@ _IIR_RLS, _IIR_RDA, _IIR_THRE, _IIR_MS, _IIR_NONE = (
 _LSR_EMPTY = int(Lsr.THRE | Lsr.TEMT)
 _LSR_DR, _LSR_OE = int(Lsr.DR), int(Lsr.OE)
 _LCR_DLAB = int(Lcr.DLAB)
-_FCR_ENABLE_FIFO = int(Fcr.ENABLE_FIFO)
+_FCR_ENABLE_FIFO, _FCR_CLEAR_RCVR = int(Fcr.ENABLE_FIFO), int(Fcr.CLEAR_RCVR)
 _MCR_LOOP = int(Mcr.LOOP)
-_RBR_THR_DLL, _IER_DLM, _IIR_FCR, _LCR, _MCR, _LSR, _MSR = (
-    int(r) for r in (Reg.RBR_THR_DLL, Reg.IER_DLM, Reg.IIR_FCR, Reg.LCR, Reg.MCR, Reg.LSR, Reg.MSR)
+_RBR_THR_DLL, _IER_DLM, _IIR_FCR, _LCR, _MCR, _LSR, _MSR, _SCR = (
+    int(r) for r in (Reg.RBR_THR_DLL, Reg.IER_DLM, Reg.IIR_FCR, Reg.LCR, Reg.MCR, Reg.LSR, Reg.MSR, Reg.SCR)
 )
 
 
@@ -123,6 +132,9 @@ class Serial16550:
         self._irq = interrupt
         self._output = output
         self._lock = threading.Lock()
+        self._output_lock = threading.Lock()  # keeps flushes from two threads in order
+        self._tx = bytearray()  # transmitted, not yet given to `output`
+        self.batch_output = False  # True: THR bytes wait for flush_output() (see the module docstring)
         self._rx: deque[int] = deque()
         self._ier = 0
         self._lcr = 0
@@ -142,16 +154,35 @@ class Serial16550:
         with self._lock:
             value = self._read(offset)
             self._update_irq()
+        if self._tx:  # bytes replayed from the ring without a flush after them: out before the answer
+            self.flush_output()
         # Only the addressed register answers; the upper bytes of a wider access read like an empty bus.
         return value | (((1 << (8 * size)) - 1) & ~0xFF)
 
     def write(self, offset: int, size: int, value: int) -> None:
         _check_access(offset, size)
         with self._lock:
-            sent = self._write(offset, value & 0xFF)
-            self._update_irq()
-        if sent is not None and self._output is not None:
-            self._output(bytes([sent]))
+            self._write(offset, value & 0xFF)
+            # A THR byte can only change the line through a THRE interrupt: with THRE off (the console
+            # writes with IER = 0) there is nothing to update, for each of the bytes of a burst.
+            if offset != _RBR_THR_DLL or self._ier & _IER_THRE or self._mcr & _MCR_LOOP:
+                self._update_irq()
+            if not self._tx or (
+                self.batch_output and offset == _RBR_THR_DLL and len(self._tx) < _TX_BATCH_LIMIT
+            ):
+                return
+        self.flush_output()
+
+    def flush_output(self) -> None:
+        """Give the transmitted bytes to `output` in one call (outside the device lock)."""
+        with self._output_lock:
+            with self._lock:
+                if not self._tx:
+                    return
+                data = bytes(self._tx)
+                self._tx.clear()
+            if self._output is not None:
+                self._output(data)
 
     # --- input from the host ---------------------------------------------------------------------------
 
@@ -170,9 +201,6 @@ class Serial16550:
         if len(data) > room:
             self._overrun = True
         return min(room, len(data))
-
-    def _dlab(self) -> bool:
-        return bool(self._lcr & _LCR_DLAB)
 
     def _read(self, offset: int) -> int:
         if offset == _LSR:  # first: the console polls it before every character
@@ -205,44 +233,45 @@ class Serial16550:
             return int(msr)
         return self._scr
 
-    def _write(self, offset: int, value: int) -> int | None:
-        """Apply a register write; returns the byte to transmit, if any."""
+    def _write(self, offset: int, value: int) -> None:
+        """Apply a register write (a transmitted byte goes to the output buffer)."""
         if offset == _RBR_THR_DLL:
             if self._lcr & _LCR_DLAB:
                 self._divisor = (self._divisor & 0xFF00) | value
-                return None
+                return
             # The byte leaves at once, so THR is empty again: a fresh THRE interrupt.
             self._thr_pending = True
             if self._mcr & _MCR_LOOP:
                 self._receive(bytes([value]))
-                return None
-            return value
-        if offset == Reg.IER_DLM:
-            if self._dlab():
+            elif self._output is not None:
+                self._tx.append(value)
+            return
+        if offset == _IER_DLM:
+            if self._lcr & _LCR_DLAB:
                 self._divisor = (self._divisor & 0x00FF) | (value << 8)
-                return None
-            enabling_thre = value & Ier.THRE and not self._ier & Ier.THRE
+                return
+            enabling_thre = value & _IER_THRE and not self._ier & _IER_THRE
             self._ier = value & IER_MASK
             # Enabling THRE with THR empty raises it (Linux's 8250 startup tests rely on this).
             if enabling_thre:
                 self._thr_pending = True
-            elif not self._ier & Ier.THRE:
+            elif not self._ier & _IER_THRE:
                 self._thr_pending = False
-            return None
-        if offset == Reg.IIR_FCR:
-            if value & Fcr.CLEAR_RCVR or (value ^ self._fcr) & Fcr.ENABLE_FIFO:
+            return
+        if offset == _IIR_FCR:
+            if value & _FCR_CLEAR_RCVR or (value ^ self._fcr) & _FCR_ENABLE_FIFO:
                 self._rx.clear()  # toggling FIFO mode also resets the FIFOs
-            self._fcr = value & Fcr.ENABLE_FIFO
-            return None
-        if offset == Reg.LCR:
+            self._fcr = value & _FCR_ENABLE_FIFO
+            return
+        if offset == _LCR:
             self._lcr = value
-        elif offset == Reg.MCR:
+        elif offset == _MCR:
             before = self._modem_status()
             self._mcr = value & MCR_MASK
             self._record_modem_change(before, self._modem_status())
-        elif offset == Reg.SCR:
+        elif offset == _SCR:
             self._scr = value
-        return None  # LSR and MSR writes are ignored (factory test only)
+        # LSR and MSR writes are ignored (factory test only)
 
     def _modem_status(self) -> Msr:
         if not self._mcr & Mcr.LOOP:

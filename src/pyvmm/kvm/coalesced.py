@@ -5,13 +5,17 @@ vCPU's kvm_run mapping). Writes to a registered zone are appended there without 
 still exit. Whoever handles an exit first replays the queued writes, so a device always sees the guest's
 accesses in program order: a vCPU's queued write precedes its own later exit in the ring, and guests
 serialise the shared registers we coalesce (Linux holds pci_config_lock around each 0xCF8/0xCFC pair).
+Devices that want to act once per replayed run (the UART writes its transmitted bytes out in one go) are
+told after each drain that replayed something (`after_drain`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 import threading
+from collections.abc import Callable
 
 from pyvmm.kvm.bindings import KvmCap, kvm_coalesced_mmio, kvm_coalesced_mmio_ring
 from pyvmm.kvm.bus import Bus
@@ -19,6 +23,12 @@ from pyvmm.kvm.system import Vcpu, Vm
 
 _HEADER_SIZE = ctypes.sizeof(kvm_coalesced_mmio_ring)
 _ENTRY_SIZE = ctypes.sizeof(kvm_coalesced_mmio)
+# struct kvm_coalesced_mmio: phys_addr, len, pio, data[8] (checked against the ctypes binding below)
+_ENTRY = struct.Struct("<QII8s")
+_HEADER = struct.Struct("<II")  # first, last
+_MASKS = [(1 << (8 * n)) - 1 for n in range(9)]
+assert _ENTRY.size == _ENTRY_SIZE and _HEADER.size == _HEADER_SIZE
+assert (kvm_coalesced_mmio.len.offset, kvm_coalesced_mmio.data.offset) == (8, 16)
 
 
 class CoalescedRing:
@@ -28,8 +38,11 @@ class CoalescedRing:
         self.header = kvm_coalesced_mmio_ring.from_address(address)
         self.capacity = (page_size - _HEADER_SIZE) // _ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
         self.entries = (kvm_coalesced_mmio * self.capacity).from_address(address + _HEADER_SIZE)
+        # The drain decodes entries with struct from a byte view: a ctypes entry object costs far more.
+        self._page = memoryview((ctypes.c_char * page_size).from_address(address)).cast("B")
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
+        self.after_drain: list[Callable[[], object]] = []  # called (under the ring's lock) after a replay
         self._lock = threading.Lock()
         self.replayed = 0  # writes replayed so far
 
@@ -38,40 +51,54 @@ class CoalescedRing:
         return header.first != header.last
 
     def drain(self) -> int:
-        """Replay every queued write onto its bus; returns how many. Safe from any vCPU thread."""
+        """Replay every queued write onto its bus; returns how many. Safe from any thread."""
         header = self.header
         if header.first == header.last:
             return 0
         done = 0
         with self._lock:
-            first, capacity = header.first, self.capacity
-            while first != header.last:
-                if first >= capacity:  # the kernel never writes this; a corrupt index must not loop forever
-                    header.first = header.last
+            first, capacity, page = header.first, self.capacity, self._page
+            pio_bus, mmio_bus = self.pio_bus, self.mmio_bus
+            unpack_entry = _ENTRY.unpack_from
+            # KVM may append while we replay: take what is there, hand the slots back, look again.
+            while (last := header.last) != first:
+                if first >= capacity or last >= capacity:  # the kernel never writes this: do not follow it
+                    header.first = last
                     break
-                entry = self.entries[first]
-                length = min(entry.len, 8)
-                value = int.from_bytes(bytes(entry.data)[:length], "little")
-                bus = self.pio_bus if entry.pio else self.mmio_bus
-                bus.write(entry.phys_addr, length, value)
-                first = (first + 1) % capacity
-                header.first = first  # hands the slot back to KVM
-                done += 1
+                while first != last:
+                    addr, length, pio, data = unpack_entry(page, _HEADER_SIZE + first * _ENTRY_SIZE)
+                    value = int.from_bytes(data, "little") & _MASKS[length if length < 8 else 8]
+                    (pio_bus if pio else mmio_bus).write(addr, length if length < 8 else 8, value)
+                    first = first + 1 if first + 1 < capacity else 0
+                    done += 1
+                header.first = first
             self.replayed += done
+            for hook in self.after_drain:
+                hook()
         return done
 
+    def register_ports(self, vm: Vm, port: int, size: int) -> None:
+        """Have KVM queue guest writes to ports [port, port+size) here (an access must lie wholly inside
+        the zone to be queued; reads still exit)."""
+        vm.register_coalesced_zone(port, size, pio=True)
 
-def coalesce_port_writes(
-    vm: Vm, vcpu: Vcpu, port: int, size: int, pio_bus: Bus, mmio_bus: Bus
-) -> CoalescedRing | None:
-    """Have KVM queue guest writes to ports [port, port+size) and return the VM's ring (read through
-    `vcpu`'s mapping, which must outlive it); None when this KVM cannot coalesce port I/O, in which case
-    those writes keep exiting as before."""
+
+def open_coalesced_ring(vm: Vm, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus) -> CoalescedRing | None:
+    """The VM's ring, read through `vcpu`'s mapping (which must outlive it); None when this KVM cannot
+    coalesce port I/O, in which case every port write keeps exiting."""
     page_offset = vm.check_extension(KvmCap.KVM_CAP_COALESCED_MMIO)  # the ring's page in kvm_run's mapping
     if not page_offset or not vm.check_extension(KvmCap.KVM_CAP_COALESCED_PIO):
         return None
     if (page_offset + 1) * mmap.PAGESIZE > vcpu.mmap_size:
         return None
-    ring = CoalescedRing(vcpu.run_address + page_offset * mmap.PAGESIZE, mmap.PAGESIZE, pio_bus, mmio_bus)
-    vm.register_coalesced_zone(port, size, pio=True)
+    return CoalescedRing(vcpu.run_address + page_offset * mmap.PAGESIZE, mmap.PAGESIZE, pio_bus, mmio_bus)
+
+
+def coalesce_port_writes(
+    vm: Vm, vcpu: Vcpu, port: int, size: int, pio_bus: Bus, mmio_bus: Bus
+) -> CoalescedRing | None:
+    """`open_coalesced_ring` with one zone of ports [port, port+size) registered on it."""
+    ring = open_coalesced_ring(vm, vcpu, pio_bus, mmio_bus)
+    if ring is not None:
+        ring.register_ports(vm, port, size)
     return ring

@@ -50,6 +50,8 @@ _IO_EXIT = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO_EXIT = struct.Struct("<QQIB")  # phys_addr, data[8] (little endian), len, is_write
 _ITEM = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 _U64 = _ITEM[8]
+# Per MMIO length: the mask of its bytes, and of the data bytes KVM left beyond them (kept as they were).
+_MMIO_MASKS = {n: ((1 << (8 * n)) - 1, ~((1 << (8 * n)) - 1) & 0xFFFF_FFFF_FFFF_FFFF) for n in range(1, 9)}
 assert (_kvm_run_io.direction.offset, _kvm_run_io.size.offset, _kvm_run_io.port.offset,
         _kvm_run_io.count.offset, _kvm_run_io.data_offset.offset) == (0, 1, 2, 4, 8)
 assert (_kvm_run_mmio.phys_addr.offset, _kvm_run_mmio.data.offset, _kvm_run_mmio.len.offset,
@@ -168,6 +170,12 @@ class VcpuLoop:
         finally:
             with self._thread_lock:
                 self._thread_id = None
+        if self.coalesced is not None:
+            # Writes this vCPU queued before it stopped (e.g. the console's last bytes) are not lost.
+            try:
+                self.coalesced.drain()
+            except Exception as e:
+                log.warning("vCPU %d: replaying queued writes as it stopped: %s", self.vcpu.index, e)
         self.result = result
         if self.on_stop is not None:
             self.on_stop(result)
@@ -218,15 +226,16 @@ class VcpuLoop:
     def _mmio_exit(self) -> None:
         page = self._page
         addr, data, length, is_write = _MMIO_EXIT.unpack_from(page, _EXIT_U_OFFSET)
-        if not 0 < length <= 8:
+        masks = _MMIO_MASKS.get(length)
+        if masks is None:
             raise ValueError(f"MMIO exit of {length} bytes at {addr:#x}")
         # Odd lengths do not occur for ordinary instructions; the mask keeps them byte-exact anyway.
-        mask = (1 << (8 * length)) - 1
+        mask, beyond = masks
         if is_write:
             self.mmio_bus.write(addr, length, data & mask)
         else:
             value = self.mmio_bus.read(addr, length) & mask
-            _U64.pack_into(page, _MMIO_DATA_OFFSET, value | (data & ~mask & 0xFFFF_FFFF_FFFF_FFFF))
+            _U64.pack_into(page, _MMIO_DATA_OFFSET, value | (data & beyond))
 
     # --- rare exits ----------------------------------------------------------------------------------------
 

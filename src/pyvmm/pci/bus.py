@@ -329,12 +329,12 @@ class PciConfigMmio:
         return (offset >> 15) & 0x1F, (offset >> 12) & 0x7, offset & 0xFFF
 
     def read(self, offset: int, size: int) -> int:
-        decoded = self._decode(offset, size)
-        if decoded is None:
+        # _decode inlined: every config read of the guest's PCI probing (and of a passed-through device's
+        # extended capabilities) is one MMIO exit through here.
+        if size not in (1, 2, 4) or offset < 0 or offset % 4 + size > 4 or offset & 0x0FF0_0000:
             log.debug("ECAM read %#x+%d not served", offset, size)
             return _ones(size)
-        slot, function, register = decoded
-        return self.segment.config_read(slot, function, register, size)
+        return self.segment.config_read((offset >> 15) & 0x1F, (offset >> 12) & 0x7, offset & 0xFFF, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         decoded = self._decode(offset, size)

@@ -362,6 +362,8 @@ class MsixCapability:
             log.debug("MSI-X table write %#x+%d dropped", offset, size)
             return
         entry, first, count = fields
+        row = self._entries[entry]
+        was_masked = row[3] & _VECTOR_CONTROL_MASKED
         for i in range(count):
             field = first + i
             dword = (value >> (32 * i)) & 0xFFFF_FFFF
@@ -369,7 +371,9 @@ class MsixCapability:
                 dword &= 0xFFFF_FFFC  # message address is dword aligned
             elif field == 3:
                 dword &= _VECTOR_CONTROL_MASKED
-            self._entries[entry][field] = dword
+            row[field] = dword
+        if was_masked and row[3] & _VECTOR_CONTROL_MASKED:
+            return  # masked before and after: no route either way (guests program entries masked)
         self._update((entry,))
 
     # ---- pending-bit array --------------------------------------------------------------------------

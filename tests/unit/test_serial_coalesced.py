@@ -1,0 +1,288 @@
+"""COM1's THR writes queued in KVM's coalesced ring: the UART sees them in the guest's order, relative to
+its trapped accesses (LSR, LCR, IER, IIR), and writes its bytes out once per replay.
+
+The scripted vCPU below does what KVM does: while the "guest" runs, its byte writes to 0x3F8 land in the
+ring (no exit); then an exit for a trapped access is returned. The last test runs a real-mode guest on
+/dev/kvm with the zone registered as the builder registers it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from pyvmm import layout
+from pyvmm.devices.bus import IoBus
+from pyvmm.devices.serial import Serial16550
+from pyvmm.kvm.bindings import KvmExit, kvm_run
+from pyvmm.kvm.coalesced import CoalescedRing, open_coalesced_ring
+from pyvmm.kvm.runloop import StopReason, VcpuLoop, install_kick_handler
+from pyvmm.kvm.selftest import real_mode_vcpu
+from pyvmm.kvm.system import Kvm, KvmError
+from pyvmm.memory import GuestMemory
+
+COM1 = layout.SERIAL_COM1_PORT
+THR, IER, IIR, LCR, LSR = 0, 1, 2, 3, 5
+IER_THRI = 0x02
+IIR_NO_INT, IIR_THRI = 0x01, 0x02
+LSR_THRE_TEMT = 0x60
+LCR_8N1, LCR_DLAB = 0x03, 0x80
+PAGE = mmap.PAGESIZE
+DATA_OFFSET = PAGE  # port-I/O data: the page after kvm_run
+RING_OFFSET = 2 * PAGE  # where KVM_CAP_COALESCED_MMIO says the ring is (2 on x86)
+
+
+class Line:
+    def __init__(self) -> None:
+        self.history: list[bool] = []
+
+    def set_level(self, asserted: bool) -> None:
+        self.history.append(asserted)
+
+
+class Output:
+    """The console sink: one entry per call, so batching is visible."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+Step = Callable[["ScriptedVcpu"], int]
+
+
+class ScriptedVcpu:
+    """kvm_run, the data page and the coalesced ring page in one buffer, filled as KVM fills them."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.index = 0
+        self.mmap_size = 3 * PAGE
+        self._buffer = ctypes.create_string_buffer(self.mmap_size)
+        self.run_address = ctypes.addressof(self._buffer)
+        self.kvm_run = kvm_run.from_buffer(self._buffer)
+        self.steps = list(steps)
+        self.ring: CoalescedRing | None = None
+        self.answers: list[int] = []  # what each port read returned to the guest, in order
+        self._pending_read = False
+
+    def run(self) -> int:
+        if self._pending_read:  # the loop has filled in the previous exit's read
+            self.answers.append(ctypes.string_at(self.run_address + DATA_OFFSET, 1)[0])
+            self._pending_read = False
+        return self.steps.pop(0)(self)
+
+    def queue(self, port: int, value: int) -> None:
+        """A byte write KVM put in the ring instead of exiting."""
+        assert self.ring is not None
+        header = self.ring.header
+        entry = self.ring.entries[header.last]
+        entry.phys_addr, entry.len, entry.pio = port, 1, 1
+        ctypes.memmove(entry.data, bytes([value]) + bytes(7), 8)
+        header.last = (header.last + 1) % self.ring.capacity
+
+    def trap(self, port: int, out: int | None) -> int:
+        io = self.kvm_run.io
+        io.direction, io.size, io.port = int(out is not None), 1, port
+        io.count, io.data_offset = 1, DATA_OFFSET
+        ctypes.memmove(self.run_address + DATA_OFFSET, bytes([out if out is not None else 0xCC]), 1)
+        self._pending_read = out is None
+        self.kvm_run.exit_reason = KvmExit.KVM_EXIT_IO
+        return KvmExit.KVM_EXIT_IO
+
+
+def queued(*values: int, port: int = COM1) -> Step:
+    """The guest writes `values` to `port` (queued), then makes the next step's access."""
+
+    def step(v: ScriptedVcpu) -> int:
+        for value in values:
+            v.queue(port, value)
+        return v.steps.pop(0)(v)
+
+    return step
+
+
+def inb(reg: int) -> Step:
+    return lambda v: v.trap(COM1 + reg, None)
+
+
+def outb(reg: int, value: int) -> Step:
+    return lambda v: v.trap(COM1 + reg, value)
+
+
+def halt(v: ScriptedVcpu) -> int:
+    return KvmExit.KVM_EXIT_HLT
+
+
+@pytest.fixture(autouse=True)
+def kick_handler() -> None:
+    install_kick_handler()
+
+
+def run_script(steps: list[Step]) -> tuple[ScriptedVcpu, Serial16550, Output, Line, CoalescedRing]:
+    """Wire a UART the way the builder does when KVM can queue THR writes, and run the script to its HLT."""
+    line, output = Line(), Output()
+    uart = Serial16550(line, output)
+    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
+    pio.insert(COM1, 8, uart)
+    vcpu = ScriptedVcpu(steps)
+    ring = CoalescedRing(vcpu.run_address + RING_OFFSET, PAGE, pio, mmio)
+    vcpu.ring = ring
+    uart.batch_output = True
+    ring.after_drain.append(uart.flush_output)
+    result = VcpuLoop(vcpu, pio, mmio, coalesced=ring).run()
+    assert result.reason is StopReason.HALTED, result.describe()
+    return vcpu, uart, output, line, ring
+
+
+def test_a_polled_console_burst_is_one_write_and_comes_out_before_the_next_lsr_answer() -> None:
+    # Linux's console: LSR once, up to 16 bytes to THR, LSR again; at the end it waits for TEMT.
+    line1, line2 = b"[    0.000000] L", b"inux version 6.1"
+    steps = [inb(LSR), queued(*line1), inb(LSR), queued(*line2), inb(LSR), halt]
+    vcpu, _, output, line, ring = run_script(steps)
+    assert vcpu.answers == [LSR_THRE_TEMT] * 3
+    assert output.chunks == [line1, line2]  # one write per burst, none per byte
+    assert ring.replayed == 32 and not ring.pending()
+    assert not any(line.history)  # IER is 0 while the console writes: no interrupt
+
+
+def test_bytes_queued_before_dlab_is_set_are_thr_bytes_and_after_it_the_divisor() -> None:
+    # The LCR writes trap, and the ring is replayed before them: each queued byte meets the LCR it was
+    # written under.
+    steps = [
+        outb(LCR, LCR_8N1), queued(*b"ok"),
+        outb(LCR, LCR_DLAB | LCR_8N1), queued(0x01),  # DLL = 1: 115200 baud
+        outb(LCR, LCR_8N1), queued(*b"!"),
+        outb(LCR, LCR_DLAB | LCR_8N1), inb(THR), inb(IER),  # the divisor read back
+        outb(LCR, LCR_8N1), halt,
+    ]  # fmt: skip
+    vcpu, _, output, _, _ = run_script(steps)
+    assert output.data == b"ok!"
+    assert vcpu.answers == [0x01, 0x00]
+
+
+def test_the_thre_interrupt_for_a_queued_fifo_load_is_raised_at_the_handlers_next_iir_read() -> None:
+    # Linux's interrupt-driven transmit: enable THRI (its THRE interrupt comes at once), the handler reads
+    # IIR, fills the FIFO (queued), and reads IIR again: that read must see the new THRE interrupt.
+    steps = [
+        outb(IER, IER_THRI), inb(IIR), inb(LSR), queued(*b"0123456789abcdef"),
+        inb(IIR), inb(LSR), queued(*b"tail"),
+        inb(IIR), inb(LSR), outb(IER, 0),  # nothing left to send: THRI off
+        inb(IIR), halt,
+    ]  # fmt: skip
+    vcpu, _, output, line, _ = run_script(steps)
+    iir = [a & 0x0F for a in vcpu.answers[0::2]]
+    assert iir == [IIR_THRI, IIR_THRI, IIR_THRI, IIR_NO_INT]
+    assert output.chunks == [b"0123456789abcdef", b"tail"]
+    assert line.history == [True, False, True, False, True, False]  # a rising edge per FIFO load
+
+
+def test_disabling_thri_after_queued_bytes_leaves_no_interrupt_pending() -> None:
+    # Bytes queued while THRI is on, then IER = 0 (trapped): replayed first, so IER = 0 is the last word.
+    steps = [outb(IER, IER_THRI), inb(IIR), queued(*b"xy"), outb(IER, 0), inb(IIR), halt]
+    vcpu, _, output, line, _ = run_script(steps)
+    assert [a & 0x0F for a in vcpu.answers] == [IIR_THRI, IIR_NO_INT]
+    assert line.history[-1] is False and output.data == b"xy"
+
+
+def test_bytes_still_queued_when_the_vcpu_stops_are_written_out() -> None:
+    steps = [inb(LSR), queued(*b"reboot: Power down\n", port=COM1), halt]
+    _, _, output, _, ring = run_script(steps)
+    assert output.data == b"reboot: Power down\n" and not ring.pending()
+
+
+def test_without_a_flush_hook_a_trapped_access_flushes_first() -> None:
+    line, output = Line(), Output()
+    uart = Serial16550(line, output)
+    uart.batch_output = True
+    for byte in b"held":
+        uart.write(THR, 1, byte)
+    assert output.chunks == []
+    assert uart.read(LSR, 1) == LSR_THRE_TEMT
+    assert output.chunks == [b"held"]
+    uart.write(THR, 1, ord("!"))
+    uart.flush_output()
+    assert output.chunks == [b"held", b"!"]
+
+
+def test_without_batching_every_byte_goes_out_at_once() -> None:
+    output = Output()
+    uart = Serial16550(Line(), output)
+    for byte in b"ab":
+        uart.write(THR, 1, byte)
+    assert output.chunks == [b"a", b"b"]
+
+
+# Real mode, as Linux drives COM1: 8N1, three bytes, LSR; DLAB on, DLL = 1, DLAB off; a byte; THRI on; a
+# byte; then the divisor read back through DLAB into bl:bh, and the done port.
+PROGRAM = bytes(
+    [
+        0xBA, 0xFB, 0x03, 0xB0, 0x03, 0xEE,  # mov dx, 0x3fb; mov al, 0x03; out dx, al  (LCR 8N1, trap)
+        0xBA, 0xF8, 0x03,                    # mov dx, 0x3f8
+        0xB0, 0x41, 0xEE,                    # mov al, 'A'; out dx, al                  (queued)
+        0xB0, 0x42, 0xEE,                    # 'B'
+        0xB0, 0x43, 0xEE,                    # 'C'
+        0xBA, 0xFD, 0x03, 0xEC,              # mov dx, 0x3fd; in al, dx                 (LSR, trap)
+        0xBA, 0xFB, 0x03, 0xB0, 0x83, 0xEE,  # LCR = DLAB | 8N1                         (trap)
+        0xBA, 0xF8, 0x03, 0xB0, 0x01, 0xEE,  # DLL = 1                                  (queued)
+        0xBA, 0xFB, 0x03, 0xB0, 0x03, 0xEE,  # LCR = 8N1                                (trap)
+        0xBA, 0xF8, 0x03, 0xB0, 0x44, 0xEE,  # 'D'                                      (queued)
+        0xBA, 0xF9, 0x03, 0xB0, 0x02, 0xEE,  # IER = THRI                               (trap)
+        0xBA, 0xF8, 0x03, 0xB0, 0x45, 0xEE,  # 'E'                                      (queued)
+        0xBA, 0xFB, 0x03, 0xB0, 0x83, 0xEE,  # LCR = DLAB | 8N1                         (trap)
+        0xBA, 0xF8, 0x03, 0xEC, 0x88, 0xC3,  # in al, dx (DLL); mov bl, al
+        0xBA, 0xF9, 0x03, 0xEC, 0x88, 0xC7,  # in al, dx (DLM); mov bh, al
+        0xE6, 0x14,                          # out 0x14, al                             (done)
+        0xFA, 0xF4,                          # cli; hlt
+    ]
+)  # fmt: skip
+
+
+def test_thr_writes_are_queued_by_kvm_and_reach_the_uart_in_the_guests_order() -> None:
+    try:
+        kvm = Kvm()
+    except KvmError as e:
+        pytest.skip(f"KVM unavailable: {e}")
+    memory = GuestMemory([(0, 0x10000)])
+    memory.write(0x1000, PROGRAM)
+    line, output = Line(), Output()
+    uart = Serial16550(line, output)
+    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
+    pio.insert(COM1, 8, uart)
+    done = threading.Event()
+
+    class Done:
+        def read(self, offset: int, size: int) -> int:
+            return 0
+
+        def write(self, offset: int, size: int, value: int) -> None:
+            done.set()
+
+    pio.insert(0x14, 1, Done())
+    with kvm, kvm.create_vm() as vm:
+        vcpu = real_mode_vcpu(vm, memory, 0x1000)
+        ring = open_coalesced_ring(vm, vcpu, pio, mmio)
+        if ring is None:
+            pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")
+        ring.register_ports(vm, COM1, 1)
+        uart.batch_output = True
+        ring.after_drain.append(uart.flush_output)
+        loop = VcpuLoop(vcpu, pio, mmio, coalesced=ring)
+        thread = loop.start_thread()
+        assert done.wait(10), "the guest did not finish"
+        loop.request_stop()
+        thread.join(5)
+        regs = vcpu.get_regs()
+    assert ring.replayed == 6  # A B C, DLL, D, E: none of them exited
+    assert output.chunks == [b"ABC", b"D", b"E"]
+    assert regs.rbx & 0xFFFF == 0x0001  # DLL = 1 and DLM untouched (0x00 of the default 0x000C)
+    assert line.history == [True]  # THRI on: THRE raised, and still pending after 'E'
