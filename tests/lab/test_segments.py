@@ -50,7 +50,7 @@ def guest_bars(out: str) -> dict[str, dict[int, tuple[int, int]]]:
 TWO_SEGMENTS = (
     "--platform num_pci_segments=2 --pci-segment pci_segment=0,mmio32_aperture_weight=2 "
     "--pci-segment pci_segment=1,mmio32_aperture_weight=1 "
-    "--device path=/sys/bus/pci/devices/0000:00:03.0/,pci_segment=1"
+    "--device path=/sys/bus/pci/devices/0000:00:03.0/,pci_segment=1,x_allow_no_reset=on"
 )
 
 SD_GUEST = (

@@ -204,9 +204,8 @@ class VfioPciDevice(PciDevice):
         self._msi_off = self._msix_off = -1
         self._msix_phys_pba = 0
         try:
-            # Reset first: MSI/MSI-X control words must be read in their after-reset state
-            # (docs/vfio.md#device-creation-order).
-            self.did_reset = device.reset()
+            # The device was reset before the model exists (VfioPassthrough.reset): MSI/MSI-X control words
+            # are read here in their after-reset state (docs/vfio.md#device-creation-order).
             self.caps = caps.scan(device.read_config, device.config_size)
             self._patches: dict[int, list[caps.ConfigPatch]] = {}
             for patch in caps.hidden_ext_cap_patches(self.caps):
