@@ -49,11 +49,12 @@ class PciFunctionAddress:
         """`0000:01:00.1` as the kernel writes it; None for anything else."""
         try:
             segment, bus, rest = name.split(":")
-            device, function = rest.split(".")
-            address = cls(int(segment, 16), int(bus, 16), (int(device, 16) << 3) | int(function, 16))
+            device, function = (int(x, 16) for x in rest.split("."))
+            address = cls(int(segment, 16), int(bus, 16), (device << 3) | function)
         except ValueError:
             return None
-        return address if str(address) == name.lower() else None
+        in_range = device < 32 and function < 8 and address.bus < 256 and address.segment < 0x10000
+        return address if in_range and str(address) == name.lower() else None
 
 
 @dataclass(frozen=True)
