@@ -308,8 +308,9 @@ def attach_vfio_devices(
     """Open, DMA-map and plug every `--device` in command-line order; the caller closes the result.
 
     Raises VfioError (one line) for keys not implemented yet, functions not on vfio-pci, groups that are not
-    viable or not wholly given; on error everything opened so far is closed again. `on_request(name,
-    message)` is called (from a watcher thread) when the host takes a device away while the VM has it.
+    viable or not wholly given, functions that cannot be reset (without x_allow_no_reset=on); on error
+    everything opened so far is closed again. `on_request(name, message)` is called (from a watcher
+    thread) when the host takes a device away while the VM has it.
     """
     configs = list(devices)
     for dev in configs:
@@ -320,13 +321,15 @@ def attach_vfio_devices(
     passthrough = VfioPassthrough(registry, irqfds, router, memory, platform.memory_slots, p2p_dma,
                                   on_request)
     try:
-        # Every group is open before the first reset, so that a bus reset can see that this VM holds all it
-        # touches; every device is reset before the first model reads one (a bus reset would undo setup).
+        # Every device (and so every group) is open before the first reset, so that a bus reset can see that
+        # this VM holds all it touches; a group not given whole is refused before anything is reset; every
+        # device is reset before the first model reads one (a bus reset would undo a model's setup).
+        opened = [passthrough.open_device(dev.path) for dev in configs]
+        check_groups_complete(passthrough, {device.name for device in opened})
+        for dev, device in zip(configs, opened, strict=True):
+            passthrough.reset(device, dev.x_allow_no_reset)
         for dev in configs:
-            passthrough.reset(passthrough.open_device(dev.path), dev.x_allow_no_reset)
-        given = set()
-        for dev in configs:
-            model, _ = passthrough.add_device(
+            passthrough.add_device(
                 dev.path,
                 platform,
                 dev.pci_segment,
@@ -336,8 +339,6 @@ def attach_vfio_devices(
                 gpudirect_clique=dev.x_nv_gpudirect_clique,
                 allow_no_reset=dev.x_allow_no_reset,
             )
-            given.add(model.device.name)
-        check_groups_complete(passthrough, given)
         passthrough.start_watching()
     except BaseException:
         passthrough.close()
