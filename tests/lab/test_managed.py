@@ -79,7 +79,8 @@ echo "after: $(drv $SD)"; ls /run/pyvmm
 sec sigkill  # several managed devices at once: the reader, the NVMe drive, the display + audio group
 boot_then KILL path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
   path=/sys/bus/pci/devices/$NVME/,managed=on \
-  path=/sys/bus/pci/devices/$DISP/,managed=on path=/sys/bus/pci/devices/$AUD/,managed=on
+  path=/sys/bus/pci/devices/$DISP/,managed=on,x_allow_no_reset=on \
+  path=/sys/bus/pci/devices/$AUD/,managed=on,x_allow_no_reset=on
 echo "after: $(drv $SD) $(drv $NVME) $(drv $DISP) $(drv $AUD)"; cat /run/pyvmm/host-journal.json
 pyvmm-host restore --all; echo "rc=$?"; echo "after: $(drv $SD) $(drv $NVME) $(drv $DISP) $(drv $AUD)"
 ls /run/pyvmm

@@ -26,7 +26,8 @@ PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --c
 echo "== display alone"
 $PYVMM --device path=/sys/bus/pci/devices/$DISP/ --cmdline 'console=ttyS0' 2>&1; echo "STATUS=$?"
 echo "== both"
-$PYVMM --device path=/sys/bus/pci/devices/$DISP/ path=/sys/bus/pci/devices/$AUD/ \
+$PYVMM --device path=/sys/bus/pci/devices/$DISP/,x_allow_no_reset=on \
+  path=/sys/bus/pci/devices/$AUD/,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="@GUEST@"' 2>&1; echo "STATUS=$?"
 echo "== end"
 pyvmm-host unbind $DISP $AUD >/dev/null; echo "HOST-AFTER $(drv $DISP) $(drv $AUD)"
