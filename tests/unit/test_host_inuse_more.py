@@ -29,7 +29,7 @@ def test_a_device_node_open_in_another_process_is_found_with_its_pid_and_name() 
     key = (stat.S_IFCHR, os.major(st.st_rdev), os.minor(st.st_rdev))
     child = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL)
     try:
-        found = inuse._open_device_nodes()
+        found = inuse.open_device_nodes()
         assert (child.pid, "sleep") in found.get(key, [])
         assert all(pid != os.getpid() for pid, _ in found.get(key, []))  # our own fds are not a use
     finally:

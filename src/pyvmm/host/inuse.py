@@ -157,8 +157,12 @@ def _ninep_tags(devpath: str) -> set[str]:
     return tags
 
 
-def host_uses(devpath: str) -> list[HostUse]:
-    """Every way the host uses the function whose resolved sysfs path is `devpath`."""
+OpenNodes = dict[tuple[int, int, int], list[tuple[int, str]]]
+
+
+def host_uses(devpath: str, opened: OpenNodes | None = None) -> list[HostUse]:
+    """Every way the host uses the function whose resolved sysfs path is `devpath`. `opened` is
+    open_device_nodes() when the caller checks many functions at once (it walks every process's fds)."""
     uses: list[HostUse] = []
     mounts: list[Mount] = []
     for source in MOUNTINFOS:
@@ -184,7 +188,8 @@ def host_uses(devpath: str) -> list[HostUse]:
     for name in _held_block_devices(devpath):
         uses.append(HostUse(UseKind.HOLDER, f"{name} is held by {', '.join(_holders(name))}",
                             "remove the device stacked on it (dmsetup remove, mdadm --stop, ...)"))
-    opened = _open_device_nodes()
+    if opened is None:
+        opened = open_device_nodes()
     for (major, minor), name in sorted(blocks.items()):
         for pid, comm in opened.get((stat.S_IFBLK, major, minor), []):
             uses.append(HostUse(UseKind.OPEN, f"/dev/{name} is open in process {pid} ({comm})",
@@ -225,10 +230,10 @@ def _held_block_devices(devpath: str) -> list[str]:
     return sorted(n for n in names if _under(os.path.realpath(SYS_BLOCK / n), devpath) and _holders(n))
 
 
-def _open_device_nodes() -> dict[tuple[int, int, int], list[tuple[int, str]]]:
+def open_device_nodes() -> OpenNodes:
     """Every block or character device node open in a process other than this one, by (S_IFBLK or S_IFCHR,
     major, minor) -> [(pid, command name)]."""
-    found: dict[tuple[int, int, int], list[tuple[int, str]]] = {}
+    found: OpenNodes = {}
     me = os.getpid()
     try:
         pids = [int(p) for p in os.listdir(PROC) if p.isdigit()]
@@ -276,7 +281,7 @@ def _fbcon_binding() -> str | None:
     return None
 
 
-def _display_uses(devpath: str, opened: dict[tuple[int, int, int], list[tuple[int, str]]]) -> list[HostUse]:
+def _display_uses(devpath: str, opened: OpenNodes) -> list[HostUse]:
     uses = []
     with contextlib.suppress(OSError):
         framebuffers = sorted(os.listdir(Path(devpath) / "graphics"))
