@@ -45,6 +45,7 @@ boot_then() {  # boot_then SIGNAL [DEVICE...]: start a guest with the managed DE
 )
 
 EXITS = PRELUDE + r"""
+release_fbcon
 sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
 sec poweroff
 $PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
@@ -60,6 +61,7 @@ sec end
 """.replace("@GUEST@", GUEST)
 
 FAILURES = PRELUDE + r"""
+release_fbcon
 sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
 sec panic
 $PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \

@@ -19,6 +19,13 @@ GUEST = (
 SCRIPT = r"""
 drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
 DISP=0000:00:03.0; AUD=0000:00:03.1
+release_fbcon() {  # the host's text console leaves the framebuffers, so a display is no longer in use
+  for v in /sys/class/vtconsole/vtcon*; do
+    grep -q "frame buffer" "$v/name" 2>/dev/null && echo 0 > "$v/bind"
+  done
+  true
+}
+release_fbcon
 echo "HOST-BEFORE $(drv $DISP) $(drv $AUD)"
 pyvmm-host bind --group $DISP >/dev/null; echo "HOST-BOUND $(drv $DISP) $(drv $AUD)"
 PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --cpus boot=2 --memory size=512M
