@@ -9,7 +9,9 @@ import errno
 
 import pytest
 
+from pyvmm.errors import ExitStatus
 from pyvmm.ioctl import IoctlError
+from pyvmm.vfio import passthrough as p
 from pyvmm.vfio import reset as r
 from pyvmm.vfio.bindings import VfioDeviceFlag, VfioIoctl, VfioPciIoctl
 
@@ -104,3 +106,74 @@ def test_function_addresses_parse_only_the_kernels_spelling() -> None:
     assert address == r.PciFunctionAddress(0, 1, (0x1F << 3) | 7) and str(address) == "0000:01:1f.7"
     for bad in ("01:00.0", "0000:01:00", "0000:01:00.8", "0000:01:20.0", "x", "0000:01:00.0/"):
         assert r.PciFunctionAddress.parse(bad) is None, bad
+
+
+# ---- the policy: VfioPassthrough.reset --------------------------------------------------------------------
+
+
+
+class Device:
+    """What VfioPassthrough.reset reads of a VfioDevice."""
+
+    def __init__(self, name: str, vendor: int = 0x1B36) -> None:
+        self.name, self.fd, self.flags, self.vendor = name, 9, FLAGS, vendor
+
+    def read_config(self, offset: int, size: int) -> int:
+        assert (offset, size) == (0, 2)
+        return self.vendor
+
+
+def _passthrough(
+    monkeypatch: pytest.MonkeyPatch, results: dict[str, r.ResetResult]
+) -> tuple[p.VfioPassthrough, list[str]]:
+    calls: list[str] = []
+
+    def fake(fd: int, flags: VfioDeviceFlag, groups: dict[int, int]) -> r.ResetResult:
+        name = next(iter(results))
+        calls.append(name)
+        return results.pop(name)
+
+    monkeypatch.setattr(p, "reset_function", fake)
+    return p.VfioPassthrough(None, None, None), calls  # type: ignore[arg-type]
+
+
+NONE = r.ResetResult(None, ("no function reset", "no bus reset: No such device"))
+
+
+def test_a_device_without_reset_is_refused_naming_the_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    vfio, _ = _passthrough(monkeypatch, {"0000:00:03.0": NONE})
+    with pytest.raises(p.VfioResetError) as err:
+        vfio.reset(Device("0000:00:03.0"))  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "0000:00:03.0 cannot be reset (no function reset; no bus reset: No such device): what its last user "
+        "left in it would reach the guest; add x_allow_no_reset=on to its --device to pass it through anyway "
+        "(SECURITY.md)"
+    )
+    assert err.value.exit_status is ExitStatus.USAGE
+
+
+def test_with_the_opt_in_it_is_used_and_said_once(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    vfio, calls = _passthrough(monkeypatch, {"0000:00:03.0": NONE})
+    device = Device("0000:00:03.0")
+    assert not vfio.reset(device, allow_no_reset=True).done  # type: ignore[arg-type]
+    assert not vfio.reset(device, allow_no_reset=True).done  # type: ignore[arg-type]
+    assert calls == ["0000:00:03.0"]
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert warnings == ["0000:00:03.0: not reset (no function reset; no bus reset: No such device); passed "
+                        "through as it is (x_allow_no_reset=on)"]
+
+
+def test_a_device_reading_all_ones_after_the_reset_is_refused_even_with_the_opt_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vfio, _ = _passthrough(monkeypatch, {"0000:00:04.0": r.ResetResult(r.ResetKind.FUNCTION)})
+    with pytest.raises(p.VfioError, match=r"^0000:00:04.0: its config space reads all-ones after a function"):
+        vfio.reset(Device("0000:00:04.0", vendor=0xFFFF), allow_no_reset=True)  # type: ignore[arg-type]
+
+
+def test_a_function_a_bus_reset_covered_is_not_reset_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    covered = frozenset({r.PciFunctionAddress(0, 1, 0), r.PciFunctionAddress(0, 1, 1)})
+    vfio, calls = _passthrough(monkeypatch, {"0000:01:00.0": r.ResetResult(r.ResetKind.BUS, (), covered)})
+    assert vfio.reset(Device("0000:01:00.0")).kind is r.ResetKind.BUS  # type: ignore[arg-type]
+    assert vfio.reset(Device("0000:01:00.1")).kind is r.ResetKind.BUS  # type: ignore[arg-type]
+    assert calls == ["0000:01:00.0"]
