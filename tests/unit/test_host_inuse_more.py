@@ -5,6 +5,7 @@ from inside a network namespace. The lab refuses real devices (tests/lab/test_ho
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -86,3 +87,20 @@ def test_interfaces_are_read_from_inside_a_namespace() -> None:
     assert names and set(names) <= set(listed)  # those ethtool answers for (not loopback)
     assert "lo" not in names
     assert all(ns.path != Path("/proc/self/ns/net") for ns in inuse.other_network_namespaces())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+                    reason="needs root, unshare(1) and ip(8)")
+def test_an_interface_in_a_namespace_only_a_process_holds_is_seen() -> None:
+    script = "ip link add v0 type veth peer name v1 && ip link set v0 up && echo ready && exec sleep 30"
+    holder = subprocess.Popen(["unshare", "--net", "sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        if holder.stdout is None or holder.stdout.readline().strip() != "ready":
+            pytest.skip("cannot make a veth pair here")
+        (ns,) = [n for n in inuse.other_network_namespaces() if n.path == Path(f"/proc/{holder.pid}/ns/net")]
+        assert ns.label == f"the network namespace of process {holder.pid} (sleep)"
+        assert ns.enter == f"nsenter -t {holder.pid} -n ip"
+        assert sorted(inuse._interfaces_in(ns)) == [("v0", "", True), ("v1", "", False)]
+    finally:
+        holder.kill()
+        holder.wait()
