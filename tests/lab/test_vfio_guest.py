@@ -32,7 +32,8 @@ wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)
 wait_dev /dev/nvme0n1; head -c 66060288 /dev/nvme0n1 > $TMPDIR/nv-head
 pyvmm-host bind 0000:00:03.0 >/dev/null; pyvmm-host bind 0000:00:04.0 >/dev/null
 for d in 03 04; do echo "RESET-METHOD-$d=[$(cat /sys/bus/pci/devices/0000:00:$d.0/reset_method 2>&1)]"; done
-SHORT="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --memory size=128M --console off --cmdline x"
+SHORT="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --memory size=128M --console off"
+SHORT="$SHORT --cmdline x"
 out=$($SHORT --device path=/sys/bus/pci/devices/0000:00:03.0/ 2>&1); echo "NO-RESET-SD-RC=$?"
 echo "$out" | sed 's/^/NO-RESET-SD: /'
 echo "" > /sys/bus/pci/devices/0000:00:04.0/reset_method
