@@ -17,7 +17,7 @@ PYVMM = (
     "--memory size=512M --serial tty --console off"
 )
 NVME = "path=/sys/bus/pci/devices/0000:00:03.0/"
-NIC = "path=/sys/bus/pci/devices/0000:00:04.0/,x_allow_no_reset=on"  # no reset: the clique is the refusal
+NIC = "path=/sys/bus/pci/devices/0000:00:04.0/"
 
 GUEST = (
     "i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
