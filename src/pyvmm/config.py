@@ -162,6 +162,7 @@ class DeviceConfig:
     x_nv_gpudirect_clique: int | None = None
     x_exclude_mmap_bars: tuple[int, ...] = ()
     managed: bool = False  # pyvmm-only: bind to vfio-pci before the VM starts, restore the driver after
+    x_allow_no_reset: bool = False  # pyvmm-only: pass it through even if it cannot be reset
 
 
 @dataclass(frozen=True)
@@ -531,6 +532,7 @@ def parse_disk(text: str) -> DiskConfig:
 
 _DEVICE_KEYS = frozenset({
     "path", "id", "pci_segment", "pci_device_id", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed",
+    "x_allow_no_reset",  # pyvmm-only (docs/cli.md#passthrough-devices)
 })  # fmt: skip
 
 
@@ -562,6 +564,7 @@ def parse_device(text: str) -> DeviceConfig:
         x_nv_gpudirect_clique=clique,
         x_exclude_mmap_bars=tuple(sorted(set(bars))),
         managed=opts.toggle("managed", False),
+        x_allow_no_reset=opts.toggle("x_allow_no_reset", False),
     )
 
 
@@ -848,7 +851,12 @@ be repeated:
                         clique id (needs --platform vfio_p2p_dma=on)
   x_exclude_mmap_bars=[<bar>,...]
                         BARs 0-5 never mapped into the guest (every access
-                        trapped), e.g. [0,2-3]""",
+                        trapped), e.g. [0,2-3]
+  x_allow_no_reset=on|off
+                        on: pass the function through even when it cannot
+                        be reset (what its last user left in it reaches
+                        the guest; see SECURITY.md); off: refuse such a
+                        function (default off)""",
     "--platform": f"""PCI segments and DMA:
   num_pci_segments=<n>  PCI segments (host bridges), 1-{MAX_PCI_SEGMENTS} (default 1)
   vfio_p2p_dma=on|off   also DMA-map device BARs for peer-to-peer (default on;

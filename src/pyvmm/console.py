@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import stat
@@ -17,6 +18,12 @@ from collections.abc import Callable
 
 from pyvmm.config import ConsoleConfig, ConsoleMode
 from pyvmm.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# A guest printing forever must not fill the host's disk: `--serial file=` keeps the first 64 MiB and drops
+# the rest (docs/cli.md#serial-port-and-console). Fixed, not an option: neither CH nor QEMU has a key for it.
+SERIAL_FILE_LIMIT = 64 << 20
 
 _FILE_KINDS = {
     stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
@@ -69,20 +76,37 @@ def _kind(path: str | os.PathLike[str]) -> str | None:
 
 
 class ConsoleOutput:
-    """A byte sink: a dup of stdout (tty), a file, or nothing (null). `flag` names the option in errors."""
+    """A byte sink: a dup of stdout (tty), a file (at most `file_limit` bytes), or nothing (null). `flag`
+    names the option in errors and warnings."""
 
-    def __init__(self, config: ConsoleConfig, flag: str = "--serial") -> None:
+    def __init__(
+        self, config: ConsoleConfig, flag: str = "--serial", file_limit: int = SERIAL_FILE_LIMIT
+    ) -> None:
+        self._flag = flag
         self._fd: int | None = None
+        self._room: int | None = None  # bytes the file may still take; None: no bound (a terminal)
+        self._path = config.path
+        self._limit = file_limit
+        self._dropping = False
         if config.mode is ConsoleMode.TTY:
             self._fd = os.dup(sys.stdout.fileno())
         elif config.mode is ConsoleMode.FILE:
             assert config.path is not None  # the parser requires a path for file=
             self._fd = open_output_file(config.path, flag)
+            self._room = file_limit
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
             return
         view = memoryview(data)
+        if self._room is not None:
+            if len(view) > self._room:
+                if not self._dropping:
+                    log.warning("%s file=%s: the file reached its bound of %d bytes; the guest's further "
+                                "output is dropped", self._flag, self._path, self._limit)
+                self._dropping = True
+                view = view[: self._room]
+            self._room -= len(view)
         while view:
             try:
                 n = os.write(self._fd, view)

@@ -302,9 +302,6 @@ class StandInDevice(VfioDevice):
         assert n <= self.irqs[index].count, f"SET_IRQS of {n} vectors on index {index}"
         self.calls.append((index, VfioIrqSetFlag(flags).name or str(int(flags)), n))
 
-    def reset(self) -> bool:
-        return self.can_reset
-
     def raw(self, index: int, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, index * STRIDE + offset)
 

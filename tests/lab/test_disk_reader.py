@@ -18,7 +18,7 @@ COMMAND = r"""
 pyvmm-host bind 0000:00:03.0 >/dev/null
 pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --disk path="$PYVMM_GUEST_DISK" \
   --cpus boot=2 --memory size=512M --serial tty --console off \
-  --device path=/sys/bus/pci/devices/0000:00:03.0/ \
+  --device path=/sys/bus/pci/devices/0000:00:03.0/,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 root=/dev/vda1 rw pyvmm.cmd="@GUEST_CMD@"' < /dev/null
 echo "PYVMM-STATUS=$?"
 echo "WANT-SD=$PYVMM_LAB_SD_SHA256"

@@ -201,7 +201,7 @@ echo "want=$PYVMM_LAB_NVME_SHA256"
 sec sd-before; drv $SD
 sec sd
 pyvmm-host bind $SD > /dev/null || echo BIND-FAILED
-$PYVMM --device path=/sys/bus/pci/devices/$SD/ \
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet pyvmm.cmd="@SD@"' > $TMPDIR/sd.log 2> $TMPDIR/sd.err &
 pid=$!
 surprise $SD sd

@@ -15,6 +15,13 @@ drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo 
 snapshot() {
   for d in /sys/bus/pci/devices/*; do b=$(basename $d); echo "$b $(drv $b) $(cat $d/driver_override)"; done
 }
+release_fbcon() {  # the host's text console leaves the framebuffers, so a display is no longer in use
+  for v in /sys/class/vtconsole/vtcon*; do
+    grep -q "frame buffer" "$v/name" 2>/dev/null && echo 0 > "$v/bind"
+  done
+  true
+}
+release_fbcon  # the display would be in use while it shows the console (tests/lab/test_host_sd.py)
 """
 
 

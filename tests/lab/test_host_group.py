@@ -15,6 +15,7 @@ PRELUDE = lab_script(
 
 
 GROUP = PRELUDE + r"""
+release_fbcon
 sec native; echo "$(drv $VGA) $(drv $AUDIO)"
 sec alone; pyvmm-host bind 00:03.0 2>&1; echo "rc=$?"
 sec after-refusal; echo "$(drv $VGA) $(drv $AUDIO)"

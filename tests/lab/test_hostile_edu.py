@@ -70,7 +70,7 @@ echo "CANARY-BEFORE=$(sha256sum < /tmp/canary | cut -c1-64)"
 pyvmm-host bind "$EDU" >/dev/null || echo BIND-FAILED
 dmesg -c >/dev/null
 timeout -k 15 180 pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=1 \
-  --memory size=128M --serial tty --console off --device path=/sys/bus/pci/devices/$EDU/ \
+  --memory size=128M --serial tty --console off --device path=/sys/bus/pci/devices/$EDU/,x_allow_no_reset=on \
   --cmdline @CMDLINE@ > /tmp/guest.log 2>&1
 status=$?
 echo "PYVMM-STATUS=$status"

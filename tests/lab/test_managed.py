@@ -29,7 +29,7 @@ PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --c
 boot_then() {  # boot_then SIGNAL [DEVICE...]: start a guest with the managed DEVICEs (default: the reader),
                # send SIGNAL once its kernel prints, wait for pyvmm
   sig=$1; shift
-  [ $# -gt 0 ] || set -- path=/sys/bus/pci/devices/$SD/,managed=on
+  [ $# -gt 0 ] || set -- path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on
   $PYVMM --device "$@" --cmdline 'console=ttyS0 panic=-1' > $TMPDIR/boot.log 2>&1 &
   pid=$!
   i=0; while ! grep -q 'Linux version' $TMPDIR/boot.log && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
@@ -45,9 +45,10 @@ boot_then() {  # boot_then SIGNAL [DEVICE...]: start a guest with the managed DE
 )
 
 EXITS = PRELUDE + r"""
+release_fbcon
 sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
 sec poweroff
-$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on \
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="@GUEST@"' > $TMPDIR/off.log 2>&1
 echo "rc=$?"; grep -e ^GUEST -e 'pyvmm: ' -e Traceback $TMPDIR/off.log
 echo "after: $(drv $SD)"; ls /run/pyvmm
@@ -60,9 +61,10 @@ sec end
 """.replace("@GUEST@", GUEST)
 
 FAILURES = PRELUDE + r"""
+release_fbcon
 sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD)"
 sec panic
-$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on \
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="echo c > /proc/sysrq-trigger"' > $TMPDIR/panic.log 2>&1
 echo "rc=$?"; grep -c 'Kernel panic' $TMPDIR/panic.log; grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/panic.log
 echo "after: $(drv $SD)"
@@ -70,14 +72,17 @@ sec refused
 $PYVMM --device path=/sys/bus/pci/devices/$DISP/,managed=on --cmdline 'console=ttyS0' 2>&1; echo "rc=$?"
 echo "after: $(drv $DISP) $(drv $AUD)"
 sec early-sigterm  # right after the bind: while pyvmm builds the VM (or even while it binds)
-$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on --cmdline 'console=ttyS0' > $TMPDIR/early.log 2>&1 &
+$PYVMM --device path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on --cmdline 'console=ttyS0' \
+  > $TMPDIR/early.log 2>&1 &
 pid=$!
 i=0; while [ "$(drv $SD)" != vfio-pci ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
 kill -TERM $pid; wait $pid; echo "rc=$?"; grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/early.log
 echo "after: $(drv $SD)"; ls /run/pyvmm
 sec sigkill  # several managed devices at once: the reader, the NVMe drive, the display + audio group
-boot_then KILL path=/sys/bus/pci/devices/$SD/,managed=on path=/sys/bus/pci/devices/$NVME/,managed=on \
-  path=/sys/bus/pci/devices/$DISP/,managed=on path=/sys/bus/pci/devices/$AUD/,managed=on
+boot_then KILL path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
+  path=/sys/bus/pci/devices/$NVME/,managed=on \
+  path=/sys/bus/pci/devices/$DISP/,managed=on,x_allow_no_reset=on \
+  path=/sys/bus/pci/devices/$AUD/,managed=on,x_allow_no_reset=on
 echo "after: $(drv $SD) $(drv $NVME) $(drv $DISP) $(drv $AUD)"; cat /run/pyvmm/host-journal.json
 pyvmm-host restore --all; echo "rc=$?"; echo "after: $(drv $SD) $(drv $NVME) $(drv $DISP) $(drv $AUD)"
 ls /run/pyvmm

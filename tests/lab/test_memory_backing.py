@@ -52,7 +52,8 @@ echo "rc=$?"; sed 's/^/out: /' $TMPDIR/small.log
 sec hugepages
 echo 600 > /proc/sys/vm/nr_hugepages; echo "total=$(cat /proc/sys/vm/nr_hugepages)"
 echo "before=$(free_huge)"
-$PYVMM --memory size=1G,hugepages=on,hugepage_size=2M --device path=/sys/bus/pci/devices/$SD/,managed=on \
+$PYVMM --memory size=1G,hugepages=on,hugepage_size=2M \
+  --device path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="@GUEST@"' > $TMPDIR/huge.log 2>&1 &
 pid=$!
 wait_log $TMPDIR/huge.log '^GUEST-SD='

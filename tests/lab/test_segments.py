@@ -50,7 +50,7 @@ def guest_bars(out: str) -> dict[str, dict[int, tuple[int, int]]]:
 TWO_SEGMENTS = (
     "--platform num_pci_segments=2 --pci-segment pci_segment=0,mmio32_aperture_weight=2 "
     "--pci-segment pci_segment=1,mmio32_aperture_weight=1 "
-    "--device path=/sys/bus/pci/devices/0000:00:03.0/,pci_segment=1"
+    "--device path=/sys/bus/pci/devices/0000:00:03.0/,pci_segment=1,x_allow_no_reset=on"
 )
 
 SD_GUEST = (
@@ -93,7 +93,9 @@ def test_two_segments_2_to_1_with_the_sd_reader_on_segment_1(lab) -> None:
     assert all(start >= 0xDAAAA000 and end <= 0xE7FFFFFF for start, end in seen[bdf].values()), out
 
 
-VGAS = " ".join(f"path=/sys/bus/pci/devices/0000:00:0{n}.0/,pci_segment=1" for n in (3, 4, 5))
+VGAS = " ".join(  # the displays have no reset
+    f"path=/sys/bus/pci/devices/0000:00:0{n}.0/,pci_segment=1,x_allow_no_reset=on" for n in (3, 4, 5)
+)
 SIXTEEN = f"--platform num_pci_segments=16 --device {VGAS}"
 WEIGHTED = f"{SIXTEEN} --pci-segment pci_segment=1,mmio32_aperture_weight=4"
 

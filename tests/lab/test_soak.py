@@ -46,7 +46,7 @@ n=1
 while [ $n -le @CYCLES@ ]; do
   pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=1 --memory size=128M \
     --serial tty --console off \
-    --device path=/sys/bus/pci/devices/$SD/ --device path=/sys/bus/pci/devices/$NVME/ \
+    --device path=/sys/bus/pci/devices/$SD/,x_allow_no_reset=on --device path=/sys/bus/pci/devices/$NVME/ \
     --cmdline 'console=ttyS0 panic=-1 pyvmm.cmd="@GUEST@"' > /tmp/guest-$n.log 2>&1 &
   pid=$!
   i=0

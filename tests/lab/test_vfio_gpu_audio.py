@@ -19,6 +19,13 @@ GUEST = (
 SCRIPT = r"""
 drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo none; }
 DISP=0000:00:03.0; AUD=0000:00:03.1
+release_fbcon() {  # the host's text console leaves the framebuffers, so a display is no longer in use
+  for v in /sys/class/vtconsole/vtcon*; do
+    grep -q "frame buffer" "$v/name" 2>/dev/null && echo 0 > "$v/bind"
+  done
+  true
+}
+release_fbcon
 echo "HOST-BEFORE $(drv $DISP) $(drv $AUD)"
 pyvmm-host bind --group $DISP >/dev/null; echo "HOST-BOUND $(drv $DISP) $(drv $AUD)"
 PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --cpus boot=2 --memory size=512M
@@ -26,7 +33,8 @@ PYVMM="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --c
 echo "== display alone"
 $PYVMM --device path=/sys/bus/pci/devices/$DISP/ --cmdline 'console=ttyS0' 2>&1; echo "STATUS=$?"
 echo "== both"
-$PYVMM --device path=/sys/bus/pci/devices/$DISP/ path=/sys/bus/pci/devices/$AUD/ \
+$PYVMM --device path=/sys/bus/pci/devices/$DISP/,x_allow_no_reset=on \
+  path=/sys/bus/pci/devices/$AUD/,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="@GUEST@"' 2>&1; echo "STATUS=$?"
 echo "== end"
 pyvmm-host unbind $DISP $AUD >/dev/null; echo "HOST-AFTER $(drv $DISP) $(drv $AUD)"

@@ -2,7 +2,11 @@
 
 1: the SD reader, read by the guest's sdhci-pci (INTx); 2 and 5: the NVMe drive (MSI-X) together with the
 reader in one guest, and what the guest writes to the drive's last MiB is on the drive afterwards; then both
-go back to their host drivers and work there (acceptance 4's "taken back by the native driver")."""
+go back to their host drivers and work there (acceptance 4's "taken back by the native driver").
+
+Issue 19's reset policy in the same lab: the reader has no reset (no FLR, no PM reset, root bus), so it is
+refused without x_allow_no_reset=on and starts with it (one warning); the NVMe drive has an FLR and is
+refused once its resets are switched off through sysfs `reset_method` (an injected failure)."""
 
 from __future__ import annotations
 
@@ -27,11 +31,24 @@ drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo 
 wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; }
 wait_dev /dev/nvme0n1; head -c 66060288 /dev/nvme0n1 > $TMPDIR/nv-head
 pyvmm-host bind 0000:00:03.0 >/dev/null; pyvmm-host bind 0000:00:04.0 >/dev/null
+for d in 03 04; do echo "RESET-METHOD-$d=[$(cat /sys/bus/pci/devices/0000:00:$d.0/reset_method 2>&1)]"; done
+SHORT="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --memory size=128M --console off"
+SHORT="$SHORT --cmdline x"
+out=$($SHORT --device path=/sys/bus/pci/devices/0000:00:03.0/ 2>&1); echo "NO-RESET-SD-RC=$?"
+echo "$out" | sed 's/^/NO-RESET-SD: /'
+echo "" > /sys/bus/pci/devices/0000:00:04.0/reset_method
+echo "DISABLED-RC=$? [$(cat /sys/bus/pci/devices/0000:00:04.0/reset_method 2>&1)]"
+out=$($SHORT --device path=/sys/bus/pci/devices/0000:00:04.0/ 2>&1); echo "NO-RESET-NVME-RC=$?"
+echo "$out" | sed 's/^/NO-RESET-NVME: /'
+echo default > /sys/bus/pci/devices/0000:00:04.0/reset_method
+echo "RESTORED=[$(cat /sys/bus/pci/devices/0000:00:04.0/reset_method 2>&1)]"
 pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=2 --memory size=512M \
-  --serial tty --console off \
-  --device path=/sys/bus/pci/devices/0000:00:03.0/ path=/sys/bus/pci/devices/0000:00:04.0/ \
+  --serial tty --console off 2> $TMPDIR/pyvmm.err \
+  --device path=/sys/bus/pci/devices/0000:00:03.0/,x_allow_no_reset=on \
+  path=/sys/bus/pci/devices/0000:00:04.0/ \
   --cmdline 'console=ttyS0 panic=-1 pyvmm.cmd="@GUEST_CMD@"'
 echo "PYVMM-STATUS=$?"
+sed 's/^/PYVMM-STDERR: /' $TMPDIR/pyvmm.err
 echo "WANT-SD=$PYVMM_LAB_SD_SHA256"
 echo "WANT-NVME=$PYVMM_LAB_NVME_SHA256"
 pyvmm-host unbind 0000:00:03.0 >/dev/null; pyvmm-host unbind 0000:00:04.0 >/dev/null
@@ -75,3 +92,28 @@ def test_sd_reader_and_nvme_in_one_guest(lab) -> None:
     assert value(out, "HOST-SD") == value(out, "WANT-SD")
     assert value(out, "GUEST-WROTE") == value(out, "HOST-NVME-TAIL") == value(out, "WANT-NVME-TAIL") != ""
     assert value(out, "HOST-NVME") == value(out, "WANT-NVME-AFTER") != value(out, "WANT-NVME")
+
+    # Issue 19 #5, the reset policy. The reader has no reset at all: refused (exit 2, one line naming the
+    # opt-in); the guest above had it with x_allow_no_reset=on, and pyvmm said once that it was not reset.
+    # The reader lists no reset method (the kernel hides the file then), the drive an FLR.
+    assert re.search(r"^RESET-METHOD-03=\[(|.*No such file or directory)\]$", out, re.MULTILINE), out
+    methods = re.search(r"^RESET-METHOD-04=\[(.*)\]$", out, re.MULTILINE)
+    assert methods and "flr" in methods.group(1).split(), out
+    refusals = [line for line in out.splitlines() if line.startswith("NO-RESET-SD: ")]
+    assert value(out, "NO-RESET-SD-RC") == "2", out
+    assert refusals == [
+        "NO-RESET-SD: pyvmm: 0000:00:03.0 cannot be reset (no function reset; no bus reset: No such device): "
+        "what its last user left in it would reach the guest; add x_allow_no_reset=on to its --device to "
+        "pass it through anyway (SECURITY.md)"
+    ], out
+    warnings = [line for line in out.splitlines() if line.startswith("PYVMM-STDERR: ") and "reset" in line]
+    assert warnings == [
+        "PYVMM-STDERR: pyvmm: WARNING: 0000:00:03.0: not reset (no function reset; no bus reset: No such "
+        "device); passed through as it is (x_allow_no_reset=on)"
+    ], out
+    # An injected failure: the NVMe drive's FLR switched off through sysfs reset_method: refused the same way;
+    # switched on again, the drive is reset and used (the guest above).
+    assert "DISABLED-RC=0 []" in out and f"RESTORED=[{methods.group(1)}]" in out, out
+    assert value(out, "NO-RESET-NVME-RC") == "2", out
+    assert "NO-RESET-NVME: pyvmm: 0000:00:04.0 cannot be reset (no function reset; no bus reset" in out, out
+

@@ -46,7 +46,7 @@ def facts(model):
         "regions": {i: [r.size, int(r.flags), r.msix_mappable, r.sparse_areas is not None]
                     for i, r in dev.regions.items() if r.size},
         "irqs": {i: q.count for i, q in dev.irqs.items()},
-        "reset": model.did_reset,
+        "reset": (lambda r: r.kind.value if r.kind else None)(vfio.resets[dev.name]),
         "ids": hex(model.config_read(0, 4)),
         "header": model.config_read(0x0E, 1),
         "bars": [[b.index, b.kind.name, b.size] for b in model.bars()],
@@ -74,7 +74,7 @@ platform = PciPlatform(segment_windows([1], [1], mmio64_aperture(RAM, 39)), pio_
 vfio = VfioPassthrough(KvmVfioDevice(vm), vm, router, memory, slots, p2p_dma=True)
 report = {}
 
-sd, _ = vfio.add_device(SD, platform)
+sd, _ = vfio.add_device(SD, platform, allow_no_reset=True)  # it has no reset (checked below)
 nvme, _ = vfio.add_device(NVME, platform)
 report["groups"] = sorted(vfio.groups)
 report["dma"] = {hex(k): hex(v) for k, v in vfio.container.mappings.items()}
@@ -219,7 +219,7 @@ def test_sd_reader_is_intx_only_and_armed_with_an_irqfd(lab_run) -> None:
     sd = report["sd"]
     assert sd["ids"] == "0x71b36" and sd["header"] == 0
     assert sd["irqs"]["0"] == 1 and sd["irqs"]["1"] == 0 and sd["irqs"]["2"] == 0, sd
-    assert sd["msix"] is None and sd["reset"] is False  # no reset mechanism, as QEMU also says
+    assert sd["msix"] is None and sd["reset"] is None  # no reset mechanism, as QEMU also says
     assert sd["regions"]["0"][0] == 0x100 and sd["regions"]["7"][0] == 0x100
     # The 256-byte BAR is mmappable: one page mapped, at a page-aligned guest address.
     assert sd["areas"] == [[0, 0, 4096]] and sd["guest"][0][0] % 4096 == 0
@@ -231,7 +231,7 @@ def test_sd_reader_is_intx_only_and_armed_with_an_irqfd(lab_run) -> None:
 def test_nvme_regions_msix_and_shadow_bars(lab_run) -> None:
     report, _, _log = lab_run
     nvme = report["nvme"]
-    assert nvme["ids"] == "0x101b36" and nvme["reset"] is True
+    assert nvme["ids"] == "0x101b36" and nvme["reset"] == "function reset"
     assert nvme["irqs"]["2"] > 1 and nvme["msix"][0] == nvme["irqs"]["2"], nvme
     _size, _flags, msix_mappable, _sparse = nvme["regions"]["0"]
     assert msix_mappable and nvme["regions"]["7"][0] == 4096

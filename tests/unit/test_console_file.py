@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.config import ConsoleConfig, ConsoleMode
-from pyvmm.console import ConsoleOutput, open_output_file
+from pyvmm.console import SERIAL_FILE_LIMIT, ConsoleOutput, open_output_file
 from pyvmm.errors import ExitStatus, UsageError
 
 
@@ -123,3 +123,30 @@ def test_terminal_size_and_resize_signal() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_file_output_stops_at_its_bound_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "serial.log"
+    output = ConsoleOutput(ConsoleConfig(ConsoleMode.FILE, path), file_limit=10)
+    output.write(b"0123456")
+    output.write(b"789abc")  # crosses the bound: cut at it
+    for _ in range(100):
+        output.write(b"a guest printing forever\n")
+    output.close()
+    assert path.read_bytes() == b"0123456789"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"--serial file={path}: the file reached its bound of 10 bytes; the guest's further "
+                        "output is dropped"]
+
+
+def test_the_default_bound_is_64_mib(tmp_path: Path) -> None:
+    path = tmp_path / "serial.log"
+    output = ConsoleOutput(ConsoleConfig(ConsoleMode.FILE, path))
+    chunk = b"x" * (1 << 20)
+    for _ in range(65):
+        output.write(chunk)
+    output.write(b"more")
+    output.close()
+    assert SERIAL_FILE_LIMIT == 64 << 20 and path.stat().st_size == 64 << 20

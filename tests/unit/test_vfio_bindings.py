@@ -13,6 +13,7 @@ from pyvmm.vfio import bindings as b
 
 ENUMS = (
     b.VfioIoctl,
+    b.VfioPciIoctl,
     b.VfioExtension,
     b.VfioGroupFlag,
     b.VfioDeviceFlag,
@@ -42,6 +43,8 @@ def _c_program() -> str:
         ("vfio_irq_set", "data"),
         ("vfio_region_info_cap_sparse_mmap", "areas"),
         ("vfio_iommu_type1_info_cap_iova_range", "iova_ranges"),
+        ("vfio_pci_hot_reset_info", "devices"),
+        ("vfio_pci_hot_reset", "group_fds"),
     ):
         lines.append(f'printf("offsetof {name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
     for enum in ENUMS:
@@ -84,6 +87,11 @@ def test_flexible_arrays_start_where_the_header_says(probe: dict[str, int]) -> N
     areas = b.vfio_region_info_cap_sparse_mmap_areas(2)
     assert areas.areas.offset == probe["offsetof vfio_region_info_cap_sparse_mmap.areas"]
     assert ctypes.sizeof(areas) == probe["sizeof vfio_region_info_cap_sparse_mmap"] + 2 * 16
+    info = b.vfio_pci_hot_reset_info_devices(3)
+    assert info.devices.offset == probe["offsetof vfio_pci_hot_reset_info.devices"]
+    assert ctypes.sizeof(info) == probe["sizeof vfio_pci_hot_reset_info"] + 3 * 8
+    fds = b.vfio_pci_hot_reset_group_fds(2)
+    assert fds.group_fds.offset == probe["offsetof vfio_pci_hot_reset.group_fds"]
 
 
 def test_constants_and_ioctl_numbers_match_header(probe: dict[str, int]) -> None:

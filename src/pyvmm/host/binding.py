@@ -147,7 +147,7 @@ def bind_to_vfio(
             uses = host_uses(fn.sysfs_path)
             if uses and not force:
                 raise RefusedError(
-                    f"{fn.bdf}: in use by the host: {'; '.join(u.detail for u in uses)}; stop that first, "
+                    f"{fn.bdf}: in use by the host: {'; '.join(str(u) for u in uses)}; stop that first, "
                     "or override with --force"
                 )
             warnings += [f"{fn.bdf}: taken although in use by the host (--force): {u.detail}" for u in uses]

@@ -9,7 +9,7 @@ from typing import Any
 from . import hostfacts, sysfs
 from .bdf import Bdf
 from .groups import IommuGroup, build_groups, group_of
-from .inuse import HostUse, host_uses
+from .inuse import HostUse, host_uses, open_device_nodes
 from .pciids import PciIds, load_pci_ids
 from .preflight import Finding, Verdict, device_findings, host_findings, verdict
 from .sysfs import PciFunction
@@ -97,9 +97,10 @@ def describe_devices(
     ]
     common = tuple(host_findings(hostfacts.gather(), memory))
     infos = []
+    opened = open_device_nodes()  # once: it walks every process's open files
     for f in wanted:
         group = group_of(f, functions)
-        uses = tuple(host_uses(f.sysfs_path))
+        uses = tuple(host_uses(f.sysfs_path, opened))
         own = tuple(device_findings(f, group, uses, db))
         infos.append(DeviceInfo(
             function=f,

@@ -172,7 +172,7 @@ def device_findings(
         found.append(Finding(
             Problem.IN_USE, Severity.ERROR,
             f"{bdf} is in use by the host: {use.detail}",
-            "stop using it on the host first (unmount, swapoff, ip link set down), or override with --force",
+            f"{use.fix or 'stop using it on the host first'}, or override with --force",
         ))
     if function.driver == VFIO_DRIVER:
         found.append(Finding(Problem.BOUND, Severity.INFO, f"{bdf} is bound to vfio-pci", "nothing to do"))

@@ -39,11 +39,14 @@ echo "   $READER is now on $(drv $READER); its IOMMU group is /dev/vfio/$(basena
   /sys/bus/pci/devices/$READER/iommu_group))"
 
 step "3. Boot a guest with the reader: the guest's own sdhci-pci drives it through VFIO"
+echo "   The reader has no reset (no FLR, no PM reset, on a root bus): pyvmm refuses it unless told, per"
+echo "   device, that passing it as the host left it is fine: x_allow_no_reset=on (see SECURITY.md)."
 echo "\$ pyvmm --kernel \$PYVMM_GUEST_KERNEL --initramfs \$PYVMM_GUEST_INITRAMFS --cpus boot=2 \\"
-echo "    --memory size=512M --serial tty --console off --device path=/sys/bus/pci/devices/$READER/ \\"
+echo "    --memory size=512M --serial tty --console off \\"
+echo "    --device path=/sys/bus/pci/devices/$READER/,x_allow_no_reset=on \\"
 echo "    --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd=\"...\"'"
 pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=2 --memory size=512M \
-  --serial tty --console off --device path=/sys/bus/pci/devices/$READER/ \
+  --serial tty --console off --device path=/sys/bus/pci/devices/$READER/,x_allow_no_reset=on \
   --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="@GUEST_CMD@"' > $TMPDIR/guest.log 2>&1
 status=$?
 grep -e '^GUEST:' -e 'pyvmm: ' $TMPDIR/guest.log | sed 's/^GUEST:/   [guest]/'
@@ -62,8 +65,9 @@ echo "   $READER is on $(drv $READER) again; the host reads the card:"
 echo "   $(sha256sum /dev/mmcblk0)"
 [ "$(drv $READER)" = sdhci-pci ] || fail "the reader did not go back to sdhci-pci"
 
-step "The same in one step: --device path=/sys/bus/pci/devices/$READER/,managed=on binds the reader's group"
-echo "before the guest starts and gives it back when pyvmm exits (poweroff, panic, error, Ctrl-C, SIGTERM)."
+step "The same in one step: --device path=/sys/bus/pci/devices/$READER/,managed=on,x_allow_no_reset=on"
+echo "binds the reader's group before the guest starts and gives it back when pyvmm exits (poweroff, panic,"
+echo "error, Ctrl-C, SIGTERM)."
 """.replace("@GUEST_CMD@", GUEST_CMD)
 
 

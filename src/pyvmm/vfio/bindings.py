@@ -43,6 +43,14 @@ class VfioIoctl(IntEnum):
     VFIO_IOMMU_UNMAP_DMA = IO(VFIO_TYPE, VFIO_BASE + 14)
 
 
+class VfioPciIoctl(IntEnum):
+    """vfio-pci device ioctls whose numbers repeat container ones (they go to a device fd): a separate enum
+    so that they are not aliases of VFIO_IOMMU_GET_INFO / VFIO_IOMMU_MAP_DMA."""
+
+    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO = IO(VFIO_TYPE, VFIO_BASE + 12)
+    VFIO_DEVICE_PCI_HOT_RESET = IO(VFIO_TYPE, VFIO_BASE + 13)
+
+
 class VfioExtension(IntEnum):
     """Arguments of VFIO_CHECK_EXTENSION / VFIO_SET_IOMMU."""
 
@@ -235,6 +243,18 @@ class vfio_iommu_type1_dma_unmap(ctypes.Structure):
     _fields_ = [("argsz", u32), ("flags", u32), ("iova", u64), ("size", u64)]
 
 
+class vfio_pci_dependent_device(ctypes.Structure):
+    _fields_ = [("group_id", u32), ("segment", u16), ("bus", u8), ("devfn", u8)]
+
+
+class vfio_pci_hot_reset_info(ctypes.Structure):
+    _fields_ = [("argsz", u32), ("flags", u32), ("count", u32)]
+
+
+class vfio_pci_hot_reset(ctypes.Structure):
+    _fields_ = [("argsz", u32), ("flags", u32), ("count", u32)]
+
+
 # Every structure above, for the layout probe.
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     vfio_info_cap_header,
@@ -252,6 +272,9 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (
     vfio_iommu_type1_info_dma_avail,
     vfio_iommu_type1_dma_map,
     vfio_iommu_type1_dma_unmap,
+    vfio_pci_dependent_device,
+    vfio_pci_hot_reset_info,
+    vfio_pci_hot_reset,
 )
 
 
@@ -274,6 +297,18 @@ def vfio_irq_set_bools(n: int) -> type[ctypes.Structure]:
 def vfio_region_info_cap_sparse_mmap_areas(n: int) -> type[ctypes.Structure]:
     """The sparse-mmap capability with its `n` areas."""
     return with_flex_array(vfio_region_info_cap_sparse_mmap, "areas", vfio_region_sparse_mmap_area, n)
+
+
+@functools.cache
+def vfio_pci_hot_reset_info_devices(n: int) -> type[ctypes.Structure]:
+    """`struct vfio_pci_hot_reset_info` with room for `n` dependent devices."""
+    return with_flex_array(vfio_pci_hot_reset_info, "devices", vfio_pci_dependent_device, n)
+
+
+@functools.cache
+def vfio_pci_hot_reset_group_fds(n: int) -> type[ctypes.Structure]:
+    """`struct vfio_pci_hot_reset` followed by `n` s32 group fds."""
+    return with_flex_array(vfio_pci_hot_reset, "group_fds", s32, n)
 
 
 def irq_set(

@@ -189,18 +189,8 @@ class VfioDevice:
 
     @property
     def can_reset(self) -> bool:
+        """vfio-pci offers VFIO_DEVICE_RESET (pyvmm.vfio.reset decides what to do without it)."""
         return bool(self.flags & VfioDeviceFlag.VFIO_DEVICE_FLAGS_RESET)
-
-    def reset(self) -> bool:
-        """VFIO_DEVICE_RESET when the device offers one; False when it has none or it failed."""
-        if not self.can_reset:
-            return False
-        try:
-            ioctl(self.fd, VfioIoctl.VFIO_DEVICE_RESET)
-        except IoctlError as e:
-            log.warning("%s: reset failed: %s", self.name, e.strerror)
-            return False
-        return True
 
     # ---- region I/O -----------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.pci import VfioPciDevice
 from pyvmm.vfio.requests import DeviceRequests
+from pyvmm.vfio.reset import PciFunctionAddress, ResetKind, ResetResult, reset_function
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class VfioConfigError(VfioError):
     """The --device list itself is at fault (a key not implemented, a group not given whole): exit 2."""
 
     exit_status = ExitStatus.USAGE
+
+
+class VfioResetError(VfioConfigError):
+    """A function that cannot be reset, given without x_allow_no_reset=on: exit 2, the command line must
+    change (docs/vfio.md#reset-and-teardown)."""
 
 
 class DeviceLike(Protocol):
@@ -60,6 +66,8 @@ class DeviceLike(Protocol):
     def x_nv_gpudirect_clique(self) -> int | None: ...
     @property
     def x_exclude_mmap_bars(self) -> tuple[int, ...]: ...
+    @property
+    def x_allow_no_reset(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class VfioPassthrough:
         self.devices: list[VfioPciDevice] = []
         self._plugged: list[tuple[PciPlatform, PciAddress]] = []  # unplugged again by close()
         self._raw: list[VfioDevice] = []
+        self.resets: dict[str, ResetResult] = {}  # host function name -> how it was reset before use
+        self._bus_reset: set[PciFunctionAddress] = set()  # functions a bus reset of ours already covered
         self.requests = DeviceRequests(on_request) if on_request is not None else None
 
     # ---- host side ------------------------------------------------------------------------------------
@@ -151,14 +161,52 @@ class VfioPassthrough:
         return group
 
     def open_device(self, path: str | os.PathLike[str]) -> VfioDevice:
-        """The VFIO device of the host function at sysfs `path` (its group set up first)."""
+        """The VFIO device of the host function at sysfs `path` (its group set up first; opened once)."""
         function = host_function(path)
+        for opened in self._raw:
+            if opened.name == function.name:
+                return opened
         group = self.group(function.group, function.name)
         device = VfioDevice(group.get_device_fd(function.name), function.name)
         self._raw.append(device)
         if self.requests is not None:
             self.requests.watch(device)
         return device
+
+    def reset(self, device: VfioDevice, allow_no_reset: bool = False) -> ResetResult:
+        """Reset `device` before any model reads it (once), then check it still answers.
+
+        A function reset when vfio-pci offers one; otherwise a bus reset when every group it affects is
+        open here (open every device first to make that possible). A device that could not be reset is
+        refused unless `allow_no_reset` (`x_allow_no_reset=on`); with it, a warning says so once. A device
+        whose config space reads all-ones afterwards is refused either way.
+        """
+        if device.name in self.resets:
+            return self.resets[device.name]
+        address = PciFunctionAddress.parse(device.name)
+        if address is not None and address in self._bus_reset:
+            result = ResetResult(ResetKind.BUS)  # a bus reset for an earlier device reset this one too
+        else:
+            fds = {gid: group.fd for gid, group in self.groups.items()}
+            result = reset_function(device.fd, device.flags, fds)
+            self._bus_reset |= result.also_reset
+        if not result.done:
+            why = "; ".join(result.tried)
+            if not allow_no_reset:
+                raise VfioResetError(
+                    f"{device.name} cannot be reset ({why}): what its last user left in it would reach the "
+                    "guest; add x_allow_no_reset=on to its --device to pass it through anyway (SECURITY.md)"
+                )
+            log.warning("%s: not reset (%s); passed through as it is (x_allow_no_reset=on)", device.name, why)
+        if device.read_config(0, 2) == 0xFFFF:  # vendor ID all-ones: the function does not answer
+            after = f"after a {result.kind.value}" if result.kind else "(not reset)"
+            raise VfioError(
+                f"{device.name}: its config space reads all-ones {after}: the device does not answer; "
+                "check it on the host (`lspci -s`, `dmesg`)"
+            )
+        log.info("%s: %s", device.name, result.kind.value if result.kind else "not reset")
+        self.resets[device.name] = result
+        return result
 
     def start_watching(self) -> None:
         """Start reporting the host's requests for the devices opened so far."""
@@ -176,9 +224,12 @@ class VfioPassthrough:
         name: str | None = None,
         exclude_mmap_bars: tuple[int, ...] = (),
         gpudirect_clique: int | None = None,
+        allow_no_reset: bool = False,
     ) -> tuple[VfioPciDevice, PciAddress]:
-        """Open the host function at `path` and plug its device model into the platform."""
+        """Open the host function at `path`, reset it (unless reset() already did) and plug its device model
+        into the platform."""
         device = self.open_device(path)
+        self.reset(device, allow_no_reset)
         model = VfioPciDevice(
             device,
             self.irqfds,
@@ -257,8 +308,9 @@ def attach_vfio_devices(
     """Open, DMA-map and plug every `--device` in command-line order; the caller closes the result.
 
     Raises VfioError (one line) for keys not implemented yet, functions not on vfio-pci, groups that are not
-    viable or not wholly given; on error everything opened so far is closed again. `on_request(name,
-    message)` is called (from a watcher thread) when the host takes a device away while the VM has it.
+    viable or not wholly given, functions that cannot be reset (without x_allow_no_reset=on); on error
+    everything opened so far is closed again. `on_request(name, message)` is called (from a watcher
+    thread) when the host takes a device away while the VM has it.
     """
     configs = list(devices)
     for dev in configs:
@@ -269,9 +321,15 @@ def attach_vfio_devices(
     passthrough = VfioPassthrough(registry, irqfds, router, memory, platform.memory_slots, p2p_dma,
                                   on_request)
     try:
-        given = set()
+        # Every device (and so every group) is open before the first reset, so that a bus reset can see that
+        # this VM holds all it touches; a group not given whole is refused before anything is reset; every
+        # device is reset before the first model reads one (a bus reset would undo a model's setup).
+        opened = [passthrough.open_device(dev.path) for dev in configs]
+        check_groups_complete(passthrough, {device.name for device in opened})
+        for dev, device in zip(configs, opened, strict=True):
+            passthrough.reset(device, dev.x_allow_no_reset)
         for dev in configs:
-            model, _ = passthrough.add_device(
+            passthrough.add_device(
                 dev.path,
                 platform,
                 dev.pci_segment,
@@ -279,9 +337,8 @@ def attach_vfio_devices(
                 name=dev.id,
                 exclude_mmap_bars=tuple(dev.x_exclude_mmap_bars),
                 gpudirect_clique=dev.x_nv_gpudirect_clique,
+                allow_no_reset=dev.x_allow_no_reset,
             )
-            given.add(model.device.name)
-        check_groups_complete(passthrough, given)
         passthrough.start_watching()
     except BaseException:
         passthrough.close()

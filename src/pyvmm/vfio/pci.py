@@ -216,9 +216,8 @@ class VfioPciDevice(PciDevice):
         self._msix_given: set[int] = set()  # MSI-X vectors whose eventfd VFIO has (guest unmasked them once)
         self._msix_warned = False
         try:
-            # Reset first: MSI/MSI-X control words must be read in their after-reset state
-            # (docs/vfio.md#device-creation-order).
-            self.did_reset = device.reset()
+            # The device was reset before the model exists (VfioPassthrough.reset): MSI/MSI-X control words
+            # are read here in their after-reset state (docs/vfio.md#device-creation-order).
             self.caps = caps.scan(device.read_config, device.config_size)
             self._pm_off = self.caps.find(caps.CapId.PM)
             self._d3hot = self._power_state_d3hot()

@@ -9,6 +9,8 @@ given variables:
                     drive), else `no-id-left`; remove_id fails (ENODEV) exactly when the id is not there,
                     and takes it out when it is
     wait_blk DEV    waits (up to 10 s) for block device DEV to appear; `sha_of DEV` also prints its SHA-256
+    release_fbcon   unbinds fbcon from the virtual terminals: while it draws the console on a display's
+                    framebuffer, pyvmm-host refuses that display as in use (issue 19)
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ leftover() {
 }
 wait_blk() { i=0; while [ ! -b "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; }
 sha_of() { wait_blk "$1"; sha256sum "$1" | cut -d' ' -f1; }
+release_fbcon() {  # the host's text console leaves the framebuffers, so a display is no longer in use
+  for v in /sys/class/vtconsole/vtcon*; do
+    grep -q "frame buffer" "$v/name" 2>/dev/null && echo 0 > "$v/bind"
+  done
+  true
+}
 """
 
 
