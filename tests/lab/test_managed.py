@@ -79,6 +79,7 @@ i=0; while [ "$(drv $SD)" != vfio-pci ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i
 kill -TERM $pid; wait $pid; echo "rc=$?"; grep -o -e 'pyvmm: .*' -e Traceback $TMPDIR/early.log
 echo "after: $(drv $SD)"; ls /run/pyvmm
 sec sigkill  # several managed devices at once: the reader, the NVMe drive, the display + audio group
+release_fbcon  # the refused display above went back to bochs-drm, and fbcon took its new framebuffer
 boot_then KILL path=/sys/bus/pci/devices/$SD/,managed=on,x_allow_no_reset=on \
   path=/sys/bus/pci/devices/$NVME/,managed=on \
   path=/sys/bus/pci/devices/$DISP/,managed=on,x_allow_no_reset=on \

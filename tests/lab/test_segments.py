@@ -100,6 +100,9 @@ SIXTEEN = f"--platform num_pci_segments=16 --device {VGAS}"
 WEIGHTED = f"{SIXTEEN} --pci-segment pci_segment=1,mmio32_aperture_weight=4"
 
 VGA_COMMAND = f"""
+for v in /sys/class/vtconsole/vtcon*; do  # fbcon leaves the displays' framebuffers (else they are in use)
+  grep -q "frame buffer" $v/name 2>/dev/null && echo 0 > $v/bind
+done
 for f in 03 04 05; do pyvmm-host bind 0000:00:$f.0 >/dev/null; done
 {PYVMM} {SIXTEEN} --cmdline 'console=ttyS0 quiet panic=-1 pyvmm.cmd="true"'; echo "REFUSED-STATUS=$?"
 {PYVMM} {WEIGHTED} --cmdline x --dry-run; echo "DRY-STATUS=$?"

@@ -285,7 +285,12 @@ def test_device_exception_becomes_error_result() -> None:
     result = loop.run()
     assert result.reason == StopReason.ERROR
     assert result.message == "ValueError: device exploded"
+    assert result.registers == ""  # a host-side failure: one line, the guest's registers only with -v
+    assert result.describe() == "vCPU 0: ValueError: device exploded"
     assert vcpu.runs == 1
+    loop, _ = make_loop([io_out(0x3F8, 1, [1])], pio=Device(fail=True))
+    loop.debug = True
+    assert "RIP=" in loop.run().registers
 
 
 def test_stop_from_a_device_on_the_vcpu_thread_and_on_stop_callback() -> None:

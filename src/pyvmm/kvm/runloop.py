@@ -206,8 +206,10 @@ class VcpuLoop:
                     result = self._other_exit(reason, run)
                     if result is not None:
                         return result
-        except Exception as e:  # a device or KVM_RUN failed: the VM cannot go on, report it
-            return self._error(f"{type(e).__name__}: {e}")
+        except Exception as e:  # a device or KVM_RUN failed: the VM cannot go on, report it in one line
+            # (a host-side failure, e.g. out of file descriptors: the guest's registers say nothing about
+            # it, so they are shown only with -v)
+            return self._error(f"{type(e).__name__}: {e}", with_registers=debug)
         return RunResult(StopReason.STOPPED, vcpu.index)
 
     def _io_exit(self) -> None:
@@ -271,7 +273,9 @@ class VcpuLoop:
             return None
         return self._error(f"unhandled exit {_exit_name(reason)}")
 
-    def _error(self, message: str) -> RunResult:
+    def _error(self, message: str, with_registers: bool = True) -> RunResult:
+        if not with_registers:
+            return RunResult(StopReason.ERROR, self.vcpu.index, message)
         try:
             registers = format_registers(self.vcpu.get_regs(), self.vcpu.get_sregs())
         except Exception as e:  # the report must not be lost because the registers are unreadable
