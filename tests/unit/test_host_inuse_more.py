@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,10 @@ def test_an_interface_in_a_namespace_only_a_process_holds_is_seen() -> None:
     try:
         if holder.stdout is None or holder.stdout.readline().strip() != "ready":
             pytest.skip("cannot make a veth pair here")
+        for _ in range(200):  # "ready" comes just before the shell execs sleep: wait for the exec
+            if Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep":
+                break
+            time.sleep(0.01)
         (ns,) = [n for n in inuse.other_network_namespaces() if n.path == Path(f"/proc/{holder.pid}/ns/net")]
         assert ns.label == f"the network namespace of process {holder.pid} (sleep)"
         assert ns.enter == f"nsenter -t {holder.pid} -n ip"
