@@ -11,6 +11,7 @@ import pytest
 
 from pyvmm.errors import ExitStatus
 from pyvmm.ioctl import IoctlError
+from pyvmm.pci_sysfs import Bdf
 from pyvmm.vfio import passthrough as p
 from pyvmm.vfio import reset as r
 from pyvmm.vfio.bindings import VfioDeviceFlag, VfioIoctl, VfioPciIoctl
@@ -79,7 +80,7 @@ def test_a_bus_reset_needs_every_affected_group(device) -> None:
     assert result.tried[-1] == "a bus reset would also reset IOMMU group 8, not given to this guest"
     result = r.reset_function(3, FLAGS, {7: 70, 8: 80, 9: 90})
     assert result.kind is r.ResetKind.BUS and dev.calls == [("hot_reset", [70, 80])]
-    assert result.also_reset == {r.PciFunctionAddress(0, 1, 0), r.PciFunctionAddress(0, 1, 1)}
+    assert result.also_reset == {Bdf(0, 1, 0, 0), Bdf(0, 1, 0, 1)}
 
 
 def test_a_failed_function_reset_falls_back_to_the_bus(device) -> None:
@@ -102,10 +103,10 @@ def test_an_absurd_dependent_count_is_not_believed(device) -> None:
 
 
 def test_function_addresses_parse_only_the_kernels_spelling() -> None:
-    address = r.PciFunctionAddress.parse("0000:01:1f.7")
-    assert address == r.PciFunctionAddress(0, 1, (0x1F << 3) | 7) and str(address) == "0000:01:1f.7"
+    address = Bdf.from_name("0000:01:1f.7")
+    assert address == Bdf(0, 1, 0x1F, 7) and str(address) == "0000:01:1f.7"
     for bad in ("01:00.0", "0000:01:00", "0000:01:00.8", "0000:01:20.0", "x", "0000:01:00.0/"):
-        assert r.PciFunctionAddress.parse(bad) is None, bad
+        assert Bdf.from_name(bad) is None, bad
 
 
 # ---- the policy: VfioPassthrough.reset --------------------------------------------------------------------
@@ -172,7 +173,7 @@ def test_a_device_reading_all_ones_after_the_reset_is_refused_even_with_the_opt_
 
 
 def test_a_function_a_bus_reset_covered_is_not_reset_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    covered = frozenset({r.PciFunctionAddress(0, 1, 0), r.PciFunctionAddress(0, 1, 1)})
+    covered = frozenset({Bdf(0, 1, 0, 0), Bdf(0, 1, 0, 1)})
     vfio, calls = _passthrough(monkeypatch, {"0000:01:00.0": r.ResetResult(r.ResetKind.BUS, (), covered)})
     assert vfio.reset(Device("0000:01:00.0")).kind is r.ResetKind.BUS  # type: ignore[arg-type]
     assert vfio.reset(Device("0000:01:00.1")).kind is r.ResetKind.BUS  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from pyvmm.vfio.dma import map_guest_memory
 from pyvmm.vfio.errors import VfioError
 from pyvmm.vfio.pci import VfioPciDevice
 from pyvmm.vfio.requests import DeviceRequests
-from pyvmm.vfio.reset import PciFunctionAddress, ResetKind, ResetResult, reset_function
+from pyvmm.vfio.reset import ResetKind, ResetResult, reset_function
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class VfioPassthrough:
         self._plugged: list[tuple[PciPlatform, PciAddress]] = []  # unplugged again by close()
         self._raw: list[VfioDevice] = []
         self.resets: dict[str, ResetResult] = {}  # host function name -> how it was reset before use
-        self._bus_reset: set[PciFunctionAddress] = set()  # functions a bus reset of ours already covered
+        self._bus_reset: set[pci_sysfs.Bdf] = set()  # functions a bus reset of ours already covered
         self.requests = DeviceRequests(on_request) if on_request is not None else None
 
     # ---- host side ------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class VfioPassthrough:
         """
         if device.name in self.resets:
             return self.resets[device.name]
-        address = PciFunctionAddress.parse(device.name)
+        address = pci_sysfs.Bdf.from_name(device.name)
         if address is not None and address in self._bus_reset:
             result = ResetResult(ResetKind.BUS)  # a bus reset for an earlier device reset this one too
         else:

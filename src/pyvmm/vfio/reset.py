@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pyvmm.ioctl import IoctlError, ioctl
+from pyvmm.pci_sysfs import Bdf
 from pyvmm.vfio.bindings import (
     VfioDeviceFlag,
     VfioIoctl,
@@ -35,41 +36,19 @@ class ResetKind(Enum):
     BUS = "bus reset"
 
 
-@dataclass(frozen=True, order=True)
-class PciFunctionAddress:
-    segment: int
-    bus: int
-    devfn: int
-
-    def __str__(self) -> str:
-        return f"{self.segment:04x}:{self.bus:02x}:{self.devfn >> 3:02x}.{self.devfn & 7}"
-
-    @classmethod
-    def parse(cls, name: str) -> PciFunctionAddress | None:
-        """`0000:01:00.1` as the kernel writes it; None for anything else."""
-        try:
-            segment, bus, rest = name.split(":")
-            device, function = (int(x, 16) for x in rest.split("."))
-            address = cls(int(segment, 16), int(bus, 16), (device << 3) | function)
-        except ValueError:
-            return None
-        in_range = device < 32 and function < 8 and address.bus < 256 and address.segment < 0x10000
-        return address if in_range and str(address) == name.lower() else None
-
-
 @dataclass(frozen=True)
 class Dependent:
     """One function a bus reset of the device would also reset, and its IOMMU group."""
 
     group: int
-    address: PciFunctionAddress
+    address: Bdf
 
 
 @dataclass(frozen=True)
 class ResetResult:
     kind: ResetKind | None  # None: not reset
     tried: tuple[str, ...] = ()  # what was tried and why it did not do (for the message)
-    also_reset: frozenset[PciFunctionAddress] = field(default_factory=frozenset)  # by a bus reset
+    also_reset: frozenset[Bdf] = field(default_factory=frozenset)  # by a bus reset
 
     @property
     def done(self) -> bool:
@@ -94,7 +73,7 @@ def hot_reset_dependents(fd: int) -> list[Dependent]:
     if count:
         ioctl(fd, VfioPciIoctl.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, full)
     return [
-        Dependent(d.group_id, PciFunctionAddress(d.segment, d.bus, d.devfn))
+        Dependent(d.group_id, Bdf(d.segment, d.bus, d.devfn >> 3, d.devfn & 7))
         for d in full.devices[: min(count, full.count)]
     ]
 
