@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# `make test` runs two pytest workers: each lab is one busy host core, and tests/conftest.py's lab slots keep
+# the labs at one per core (a 2-CPU lab, or one that measures, waits for both).
+JOBS ?= 2
 
 .PHONY: deps venv lab-assets test unit lint demo shell fuzz soak bench clean
 
@@ -31,7 +34,7 @@ unit: venv
 	$(BIN)/pytest -m 'not lab' $(PYTEST_ARGS)
 
 test: lab-assets lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(JOBS) --dist worksteal --durations=40 $(PYTEST_ARGS)
 
 # Longer fuzzing of the guest-facing device models (the suite runs a bounded budget of the same targets).
 fuzz: venv

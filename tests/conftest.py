@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,46 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 LabRun = Callable[..., subprocess.CompletedProcess]
+
+# Lab slots: `make test` runs two pytest workers (pytest-xdist), and each lab is a TCG machine that keeps one
+# host core busy per lab CPU. A lab takes as many slots as it has CPUs (all of them when it measures), so the
+# host's cores are never oversubscribed and the suite's timeouts, set on an unloaded core, keep holding.
+# The slots are lock files shared by every process on the machine (other suites, `pyvmm-lab` runs wrapped in
+# the same locks); PYVMM_LAB_SLOTS and PYVMM_LAB_SLOT_DIR override the count (host cores) and the place.
+LAB_SLOTS = int(os.environ.get("PYVMM_LAB_SLOTS", "0")) or max(1, os.cpu_count() or 1)
+SLOT_DIR = Path(os.environ.get("PYVMM_LAB_SLOT_DIR", Path(tempfile.gettempdir()) / "pyvmm-lab-slots"))
+
+
+@contextlib.contextmanager
+def lab_slots(count: int) -> Iterator[None]:
+    """Hold `count` lab slots (at most all of them) while the body runs.
+
+    One slot: whichever is free first. Several: taken in order, blocking, so two takers of many never
+    deadlock; a one-slot taker never waits while holding one.
+    """
+    SLOT_DIR.mkdir(parents=True, exist_ok=True)
+    files = [open(SLOT_DIR / f"slot{i}", "a") for i in range(LAB_SLOTS)]  # noqa: SIM115 - closed below
+    try:
+        if min(count, LAB_SLOTS) <= 1:
+            while not _take_any(files):
+                time.sleep(0.5)
+        else:
+            for f in files:
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        for f in files:
+            f.close()  # closing drops the lock
+
+
+def _take_any(files: list) -> bool:
+    for f in files:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
 
 
 def _lab_run(
@@ -23,11 +67,13 @@ def _lab_run(
     cpus: int | None = None,
     check: bool = False,
     stall: float | None = None,
+    alone: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run `command` (a shell string, or an argv list) as root inside a freshly booted lab.
 
     Output (stdout and stderr merged) is returned as text in `.stdout`; the lab's own boot messages are
-    not included. The exit status is the command's.
+    not included. The exit status is the command's. `alone=True` keeps other labs off the host meanwhile
+    (for tests that measure).
     """
     argv = [sys.executable, "-m", "pyvmm.lab", "run", "--timeout", str(int(timeout))]
     if devices is not None:
@@ -41,17 +87,18 @@ def _lab_run(
         argv += ["--stall-timeout", str(stall)]
     argv.append("--")
     argv += ["sh", "-c", command] if isinstance(command, str) else list(command)
-    proc = subprocess.run(
-        argv,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        timeout=timeout + 120,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with lab_slots(LAB_SLOTS if alone else (cpus or 1)):
+        proc = subprocess.run(
+            argv,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=timeout + 120,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"lab command failed ({proc.returncode}):\n{proc.stdout}")
     return proc
@@ -59,6 +106,12 @@ def _lab_run(
 
 @pytest.fixture
 def lab() -> LabRun:
-    """`lab(command, devices=None, timeout=900, memory=None, cpus=None, check=False, stall=None)` runs in
-    the lab."""
+    """`lab(command, devices=None, timeout=900, memory=None, cpus=None, check=False, stall=None,
+    alone=False)` runs in the lab."""
     return _lab_run
+
+
+@pytest.fixture
+def slots() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """`with slots(n):` for tests that start labs themselves (the bench's own runner)."""
+    return lab_slots

@@ -20,25 +20,27 @@ sys.path.insert(0, str(REPO / "bench"))
 import analysis  # noqa: E402
 
 
-def _bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """bench/run.py --smoke with these arguments; its output (stdout and stderr) is printed and returned."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", *args],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        timeout=1500,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+def _bench(slots, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """bench/run.py --smoke with these arguments; its output (stdout and stderr) is printed and returned.
+    The bench's labs have two CPUs and measure: they run with no other lab beside them."""
+    with slots(2):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", *args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=1500,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
     print(proc.stdout)
     return proc
 
 
-def test_bench_smoke(tmp_path) -> None:
-    proc = _bench("--reps", "1", "--out", str(tmp_path))
+def test_bench_smoke(tmp_path, slots) -> None:
+    proc = _bench(slots, "--reps", "1", "--out", str(tmp_path))
     out = proc.stdout
     results = list(tmp_path.glob("*.json"))
     assert proc.returncode == 0 and len(results) == 1, out
@@ -57,11 +59,11 @@ def test_bench_smoke(tmp_path) -> None:
         assert results[0].with_suffix(".png").stat().st_size > 0
 
 
-def test_a_stalled_lab_is_replaced_and_the_run_completes(tmp_path) -> None:
+def test_a_stalled_lab_is_replaced_and_the_run_completes(tmp_path, slots) -> None:
     """The first lab goes silent in repetition 2 (the harness's test hook): the stall is detected, the
     lab's backtraces shown, and a new lab runs repetition 2; repetition 1's figures are kept."""
     proc = _bench(
-        "--only", "boot", "--reps", "2", "--stall-timeout", "60", "--max-restarts", "4",
+        slots, "--only", "boot", "--reps", "2", "--stall-timeout", "60", "--max-restarts", "4",
         "--out", str(tmp_path),
         env={"PYVMM_BENCH_STALL_IN_REP": "2"},
     )

@@ -14,11 +14,12 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_make_demo_walkthrough() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pyvmm.lab.demo"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace", timeout=600,
-    )
+def test_make_demo_walkthrough(slots) -> None:
+    with slots(1):  # the demo's lab has one CPU
+        proc = subprocess.run(
+            [sys.executable, "-m", "pyvmm.lab.demo"], cwd=REPO, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", timeout=600,
+        )
     out = proc.stdout
     assert proc.returncode == 0 and "DEMO FAILED" not in out, out
     assert "$ pyvmm-host list" in out and "$ pyvmm-host bind 0000:00:03.0" in out, out
