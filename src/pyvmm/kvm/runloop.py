@@ -94,6 +94,21 @@ class RunnableVcpu(Protocol):
     def get_sregs(self) -> kvm_sregs: ...
 
 
+PR_SET_NAME = 15
+_COMM_MAX = 15  # TASK_COMM_LEN - 1
+
+
+def set_thread_comm(name: str) -> None:
+    """Name the calling thread in /proc/PID/task/TID/comm (Python's thread name is not the kernel's): tools
+    that find vCPU threads by name (Kata reads `vcpu<N>`) see it. Best effort: a failure is only logged."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:_COMM_MAX]), 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_NAME, %s): errno %d", name, ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        log.debug("prctl(PR_SET_NAME, %s): %s", name, exc)
+
+
 def install_kick_handler(signum: int = KICK_SIGNAL) -> None:
     """Give the kick signal a no-op handler; call from the main thread before starting vCPU threads."""
     if signal.getsignal(signum) in (signal.SIG_DFL, signal.SIG_IGN, None):
@@ -144,6 +159,15 @@ class VcpuLoop:
             if self._thread_id is not None and self._thread_id != threading.get_ident():
                 signal.pthread_kill(self._thread_id, self.kick_signal)
 
+    def rearm(self) -> None:
+        """Make a loop that ended with STOPPED runnable again (resuming a paused VM); its thread has ended."""
+        with self._thread_lock:
+            if self._thread_id is not None:
+                raise RuntimeError(f"vCPU {self.vcpu.index} is still running")
+        self._stop = False
+        self.vcpu.kvm_run.immediate_exit = 0
+        self.result = None
+
     @property
     def stop_requested(self) -> bool:
         return self._stop
@@ -165,6 +189,7 @@ class VcpuLoop:
             )
         with self._thread_lock:
             self._thread_id = threading.get_ident()
+        set_thread_comm(f"vcpu{self.vcpu.index}")
         try:
             result = self._loop()
         finally:
