@@ -194,3 +194,33 @@ def test_only_api_socket_means_no_vm_yet() -> None:
     assert line.vm is None and line.api_socket == ApiSocketConfig(path=Path("/run/a.sock"))
     line = parse_command_line(["--api-socket", "/run/a.sock", "--kernel", "/k"])
     assert line.vm is not None and line.vm.payload.kernel == Path("/k")
+
+
+def test_pyvmm_remote_speaks_to_the_server(api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pyvmm import remote
+
+    path, _ = api
+    assert remote.main(["--api-socket", path, "ping"]) == 0
+    assert json.loads(capsys.readouterr().out)["pid"] == os.getpid()
+    config = tmp_path / "vm.json"
+    config.write_text(json.dumps(CONFIG))
+    assert remote.main(["--api-socket", path, "create", str(config)]) == 0
+    assert remote.main(["--api-socket", path, "info"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "Created"
+    assert remote.main(["--api-socket", path, "boot"]) == 1
+    assert "500" in capsys.readouterr().err
+    assert remote.main(["--api-socket", path, "add-device", "path=/x,bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert remote.main(["--api-socket", str(tmp_path / "none.sock"), "ping"]) == 1
+
+
+def test_device_names_as_ch_gives_them() -> None:
+    from pyvmm.api.endpoints import device_ids
+    from pyvmm.api.vmconfig import vm_config_from_json
+
+    config = vm_config_from_json({
+        "payload": {"kernel": "/k"},
+        "disks": [{"path": "/a"}, {"path": "/b", "id": "data"}],
+        "devices": [{"path": "/sys/bus/pci/devices/0000:00:04.0"}],
+    })
+    assert device_ids(config) == ("__console", "__rng", ["_disk0", "data", "_vfio1"])
