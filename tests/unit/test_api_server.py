@@ -224,3 +224,8 @@ def test_device_names_as_ch_gives_them() -> None:
         "devices": [{"path": "/sys/bus/pci/devices/0000:00:04.0"}],
     })
     assert device_ids(config) == ("__console", "__rng", ["_disk0", "data", "_vfio1"])
+
+
+def test_server_thread_is_named_for_proc(api) -> None:
+    comms = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
+    assert "http-server" in comms

@@ -365,7 +365,7 @@ def test_thread_comm_is_set_for_tools_that_read_proc() -> None:
     import os
     from pathlib import Path
 
-    from pyvmm.kvm.runloop import set_thread_comm
+    from pyvmm.threadname import set_thread_comm
 
     seen: list[str] = []
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from pyvmm.api.http import CONTINUE, HttpError, Request, RequestParser, Response, error_response
 from pyvmm.config import ApiSocketConfig
 from pyvmm.errors import UsageError
+from pyvmm.threadname import set_thread_comm
 
 log = logging.getLogger("pyvmm.api")
 
@@ -180,6 +181,7 @@ class ApiServer:
             self._accepting = on
 
     def _serve(self) -> None:
+        set_thread_comm("http-server")  # as CH names its API thread
         while not self._closing:
             try:
                 events = self._selector.select()

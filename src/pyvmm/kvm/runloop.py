@@ -33,6 +33,7 @@ from pyvmm.kvm.bindings import (
 from pyvmm.kvm.bus import Bus
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.regs import format_registers
+from pyvmm.threadname import set_thread_comm
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +93,6 @@ class RunnableVcpu(Protocol):
     def run(self) -> int: ...
     def get_regs(self) -> kvm_regs: ...
     def get_sregs(self) -> kvm_sregs: ...
-
-
-PR_SET_NAME = 15
-_COMM_MAX = 15  # TASK_COMM_LEN - 1
-
-
-def set_thread_comm(name: str) -> None:
-    """Name the calling thread in /proc/PID/task/TID/comm (Python's thread name is not the kernel's): tools
-    that find vCPU threads by name (Kata reads `vcpu<N>`) see it. Best effort: a failure is only logged."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:_COMM_MAX]), 0, 0, 0) != 0:
-            log.debug("prctl(PR_SET_NAME, %s): errno %d", name, ctypes.get_errno())
-    except (OSError, AttributeError) as exc:
-        log.debug("prctl(PR_SET_NAME, %s): %s", name, exc)
 
 
 def install_kick_handler(signum: int = KICK_SIGNAL) -> None:
