@@ -78,6 +78,17 @@ def wait_for(text: str, seconds: float) -> bool:
     return False
 
 
+def thread_names(pid: int) -> list[str]:
+    """What Kata reads (/proc/PID/task/*/comm); a thread may end while they are read."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except FileNotFoundError:
+            continue
+    return sorted(names)
+
+
 def kata_config(**changes: object) -> dict:
     """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload, no virtio-fs/vsock/net."""
     config = {
@@ -218,9 +229,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert info["state"] == "Running", info
     bdfs = {name: node["pci_bdf"] for name, node in info["device_tree"].items()}
     assert bdfs.get("__rng", "").startswith("0000:00:"), bdfs
-    comms = sorted(
-        Path(f"/proc/{vmm.pid}/task/{t}/comm").read_text().strip()
-        for t in os.listdir(f"/proc/{vmm.pid}/task")
+    comms = thread_names(vmm.pid)
     )
     assert "vcpu0" in comms and "http-server" in comms, comms
     step("kata-start", state=info["state"], bdfs=json.dumps(bdfs), threads=",".join(comms))
