@@ -230,7 +230,6 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     bdfs = {name: node["pci_bdf"] for name, node in info["device_tree"].items()}
     assert bdfs.get("__rng", "").startswith("0000:00:"), bdfs
     comms = thread_names(vmm.pid)
-    )
     assert "vcpu0" in comms and "http-server" in comms, comms
     step("kata-start", state=info["state"], bdfs=json.dumps(bdfs), threads=",".join(comms))
     remote_info = remote("info")
