@@ -21,7 +21,7 @@ from pyvmm.api.client import ApiResponse, read_response
 WORK = Path(sys.argv[1])
 SOCK = WORK / "clh-api.sock"
 LOG = WORK / "pyvmm.log"
-GUEST_CMD = "echo KATA-GUEST-UP; ls /sys/bus/pci/devices; while true; do echo TICK; sleep 1; done"
+GUEST_CMD = "echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; while true; do echo TICK; sleep 1; done"
 
 
 def go_request(method: str, endpoint: str, body: bytes | None = None) -> bytes:
@@ -237,8 +237,8 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert remote("ping").returncode == 0
     assert wait_for("KATA-GUEST-UP", 300), "the guest did not run its command"
     guest = LOG.read_text(errors="replace")
-    assert "0001:00:00.0" in guest, "the guest has no second PCI segment"
-    step("guest-ran", segment1="0001:00:00.0" in guest)
+    assert "(domain 0001 [bus 00])" in guest, "the guest has no second PCI segment"
+    step("guest-ran", segment1=True)
     # pause: no guest progress (no TICKs) until resume; then it goes on
     paused = remote("pause")
     assert paused.returncode == 0, paused
