@@ -84,7 +84,7 @@ def thread_names(pid: int) -> list[str]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             names.append((task / "comm").read_text().strip())
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # ENOENT or ESRCH: that thread has just ended
             continue
     return sorted(names)
 
