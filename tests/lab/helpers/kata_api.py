@@ -237,7 +237,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert remote("ping").returncode == 0
     assert wait_for("KATA-GUEST-UP", 300), "the guest did not run its command"
     guest = LOG.read_text(errors="replace")
-    assert "(domain 0001 [bus 00])" in guest, "the guest has no second PCI segment"
+    assert wait_for("(domain 0001 [bus 00])", 60), "the guest has no second PCI segment"
     step("guest-ran", segment1=True)
     # pause: no guest progress (no TICKs) until resume; then it goes on
     paused = remote("pause")
