@@ -236,7 +236,6 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert remote_info.returncode == 0 and json.loads(remote_info.stdout)["state"] == "Running", remote_info
     assert remote("ping").returncode == 0
     assert wait_for("KATA-GUEST-UP", 300), "the guest did not run its command"
-    guest = LOG.read_text(errors="replace")
     assert wait_for("(domain 0001 [bus 00])", 60), "the guest has no second PCI segment"
     step("guest-ran", segment1=True)
     # pause: no guest progress (no TICKs) until resume; then it goes on
