@@ -167,6 +167,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     coalesced = _coalesce_writes(vm, vcpus[0], pio_bus, mmio_bus, serial)
     loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
     return VirtualMachine(vcpus=vcpus, loops=loops, latch=latch, memory=memory, platform=platform,
+                          pci_addresses=[PciAddress(d.item.segment, d.slot) for d in plan.devices],
                           services=services, resources=stack)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from pyvmm.config import check_paths, parse_vm_config
+from pyvmm.config import check_paths, parse_command_line
 from pyvmm.errors import ExitStatus, PyvmmError
 
 
@@ -17,9 +17,16 @@ def _setup_logging(verbosity: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_vm_config(args)
-        check_paths(config)
-        _setup_logging(config.verbosity)
+        command_line = parse_command_line(args)
+        config = command_line.vm
+        if config is not None:
+            check_paths(config)
+        _setup_logging(command_line.verbosity)
+        if command_line.api_socket is not None:
+            from pyvmm.api import serve
+
+            return serve(command_line)
+        assert config is not None
         # Imported here so that usage errors and --help never need KVM or ctypes set up.
         from pyvmm.vmm import run_vm
 

@@ -201,6 +201,23 @@ class VmConfig:
     dry_run: bool = False
 
 
+@dataclass(frozen=True)
+class ApiSocketConfig:
+    """`--api-socket path=P | fd=N | P` (docs/api.md): where the REST API is served."""
+
+    path: Path | None = None
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """What `pyvmm` was asked for: a VM, the API socket, or both (then the VM boots and the API serves it)."""
+
+    vm: VmConfig | None
+    api_socket: ApiSocketConfig | None
+    verbosity: int = 0
+
+
 def aperture_weights(config: VmConfig) -> list[tuple[int, int]]:
     """(mmio32, mmio64) weight of every segment; later `--pci-segment` entries win
     (docs/cli.md#segment-weights)."""
@@ -225,8 +242,8 @@ _CPUS_UNSUPPORTED: Mapping[str, frozenset[str]] = {
 }
 _MEMORY_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     "hotplug_method": frozenset({"acpi"}),
-    "hotplug_size": frozenset(),
-    "hotplugged_size": frozenset(),
+    "hotplug_size": frozenset({"0"}),
+    "hotplugged_size": frozenset({"0"}),
     "reserve": frozenset({"off"}),
 }
 _DISK_UNSUPPORTED: Mapping[str, frozenset[str]] = {
@@ -354,7 +371,11 @@ def parse_topology(text: str) -> CpuTopology:
 def parse_cpus(text: str) -> CpusConfig:
     if _BARE_NUMBER.fullmatch(text.strip()):
         text = f"boot={text.strip()}"  # older walkthroughs write `--cpus 2`
-    opts = parse_options(text, _CPUS_KEYS, hidden=_CPUS_UNSUPPORTED)
+    return cpus_from_options(parse_options(text, _CPUS_KEYS, hidden=_CPUS_UNSUPPORTED))
+
+
+def cpus_from_options(opts: Options) -> CpusConfig:
+    """--cpus (or the API's `cpus` object) from its parsed keys: every check of the flag."""
     _refuse_unsupported(opts, _CPUS_UNSUPPORTED)
     boot = _required_int(opts, "boot", 1, bits=32)
     max_vcpus = _required_int(opts, "max", boot, bits=32)
@@ -399,6 +420,10 @@ def parse_memory(text: str) -> MemoryConfig:
             else:
                 raise OptionError(f"{e}; did you mean size={text.strip()}?") from None
         raise
+    return memory_from_options(opts)
+
+
+def memory_from_options(opts: Options) -> MemoryConfig:
     _refuse_unsupported(opts, _MEMORY_UNSUPPORTED)
     size = opts.byte_size("size", 512 * layout.MiB)
     assert size is not None
@@ -450,6 +475,11 @@ def parse_console(text: str, flag: str = "--console") -> ConsoleConfig:
         opts = parse_options(text, _CONSOLE_KEYS, _CONSOLE_VALUELESS, hidden=_CONSOLE_UNSUPPORTED)
     else:
         opts = parse_options(text, _SERIAL_KEYS, _CONSOLE_VALUELESS)
+    return console_from_options(opts, flag)
+
+
+def console_from_options(opts: Options, flag: str = "--console") -> ConsoleConfig:
+    is_console = flag == "--console"
     mode: ConsoleMode | None = next((ConsoleMode(m) for m in _CONSOLE_VALUELESS if m in opts.flags), None)
     path: Path | None = None
     if mode is None:
@@ -481,7 +511,10 @@ _DISK_KEYS = frozenset({
 
 
 def parse_disk(text: str) -> DiskConfig:
-    opts = parse_options(text, _DISK_KEYS, hidden=_DISK_UNSUPPORTED)
+    return disk_from_options(parse_options(text, _DISK_KEYS, hidden=_DISK_UNSUPPORTED))
+
+
+def disk_from_options(opts: Options) -> DiskConfig:
     _refuse_unsupported(opts, _DISK_UNSUPPORTED)
     # pyvmm uses neither io_uring nor AIO, so the hidden switches that disable them are no-ops.
     opts.toggle("_disable_io_uring", False)
@@ -537,7 +570,10 @@ _DEVICE_KEYS = frozenset({
 
 
 def parse_device(text: str) -> DeviceConfig:
-    opts = parse_options(text, _DEVICE_KEYS, hidden=_DEVICE_UNSUPPORTED)
+    return device_from_options(parse_options(text, _DEVICE_KEYS, hidden=_DEVICE_UNSUPPORTED))
+
+
+def device_from_options(opts: Options) -> DeviceConfig:
     _refuse_unsupported(opts, _DEVICE_UNSUPPORTED)
     path = opts.get("path")
     if path is None:
@@ -575,7 +611,10 @@ _PLATFORM_KEYS = frozenset({
 
 
 def parse_platform(text: str) -> PlatformConfig:
-    opts = parse_options(text, _PLATFORM_KEYS, hidden=_PLATFORM_UNSUPPORTED)
+    return platform_from_options(parse_options(text, _PLATFORM_KEYS, hidden=_PLATFORM_UNSUPPORTED))
+
+
+def platform_from_options(opts: Options) -> PlatformConfig:
     _refuse_unsupported(opts, _PLATFORM_UNSUPPORTED)
     num = _required_int(opts, "num_pci_segments", 1, bits=16)
     if not 1 <= num <= MAX_PCI_SEGMENTS:
@@ -601,7 +640,10 @@ _PCI_SEGMENT_KEYS = frozenset({"pci_segment", "mmio32_aperture_weight", "mmio64_
 
 
 def parse_pci_segment(text: str) -> PciSegmentConfig:
-    opts = parse_options(text, _PCI_SEGMENT_KEYS)
+    return pci_segment_from_options(parse_options(text, _PCI_SEGMENT_KEYS))
+
+
+def pci_segment_from_options(opts: Options) -> PciSegmentConfig:
     weights = []
     for key in ("mmio32_aperture_weight", "mmio64_aperture_weight"):
         weight = _required_int(opts, key, 1, bits=32)
@@ -621,7 +663,10 @@ def _device_label(kind: str, path: Path) -> str:
 
 def parse_rng(text: str) -> RngConfig:
     """`--rng src=<path>[,iommu=off]`: cloud-hypervisor's keys (src defaults to /dev/urandom)."""
-    opts = parse_options(text, {"src"}, hidden=_RNG_UNSUPPORTED)
+    return rng_from_options(parse_options(text, {"src"}, hidden=_RNG_UNSUPPORTED))
+
+
+def rng_from_options(opts: Options) -> RngConfig:
     _refuse_unsupported(opts, _RNG_UNSUPPORTED)
     src = opts.get("src")
     return RngConfig(src=Path(src) if src is not None else DEFAULT_RNG_SOURCE)
@@ -867,6 +912,10 @@ be repeated:
                         host's interrupts (default off: refused)
   x_max_msi_routes=<n>  MSI/MSI-X vectors the guest may route at once, 1-{layout.MSI_ROUTES_MAX}
                         (default {layout.MSI_ROUTES_MAX}); further vectors stay masked""",
+    "--api-socket": """serve cloud-hypervisor's REST API (HTTP over a Unix socket, docs/api.md):
+  path=<path> | fd=<n> | <path>
+                        a new socket at <path>, or an already listening Unix
+                        socket; with no VM options, pyvmm waits for vm.create""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)
@@ -922,6 +971,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--console", "CONFIG"),
         ("--rng", "CONFIG"),
         ("--platform", "CONFIG"),
+        ("--api-socket", "SOCKET"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
     for flag in ("--disk", "--device", "--pci-segment"):
@@ -959,9 +1009,49 @@ def _parse_one(flag: str, text: str | None, parse: Callable[[str], T], default: 
     return _parse_each(flag, [text], parse)[0]
 
 
-def parse_vm_config(argv: Sequence[str]) -> VmConfig:
-    """Parse and validate a pyvmm command line (without the program name)."""
+def parse_api_socket(text: str) -> ApiSocketConfig:
+    """`path=P`, `fd=N`, or (as Kata passes it) a bare path: whatever is not that option string is a path."""
+    try:
+        opts = parse_options(text, {"path", "fd"})
+    except OptionError:
+        opts = Options()
+    if opts.has("path") and opts.has("fd"):
+        raise ConfigError(f"--api-socket {text}", "give path= or fd=, not both")
+    if opts.has("fd"):
+        try:
+            fd = opts.integer("fd", bits=31)
+        except OptionError as e:
+            raise ConfigError(f"--api-socket {text}", str(e)) from None
+        return ApiSocketConfig(fd=fd)
+    path = opts.get("path") or text
+    if not path.strip():
+        raise ConfigError("--api-socket", "empty path: give the socket's path, e.g. /run/vm.sock")
+    return ApiSocketConfig(path=Path(path))
+
+
+_VM_FLAGS = ("kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "console", "rng", "platform",
+             "disk", "device", "pci_segment")
+
+
+def parse_command_line(argv: Sequence[str]) -> CommandLine:
+    """Parse and validate a pyvmm command line: with only --api-socket, no VM yet (it comes by vm.create)."""
     ns = build_arg_parser().parse_args(list(argv))
+    api = parse_api_socket(ns.api_socket) if ns.api_socket is not None else None
+    if api is not None:
+        if ns.dry_run:
+            raise ConfigError("--dry-run", "checks a command line and exits: not with --api-socket")
+        if not any(getattr(ns, flag) for flag in _VM_FLAGS):
+            return CommandLine(None, api, ns.verbose)
+    return CommandLine(_vm_config(ns), api, ns.verbose)
+
+
+def parse_vm_config(argv: Sequence[str]) -> VmConfig:
+    """Parse and validate a pyvmm command line (without the program name) that describes a VM."""
+    ns = build_arg_parser().parse_args(list(argv))
+    return _vm_config(ns)
+
+
+def _vm_config(ns: argparse.Namespace) -> VmConfig:
     if not ns.kernel:
         raise ConfigError("--kernel", "no kernel given: pyvmm needs --kernel <bzImage> (see pyvmm --help)")
     cmdline = ns.cmdline or ""

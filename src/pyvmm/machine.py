@@ -17,7 +17,7 @@ from pyvmm.kvm.regs import format_registers
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
 from pyvmm.kvm.system import Vcpu
 from pyvmm.memory import GuestMemory
-from pyvmm.pci.platform import PciPlatform
+from pyvmm.pci.platform import PciAddress, PciPlatform
 
 log = logging.getLogger("pyvmm")
 
@@ -27,6 +27,7 @@ class ExitKind(Enum):
     RESET = "reset"
     SIGNAL = "signal"
     ERROR = "error"
+    REQUESTED = "requested"  # stopped through the API (vm.shutdown, vm.delete, vmm.shutdown)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class VirtualMachine:
         latch: ExitLatch,
         memory: GuestMemory,
         platform: PciPlatform,
+        pci_addresses: Sequence[PciAddress],
         services: Sequence[Service],
         resources: contextlib.ExitStack,
     ) -> None:
@@ -95,6 +97,9 @@ class VirtualMachine:
         self.latch = latch
         self.memory = memory
         self.platform = platform
+        # where each PCI device the config names sits, in plug order: console, disks, rng, devices
+        self.pci_addresses = tuple(pci_addresses)
+        self._threads: list[threading.Thread] = []
         self.services = list(services)
         self._resources = resources
 
@@ -104,31 +109,54 @@ class VirtualMachine:
 
     def run(self) -> VmExit:
         """Start one thread per vCPU and wait until the guest powers off, fails or a signal stops it."""
-        install_kick_handler()
 
         def on_signal(signum: int, frame: object) -> None:
             self.request_stop(ExitKind.SIGNAL, signal.Signals(signum).name)
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        threads = []
         try:
-            threads = [loop.start_thread() for loop in self.loops]
-            for service in self.services:
-                service.start()
+            self.start()
             # A timed wait stays interruptible by SIGINT/SIGTERM; it need not wake often (each wake costs CPU
             # while the guest idles, and everything that ends the VM sets the latch).
             while not self.latch.wait(30.0):
                 pass
         finally:
-            stop_all(self.loops)
-            for thread in threads:
-                thread.join(timeout=10)
+            self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        return self.latch.exit
+
+    def start(self) -> None:
+        """Start the vCPU threads and the services (from the main thread: it installs the kick handler)."""
+        install_kick_handler()
+        for loop in self.loops:
+            self._threads.append(loop.start_thread())
+        for service in self.services:
+            service.start()
+
+    def stop(self) -> VmExit:
+        """Stop the vCPUs and wait for their threads (idempotent); why the VM stopped."""
+        stop_all(self.loops)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
         if log.isEnabledFor(logging.DEBUG):
             for vcpu in self.vcpus:  # where each vCPU was when it stopped
                 log.debug("vCPU %d:\n%s", vcpu.index, format_registers(vcpu.get_regs(), vcpu.get_sregs()))
         return self.latch.exit
+
+    def pause(self) -> None:
+        """Take every vCPU out of KVM_RUN and end its thread (devices stay as they are); resume() goes on."""
+        stop_all(self.loops)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+
+    def resume(self) -> None:
+        for loop in self.loops:
+            loop.rearm()
+        for loop in self.loops:
+            self._threads.append(loop.start_thread())
 
     def close(self) -> None:
         for service in self.services:

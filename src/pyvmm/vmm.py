@@ -25,20 +25,20 @@ log = logging.getLogger("pyvmm")
 
 
 def run_vm(config: VmConfig) -> int:
-    _check_kernel(config)
+    check_kernel_file(config)
     if config.dry_run:
         return _dry_run(config)
-    with _managed_devices(config) as managed:
+    with managed_devices(config) as managed:
         machine = build_vm(config, on_host_request=managed.host_asked_back)
         try:
             result = machine.run()
         finally:
             managed.hold_signals()  # tearing down must not be interrupted: the give-back needs the fds closed
             machine.close()
-    return _exit_status(result)
+    return exit_status(result)
 
 
-def _check_kernel(config: VmConfig) -> None:
+def check_kernel_file(config: VmConfig) -> None:
     """Refuse a file that is neither a bzImage nor a PVH ELF vmlinux before touching KVM (headers only)."""
     kernel = config.payload.kernel
     if kernel is None:  # the parser requires --kernel
@@ -52,7 +52,7 @@ def _check_kernel(config: VmConfig) -> None:
 
 
 class _NoDevices:
-    """What _managed_devices yields for a VM without --device: nothing to bind, nothing to hold."""
+    """What managed_devices yields for a VM without --device: nothing to bind, nothing to hold."""
 
     def hold_signals(self) -> None:
         pass
@@ -62,7 +62,7 @@ class _NoDevices:
 
 
 @contextlib.contextmanager
-def _managed_devices(config: VmConfig) -> Iterator[ManagedBinding | _NoDevices]:
+def managed_devices(config: VmConfig) -> Iterator[ManagedBinding | _NoDevices]:
     """--device ...,managed=on: bind their IOMMU groups before building, give them back on every way out."""
     if not config.devices:
         yield _NoDevices()
@@ -100,7 +100,7 @@ def _dry_run(config: VmConfig) -> int:
     return 0
 
 
-def _exit_status(result: VmExit) -> int:
+def exit_status(result: VmExit) -> int:
     if result.kind is ExitKind.ERROR:
         raise VmError(result.detail)
     if result.kind is ExitKind.RESET:

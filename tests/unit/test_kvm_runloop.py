@@ -358,3 +358,23 @@ def test_describe() -> None:
     assert RunResult(StopReason.POWEROFF, 2).describe() == "vCPU 2: poweroff"
     error = RunResult(StopReason.ERROR, 0, "triple fault (KVM_EXIT_SHUTDOWN)", "RAX=0\nRIP=1")
     assert error.describe() == "vCPU 0: triple fault (KVM_EXIT_SHUTDOWN)\nRAX=0\nRIP=1"
+
+
+def test_thread_comm_is_set_for_tools_that_read_proc() -> None:
+    """Kata finds vCPU threads by /proc/PID/task/TID/comm, which Python's thread name does not set."""
+    import os
+    from pathlib import Path
+
+    from pyvmm.threadname import set_thread_comm
+
+    seen: list[str] = []
+
+    def body() -> None:
+        set_thread_comm("vcpu7")
+        seen.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == ["vcpu7"]
+    assert Path(f"/proc/self/task/{os.getpid()}/comm").read_text().strip() != "vcpu7"  # only that thread

@@ -33,6 +33,7 @@ from pyvmm.kvm.bindings import (
 from pyvmm.kvm.bus import Bus
 from pyvmm.kvm.coalesced import CoalescedRing
 from pyvmm.kvm.regs import format_registers
+from pyvmm.threadname import set_thread_comm
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,15 @@ class VcpuLoop:
             if self._thread_id is not None and self._thread_id != threading.get_ident():
                 signal.pthread_kill(self._thread_id, self.kick_signal)
 
+    def rearm(self) -> None:
+        """Make a loop that ended with STOPPED runnable again (resuming a paused VM); its thread has ended."""
+        with self._thread_lock:
+            if self._thread_id is not None:
+                raise RuntimeError(f"vCPU {self.vcpu.index} is still running")
+        self._stop = False
+        self.vcpu.kvm_run.immediate_exit = 0
+        self.result = None
+
     @property
     def stop_requested(self) -> bool:
         return self._stop
@@ -165,6 +175,7 @@ class VcpuLoop:
             )
         with self._thread_lock:
             self._thread_id = threading.get_ident()
+        set_thread_comm(f"vcpu{self.vcpu.index}")
         try:
             result = self._loop()
         finally:

@@ -1,0 +1,183 @@
+"""VmConfig JSON -> the same validated VmConfig the command line gives, and back (vm.info's config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyvmm.api.vmconfig import VmConfigError, device_config_from_json, vm_config_from_json, vm_config_to_json
+from pyvmm.config import ConsoleMode, parse_vm_config
+
+# The shape Kata Containers' CH driver sends (its generated client's defaults included), without the
+# virtio-fs, vsock and rootfs disk pyvmm does not have yet.
+KATA = {
+    "payload": {"kernel": "/k/vmlinuz", "cmdline": "console=ttyS0 quiet", "initramfs": "/k/initrd"},
+    "cpus": {
+        "boot_vcpus": 2,
+        "max_vcpus": 2,
+        "kvm_hyperv": False,
+        "nested": True,
+        "topology": {"threads_per_core": 1, "cores_per_die": 2, "dies_per_package": 1, "packages": 1},
+    },
+    "memory": {
+        "size": 268435456,
+        "shared": False,
+        "hugepages": False,
+        "mergeable": False,
+        "hotplug_method": "Acpi",
+        "prefault": False,
+        "thp": True,
+    },
+    "platform": {"num_pci_segments": 2, "tdx": False, "sev_snp": False},
+    "rng": {"src": "/dev/urandom", "iommu": False},
+    "serial": {"mode": "Tty"},
+    "console": {"mode": "Off", "iommu": False},
+    "iommu": False,
+    "watchdog": False,
+    "pvpanic": False,
+    "landlock_enable": False,
+    "some_future_key": {"anything": [1, 2]},
+}
+
+
+def test_kata_shape_gives_the_command_lines_config() -> None:
+    config = vm_config_from_json(KATA)
+    cli = parse_vm_config(
+        [
+            "--kernel",
+            "/k/vmlinuz",
+            "--initramfs",
+            "/k/initrd",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "boot=2,max=2,topology=1:2:1:1",
+            "--memory",
+            "size=256M",
+            "--platform",
+            "num_pci_segments=2",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ]
+    )
+    assert config == cli
+
+
+def test_echo_has_defaults_and_reads_back_the_same() -> None:
+    config = vm_config_from_json(KATA)
+    echo = vm_config_to_json(config)
+    assert echo["cpus"]["boot_vcpus"] == 2 and echo["memory"]["size"] == 268435456
+    assert echo["serial"] == {"mode": "Tty"} and echo["console"]["mode"] == "Off"
+    assert echo["platform"]["num_pci_segments"] == 2
+    assert echo["rng"] == {"src": "/dev/urandom", "iommu": False}
+    assert vm_config_from_json(json.loads(json.dumps(echo))) == config
+
+
+def test_minimal_config_gets_chs_defaults() -> None:
+    config = vm_config_from_json({"payload": {"kernel": "/k"}})
+    echo = vm_config_to_json(config)
+    assert echo["memory"]["size"] == 512 << 20
+    assert echo["cpus"]["boot_vcpus"] == 1 and echo["cpus"]["max_vcpus"] == 1
+    assert echo["serial"]["mode"] == "Null" and echo["console"]["mode"] == "Tty"
+
+
+def test_disks_and_devices() -> None:
+    config = vm_config_from_json(
+        {
+            "payload": {"kernel": "/k"},
+            "disks": [
+                {
+                    "path": "/img,with,commas",
+                    "readonly": True,
+                    "image_type": "Raw",
+                    "id": "root",
+                    "num_queues": 1,
+                    "queue_size": 128,
+                    "vhost_user": False,
+                    "backing_files": False,
+                    "sparse": True,
+                    "direct": False,
+                    "iommu": False,
+                }
+            ],
+            "devices": [
+                {
+                    "path": "/sys/bus/pci/devices/0000:00:03.0",
+                    "id": "sd",
+                    "iommu": False,
+                    "x_exclude_mmap_bars": [0, 2],
+                    "fd": 7,
+                }
+            ],
+        }
+    )
+    assert config.disks[0].path == Path("/img,with,commas") and config.disks[0].readonly
+    assert config.devices[0].x_exclude_mmap_bars == (0, 2) and config.devices[0].id == "sd"
+    assert vm_config_from_json(vm_config_to_json(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("document", "key"),
+    [
+        ({}, "payload"),
+        ({"payload": {}}, "payload.kernel"),
+        ({"payload": {"kernel": "/k", "firmware": "/fw"}}, "payload.firmware"),
+        ({"payload": {"kernel": 5}}, "payload.kernel"),
+        ({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 0, "max_vcpus": 1}}, "cpus"),
+        ({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 2, "max_vcpus": 4}}, "cpus"),
+        ({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": -1}}, "cpus.boot_vcpus"),
+        ({"payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1.5}}, "cpus.boot_vcpus"),
+        (
+            {"payload": {"kernel": "/k"}, "cpus": {"topology": {"packages": 1}}},
+            "cpus.topology.threads_per_core",
+        ),
+        (
+            {"payload": {"kernel": "/k"}, "cpus": {"affinity": [{"vcpu": 0, "host_cpus": [1]}]}},
+            "cpus.affinity",
+        ),
+        ({"payload": {"kernel": "/k"}, "memory": {"size": 1000}}, "memory"),
+        ({"payload": {"kernel": "/k"}, "memory": {"size": 1 << 30, "hotplug_size": 1 << 30}}, "memory"),
+        ({"payload": {"kernel": "/k"}, "memory": "1G"}, "memory"),
+        ({"payload": {"kernel": "/k"}, "serial": {"mode": "Pty"}}, "serial"),
+        ({"payload": {"kernel": "/k"}, "serial": {"mode": "Weird"}}, "serial.mode"),
+        ({"payload": {"kernel": "/k"}, "console": {"mode": "File"}}, "console.file"),
+        ({"payload": {"kernel": "/k"}, "vsock": {"cid": 3, "socket": "/s"}}, "vsock"),
+        ({"payload": {"kernel": "/k"}, "net": [{"tap": "t0"}]}, "net"),
+        ({"payload": {"kernel": "/k"}, "iommu": True}, "iommu"),
+        ({"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 100}}, "platform"),
+        ({"payload": {"kernel": "/k"}, "platform": {"iommufd": True}}, "platform"),
+        ({"payload": {"kernel": "/k"}, "devices": [{"id": "x"}]}, "devices[0]"),
+        ({"payload": {"kernel": "/k"}, "devices": {"path": "/x"}}, "devices"),
+        ({"payload": {"kernel": "/k"}, "disks": [{"path": "/a", "queue_size": 3}]}, "disks[0]"),
+        ({"payload": {"kernel": "/k"}, "rng": {"src": "/dev/urandom", "pci_segment": 1}}, "rng.pci_segment"),
+        ({"payload": {"kernel": "/k"}, "devices": [{"path": "/a", "pci_segment": 1}]}, "--device path=/a"),
+        ([], "VmConfig"),
+    ],
+)
+def test_refusals_name_the_key(document: object, key: str) -> None:
+    with pytest.raises(VmConfigError) as info:
+        vm_config_from_json(document)
+    assert info.value.option == key, str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_keys_are_ignored_everywhere() -> None:
+    config = vm_config_from_json(
+        {
+            "payload": {"kernel": "/k", "new": 1},
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "future": True},
+            "serial": {"mode": "Off", "x": 1},
+        }
+    )
+    assert config.serial.mode is ConsoleMode.OFF
+
+
+def test_add_device_body_as_ch_remote_sends_it() -> None:
+    device = device_config_from_json(
+        {"path": "/sys/bus/pci/devices/0000:00:04.0", "iommu": False, "pci_segment": 0, "managed": True}
+    )
+    assert device.managed and device.path == Path("/sys/bus/pci/devices/0000:00:04.0")
