@@ -131,6 +131,8 @@ def test_sd_reader_hot_plugged_and_ejected_twice(lab) -> None:
     assert "end" in out, proc.stdout
     assert out["before"].strip() == "sdhci-pci", out["before"]
     run = out["run"]
+    print("\n".join(line for line in run.splitlines()
+                    if re.match(r"(ADDED|ADD-TO-CARD|EJECTED|HOST-BACK|GUEST-SLOTS) ", line)))
     assert "rc=0" in run and "VM-EXIT poweroff" in run, run
     assert "DRIVER-ERROR" not in run and "Traceback" not in run, run
     want = re.search(r"^want=(\w+)", out["host"], re.MULTILINE).group(1)
