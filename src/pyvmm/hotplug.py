@@ -139,17 +139,22 @@ class PciHotplug:
         if not configs:
             raise HotplugError("add-device: no device given")
         with self._lock:
-            ids = self._check_request(configs)
-            check_interrupt_isolation(self._allow_unsafe_interrupts)
-            from pyvmm.vfio.passthrough import bind_groups, give_back
-
-            managed = [self._function_name(c) for c in configs if getattr(c, "managed", False)]
-            changed = bind_groups(managed, self._allow_unsafe_interrupts) if managed else []
+            next_index = self._next_index  # a refused request does not use up an id
             try:
-                plugged = self._plug(configs)
+                ids = self._check_request(configs)
+                check_interrupt_isolation(self._allow_unsafe_interrupts)
+                from pyvmm.vfio.passthrough import bind_groups, give_back
+
+                managed = [self._function_name(c) for c in configs if getattr(c, "managed", False)]
+                changed = bind_groups(managed, self._allow_unsafe_interrupts) if managed else []
+                try:
+                    plugged = self._plug(configs)
+                except BaseException:
+                    if changed:
+                        give_back(changed, self._asked_back)
+                    raise
             except BaseException:
-                if changed:
-                    give_back(changed, self._asked_back)
+                self._next_index = next_index
                 raise
             batch = _Batch(changed, set(ids))
             for ident, (function, address) in zip(ids, plugged, strict=True):

@@ -26,7 +26,7 @@ ROUNDS = [(SD, "sdhci-pci"), (SD, "sdhci-pci"), (NVME, "nvme")]
 # kernel may echo does not contain them.
 GUEST = (
     "blk() { ls /dev/mmcblk[0-9] /dev/nvme[0-9]n1 2>/dev/null; }; "
-    "drv() { ls /sys/bus/pci/drivers/sdhci-pci /sys/bus/pci/drivers/nvme | grep :; }; "
+    "drv() { ls /sys/bus/pci/drivers/sdhci-pci /sys/bus/pci/drivers/nvme | grep ^0000:; }; "
     "modprobe sdhci-pci; modprobe mmc_block; modprobe nvme; "
     "echo GUEST-SLOTS $(ls /sys/bus/pci/slots | wc -l); r=1; "
     f"while [ $r -le {len(ROUNDS)} ]; do echo HP-REA''DY $r; "

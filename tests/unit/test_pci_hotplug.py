@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from test_acpi_dsdt import ACPIEXEC, SEGMENTS, buffer, evaluate, integers
 
-from pyvmm import layout
+from pyvmm import hotplug as hotplug_module
+from pyvmm import layout, pci_sysfs
 from pyvmm.acpi.platform import AcpiPciHotplug, AcpiPlatform, AcpiPlatformError
 from pyvmm.acpi.tables import dsdt
 from pyvmm.devices.acpi_hotplug import (
@@ -277,3 +278,26 @@ def test_add_refuses_iommu_and_missing_segments_before_touching_anything() -> No
     with pytest.raises(HotplugError, match="no device given"):
         hotplug.add_vfio_devices([])
     assert line.levels == []
+
+
+def test_a_request_that_fails_later_uses_up_no_id_and_plugs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    vfio = FakeVfio([("0000:01:00.0", PciAddress(0, 3)), ("0000:02:00.0", PciAddress(1, 0))])
+    hotplug, line = _hotplug(vfio)
+    monkeypatch.setattr(pci_sysfs, "function_at", lambda path: SimpleNamespace(name=Path(path).name))
+    monkeypatch.setattr(hotplug_module, "check_interrupt_isolation", lambda allowed: None)
+
+    def refuse(configs: object) -> None:
+        raise HotplugError("IOMMU group 3 also holds 0000:00:04.1")
+
+    monkeypatch.setattr(hotplug, "_plug", refuse)
+    config = SimpleNamespace(path=Path("/sys/bus/pci/devices/0000:00:04.0"), id=None, iommu=False,
+                             pci_segment=0, managed=False)
+    with pytest.raises(HotplugError, match="also holds"):
+        hotplug.add_vfio_device(config)  # type: ignore[arg-type]
+    assert hotplug._new_id() == "_vfio1"  # _vfio0 went to the boot device without an id; nothing else used
+    assert line.levels == [] and hotplug.registers.read(PCIU, 4) == 0
+    with pytest.raises(HotplugError, match=r"0000:01:00\.0 is already passed through"):
+        other = SimpleNamespace(**{**vars(config), "path": Path("/x/0000:01:00.0")})
+        hotplug.add_vfio_device(other)  # type: ignore[arg-type]
+    with pytest.raises(HotplugError, match="id gpu is already in use"):
+        hotplug.add_vfio_device(SimpleNamespace(**{**vars(config), "id": "gpu"}))  # type: ignore[arg-type]
