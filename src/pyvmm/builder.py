@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyvmm import layout
-from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
+from pyvmm.acpi.platform import AcpiPciHotplug, AcpiPciSegment, AcpiPlatform
 from pyvmm.acpi.tables import build_acpi_tables
 from pyvmm.boot import (
     BootVcpuState,
@@ -31,12 +31,15 @@ from pyvmm.boot import (
 )
 from pyvmm.config import ConsoleMode, VmConfig
 from pyvmm.console import ConsoleOutput, TerminalInput, TerminalResize, terminal_size
+from pyvmm.devices.acpi_hotplug import AcpiGed
 from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.cmos import CmosDevice
 from pyvmm.devices.i8042 import I8042Device
 from pyvmm.devices.serial import Serial
 from pyvmm.errors import UsageError, VmError, in_context
+from pyvmm.hotplug import PciHotplug
+from pyvmm.hypervisor import VfioGroupRegistry
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
 from pyvmm.kvm.coalesced import CoalescedRing, open_coalesced_ring
@@ -48,6 +51,9 @@ from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.pci.planning import PciPlan, reserve_slots
 from pyvmm.pci.platform import PciAddress, PciPlatform
 from pyvmm.vmplan import vm_plan
+
+if TYPE_CHECKING:
+    from pyvmm.vfio.passthrough import VfioPassthrough
 
 log = logging.getLogger("pyvmm")
 
@@ -132,7 +138,18 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     services += _add_console(config, memory, platform, router, vm, stack)
     _add_disks(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
-    _add_vfio_devices(config, memory, platform, router, vm, latch, stack, on_host_request)
+
+    def host_request(name: str, message: str) -> None:
+        # The host takes a device away (removed, unbound): stop, exit 1 with its message.
+        hotplug.host_asked_back(name)
+        if on_host_request is not None:
+            on_host_request(name)
+        latch.request(ExitKind.ERROR, message)
+
+    hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request)
+    vfio = _add_vfio_devices(config, memory, platform, router, vm, stack, host_request)
+    hotplug.adopt(vfio, config.devices)
+    _closing(stack, hotplug)  # before the boot-time VFIO side: hot-plugged functions may be in its container
     _check_plan(plan, platform)
 
     tables = build_acpi_tables(
@@ -145,6 +162,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
             ],
             serial=config.serial.mode is not ConsoleMode.OFF,
             cmos_rtc=True,
+            pci_hotplug=AcpiPciHotplug(layout.pci_hotplug_base(phys_bits), layout.ged_base(phys_bits)),
         )
     )
     memory.write(tables.address, tables.data)
@@ -168,7 +186,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
     return VirtualMachine(vcpus=vcpus, loops=loops, latch=latch, memory=memory, platform=platform,
                           pci_addresses=[PciAddress(d.item.segment, d.slot) for d in plan.devices],
-                          services=services, resources=stack)
+                          hotplug=hotplug, services=services, resources=stack)
 
 
 def _coalesce_writes(vm: Vm, vcpu: Vcpu, pio_bus: IoBus, mmio_bus: IoBus,
@@ -272,26 +290,47 @@ def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
         _closing(stack, disk)
 
 
+def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,
+                 mmio_bus: IoBus, phys_bits: int, host_request: Callable[[str, str], None]) -> PciHotplug:
+    """The Generic Event Device and the PCI hot-plug registers in the platform area, and the object that adds
+    and removes passed-through functions while the VM runs (docs/hotplug.md)."""
+    ged = AcpiGed(KvmIrqLine(vm, layout.GED_IRQ))
+    mmio_bus.insert(layout.ged_base(phys_bits), layout.GED_SIZE, ged)
+    registry: VfioGroupRegistry | None = None
+
+    def kvm_vfio_device() -> VfioGroupRegistry:
+        nonlocal registry
+        if registry is None:  # one per VM, created before any group joins (docs/ARCHITECTURE.md)
+            from pyvmm.kvm.vfio_device import KvmVfioDevice
+
+            device = KvmVfioDevice(vm)
+            device.create()
+            registry = device
+        return registry
+
+    hotplug = PciHotplug(platform=platform, ged=ged, memory=memory, router=router, irqfds=vm,
+                         registry=kvm_vfio_device, p2p_dma=config.platform.vfio_p2p_dma,
+                         allow_unsafe_interrupts=config.platform.allow_unsafe_interrupts,
+                         on_host_request=host_request)
+    mmio_bus.insert(layout.pci_hotplug_base(phys_bits), layout.PCI_HOTPLUG_SIZE, hotplug.registers)
+    return hotplug
+
+
 def _add_vfio_devices(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
-                      latch: ExitLatch, stack: contextlib.ExitStack,
-                      on_host_request: Callable[[str], None] | None) -> None:
+                      stack: contextlib.ExitStack,
+                      host_request: Callable[[str, str], None]) -> VfioPassthrough | None:
     """Open, DMA-map (all RAM, IOVA = GPA) and plug every --device before the guest runs."""
     if not config.devices:
-        return
+        return None
     from pyvmm.kvm.vfio_device import KvmVfioDevice
     from pyvmm.vfio import attach_vfio_devices
-
-    def host_request(name: str, message: str) -> None:
-        # The host takes a device away (removed, unbound): stop, exit 1 with its message.
-        if on_host_request is not None:
-            on_host_request(name)
-        latch.request(ExitKind.ERROR, message)
 
     registry = KvmVfioDevice(vm)
     registry.create()  # before any group joins a container (docs/ARCHITECTURE.md)
     vfio = attach_vfio_devices(config.devices, platform=platform, registry=registry, irqfds=vm, router=router,
                                memory=memory, p2p_dma=config.platform.vfio_p2p_dma, on_request=host_request)
     _closing(stack, vfio)
+    return vfio
 
 
 def _check_plan(plan: PciPlan, platform: PciPlatform) -> None:

@@ -2,9 +2,9 @@
 vfio_iommu_type1's `allow_unsafe_interrupts` override (VFIO takes devices without remapping only while it
 is on).
 
-Imports nothing from pyvmm, so `pyvmm --device` (vmm.py) asks it without loading the host layer, and
-`pyvmm-host` (host/hostfacts.py) reads the same facts through it. It reads /proc and /sys/kernel/irq and
-/sys/module, never the PCI part of sysfs (that is pci_sysfs.py's).
+Imports nothing from pyvmm but its errors, so `pyvmm --device` (vmm.py) and a hot-plug (hotplug.py) ask it
+without loading the host layer, and `pyvmm-host` (host/hostfacts.py) reads the same facts through it. It
+reads /proc and /sys/kernel/irq and /sys/module, never the PCI part of sysfs (that is pci_sysfs.py's).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
+
+from pyvmm.errors import UsageError
 
 PROC_INTERRUPTS = Path("/proc/interrupts")
 SYS_IRQ = Path("/sys/kernel/irq")
@@ -42,3 +44,23 @@ def unsafe_interrupts_allowed() -> bool:
     except OSError:
         return False
     return value.upper() in ("Y", "1")
+
+
+UNSAFE_INTERRUPTS_OPT_IN = "--platform allow_unsafe_interrupts=on"
+
+
+def check_interrupt_isolation(allowed: bool) -> None:
+    """Devices on a host without interrupt remapping can inject interrupts into the host: refuse unless the
+    user opted in by name. VFIO itself only asks for vfio_iommu_type1's allow_unsafe_interrupts, which
+    someone may have set for another purpose (or another VM): that alone is not this user's consent."""
+    if allowed or interrupt_remapping():
+        return
+    if unsafe_interrupts_allowed():
+        why = "vfio_iommu_type1 allow_unsafe_interrupts is on (set outside pyvmm), but pyvmm still refuses"
+    else:
+        why = "VFIO refuses the devices"
+    raise UsageError(
+        f"--device: no interrupt remapping on this host: {why}, as a guest could make its device inject "
+        f"interrupts into the host; enable it (VT-d/AMD-Vi, intremap=on) or accept the risk with "
+        f"{UNSAFE_INTERRUPTS_OPT_IN}"
+    )

@@ -54,6 +54,12 @@ MSI_WINDOW_SIZE = 0x10_0000
 TOP_RESERVED_SIZE = 64 * KiB
 PLATFORM_AREA_SIZE = 1 * MiB
 DEFAULT_MAX_PHYS_BITS = 46
+# The ACPI control devices of the platform area, handed out top-down a page each (cloud-hypervisor's order,
+# docs/hotplug.md#registers): the PCI hot-plug registers (PCIU, PCID, B0EJ, PSEG) in the top page, the
+# Generic Event Device's one-byte event register in the page below.
+PLATFORM_DEVICE_ALIGN = 4 * KiB
+PCI_HOTPLUG_SIZE = 0x10
+GED_SIZE = 1
 
 # Legacy I/O ports and interrupt lines.
 SERIAL_COM1_PORT = 0x3F8
@@ -68,6 +74,7 @@ CMOS_PORT = 0x70  # CMOS RTC index (0x70) and data (0x71) registers, where every
 CMOS_SIZE = 2
 IOAPIC_NUM_PINS = 24
 PCI_INTX_IRQS = (5, 6, 7, 8, 9, 10, 11, 12)  # slot s uses PCI_INTX_IRQS[s % 8]
+GED_IRQ = 13  # the Generic Event Device's edge-triggered line: the first IOAPIC pin after PCI_INTX_IRQS
 MSI_GSI_BASE = 24
 MSI_GSI_END = 4096
 MSI_ROUTES_MAX = 2048  # GSIs 24-2071: half of KVM's 4096 routes (docs/interrupts.md#routing-failures)
@@ -95,6 +102,22 @@ def mmio64_area(ram_size: int, phys_bits: int) -> tuple[int, int]:
     start = HIGH_RAM_BASE if ram_end <= LOW_RAM_END else ram_end
     end = (1 << phys_bits) - TOP_RESERVED_SIZE - PLATFORM_AREA_SIZE - 1
     return start, end
+
+
+def platform_area(phys_bits: int) -> tuple[int, int]:
+    """[start, end) of the platform MMIO area: the top 1 MiB below the 64 KiB left unused at the top."""
+    end = (1 << phys_bits) - TOP_RESERVED_SIZE
+    return end - PLATFORM_AREA_SIZE, end
+
+
+def pci_hotplug_base(phys_bits: int) -> int:
+    """Guest-physical address of the PCI hot-plug registers (PCI_HOTPLUG_SIZE bytes)."""
+    return platform_area(phys_bits)[1] - PLATFORM_DEVICE_ALIGN
+
+
+def ged_base(phys_bits: int) -> int:
+    """Guest-physical address of the Generic Event Device's event register (GED_SIZE bytes)."""
+    return platform_area(phys_bits)[1] - 2 * PLATFORM_DEVICE_ALIGN
 
 
 def e820_entries(ram_size: int) -> list[tuple[int, int, int]]:

@@ -11,13 +11,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.kvm.regs import format_registers
 from pyvmm.kvm.runloop import RunResult, StopReason, VcpuLoop, install_kick_handler, stop_all
 from pyvmm.kvm.system import Vcpu
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
+
+if TYPE_CHECKING:
+    from pyvmm.hotplug import PciHotplug
 
 log = logging.getLogger("pyvmm")
 
@@ -78,7 +81,8 @@ class Service(Protocol):
 
 
 class VirtualMachine:
-    """A VM ready to run. `resources` closes everything the builder opened, in reverse order."""
+    """A VM ready to run. `resources` closes everything the builder opened, in reverse order. `hotplug`
+    adds and removes passed-through functions from another thread while it runs."""
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class VirtualMachine:
         memory: GuestMemory,
         platform: PciPlatform,
         pci_addresses: Sequence[PciAddress],
+        hotplug: PciHotplug,
         services: Sequence[Service],
         resources: contextlib.ExitStack,
     ) -> None:
@@ -100,6 +105,7 @@ class VirtualMachine:
         # where each PCI device the config names sits, in plug order: console, disks, rng, devices
         self.pci_addresses = tuple(pci_addresses)
         self._threads: list[threading.Thread] = []
+        self.hotplug = hotplug  # add_vfio_device / remove_device while the VM runs (docs/hotplug.md)
         self.services = list(services)
         self._resources = resources
 

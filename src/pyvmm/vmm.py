@@ -10,13 +10,15 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pyvmm import irq_remapping
 from pyvmm.boot import KernelImageError, check_kernel
 from pyvmm.builder import build_vm
 from pyvmm.config import VmConfig
 from pyvmm.errors import UsageError, VmError, in_context
+from pyvmm.irq_remapping import UNSAFE_INTERRUPTS_OPT_IN, check_interrupt_isolation
 from pyvmm.machine import ExitKind, VmExit
 from pyvmm.vmplan import dry_run_report
+
+__all__ = ["UNSAFE_INTERRUPTS_OPT_IN", "check_interrupt_isolation", "run_vm"]
 
 if TYPE_CHECKING:
     from pyvmm.vfio.passthrough import ManagedBinding
@@ -72,26 +74,6 @@ def managed_devices(config: VmConfig) -> Iterator[ManagedBinding | _NoDevices]:
 
     with managed_binding(config.devices, config.platform.allow_unsafe_interrupts) as managed:
         yield managed
-
-
-UNSAFE_INTERRUPTS_OPT_IN = "--platform allow_unsafe_interrupts=on"
-
-
-def check_interrupt_isolation(allowed: bool) -> None:
-    """Devices on a host without interrupt remapping can inject interrupts into the host: refuse unless the
-    user opted in by name. VFIO itself only asks for vfio_iommu_type1's allow_unsafe_interrupts, which
-    someone may have set for another purpose (or another VM): that alone is not this user's consent."""
-    if allowed or irq_remapping.interrupt_remapping():
-        return
-    if irq_remapping.unsafe_interrupts_allowed():
-        why = "vfio_iommu_type1 allow_unsafe_interrupts is on (set outside pyvmm), but pyvmm still refuses"
-    else:
-        why = "VFIO refuses the devices"
-    raise UsageError(
-        f"--device: no interrupt remapping on this host: {why}, as a guest could make its device inject "
-        f"interrupts into the host; enable it (VT-d/AMD-Vi, intremap=on) or accept the risk with "
-        f"{UNSAFE_INTERRUPTS_OPT_IN}"
-    )
 
 
 def _dry_run(config: VmConfig) -> int:

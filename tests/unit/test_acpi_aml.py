@@ -243,6 +243,15 @@ def test_resource_validation() -> None:
         IO(0x10000, 0x10000, 0, 1).to_bytes()
 
 
+def test_acquire_and_release() -> None:
+    # ExtOpPrefix 0x23 NameString Timeout(word); ExtOpPrefix 0x27 NameString (ACPI 6.5 §20.2.5.3)
+    assert aml.Acquire("BLCK").to_aml() == b"\x5b\x23BLCK\xff\xff"
+    assert aml.Acquire("\\_SB_.PHPR.BLCK", 5).to_aml() == b"\x5b\x23\x5c\x2f\x03_SB_PHPRBLCK\x05\x00"
+    assert aml.Release("BLCK").to_aml() == b"\x5b\x27BLCK"
+    with pytest.raises(AmlError, match="timeout"):
+        aml.Acquire("BLCK", 0x10000).to_aml()
+
+
 def test_unknown_term_type() -> None:
     with pytest.raises(AmlError, match="cannot encode"):
         encode(1.5)  # type: ignore[arg-type]
@@ -322,6 +331,12 @@ ORACLE_CASES: list[tuple[str, str, aml.Term]] = [
      aml.Raw(Device("D000", [Name("_HID", eisa_id("PNP0A06"))]).to_aml()
              + Method("M001", 1, [Return(Arg(0))]).to_aml()
              + Method("M002", 0, [Notify(NamePath("D000"), 3), Return(MethodCall("M001", [7]))]).to_aml())),
+    ("acquire-release",
+     "Mutex (MTX1, 0x00)\n"
+     "Method (M004, 0, Serialized) { Acquire (MTX1, 0xFFFF) Release (MTX1) Acquire (MTX1, 0x0A) }",
+     aml.Raw(aml.Mutex("MTX1").to_aml()
+             + Method("M004", 0, [aml.Acquire("MTX1"), aml.Release("MTX1"), aml.Acquire("MTX1", 10)],
+                      serialized=True).to_aml())),
     ("mutex-and-arith",
      "Mutex (MTX0, 0x03)\n"
      "Method (M003, 1, Serialized) {\n"

@@ -76,6 +76,8 @@ class ExtOp(IntEnum):
     """Second byte of the extended opcodes (after Op.EXT_PREFIX)."""
 
     MUTEX = 0x01
+    ACQUIRE = 0x23
+    RELEASE = 0x27
     OP_REGION = 0x80
     FIELD = 0x81
     DEVICE = 0x82
@@ -572,6 +574,28 @@ class SizeOf:
 
     def to_aml(self) -> bytes:
         return bytes([Op.SIZE_OF]) + encode(self.operand)
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """Acquire(mutex, timeout in ms); 0xFFFF waits forever. Evaluates to true when it timed out."""
+
+    mutex: str
+    timeout: int = 0xFFFF
+
+    def to_aml(self) -> bytes:
+        if not 0 <= self.timeout <= 0xFFFF:
+            raise AmlError(f"Acquire timeout {self.timeout} is outside 0..0xFFFF")
+        return (bytes([Op.EXT_PREFIX, ExtOp.ACQUIRE]) + name_string(self.mutex)
+                + self.timeout.to_bytes(2, "little"))
+
+
+@dataclass(frozen=True)
+class Release:
+    mutex: str
+
+    def to_aml(self) -> bytes:
+        return bytes([Op.EXT_PREFIX, ExtOp.RELEASE]) + name_string(self.mutex)
 
 
 @dataclass(frozen=True)

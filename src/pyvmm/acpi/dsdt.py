@@ -1,31 +1,51 @@
-"""DSDT content: one PCI host bridge per segment, ECAM reservation, COM1, the CMOS RTC and the S5 state.
+"""DSDT content: one PCI host bridge per segment, ECAM reservation, COM1, the CMOS RTC, the S5 state and,
+with `AcpiPlatform.pci_hotplug`, the objects of ACPI PCI hot-plug (slots, notify and eject methods, the
+hot-plug registers and the Generic Event Device).
 
-Follows cloud-hypervisor's description of segments (docs/pci.md#acpi-description) minus PCI hotplug.
+Follows cloud-hypervisor's description of segments (docs/pci.md#acpi-description) and of hot-plug
+(docs/hotplug.md#acpi-objects).
 """
 
 from __future__ import annotations
 
 from pyvmm import layout
 from pyvmm.acpi.aml import (
+    Acquire,
+    And,
     Arg,
     Buffer,
     Device,
+    Field,
+    FieldAccess,
+    FieldUpdate,
     If,
     LEqual,
+    Local,
     Method,
+    MethodCall,
+    Mutex,
     Name,
+    NamedField,
+    NamePath,
+    Notify,
+    OperationRegion,
     Package,
+    RegionSpace,
+    Release,
     Return,
     Scope,
+    ShiftLeft,
+    Store,
     Term,
     eisa_id,
     encode_all,
     to_uuid,
 )
-from pyvmm.acpi.platform import AcpiPciSegment, AcpiPlatform
+from pyvmm.acpi.platform import AcpiPciHotplug, AcpiPciSegment, AcpiPlatform
 from pyvmm.acpi.resources import (
     IO,
     Cacheability,
+    Interrupt,
     IRQNoFlags,
     Memory32Fixed,
     QWordMemory,
@@ -34,6 +54,7 @@ from pyvmm.acpi.resources import (
     WordBusNumber,
     WordIO,
 )
+from pyvmm.devices.acpi_hotplug import AcpiNotification
 from pyvmm.devices.acpi_pm import SLP_TYP_S5
 
 PCI_FIRMWARE_DSM_UUID = "E5C937D0-3553-4D7A-9117-EA4D19C3434D"
@@ -80,7 +101,111 @@ def _routing_table(irqs: tuple[int, ...]) -> Package:
                     for slot in range(SLOTS_PER_BUS)])
 
 
-def pci_host_bridge(seg: AcpiPciSegment, irqs: tuple[int, ...]) -> Device:
+# ---- PCI hot-plug (docs/hotplug.md#acpi-objects) ------------------------------------------------------
+
+PHPR = "\\_SB_.PHPR"  # the hot-plug registers' device
+NOTIFY_DEVICE_CHECK = 1  # ACPI notify values acpiphp acts on: a slot may have a new device ...
+NOTIFY_EJECT_REQUEST = 3  # ... or is asked to eject its device
+MUTEX_FOREVER = 0xFFFF
+
+
+def slot_name(slot: int) -> str:
+    return f"S{slot:03d}"
+
+
+def _hotplug_slot(slot: int) -> Device:
+    """One slot of a host bridge: its number, its address on bus 0, and an eject method (no _STA: the OS
+    reads the vendor ID to see whether something is there)."""
+    return Device(slot_name(slot), [
+        Name("_SUN", slot),
+        Name("_ADR", slot << 16),
+        Method("_EJ0", 1, [MethodCall(f"{PHPR}.PCEJ", [NamePath("_SUN"), NamePath("_SEG")])],
+               serialized=True),
+    ])
+
+
+def _hotplug_notify_methods() -> list[Term]:
+    """DVNT(bitmap, code) notifies each slot whose bit is set; PCNT selects this segment and notifies the
+    slots added (device check) and those to eject (eject request)."""
+    dvnt: list[Term] = []
+    for slot in range(SLOTS_PER_BUS):
+        bit = 1 << slot
+        dvnt += [And(Arg(0), bit, Local(0)),
+                 If(LEqual(Local(0), bit), [Notify(NamePath(slot_name(slot)), Arg(1))])]
+    return [
+        Method("DVNT", 2, dvnt, serialized=True),
+        Method("PCNT", 0, [
+            Acquire(f"{PHPR}.BLCK", MUTEX_FOREVER),
+            Store(NamePath("_SEG"), NamePath(f"{PHPR}.PSEG")),
+            MethodCall("DVNT", [NamePath(f"{PHPR}.PCIU"), NOTIFY_DEVICE_CHECK]),
+            MethodCall("DVNT", [NamePath(f"{PHPR}.PCID"), NOTIFY_EJECT_REQUEST]),
+            Release(f"{PHPR}.BLCK"),
+        ], serialized=True),
+    ]
+
+
+def hotplug_controller(hotplug: AcpiPciHotplug, segment_ids: list[int]) -> Device:
+    """\\_SB_.PHPR: the PCIU/PCID/B0EJ/PSEG registers, PCEJ(slot, segment) that ejects, and PSCN that runs
+    every segment's PCNT."""
+    base = hotplug.registers
+    return Device("PHPR", [
+        Name("_HID", eisa_id("PNP0A06")),
+        Name("_STA", 0x0B),
+        Name("_UID", "PCI Hotplug Controller"),
+        Mutex("BLCK", 0),
+        Name("_CRS", ResourceTemplate([
+            QWordMemory(base, base + layout.PCI_HOTPLUG_SIZE - 1, cacheability=Cacheability.NON_CACHEABLE),
+        ])),
+        OperationRegion("PCST", RegionSpace.SYSTEM_MEMORY, base, layout.PCI_HOTPLUG_SIZE),
+        Field("PCST", [NamedField(n, 32) for n in ("PCIU", "PCID", "B0EJ", "PSEG")],
+              access=FieldAccess.DWORD, update=FieldUpdate.WRITE_AS_ZEROS),
+        Method("PCEJ", 2, [
+            Acquire("BLCK", MUTEX_FOREVER),
+            Store(Arg(1), NamePath("PSEG")),
+            ShiftLeft(1, Arg(0), NamePath("B0EJ")),
+            Release("BLCK"),
+            Return(0),
+        ], serialized=True),
+        Method("PSCN", 0, [MethodCall(f"\\_SB_.{host_bridge_name(s)}.PCNT") for s in segment_ids],
+               serialized=True),
+    ])
+
+
+def generic_event_devices(hotplug: AcpiPciHotplug) -> list[Device]:
+    """GEC_ holds the event register and ESCN (read it, act on each event); GED_ (ACPI0013) calls ESCN on its
+    interrupt. Only the PCI branch exists: pyvmm hot-plugs neither CPUs nor memory, and has no power button
+    event."""
+    pci = int(AcpiNotification.PCI_DEVICES_CHANGED)
+    return [
+        Device("GEC_", [
+            Name("_HID", eisa_id("PNP0A06")),
+            Name("_UID", "Generic Event Controller"),
+            Name("_CRS", ResourceTemplate([
+                QWordMemory(hotplug.ged, hotplug.ged + layout.GED_SIZE - 1,
+                            cacheability=Cacheability.NON_CACHEABLE),
+            ])),
+            OperationRegion("GDST", RegionSpace.SYSTEM_MEMORY, hotplug.ged, layout.GED_SIZE),
+            Field("GDST", [NamedField("GDAT", 8)], access=FieldAccess.BYTE,
+                  update=FieldUpdate.WRITE_AS_ZEROS),
+            Method("ESCN", 0, [
+                Store(NamePath("GDAT"), Local(0)),
+                If(LEqual(And(Local(0), pci), pci), [MethodCall(f"{PHPR}.PSCN")]),
+            ], serialized=True),
+        ]),
+        Device("GED_", [
+            Name("_HID", "ACPI0013"),
+            Name("_UID", 0),
+            Name("_CRS", ResourceTemplate([Interrupt([hotplug.ged_irq], edge=True)])),
+            Method("_EVT", 1, [MethodCall("\\_SB_.GEC_.ESCN")], serialized=True),
+        ]),
+    ]
+
+
+def pci_host_bridge(seg: AcpiPciSegment, irqs: tuple[int, ...], hotplug: bool = False) -> Device:
+    slots: list[Term] = []
+    if hotplug:
+        slots += [_hotplug_slot(s) for s in range(SLOTS_PER_BUS)]
+        slots += _hotplug_notify_methods()
     return Device(host_bridge_name(seg.id), [
         Name("_HID", eisa_id("PNP0A08")),
         Name("_CID", eisa_id("PNP0A03")),
@@ -91,6 +216,7 @@ def pci_host_bridge(seg: AcpiPciSegment, irqs: tuple[int, ...]) -> Device:
         _pci_dsm(),
         Name("_CRS", _host_bridge_resources(seg)),
         Name("_PRT", _routing_table(irqs)),
+        *slots,
     ])
 
 
@@ -140,8 +266,14 @@ def sleep_state_s5() -> Name:
 
 def dsdt_body(platform: AcpiPlatform) -> bytes:
     """The DSDT's AML (everything after the 36-byte table header)."""
-    devices: list[Term] = [pci_host_bridge(seg, platform.pci_intx_irqs)
-                           for seg in sorted(platform.segments, key=lambda s: s.id)]
+    segments = sorted(platform.segments, key=lambda s: s.id)
+    hotplug = platform.pci_hotplug
+    devices: list[Term] = []
+    if hotplug is not None:  # before the host bridges, whose methods use its registers and mutex
+        devices.append(hotplug_controller(hotplug, [seg.id for seg in segments]))
+    devices += [pci_host_bridge(seg, platform.pci_intx_irqs, hotplug is not None) for seg in segments]
+    if hotplug is not None:
+        devices += generic_event_devices(hotplug)
     devices.append(motherboard_resources(platform))
     if platform.serial:
         devices.append(com1())

@@ -35,6 +35,23 @@ class AcpiPciSegment:
 
 
 @dataclass(frozen=True)
+class AcpiPciHotplug:
+    """Where the PCI hot-plug registers and the Generic Event Device are, and the GED's interrupt
+    (docs/hotplug.md)."""
+
+    registers: int  # PCIU, PCID, B0EJ, PSEG: layout.PCI_HOTPLUG_SIZE bytes
+    ged: int  # the GED's event register: layout.GED_SIZE bytes
+    ged_irq: int = layout.GED_IRQ
+
+    def __post_init__(self) -> None:
+        for what, address in (("registers", self.registers), ("GED", self.ged)):
+            if not 0 < address < 1 << 64:
+                raise AcpiPlatformError(f"PCI hot-plug {what} address {address:#x} is not a guest address")
+        if not 0 <= self.ged_irq < layout.IOAPIC_NUM_PINS:
+            raise AcpiPlatformError(f"GED IRQ {self.ged_irq} is not an IOAPIC pin")
+
+
+@dataclass(frozen=True)
 class AcpiPlatform:
     num_vcpus: int
     segments: Sequence[AcpiPciSegment]
@@ -44,6 +61,7 @@ class AcpiPlatform:
     # (PNP0B00, see dsdt.cmos_rtc); without, the FADT says it is absent and Linux skips the probe.
     cmos_rtc: bool = False
     apic_ids: tuple[int, ...] = field(default=())  # empty: vCPU i has APIC id i
+    pci_hotplug: AcpiPciHotplug | None = None  # slots, notify and eject methods, GED (docs/hotplug.md)
 
     def __post_init__(self) -> None:
         if self.num_vcpus < 1:
@@ -59,6 +77,8 @@ class AcpiPlatform:
         ids = [s.id for s in self.segments]
         if len(set(ids)) != len(ids):
             raise AcpiPlatformError(f"duplicate PCI segment ids in {ids}")
+        if self.pci_hotplug is not None and self.pci_hotplug.ged_irq in self.pci_intx_irqs:
+            raise AcpiPlatformError(f"GED IRQ {self.pci_hotplug.ged_irq} is also a PCI INTx IRQ")
         if not self.pci_intx_irqs or any(not 0 <= i < layout.IOAPIC_NUM_PINS for i in self.pci_intx_irqs):
             raise AcpiPlatformError(f"PCI INTx IRQs {self.pci_intx_irqs} must be IOAPIC pins "
                                     f"0..{layout.IOAPIC_NUM_PINS - 1}")

@@ -127,8 +127,9 @@ class VfioPassthrough:
         self.container: VfioContainer | None = None
         self.groups: dict[int, VfioGroup] = {}
         self.devices: list[VfioPciDevice] = []
-        self._plugged: list[tuple[PciPlatform, PciAddress]] = []  # unplugged again by close()
+        self._plugged: list[tuple[VfioPciDevice, PciPlatform, PciAddress]] = []  # unplugged by close()
         self._raw: list[VfioDevice] = []
+        self._group_of: dict[str, int] = {}  # host function name -> its IOMMU group
         self.resets: dict[str, ResetResult] = {}  # host function name -> how it was reset before use
         self._bus_reset: set[pci_sysfs.Bdf] = set()  # functions a bus reset of ours already covered
         self.requests = DeviceRequests(on_request) if on_request is not None else None
@@ -157,7 +158,14 @@ class VfioPassthrough:
             raise
         self.groups[group_id] = group
         if first and self.memory is not None:
-            map_guest_memory(self.container, self.memory)
+            try:
+                map_guest_memory(self.container, self.memory)
+            except BaseException:  # no group stays without guest RAM mapped (a later device would reuse it)
+                del self.groups[group_id]
+                with contextlib.suppress(OSError):
+                    self.registry.remove_group(group.fd)
+                group.close()
+                raise
         return group
 
     def open_device(self, path: str | os.PathLike[str]) -> VfioDevice:
@@ -167,8 +175,13 @@ class VfioPassthrough:
             if opened.name == function.name:
                 return opened
         group = self.group(function.group, function.name)
-        device = VfioDevice(group.get_device_fd(function.name), function.name)
+        try:
+            device = VfioDevice(group.get_device_fd(function.name), function.name)
+        except BaseException:
+            self._drop_group_if_unused(function.group)
+            raise
         self._raw.append(device)
+        self._group_of[device.name] = function.group
         if self.requests is not None:
             self.requests.watch(device)
         return device
@@ -242,18 +255,65 @@ class VfioPassthrough:
         )
         self.devices.append(model)
         address = platform.attach(model, segment, slot)
-        self._plugged.append((platform, address))
+        self._plugged.append((model, platform, address))
         log.info("%s: host %s at %s", model.name, device.name, address)
         return model, address
 
+    def opened(self) -> list[str]:
+        """Host functions open here (whether or not plugged yet)."""
+        return [device.name for device in self._raw]
+
+    def plugged(self) -> list[tuple[VfioPciDevice, PciAddress]]:
+        """Every device model on the platform, with its guest address (in plugging order)."""
+        return [(model, address) for model, _platform, address in self._plugged]
+
     # ---- teardown -------------------------------------------------------------------------------------
+
+    def release(self, name: str) -> None:
+        """Take the host function `name` out of this VM while it runs (hot-unplug, or a failed hot-plug):
+        off the platform (bus ranges, BARs, slot), its model closed (memslots, BAR mmaps, interrupt routes
+        and irqfds, the device fd), its request eventfd, and its group when no other open device uses it
+        (KVM FILE_DEL, out of the container: the last group takes the container's DMA mappings with it)."""
+        for model in [m for m in self.devices if m.device.name == name]:
+            self.devices.remove(model)
+            try:
+                for entry in [e for e in self._plugged if e[0] is model]:
+                    self._plugged.remove(entry)
+                    entry[1].detach(entry[2])
+            finally:
+                model.close()
+        for device in list(self._raw):
+            if device.name == name:
+                self._raw.remove(device)
+                device.close()
+        if self.requests is not None:
+            self.requests.forget(name)
+        self.resets.pop(name, None)
+        address = pci_sysfs.Bdf.from_name(name)
+        if address is not None:
+            self._bus_reset.discard(address)
+        group_id = self._group_of.pop(name, None)
+        if group_id is not None:
+            self._drop_group_if_unused(group_id)
+
+    def _drop_group_if_unused(self, group_id: int) -> None:
+        if group_id in self._group_of.values():
+            return
+        group = self.groups.pop(group_id, None)
+        if group is None:
+            return
+        if group.fd >= 0:
+            with contextlib.suppress(OSError):
+                self.registry.remove_group(group.fd)
+        group.close()
+
 
     def close(self) -> None:
         """Devices (mappings, interrupts, fds), then groups (KVM FILE_DEL, unset container), container.
         Closing every fd of a device is what lets a removal the host started finish."""
         if self.requests is not None:
             self.requests.stop()
-        for platform, address in reversed(self._plugged):
+        for _model, platform, address in reversed(self._plugged):
             with contextlib.suppress(Exception):
                 platform.detach(address)
         self._plugged.clear()
@@ -264,6 +324,7 @@ class VfioPassthrough:
         for device in self._raw:
             device.close()
         self._raw.clear()
+        self._group_of.clear()
         for group in reversed(list(self.groups.values())):
             if group.fd >= 0:
                 with contextlib.suppress(OSError):
@@ -399,23 +460,12 @@ class ManagedBinding:
     def bind(self) -> None:
         if not self.names:
             return
-        from pyvmm import host  # the host layer is only needed for managed devices
-
         self._previous = {sig: signal.signal(sig, self._hold) for sig in STOP_SIGNALS}
         try:
-            outcome = host.bind_to_vfio(
-                self.names, group=True, allow_unsafe_interrupts=self.allow_unsafe_interrupts
-            )
-        except host.HostError as exc:
-            self._restore_handlers()
-            raise VfioError(f"managed=on: {exc}") from exc
+            self.changed = bind_groups(self.names, self.allow_unsafe_interrupts)
         except BaseException:
             self._restore_handlers()
             raise
-        self.changed = [str(bdf) for bdf in outcome.changed]
-        for warning in outcome.warnings:
-            log.warning("managed=on: %s", warning)
-        log.info("managed=on: bound %s to vfio-pci", ", ".join(self.changed) or "nothing (already bound)")
         if self._held:
             self.give_back()
             raise _stopped_by(self._held[0])
@@ -429,16 +479,7 @@ class ManagedBinding:
         self.hold_signals()
         try:
             if self.changed:
-                from pyvmm import host
-
-                _wait_for_removals(sorted(self.asked_back & set(self.changed)))
-                try:
-                    outcome = host.restore(self.changed)
-                except host.HostError as exc:
-                    log.error("managed=on: giving %s back failed: %s; run `pyvmm-host restore --all`",
-                              ", ".join(self.changed), exc)
-                else:
-                    log.info("managed=on: %s", "; ".join(f"{d.bdf} {d.note}" for d in outcome.devices))
+                give_back(self.changed, self.asked_back)
                 self.changed = []
         finally:
             self._restore_handlers()
@@ -447,6 +488,37 @@ class ManagedBinding:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous = {}
+
+
+def bind_groups(names: list[str], allow_unsafe_interrupts: bool = False) -> list[str]:
+    """Bind the IOMMU groups of the host functions `names` to vfio-pci through pyvmm.host (journalled under
+    /run/pyvmm); the functions this changed, for give_back(). Signals are the caller's business."""
+    from pyvmm import host  # the host layer is only needed for managed devices
+
+    try:
+        outcome = host.bind_to_vfio(names, group=True, allow_unsafe_interrupts=allow_unsafe_interrupts)
+    except host.HostError as exc:
+        raise VfioError(f"managed=on: {exc}") from exc
+    changed = [str(bdf) for bdf in outcome.changed]
+    for warning in outcome.warnings:
+        log.warning("managed=on: %s", warning)
+    log.info("managed=on: bound %s to vfio-pci", ", ".join(changed) or "nothing (already bound)")
+    return changed
+
+
+def give_back(changed: list[str], asked_back: set[str] | frozenset[str] = frozenset()) -> None:
+    """Return the functions bind_groups() changed to the drivers the journal recorded, once every fd of
+    them is closed; `asked_back` are those the host asked for (they leave vfio-pci first). Never raises."""
+    from pyvmm import host
+
+    _wait_for_removals(sorted(set(asked_back) & set(changed)))
+    try:
+        outcome = host.restore(changed)
+    except host.HostError as exc:
+        log.error("managed=on: giving %s back failed: %s; run `pyvmm-host restore --all`",
+                  ", ".join(changed), exc)
+    else:
+        log.info("managed=on: %s", "; ".join(f"{d.bdf} {d.note}" for d in outcome.devices))
 
 
 REMOVAL_WAIT_SECONDS = 30.0

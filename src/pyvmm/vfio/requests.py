@@ -47,10 +47,28 @@ class DeviceRequests:
         self._thread: threading.Thread | None = None
 
     def add(self, name: str, eventfd: int) -> None:
-        """Watch `eventfd` (already registered with the kernel) for device `name`; before start() only."""
-        if self._thread is not None:
-            raise RuntimeError("DeviceRequests: add() after start()")
+        """Watch `eventfd` (already registered with the kernel) for device `name`; while watching (a device
+        hot-plugged), the watcher restarts with it."""
+        running = self._thread is not None
+        self.stop()
         self._names[eventfd] = name
+        if running:
+            self.start()
+
+    def forget(self, name: str) -> None:
+        """Stop watching device `name` and close its eventfd (after its device fd is closed: hot-unplug)."""
+        fds = [fd for fd, watched in self._names.items() if watched == name]
+        if not fds:
+            return
+        running = self._thread is not None
+        self.stop()
+        for fd in fds:
+            del self._names[fd]
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._reported.discard(name)
+        if running:
+            self.start()
 
     def watch(self, device: VfioDevice) -> bool:
         """Register a request eventfd for `device`; False when its vfio-pci offers no request IRQ."""
@@ -102,6 +120,8 @@ class DeviceRequests:
         if thread is not None:
             os.eventfd_write(self._stop_fd, 1)
             thread.join()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._stop_fd)  # a later start() must not stop at once
 
     def close(self) -> None:
         """Stop and close the eventfds; call after the device fds are closed (the kernel drops its

@@ -1,0 +1,332 @@
+"""PCI hot-plug of passed-through functions into a running VM, and their removal (docs/hotplug.md).
+
+`PciHotplug` is built by the builder for every VM and exposed as `VirtualMachine.hotplug`. Another thread (the
+API server) calls `add_vfio_device` / `remove_device` while the vCPUs run:
+
+- add: the same rules and order as at boot (vfio/passthrough.py: whole IOMMU groups, reset, guest RAM
+  DMA-mapped when the VM's container gets its first group, BARs placed in the segment's windows by
+  `PciPlatform.attach`, MSI/MSI-X through the VM's router); then the slot's PCIU bit and the GED interrupt.
+  The guest's acpiphp then scans the slot.
+- remove: the slot's PCID bit and the GED interrupt; the device keeps working until the guest ejects the
+  slot by writing B0EJ. That write is handled on the vCPU thread that made it (`_eject`): the device leaves
+  the platform, its memslots, routes and fds are gone, and a managed=on group is given back to its host
+  drivers (on a thread of its own: the guest need not wait for the host's driver probes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pyvmm import pci_sysfs
+from pyvmm.devices.acpi_hotplug import AcpiGed, AcpiNotification, PciHotplugController
+from pyvmm.errors import UsageError
+from pyvmm.hypervisor import Irqfds, VfioGroupRegistry
+from pyvmm.interrupts import MsiRouter
+from pyvmm.irq_remapping import check_interrupt_isolation
+from pyvmm.memory import GuestMemory
+from pyvmm.pci.platform import PciAddress, PciPlatform
+
+if TYPE_CHECKING:
+    from pyvmm.vfio.passthrough import DeviceLike, VfioPassthrough
+
+log = logging.getLogger(__name__)
+
+VFIO_ID_PREFIX = "_vfio"  # ids given to devices that come without one, as cloud-hypervisor names them
+
+
+class HotplugError(UsageError):
+    """A hot-plug request that cannot be carried out as asked (unknown or taken id, a function already in
+    the VM, an option hot-plug does not have): nothing was changed."""
+
+
+@dataclass
+class _Batch:
+    """Devices plugged by one call, and what its managed=on binding changed on the host (given back when
+    the last of them has left the guest)."""
+
+    changed: list[str]
+    ids: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Plugged:
+    id: str
+    function: str  # the host function, 0000:01:00.0
+    address: PciAddress
+    batch: _Batch | None  # None: a boot-time --device (its managed binding is vmm.run_vm's)
+    removing: bool = False
+
+
+class PciHotplug:
+    """The VM's hot-plug side: the PCI hot-plug registers (`registers`, on the MMIO bus) and the GED it
+    raises, and the VFIO functions it may add and remove.
+
+    `registry` creates the KVM VFIO device the first time a VM without boot-time --devices gets one.
+    `on_host_request(name, message)` is what the builder does when the host asks a function back (stop the
+    VM). `on_removed(id, address)`, when set, is told on the vCPU thread each time the guest has ejected a
+    device and it is released (the `device-removed` event).
+    """
+
+    def __init__(
+        self,
+        *,
+        platform: PciPlatform,
+        ged: AcpiGed,
+        memory: GuestMemory,
+        router: MsiRouter,
+        irqfds: Irqfds,
+        registry: Callable[[], VfioGroupRegistry],
+        p2p_dma: bool = True,
+        allow_unsafe_interrupts: bool = False,
+        on_host_request: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.platform = platform
+        self.registers = PciHotplugController(len(platform.segments), self._eject)
+        self._ged = ged
+        self._memory = memory
+        self._router = router
+        self._irqfds = irqfds
+        self._registry_factory = registry
+        self._p2p_dma = p2p_dma
+        self._allow_unsafe_interrupts = allow_unsafe_interrupts
+        self._on_host_request = on_host_request
+        self.on_removed: Callable[[str, PciAddress], None] | None = None
+        self._lock = threading.Lock()
+        self._vfio: VfioPassthrough | None = None
+        self._owns_vfio = False
+        self._devices: dict[str, _Plugged] = {}
+        self._next_index = 0
+        self._asked_back: set[str] = set()
+        self._give_backs: list[threading.Thread] = []
+
+    # ---- boot-time devices -------------------------------------------------------------------------------
+
+    def adopt(self, vfio: VfioPassthrough | None, devices: Sequence[DeviceLike]) -> None:
+        """The builder's VFIO side (None without --device): hot-plugged functions join its container, and
+        its devices can be removed like hot-plugged ones. `devices` are the --device configs in order."""
+        if vfio is None:
+            return
+        self._vfio = vfio
+        for config, (model, address) in zip(devices, vfio.plugged(), strict=True):
+            ident = config.id or self._new_id()
+            self._devices[ident] = _Plugged(ident, model.device.name, address, None)
+
+    def host_asked_back(self, name: str) -> None:
+        """The host asked for `name` back (the VM stops): a managed give-back must wait for its removal."""
+        self._asked_back.add(name)
+
+    def devices(self) -> dict[str, PciAddress]:
+        """Every removable device by id (boot-time --devices and hot-plugged ones)."""
+        with self._lock:
+            return {ident: plugged.address for ident, plugged in self._devices.items()}
+
+    # ---- add ---------------------------------------------------------------------------------------------
+
+    def add_vfio_device(self, config: DeviceLike) -> PciAddress:
+        """Plug the host function `config` describes into the running guest; its address (segment, slot;
+        bus 0, function 0). Raises a PyvmmError (one line) and changes nothing when it cannot."""
+        return self.add_vfio_devices([config])[0]
+
+    def add_vfio_devices(self, configs: Sequence[DeviceLike]) -> list[PciAddress]:
+        """Plug several functions at once (e.g. every endpoint of one IOMMU group, which must come
+        together, as at boot); one notification for all."""
+        configs = list(configs)
+        if not configs:
+            raise HotplugError("add-device: no device given")
+        with self._lock:
+            next_index = self._next_index  # a refused request does not use up an id
+            try:
+                ids = self._check_request(configs)
+                check_interrupt_isolation(self._allow_unsafe_interrupts)
+                from pyvmm.vfio.passthrough import bind_groups, give_back
+
+                managed = [self._function_name(c) for c in configs if getattr(c, "managed", False)]
+                changed = bind_groups(managed, self._allow_unsafe_interrupts) if managed else []
+                try:
+                    plugged = self._plug(configs)
+                except BaseException:
+                    if changed:
+                        give_back(changed, self._asked_back)
+                    raise
+            except BaseException:
+                self._next_index = next_index
+                raise
+            batch = _Batch(changed, set(ids))
+            for ident, (function, address) in zip(ids, plugged, strict=True):
+                self._devices[ident] = _Plugged(ident, function, address, batch)
+                self.registers.device_added(address.segment, address.slot)
+                log.info("%s: host %s hot-plugged at %s", ident, function, address)
+        self._ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
+        return [address for _function, address in plugged]
+
+    def _new_id(self) -> str:
+        while True:
+            ident = f"{VFIO_ID_PREFIX}{self._next_index}"
+            self._next_index += 1
+            if ident not in self._devices:
+                return ident
+
+    @staticmethod
+    def _function_name(config: DeviceLike) -> str:
+        function = pci_sysfs.function_at(config.path)
+        if function is None:
+            raise HotplugError(f"add-device path={config.path}: not a PCI function (expected "
+                               "/sys/bus/pci/devices/<domain:bus:dev.fn>/; see `pyvmm-host list`)")
+        return function.name
+
+    def _check_request(self, configs: list[DeviceLike]) -> list[str]:
+        """The ids the new devices get; refuses what the request gets wrong before anything is touched."""
+        in_vm = {plugged.function for plugged in self._devices.values()}
+        ids: list[str] = []
+        names: set[str] = set()
+        for config in configs:
+            label = f"add-device path={config.path}"
+            if config.iommu:
+                raise HotplugError(f"{label}: iommu=on needs virtio-iommu, which pyvmm does not have yet")
+            if not 0 <= config.pci_segment < len(self.platform.segments):
+                raise HotplugError(f"{label}: PCI segment {config.pci_segment} does not exist (this VM has "
+                                   f"{len(self.platform.segments)}: --platform num_pci_segments=N)")
+            name = self._function_name(config)
+            if name in in_vm or name in names:
+                raise HotplugError(f"{label}: {name} is already passed through to this guest")
+            names.add(name)
+            if config.id is not None:
+                if config.id.startswith("__"):
+                    raise HotplugError(f"{label}: id {config.id} is reserved (ids may not start with __)")
+                if config.id in self._devices or config.id in ids:
+                    raise HotplugError(f"{label}: id {config.id} is already in use")
+                ids.append(config.id)
+            else:
+                ids.append("")
+        return [ident or self._new_id() for ident in ids]
+
+    def _passthrough(self) -> VfioPassthrough:
+        if self._vfio is None:
+            from pyvmm.vfio.passthrough import VfioPassthrough
+
+            registry = self._registry_factory()  # the KVM VFIO device, before the first group joins
+            self._vfio = VfioPassthrough(registry, self._irqfds, self._router, self._memory,
+                                         self.platform.memory_slots, self._p2p_dma, self._host_request)
+            self._owns_vfio = True
+        return self._vfio
+
+    def _host_request(self, name: str, message: str) -> None:
+        self.host_asked_back(name)
+        if self._on_host_request is not None:
+            self._on_host_request(name, message)
+
+    def _plug(self, configs: list[DeviceLike]) -> list[tuple[str, PciAddress]]:
+        """Open, check, reset and plug, as attach_vfio_devices does at boot; on failure every function it
+        opened is released again."""
+        from pyvmm.vfio.passthrough import check_groups_complete
+
+        vfio = self._passthrough()
+        new: list[str] = []
+        try:
+            opened = []
+            for config in configs:
+                device = vfio.open_device(config.path)
+                new.append(device.name)
+                opened.append(device)
+            check_groups_complete(vfio, set(vfio.opened()))
+            for config, device in zip(configs, opened, strict=True):
+                vfio.reset(device, config.x_allow_no_reset)
+            plugged = []
+            for config in configs:
+                model, address = vfio.add_device(
+                    config.path,
+                    self.platform,
+                    config.pci_segment,
+                    slot=config.pci_device_id,
+                    name=config.id,
+                    exclude_mmap_bars=tuple(config.x_exclude_mmap_bars),
+                    gpudirect_clique=config.x_nv_gpudirect_clique,
+                    allow_no_reset=config.x_allow_no_reset,
+                )
+                plugged.append((model.device.name, address))
+            vfio.start_watching()
+        except BaseException:
+            for name in reversed(new):
+                with contextlib.suppress(Exception):
+                    vfio.release(name)
+            raise
+        return plugged
+
+    # ---- remove ------------------------------------------------------------------------------------------
+
+    def remove_device(self, ident: str) -> PciAddress:
+        """Ask the guest to eject device `ident`; it is released when the guest's eject reaches B0EJ
+        (the guest decides when: a guest without ACPI hot-plug never does). Its address."""
+        with self._lock:
+            plugged = self._devices.get(ident)
+            if plugged is None:
+                known = ", ".join(sorted(self._devices)) or "none"
+                raise HotplugError(f"remove-device: no device with id {ident} (removable devices: {known})")
+            plugged.removing = True
+            address = plugged.address
+            self.registers.eject_requested(address.segment, address.slot)
+        self._ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
+        return address
+
+    def _eject(self, segment: int, slot: int) -> None:
+        """The guest wrote B0EJ for `slot` of `segment` (on its vCPU thread): release what is there."""
+        address = PciAddress(segment, slot)
+        with self._lock:
+            plugged = next((p for p in self._devices.values() if p.address == address), None)
+            if plugged is None or self._vfio is None:
+                # guest-controlled (any slot, any number of times): not worth more than a debug line
+                log.debug("the guest ejected PCI slot %s: nothing removable there, ignored", address)
+                return
+            self._vfio.release(plugged.function)
+            del self._devices[plugged.id]
+            give = []
+            if plugged.batch is not None:
+                plugged.batch.ids.discard(plugged.id)
+                if not plugged.batch.ids:
+                    give = plugged.batch.changed
+            log.info("%s: %s ejected by the guest and released", plugged.id, address)
+            if give:
+                self._give_back_later(give)
+        if self.on_removed is not None:
+            self.on_removed(plugged.id, address)
+
+    def _give_back_later(self, changed: list[str]) -> None:
+        from pyvmm.vfio.passthrough import give_back
+
+        thread = threading.Thread(target=give_back, args=(changed, set(self._asked_back)),
+                                  name="managed-give-back", daemon=True)
+        thread.start()
+        self._give_backs.append(thread)
+
+    # ---- teardown ----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """With the VM (its vCPUs stopped): release the hot-plugged devices, then give their managed groups
+        back; the boot-time VFIO side is closed by its owner."""
+        with self._lock:
+            batches: list[_Batch] = []
+            for plugged in list(self._devices.values()):
+                if plugged.batch is None:
+                    continue
+                if self._vfio is not None:
+                    with contextlib.suppress(Exception):
+                        self._vfio.release(plugged.function)
+                del self._devices[plugged.id]
+                if plugged.batch not in batches:
+                    batches.append(plugged.batch)
+            if self._owns_vfio and self._vfio is not None:
+                self._vfio.close()
+            self._vfio = None
+        for thread in self._give_backs:
+            thread.join()
+        self._give_backs.clear()
+        for batch in batches:
+            if batch.changed:
+                from pyvmm.vfio.passthrough import give_back
+
+                give_back(batch.changed, self._asked_back)
