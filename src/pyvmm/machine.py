@@ -20,6 +20,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
 
 if TYPE_CHECKING:
+    from pyvmm.config import DeviceConfig
     from pyvmm.hotplug import PciHotplug
 
 log = logging.getLogger("pyvmm")
@@ -163,6 +164,16 @@ class VirtualMachine:
             loop.rearm()
         for loop in self.loops:
             self._threads.append(loop.start_thread())
+
+    def add_device(self, device: DeviceConfig) -> dict[str, str]:
+        """vm.add-device: plug a VFIO function into the running guest; CH's answer, {"id", "bdf"}."""
+        address = self.hotplug.add_vfio_device(device)
+        ident = next(i for i, a in self.hotplug.devices().items() if a == address)
+        return {"id": ident, "bdf": str(address)}
+
+    def remove_device(self, ident: str) -> None:
+        """vm.remove-device: ask the guest to eject the device; it is released when the guest does."""
+        self.hotplug.remove_device(ident)
 
     def close(self) -> None:
         for service in self.services:

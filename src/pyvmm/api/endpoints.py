@@ -26,6 +26,7 @@ from pyvmm.api.vmconfig import (
 )
 from pyvmm.api.vmm import NOT_CREATED, NOT_RUNNING, ApiCallError, ApiVmm
 from pyvmm.config import ConsoleMode, VmConfig
+from pyvmm.errors import PyvmmError
 from pyvmm.pci.bar import BarKind
 
 API_PREFIX = "/api/v1/"
@@ -197,7 +198,12 @@ def _add_device(vmm: ApiVmm, request: Request) -> Response:
                 Status.BAD_REQUEST, "The device could not be added to the VM", str(exc)
             ) from None
         return NO_CONTENT
-    return json_response(Status.OK, machine.add_device(device))  # PciDeviceInfo: {"id", "bdf"}
+    try:
+        info = machine.add_device(device)  # PciDeviceInfo: {"id", "bdf"}
+    except PyvmmError as exc:  # refused (a partial IOMMU group, no free slot, ...): the guest goes on
+        status = Status.BAD_REQUEST if exc.exit_status == 2 else Status.INTERNAL_SERVER_ERROR
+        raise ApiCallError(status, "The device could not be added to the VM", str(exc)) from None
+    return json_response(Status.OK, info)
 
 
 def _remove_device(vmm: ApiVmm, request: Request) -> Response:
@@ -211,7 +217,11 @@ def _remove_device(vmm: ApiVmm, request: Request) -> Response:
         raise ApiCallError(
             Status.INTERNAL_SERVER_ERROR, "The device could not be removed from the VM", NOT_RUNNING
         )
-    machine.remove_device(ident)
+    try:
+        machine.remove_device(ident)
+    except PyvmmError as exc:  # no such device
+        status = Status.BAD_REQUEST if exc.exit_status == 2 else Status.INTERNAL_SERVER_ERROR
+        raise ApiCallError(status, "The device could not be removed from the VM", str(exc)) from None
     return NO_CONTENT
 
 
