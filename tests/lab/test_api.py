@@ -62,6 +62,13 @@ echo "disp-after: $(drv $DISP)"
 $R add-device path=/sys/bus/pci/devices/$SD/,managed=on > $TMPDIR/added.json; echo "add-rc=$?"
 cat $TMPDIR/added.json; echo
 echo "host-during: $(drv $SD)"
+cat > $TMPDIR/tree.py <<'EOF'
+import json, sys
+tree = json.load(sys.stdin)["device_tree"]  # vm.info's: id=bdf of every PCI device
+print(" ".join(f"{name}={node['pci_bdf']}" for name, node in sorted(tree.items())))
+EOF
+tree() { $R info | python3 $TMPDIR/tree.py; }
+echo "tree-plugged: $(tree)"
 waitfor GUEST-SHA
 grep ^GUEST-SHA $TMPDIR/guest.log
 waitfor HP-REMOVE
@@ -71,6 +78,7 @@ waitfor GUEST-GONE
 grep ^GUEST-GONE $TMPDIR/guest.log
 i=0; while [ "$(drv $SD)" != sdhci-pci ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
 echo "host-after: $(drv $SD)"
+echo "tree-ejected: $(tree)"
 wait $pid; echo "vmm-rc=$?"
 grep -e Traceback -e 'pyvmm: ' $TMPDIR/vmm.log
 sec host
@@ -97,6 +105,10 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert "add-rc=0" in run and added and "host-during: vfio-pci" in run, run
     want = re.search(r"^want=(\w{64})$", out["host"], re.MULTILINE)
     assert want and f"GUEST-SHA {want.group(1)}" in run, (run, out["host"])
+    plugged = re.search(r"^tree-plugged: (.*)$", run, re.MULTILINE)
+    ejected = re.search(r"^tree-ejected: (.*)$", run, re.MULTILINE)
+    assert plugged and f"{added.group(1)}={added.group(2)}" in plugged.group(1).split(), run
+    assert ejected and "__rng=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
     assert "remove-rc=0" in run and "GUEST-GONE" in run and "host-after: sdhci-pci" in run, run
     assert "vmm-rc=0" in run and "Traceback" not in run, run
     assert f"card={want.group(1)}" in out["host"] and "host-journal.json" not in out["host"], out["host"]

@@ -148,16 +148,16 @@ _BAR_TYPES = {BarKind.IO: "Io", BarKind.MEM32: "Mmio32", BarKind.MEM64: "Mmio64"
 
 
 def device_tree(config: VmConfig, machine: Any) -> dict[str, Any]:
-    """Every PCI device of the running VM by name: its BARs and `pci_bdf` (what Kata and ch-remote read)."""
+    """Every PCI device of the running VM by name: its BARs and `pci_bdf` (what Kata and ch-remote read).
+    Passed-through functions as the VM has them now (hot-plugged ones in, ejected ones out), by the ids
+    vm.remove-device takes."""
     console, rng, names = device_ids(config)
-    ordered = (
-        ([console] if console is not None else [])
-        + names[: len(config.disks)]
-        + [rng]
-        + names[len(config.disks) :]
-    )
+    virtio = ([console] if console is not None else []) + names[: len(config.disks)] + [rng]
+    # the builder plugs the virtio devices first (console, disks, rng), then the boot-time --devices
+    placed = list(zip(virtio, machine.pci_addresses[: len(virtio)], strict=True))
+    placed += sorted(machine.hotplug.devices().items(), key=lambda item: (item[1].segment, item[1].slot))
     tree: dict[str, Any] = {}
-    for name, address in zip(ordered, machine.pci_addresses, strict=True):
+    for name, address in placed:
         resources = [
             {
                 "PciBar": {
