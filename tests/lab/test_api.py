@@ -38,7 +38,8 @@ HOTPLUG_GUEST = (
     "modprobe sdhci-pci; modprobe mmc_block; echo HP-REA''DY; "
     "i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
     "echo GUEST-SHA $(sha256sum /dev/mmcblk0 | cut -d' ' -f1); echo HP-REMO''VE; "
-    "i=0; while [ -b /dev/mmcblk0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo GUEST-GO''NE"
+    "i=0; while [ -b /dev/mmcblk0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo GUEST-GO''NE; "
+    "sleep 600"  # until vmm.shutdown
 )
 
 HOTPLUG = lab_script(
@@ -79,6 +80,7 @@ grep ^GUEST-GONE $TMPDIR/guest.log
 i=0; while [ "$(drv $SD)" != sdhci-pci ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
 echo "host-after: $(drv $SD)"
 echo "tree-ejected: $(tree)"
+$R shutdown-vmm; echo "shutdown-rc=$?"
 wait $pid; echo "vmm-rc=$?"
 grep -e Traceback -e 'pyvmm: ' $TMPDIR/vmm.log
 sec host
@@ -110,5 +112,5 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert plugged and f"{added.group(1)}={added.group(2)}" in plugged.group(1).split(), run
     assert ejected and "__rng=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
     assert "remove-rc=0" in run and "GUEST-GONE" in run and "host-after: sdhci-pci" in run, run
-    assert "vmm-rc=0" in run and "Traceback" not in run, run
+    assert "shutdown-rc=0" in run and "vmm-rc=0" in run and "Traceback" not in run, run
     assert f"card={want.group(1)}" in out["host"] and "host-journal.json" not in out["host"], out["host"]
