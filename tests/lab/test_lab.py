@@ -92,6 +92,19 @@ def test_a_stalled_command_gets_the_labs_backtraces(lab) -> None:
     assert "CPU#0" in out and "RIP=" in out  # and, from QEMU's monitor, where each lab CPU is
 
 
+def test_a_lab_that_ends_early_says_why(lab) -> None:
+    """A lab that stops before its command finishes says whether the emulated host was reset or powered
+    itself off (QMP's SHUTDOWN reason): under -no-reboot both end QEMU with status 0."""
+    proc = lab("echo started; echo b > /proc/sysrq-trigger; sleep 120", devices="none")
+    assert proc.returncode == 125, proc.stdout
+    assert "started" in proc.stdout
+    assert "the lab stopped before the command finished" in proc.stdout, proc.stdout
+    assert "the lab was reset" in proc.stdout, proc.stdout
+    proc = lab("echo o > /proc/sysrq-trigger; sleep 120", devices="none")
+    assert proc.returncode == 125, proc.stdout
+    assert "the lab powered itself off" in proc.stdout, proc.stdout
+
+
 def test_repeated_devices(lab) -> None:
     script = (
         "for d in /sys/bus/pci/devices/*; do "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import compileall
+import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,15 @@ FAIL_MARKER = "PYVMM-LAB-FAIL:"
 
 EXIT_TIMEOUT = 124
 EXIT_LAB_FAILED = 125
+
+QMP_SOCKET = "qmp.sock"
+QEMU_LOG = "qemu.log"
+# QMP's SHUTDOWN reasons, as a lab failure says them
+_SHUTDOWN_REASONS = {
+    "guest-shutdown": "the lab powered itself off",
+    "guest-reset": "the lab was reset (a triple fault or a reset request in the emulated host)",
+    "guest-panic": "the lab kernel panicked",
+}
 
 _PASSED_ENV = ("LANG", "LC_ALL", "TERM", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
 
@@ -150,6 +161,11 @@ class Lab:
         else:
             # mon: lets the supervisor send a serial break (Ctrl-A b), the lead-in of a magic SysRq key
             argv += ["-serial", "mon:stdio"]
+            # Why a lab that ends early ended: QMP's SHUTDOWN event says whether the emulated host powered
+            # itself off or was reset (-no-reboot turns a reset into an exit with status 0, like a power
+            # off), and QEMU's log records triple faults and what the emulated hardware refused.
+            argv += ["-qmp", f"unix:{run_dir / QMP_SOCKET},server=on,wait=off",
+                     "-d", "cpu_reset,guest_errors", "-D", str(run_dir / QEMU_LOG)]
         return argv + devices.args
 
     def run(self, command: list[str], options: LabOptions) -> int:
@@ -160,11 +176,11 @@ class Lab:
             run_dir = Path(tmp)
             self._prepare(run_dir, command)
             argv = self.qemu_argv(run_dir, options, interactive=False)
-            status, ready = _supervise(argv, options)
+            status, ready = _supervise(argv, options, run_dir)
             if status == EXIT_LAB_FAILED and not ready:
                 # The lab never reached the command (a boot-time flake of the emulated host): one more try.
                 print("pyvmm-lab: booting the lab again", file=sys.stderr)
-                status, ready = _supervise(argv, options)
+                status, ready = _supervise(argv, options, run_dir)
             return status
 
     def shell(self, options: LabOptions) -> int:
@@ -238,11 +254,74 @@ def compile_pyvmm() -> None:
     compileall.compile_dir(package, quiet=2)
 
 
-def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
+class ShutdownWatch:
+    """Listens on the lab's QMP socket for the SHUTDOWN event and keeps its reason."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reason: str | None = None
+        self._thread = threading.Thread(target=self._listen, name="lab-qmp", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _listen(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for _ in range(100):  # QEMU makes the socket as it starts
+                try:
+                    sock.connect(str(self.path))
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                return
+            stream = sock.makefile("rwb")
+            stream.readline()  # the greeting
+            stream.write(b'{"execute": "qmp_capabilities"}\n')
+            stream.flush()
+            for line in stream:
+                message = json.loads(line)
+                if message.get("event") == "SHUTDOWN":
+                    self.reason = str(message.get("data", {}).get("reason"))
+        except (OSError, ValueError):
+            return  # QEMU gone or a line we cannot read: no reason known
+        finally:
+            sock.close()
+
+
+def _log_after(path: Path, offset: int, lines: int = 40) -> list[str]:
+    """The last `lines` lines QEMU logged after `offset` (the lab's start of the command)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int, bool]:
     """Stream the command's output (after the READY marker); return its exit status and whether the lab
     got as far as starting the command."""
     start = time.monotonic()
+    (run_dir / QMP_SOCKET).unlink(missing_ok=True)
+    qemu_log = run_dir / QEMU_LOG
+    qemu_log.unlink(missing_ok=True)
+    log_at_ready = [0]  # QEMU's log up to the READY marker is the lab's own boot
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shutdown = ShutdownWatch(run_dir / QMP_SOCKET)
+    shutdown.start()
     timed_out = threading.Event()
     stalled = threading.Event()
     done = threading.Event()
@@ -280,6 +359,7 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
                     print(line, file=sys.stderr, flush=True)
                 if line.startswith(READY_MARKER):
                     last_output[0] = time.monotonic()
+                    log_at_ready[0] = _log_size(qemu_log)
                     ready.set()
                     if options.verbose:
                         print(f"pyvmm-lab: lab ready after {time.monotonic() - start:.1f} s", file=sys.stderr)
@@ -321,13 +401,22 @@ def _supervise(argv: list[str], options: LabOptions) -> tuple[int, bool]:
     if status is not None:
         return status, ready.is_set()
     tail = "\n".join(boot_log[-25:])
+    shutdown.wait(5.0)
     if failure is None:
         failure = "kernel panic" if "Kernel panic" in tail else f"QEMU exited with {proc.returncode}"
+        if shutdown.reason is not None:
+            why = _SHUTDOWN_REASONS.get(shutdown.reason, f"QEMU's shutdown reason: {shutdown.reason}")
+            failure += f"; {why}"
         if not ready.is_set():
             failure = f"the lab failed to boot ({failure})"
         else:
             failure = f"the lab stopped before the command finished ({failure})"
     if not options.verbose:
         print(tail, file=sys.stderr)
+    logged = _log_after(qemu_log, log_at_ready[0] if ready.is_set() else 0)
+    if logged:
+        print("pyvmm-lab: QEMU's log (CPU resets, triple faults, guest errors) since the command started:",
+              file=sys.stderr)
+        print("\n".join(logged), file=sys.stderr)
     print(f"pyvmm-lab: {failure}", file=sys.stderr)
     return EXIT_LAB_FAILED, ready.is_set()
