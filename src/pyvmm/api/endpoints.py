@@ -236,18 +236,6 @@ ROUTES: dict[str, Route] = {
     "vm.delete": Route("PUT", Body.NONE, _action(ApiVmm.delete)),
     "vm.pause": Route("PUT", Body.NONE, _action(ApiVmm.pause)),
     "vm.resume": Route("PUT", Body.NONE, _action(ApiVmm.resume)),
-}
-HOTPLUG_ROUTES: dict[str, Route] = {
     "vm.add-device": Route("PUT", Body.REQUIRED, _add_device),
     "vm.remove-device": Route("PUT", Body.REQUIRED, _remove_device),
 }
-
-
-def _hotplug_available() -> bool:
-    from pyvmm.machine import VirtualMachine
-
-    return all(hasattr(VirtualMachine, name) for name in ("add_device", "remove_device"))
-
-
-if _hotplug_available():
-    ROUTES |= HOTPLUG_ROUTES
