@@ -250,8 +250,7 @@ class PciPlatformMachine(RuleBasedStateMachine):
                 assert answer & mask == fixed
             p.cfg_write(a, reg, 4, original)
             back = p.cfg_read(a, reg, 4)
-            assert back == original, (bar, half, hex(value), hex(original), hex(back), placed,
-                                      self._placement(a, bar.index), hex(command))
+            assert back == original, (bar, half, hex(value), hex(original), hex(back), placed, hex(command))
         self._set_command(a, command)
         assert self._placement(a, bar.index) == placed
         assert not a.device.config.pending_moves
@@ -282,7 +281,8 @@ class PciPlatformMachine(RuleBasedStateMachine):
         assert not a.device.config.pending_moves
         after = a.segment.placements(a.slot)
         if held:
-            assert all(self._register_address(a, pl) == pl.address for pl in after), [(pl, hex(self._register_address(a, pl))) for pl in after]
+            wrong = [pl for pl in after if self._register_address(a, pl) != pl.address]
+            assert not wrong, wrong
         else:
             got = [p.cfg_read(a, r, 4) for r in regs]
             assert got == saved, ([hex(x) for x in saved], [hex(x) for x in got], placed, after, hex(command))
