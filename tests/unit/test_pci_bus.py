@@ -251,8 +251,8 @@ def test_guest_move_of_64bit_bar() -> None:
     "new",
     [
         0xB000_0000,  # outside the window (RAM)
-        0xD008_0000,  # misaligned for a 1 MiB BAR
         0xE7E0_0000,  # the other device's BAR
+        0xE7E8_0000,  # inside the other device's BAR once the bits below 1 MiB read as zero
     ],
 )
 def test_refused_moves_roll_back(new: int) -> None:
@@ -265,6 +265,15 @@ def test_refused_moves_roll_back(new: int) -> None:
     assert ecam.read(ecam_offset(slot, register=0x10), 4) == 0xE7F0_0000
     assert dev.config.bar_address(0) == 0xE7F0_0000
     assert seg.mmio32.allocations() == before
+
+
+def test_misaligned_move_lands_size_aligned() -> None:
+    # The address bits below a BAR's size are hard-wired to zero, as in hardware: a write of 0xD008_0000 to
+    # a 1 MiB BAR points it at 0xD000_0000.
+    _seg, ecam, dev, slot, calls = setup_move()
+    ecam.write(ecam_offset(slot, register=0x10), 4, 0xD008_0000)
+    assert calls == [(dev, BarMove(0, 0xE7F0_0000, 0xD000_0000, MiB))]
+    assert ecam.read(ecam_offset(slot, register=0x10), 4) == 0xD000_0000
 
 
 def test_callback_refusal_rolls_back() -> None:

@@ -205,7 +205,8 @@ class PciSegment:
 
     def bar_alignment(self, bar: BarInfo) -> int:
         if bar.kind == BarKind.IO:
-            align = IO_BAR_ALIGN
+            # Naturally aligned, as the address bits below an I/O BAR's size are hard-wired to zero.
+            align = max(IO_BAR_ALIGN, bar.size)
         elif bar.kind == BarKind.MEM64:
             align = max(self.page_size, bar.size)
         else:
@@ -253,7 +254,7 @@ class PciSegment:
             device.bar_move_refused(move)
             return False
         allocator = self._allocator(placement.kind)
-        align = IO_BAR_ALIGN if placement.kind == BarKind.IO else move.length
+        align = max(IO_BAR_ALIGN, move.length)
         allocator.free(move.old)
         if not allocator.allocate_at(move.new, move.length, align):
             allocator.allocate_at(move.old, move.length)

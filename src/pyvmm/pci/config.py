@@ -363,13 +363,13 @@ class PciConfiguration:
         index, upper = self._bar_regs[reg]
         bar = self._bars[index]
         kind, size = bar.info.kind, bar.info.size
+        # Address bits below the BAR's size are hard-wired to zero, as in hardware: whatever the guest
+        # writes, the register (and any move) holds a size-aligned address.
         sizing_answer = ~(size - 1)
         if kind == BarKind.MEM64:
             if not upper:
-                low = value & _MEM_ADDR_MASK
-                sizing = low == _MEM_ADDR_MASK
-                if sizing:
-                    low = sizing_answer & _MEM_ADDR_MASK
+                sizing = value & _MEM_ADDR_MASK == _MEM_ADDR_MASK
+                low = value & sizing_answer & _MEM_ADDR_MASK
                 self.poke(reg * 4, 4, low | self._mem_type_bits(bar))
                 if sizing or self.command & Command.MEMORY_SPACE:
                     # While decoding, the low half only takes effect with the next upper-half write.
@@ -381,6 +381,7 @@ class PciConfiguration:
                 self.poke(reg * 4, 4, (sizing_answer >> 32) & _U32)
                 return
             else:
+                value &= (sizing_answer >> 32) & _U32
                 self.poke(reg * 4, 4, value)
                 new = (value << 32) | (self.peek((reg - 1) * 4, 4) & _MEM_ADDR_MASK)
         else:
@@ -391,7 +392,7 @@ class PciConfiguration:
             if value & mask == mask:
                 self.poke(reg * 4, 4, (sizing_answer & mask) | fixed)
                 return
-            new = value & mask
+            new = value & mask & sizing_answer
             self.poke(reg * 4, 4, new | fixed)
         if new == bar.address:
             return
