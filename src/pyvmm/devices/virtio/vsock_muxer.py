@@ -139,6 +139,11 @@ class VsockMuxer:
         self._rsts = 0  # how many of _control are resets for no connection
         self._readable: dict[tuple[int, int], Connection] = {}  # in round-robin order
         self._next_port = FIRST_HOST_PORT
+        # Bumped whenever the receive queue gets new work: the muxer thread kicks the queue only then, and
+        # the worker wakes the thread only when a connection needs polling again, so a guest that posts
+        # no receive buffers costs neither thread anything while packets wait.
+        self._rx_work = 0
+        self._repoll = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -359,7 +364,9 @@ class VsockMuxer:
                     continue
                 queue.push(chain.head, self._packet_into(chain.writable))
             pending = self._has_rx()
-        self._wake()  # connections read dry are polled again
+            repoll, self._repoll = self._repoll, False
+        if repoll:
+            self._wake()  # connections read dry are polled again
         return pending
 
     def _packet_into(self, views: list[memoryview]) -> int:
@@ -396,18 +403,21 @@ class VsockMuxer:
                 n = conn.sock.recvmsg_into(split_views(tail, cap)[0])[0]
             except BlockingIOError:
                 conn.readable = False
+                self._repoll = True
                 continue
             except OSError:
                 self._reset(conn)
                 continue
             if n == 0:
                 conn.readable = False
+                self._repoll = True
                 self._host_eof(conn)
                 continue
             if n == cap:
                 self._readable[conn.key] = conn  # there may be more: next in the round
             else:
                 conn.readable = False
+                self._repoll = True
             conn.credit.sent(n)
             buf_alloc, fwd_cnt = conn.credit.stamp()
             hdr = Header(VMADDR_CID_HOST, self.guest_cid, conn.local_port, conn.peer_port, n,
@@ -429,6 +439,7 @@ class VsockMuxer:
     # ---- packets to the guest ---------------------------------------------------------------------
 
     def _queue(self, conn: Connection, op: VsockOp, flags: int = 0) -> None:
+        self._rx_work += 1
         self._control.append((conn, Header(VMADDR_CID_HOST, self.guest_cid, conn.local_port, conn.peer_port,
                                            0, VsockType.STREAM, op, flags)))
 
@@ -443,6 +454,7 @@ class VsockMuxer:
                                MAX_RST_BACKLOG)
             return
         self._rsts += 1
+        self._rx_work += 1
         self._control.append((None, Header(VMADDR_CID_HOST, self.guest_cid, hdr.dst_port, hdr.src_port, 0,
                                            VsockType.STREAM, VsockOp.RST)))
 
@@ -452,6 +464,7 @@ class VsockMuxer:
             return
         self._drop(conn)
         self._rsts += 1  # counted with the resets for no connection: at most one per connection dropped
+        self._rx_work += 1
         self._control.append((None, Header(VMADDR_CID_HOST, self.guest_cid, conn.local_port, conn.peer_port,
                                            0, VsockType.STREAM, VsockOp.RST)))
 
@@ -509,6 +522,7 @@ class VsockMuxer:
             wait = timeout if wait is None else min(wait, timeout)
         ready = poller.poll(None if wait is None else max(0, int(wait * 1000) + 1))
         with self._lock:
+            work = self._rx_work
             for fd, events in ready:
                 target = targets.get(fd)
                 if fd == self._wake_fd:
@@ -521,7 +535,7 @@ class VsockMuxer:
                 elif target is not None and target is self._listener:
                     self._accept()
             self._expire()
-            return self._has_rx()
+            return self._rx_work != work and self._has_rx()
 
     def _interest(self, conn: Connection) -> int | None:
         """Poll events for `conn`'s socket; None: not polled (a hang-up already seen would wake the
@@ -555,6 +569,7 @@ class VsockMuxer:
                 and ShutdownFlag.RCV not in conn.guest_shutdown:
             conn.readable = True  # data, or the EOF that the receive path turns into a SHUTDOWN
             self._readable[conn.key] = conn
+            self._rx_work += 1
         elif hup and conn.host_eof and conn.state is not State.CLOSING:
             # Half closed before, fully closed now: the guest may reset the connection.
             self._queue(conn, VsockOp.SHUTDOWN, int(SHUTDOWN_BOTH))
