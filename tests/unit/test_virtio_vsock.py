@@ -435,3 +435,66 @@ def test_device_config_and_thread(tmp_path: Path) -> None:
     finally:
         device.close()
     assert not thread.is_alive() and not (tmp_path / "v.sock").exists()
+
+
+def test_muxer_stays_idle_while_the_guest_posts_no_receive_buffers(guest: Guest) -> None:
+    """Packets waiting for buffers: neither thread keeps waking the other (no busy ping-pong)."""
+    guest.send(VsockOp.RW, 1, 5000, b"unknown")  # queues a RST
+    assert guest.mux.has_rx()
+    empty = FakeRxQueue()
+    assert guest.mux.fill(empty)  # type: ignore[arg-type]  # nothing posted: still pending
+    assert not guest.mux.poll_once(timeout=0.01)  # no new work: no kick
+    assert [h.op for h, _ in guest.receive()] == [VsockOp.RST]
+
+
+def test_device_over_the_pci_transport(tmp_path: Path) -> None:
+    """The guest driver's view: Linux 6.1's receive buffers (a 44-byte header descriptor and a 4 KiB one),
+    a host client's handshake, the guest's RESPONSE and data over the transmit queue."""
+    from test_virtio_driver import BAR_ADDRESS, Driver, FakeVectors, FakeVm, wait_used
+
+    from pyvmm.devices.virtio import VirtioPciDevice, vector_count
+    from pyvmm.memory import GuestMemory
+
+    path = str(tmp_path / "v.sock")
+    device = VirtioVsock.open(GUEST_CID, path)
+    memory = GuestMemory([(0, 8 << 20)])
+    dev = VirtioPciDevice(device, memory, FakeVectors(vector_count(device)), bar64=True, ioeventfds=FakeVm())
+    dev.assign_bar(0, BAR_ADDRESS)
+    driver = Driver(dev, memory)
+    try:
+        driver.init()
+        assert dev.config_read(2, 2) == 0x1053  # modern virtio device 19
+        assert driver.device_cfg(0, 4) == GUEST_CID and driver.common_read(0x12, 2) == 3
+        rx, tx = driver.rings[0], driver.rings[1]
+        buf = 0x400000
+        heads = [rx.add([(buf + 0x2000 * i, HEADER_SIZE, True), (buf + 0x2000 * i + 0x100, 4096, True)])
+                 for i in range(4)]
+        rx.publish(*heads)
+        driver.notify(0)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(5)
+        client.connect(path)
+        client.sendall(b"CONNECT 1234\nearly")  # data right after the line reaches the guest too
+        [(head, n)] = wait_used(rx, 1)
+        req = Header.unpack(memory.read(buf + 0x2000 * heads.index(head), HEADER_SIZE))
+        assert n == HEADER_SIZE and (req.op, req.dst_port, req.dst_cid) == (VsockOp.REQUEST, 1234, GUEST_CID)
+        out = 0x600000
+        resp = Header(GUEST_CID, 2, 1234, req.src_port, 0, VsockType.STREAM, VsockOp.RESPONSE, 0, 65536, 0)
+        memory.write(out, resp.pack())
+        tx.publish(tx.add([(out, HEADER_SIZE, False)]))
+        driver.notify(1)
+        assert client.recv(64) == b"OK %d\n" % req.src_port
+        [(head, n)] = wait_used(rx, 1)
+        slot = buf + 0x2000 * heads.index(head)
+        rw = Header.unpack(memory.read(slot, HEADER_SIZE))
+        assert (rw.op, n, memory.read(slot + 0x100, rw.len)) == (VsockOp.RW, HEADER_SIZE + 5, b"early")
+        data = Header(GUEST_CID, 2, 1234, req.src_port, 3, VsockType.STREAM, VsockOp.RW, 0, 65536, 5)
+        memory.write(out, data.pack())
+        memory.write(out + 0x100, b"hey")
+        tx.publish(tx.add([(out, HEADER_SIZE, False), (out + 0x100, 3, False)]))
+        driver.notify(1)
+        assert client.recv(64) == b"hey"
+        client.close()
+    finally:
+        dev.close()
+    assert not os.path.exists(path)
