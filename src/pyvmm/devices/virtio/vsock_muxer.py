@@ -62,6 +62,7 @@ CONNECT_TIMEOUT = 10.0  # the guest has this long to answer a host client's REQU
 CLOSE_TIMEOUT = 5.0  # after a full shutdown: to flush to the host, or for the guest's RST
 FIRST_HOST_PORT = 1 << 30  # host-side ports of host-initiated connections start here
 POLL_ERRORS = select.POLLERR | select.POLLNVAL
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 class VsockSocketError(OSError):
@@ -112,7 +113,7 @@ def listen_unix(path: str) -> socket.socket:
     if os.path.lexists(path):
         raise VsockSocketError(errno.EEXIST, f"{path} already exists (a socket left by an earlier VM? "
                                              "remove it)")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, _STREAM)
     try:
         sock.bind(path)
         sock.listen(128)
@@ -250,7 +251,13 @@ class VsockMuxer:
             self._reply_rst(hdr)
             return
         target = f"{self.path}_{hdr.dst_port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_UNIX, _STREAM)
+        except OSError as exc:  # out of fds: the guest is told no, the chain is still completed
+            self._warn.warning("virtio-vsock: no socket for the guest's connection to %s: %s", target,
+                               exc.strerror)
+            self._reply_rst(hdr)
+            return
         try:
             sock.connect(target)
         except OSError as exc:  # nobody listening (ENOENT, ECONNREFUSED), backlog full (EAGAIN), ...
