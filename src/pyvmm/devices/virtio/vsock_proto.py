@@ -95,7 +95,7 @@ class Credit:
     def peer_free(self) -> int:
         """Bytes we may still send the guest (0 when a confused guest reports more consumed than sent)."""
         in_flight = (self.tx_cnt - self.peer_fwd_cnt) & U32
-        return max(0, self.peer_buf_alloc - in_flight) if in_flight <= self.peer_buf_alloc else 0
+        return self.peer_buf_alloc - in_flight if in_flight <= self.peer_buf_alloc else 0
 
     def sent(self, n: int) -> None:
         self.tx_cnt = (self.tx_cnt + n) & U32
