@@ -188,7 +188,7 @@ def test_vsock_hybrid(lab) -> None:
     assert int(v["STALL-RSS-GROWTH-KIB"]) < 8 << 10, out
     # 5. the cycles
     assert v.get("CYCLES-FAILED") == "0" and v.get("ECHO-AFTER") == "True", out
-    assert v["FDS-AFTER"] == v["FDS-BEFORE"], out
+    assert int(v["FDS-AFTER"]) <= int(v["FDS-BEFORE"]), out  # no fd left behind by 1,000 connections
     # 6. the guest powered off, pyvmm exited 0 and removed its socket
     assert "PYVMM-GUEST-EXIT=0" in out, out
     assert v.get("PYVMM-STATUS") == "0" and v.get("SOCKET-LEFT") == "False", out

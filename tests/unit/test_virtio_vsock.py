@@ -498,3 +498,24 @@ def test_device_over_the_pci_transport(tmp_path: Path) -> None:
     finally:
         dev.close()
     assert not os.path.exists(path)
+
+
+def test_connection_and_reset_bounds(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvmm.devices.virtio import vsock_muxer
+
+    monkeypatch.setattr(vsock_muxer, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(vsock_muxer, "MAX_RST_BACKLOG", 3)
+    kept = [guest.host_connect(10 + i, guest_port=10 + i)[0] for i in range(2)]
+    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    extra.settimeout(2)
+    extra.connect(guest.path)
+    guest.poll()
+    assert extra.recv(8) == b""  # closed at once: no fd held for it
+    guest.send(VsockOp.REQUEST, 99, 5000)  # the guest's own connection is refused too
+    assert [h.op for h, _ in guest.receive()] == [VsockOp.RST]
+    assert guest.mux.open_fds() == 3
+    for _ in range(10):  # a guest that posts no receive buffers and keeps sending to nowhere
+        guest.send(VsockOp.RW, 1, 7, b"?")
+    assert [h.op for h, _ in guest.receive(buffers=20)] == [VsockOp.RST] * 3
+    for sock in [*kept, extra]:
+        sock.close()
