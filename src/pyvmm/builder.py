@@ -1,7 +1,7 @@
 """The VM builder: the one place that turns a validated VmConfig into a VirtualMachine ready to run.
 
 Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
-→ legacy devices → PCI platform (planned first) → virtio-console, disks, virtio-rng → passed-through
+→ legacy devices → PCI platform (planned first) → virtio-console, disks, virtio-rng, vsock → passed-through
 devices → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state). Everything is built in locals and
 registered for closing as it is opened; when a step fails, what was opened is closed again before the
 error propagates (one line, its own exit status: see pyvmm.errors).
@@ -29,7 +29,7 @@ from pyvmm.boot import (
     host_phys_bits,
     load_kernel,
 )
-from pyvmm.config import ConsoleMode, VmConfig
+from pyvmm.config import ConfigError, ConsoleMode, VmConfig
 from pyvmm.console import ConsoleOutput, TerminalInput, TerminalResize, terminal_size
 from pyvmm.devices.acpi_hotplug import AcpiGed
 from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
@@ -138,6 +138,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     services += _add_console(config, memory, platform, router, vm, stack)
     _add_disks(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
+    _add_vsock(config, memory, platform, router, vm, stack)
 
     def host_request(name: str, message: str) -> None:
         # The host takes a device away (removed, unbound): stop, exit 1 with its message.
@@ -274,6 +275,27 @@ def _add_rng(config: VmConfig, memory: GuestMemory, platform: PciPlatform, route
         raise in_context(f"--rng src={src}", exc) from exc
     transport = attach_virtio(device, segment=0, slot=None, name="virtio-rng", memory=memory,
                               platform=platform, router=router, irqfds=vm, ioeventfds=vm)
+    _closing(stack, transport)
+
+
+def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+               stack: contextlib.ExitStack) -> None:
+    """`--vsock`: the virtio-vsock and its muxer listening on the socket (docs/vsock.md)."""
+    if config.vsock is None:
+        return
+    from pyvmm.devices.virtio.attach import attach_virtio
+    from pyvmm.devices.virtio.vsock import VirtioVsock
+    from pyvmm.devices.virtio.vsock_muxer import VsockSocketError
+
+    vsock = config.vsock
+    label = f"--vsock socket={vsock.socket}"
+    try:
+        device = VirtioVsock.open(vsock.cid, str(vsock.socket))
+    except VsockSocketError as exc:
+        raise ConfigError(label, exc.strerror or str(exc)) from None
+    transport = attach_virtio(device, segment=vsock.pci_segment, slot=vsock.pci_device_id,
+                              name=f"virtio-vsock-{vsock.id or 0}", memory=memory, platform=platform,
+                              router=router, irqfds=vm, ioeventfds=vm)
     _closing(stack, transport)
 
 

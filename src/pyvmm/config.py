@@ -136,6 +136,23 @@ class RngConfig:
     src: Path = DEFAULT_RNG_SOURCE
 
 
+MIN_VSOCK_CID = 3  # 0-2 are the hypervisor's, the local and the host's addresses
+MAX_VSOCK_CID = 0xFFFF_FFFE  # CIDs are 32 bits in Linux; all ones means "any"
+UNIX_PATH_MAX = 107  # sun_path's 108 bytes, NUL included
+
+
+@dataclass(frozen=True)
+class VsockConfig:
+    """`--vsock`: a virtio-vsock device with cloud-hypervisor's hybrid vsock on the Unix socket `socket`
+    (docs/vsock.md)."""
+
+    cid: int
+    socket: Path
+    id: str | None = None
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+
+
 @dataclass(frozen=True)
 class DiskConfig:
     path: Path
@@ -195,6 +212,7 @@ class VmConfig:
     rng: RngConfig = field(default_factory=RngConfig)
     disks: tuple[DiskConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
+    vsock: VsockConfig | None = None
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     pci_segments: tuple[PciSegmentConfig, ...] = ()
     verbosity: int = 0
@@ -268,6 +286,7 @@ _DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
 }
 _CONSOLE_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _RNG_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
+_VSOCK_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _PLATFORM_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     # the guest address width a virtio-iommu offers; 64 (the default) is what a guest without one has
     "iommu_address_width": frozenset({"64"}),
@@ -672,6 +691,35 @@ def rng_from_options(opts: Options) -> RngConfig:
     return RngConfig(src=Path(src) if src is not None else DEFAULT_RNG_SOURCE)
 
 
+_VSOCK_KEYS = frozenset({"cid", "socket", "id", "pci_segment", "pci_device_id"})
+
+
+def parse_vsock(text: str) -> VsockConfig:
+    """`--vsock cid=<n>,socket=<path>[,id=,pci_segment=,pci_device_id=,iommu=off]` (cloud-hypervisor's
+    keys; both cid and socket are required)."""
+    return vsock_from_options(parse_options(text, _VSOCK_KEYS, hidden=_VSOCK_UNSUPPORTED))
+
+
+def vsock_from_options(opts: Options) -> VsockConfig:
+    _refuse_unsupported(opts, _VSOCK_UNSUPPORTED)
+    cid = opts.integer("cid", None, bits=64)
+    if cid is None:
+        raise OptionError("cid= is required: the guest's vsock address, e.g. cid=3")
+    if not MIN_VSOCK_CID <= cid <= MAX_VSOCK_CID:
+        raise OptionError(f"cid={cid} is out of range: use {MIN_VSOCK_CID}..{MAX_VSOCK_CID} (0-2 are "
+                          "reserved: 2 is the host)")
+    path = opts.get("socket")
+    if not path:
+        raise OptionError("socket= is required: the Unix socket path host programs connect to")
+    # PATH_<port> (up to 11 more bytes) must fit a Unix socket address as well
+    if len(os.fsencode(path)) + 11 > UNIX_PATH_MAX:
+        raise OptionError(f"socket={path} is too long: a Unix socket path has at most {UNIX_PATH_MAX} "
+                          "bytes and PATH_<port> needs up to 11 more; use a shorter path")
+    segment, slot = _pci_placement(opts)
+    return VsockConfig(cid=cid, socket=Path(path), id=_check_id(opts), pci_segment=segment,
+                       pci_device_id=slot)
+
+
 def _normalised(path: Path) -> str:
     return os.path.realpath(path)  # also resolves /sys/bus/pci/devices/<BDF> symlinks
 
@@ -718,6 +766,9 @@ def validate(config: VmConfig) -> None:
         claim(label, disk.id, disk.pci_segment, disk.pci_device_id)
         if disk.num_queues > boot:
             raise ConfigError(label, f"Queue count ({disk.num_queues}) must not exceed boot vCPUs ({boot})")
+    if config.vsock is not None:
+        vsock = config.vsock
+        claim(f"--vsock socket={vsock.socket}", vsock.id, vsock.pci_segment, vsock.pci_device_id)
     seen_paths: dict[str, Path] = {}
     for dev in config.devices:
         label = _device_label("--device", dev.path)
@@ -785,6 +836,13 @@ def check_paths(config: VmConfig) -> None:
                 "expected a directory like /sys/bus/pci/devices/0000:01:00.0/",
             )
     _check_rng_source(config.rng.src)
+    if config.vsock is not None:
+        sock = config.vsock.socket
+        label = f"--vsock socket={sock}"
+        if not sock.parent.is_dir():
+            raise ConfigError(label, f"directory {sock.parent} does not exist")
+        if os.path.lexists(sock):
+            raise ConfigError(label, f"{sock} already exists (a socket left by an earlier VM?); remove it")
     for flag, console in (("--serial", config.serial), ("--console", config.console)):
         if console.path is not None:
             parent = console.path.parent
@@ -872,6 +930,13 @@ _HELP = {
     "--rng": """virtio-rng PCI device (entropy); every VM has one:
   src=<path>            a readable file or character device
                         (default /dev/urandom); at most 64 KiB per request""",
+    "--vsock": f"""virtio-vsock PCI device with cloud-hypervisor's hybrid vsock (docs/vsock.md):
+  cid=<n>               the guest's CID, {MIN_VSOCK_CID}-{MAX_VSOCK_CID} (required)
+  socket=<path>         Unix socket pyvmm listens on (required; must not
+                        exist): a host program connects and writes
+                        "CONNECT <port>\\n"; the guest connecting to host
+                        port P reaches <path>_P
+  id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
     "--disk": """virtio-blk disks; each CONFIG is one disk, the option may be repeated:
   path=<file>           raw disk image (required)
   readonly=on|off       (default off)
@@ -970,6 +1035,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--serial", "MODE"),
         ("--console", "CONFIG"),
         ("--rng", "CONFIG"),
+        ("--vsock", "CONFIG"),
         ("--platform", "CONFIG"),
         ("--api-socket", "SOCKET"),
     ):
@@ -1030,7 +1096,7 @@ def parse_api_socket(text: str) -> ApiSocketConfig:
 
 
 _VM_FLAGS = ("kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "console", "rng", "platform",
-             "disk", "device", "pci_segment")
+             "disk", "device", "pci_segment", "vsock")
 
 
 def parse_command_line(argv: Sequence[str]) -> CommandLine:
@@ -1075,6 +1141,7 @@ def _vm_config(ns: argparse.Namespace) -> VmConfig:
         rng=_parse_one("--rng", ns.rng, parse_rng, RngConfig()),
         disks=tuple(_parse_each("--disk", ns.disk, parse_disk)),
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
+        vsock=_parse_one("--vsock", ns.vsock, parse_vsock, None),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
         pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
         verbosity=ns.verbose,

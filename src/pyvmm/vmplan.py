@@ -32,7 +32,8 @@ RNG_LABEL = "--rng"
 
 def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
     """The builder's order, as cloud-hypervisor's (docs/pci.md#slot-assignment): the virtio-console (unless
-    --console off), disks, the virtio-rng, then devices in command-line order, with the BARs each asks for.
+    --console off), disks, the virtio-rng, the virtio-vsock (--vsock), then devices in command-line order,
+    with the BARs each asks for.
 
     A device whose sysfs files cannot be read, or whose config space has no room for the GPUDirect clique
     capability it asks for, is a PlanError.
@@ -50,6 +51,10 @@ def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
         for d in config.disks
     ]
     items.append(PlanItem(RNG_LABEL, 0, None, tuple(virtio_bars()), "virtio-rng"))
+    if config.vsock is not None:
+        vsock = config.vsock
+        items.append(PlanItem(f"--vsock socket={vsock.socket}", vsock.pci_segment, vsock.pci_device_id,
+                              tuple(virtio_bars()), "virtio-vsock"))
     functions: list[SysfsFunction] = []
     if config.devices:
         from pyvmm.vfio.pci import sysfs_function

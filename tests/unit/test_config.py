@@ -671,3 +671,48 @@ def test_check_paths_output_file_directory(tmp_path: Path) -> None:
 def test_memory_hotplug_size_zero_means_no_hotplug() -> None:
     """Kata and CH configs spell out hotplug_size=0; it asks for nothing pyvmm lacks."""
     assert parse_memory("size=1G,hotplug_size=0,hotplugged_size=0") == parse_memory("size=1G")
+
+
+# --- --vsock ---
+
+
+def test_vsock_parsed() -> None:
+    from pyvmm.config import VsockConfig
+
+    assert parse().vsock is None
+    assert parse("--vsock", "cid=3,socket=/run/v.sock").vsock == VsockConfig(3, Path("/run/v.sock"))
+    cfg = parse("--vsock", "cid=0xfffffffe,socket=/run/v.sock,id=vs0,pci_segment=0,pci_device_id=9,iommu=off")
+    assert cfg.vsock == VsockConfig(0xFFFF_FFFE, Path("/run/v.sock"), "vs0", 0, 9)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--vsock", "socket=/run/v.sock"), "cid= is required"),
+    (("--vsock", "cid=3"), "socket= is required"),
+    (("--vsock", "cid=2,socket=/run/v.sock"), "cid=2 is out of range"),
+    (("--vsock", "cid=4294967295,socket=/run/v.sock"), "out of range"),
+    (("--vsock", "cid=three,socket=/run/v.sock"), "cid"),
+    (("--vsock", "cid=3,socket=/run/v.sock,iommu=on"), "iommu=on is not supported"),
+    (("--vsock", "cid=3,socket=/run/v.sock,vhost=on"), "vhost"),
+    (("--vsock", "cid=3,socket=/" + "s" * 100), "too long"),
+    (("--vsock", "cid=3,socket=/a", "--vsock", "cid=4,socket=/b"), "given more than once"),
+    (("--vsock", "cid=3,socket=/a,pci_segment=1"), "Invalid PCI segment id: 1"),
+    (("--vsock", "cid=3,socket=/a,id=d", "--disk", "path=x,id=d"), "Identifier d is not unique"),
+])
+def test_vsock_refused(args: tuple[str, ...], message: str) -> None:
+    err = error(*args)
+    assert err.exit_status == 2 and message in str(err) and "--vsock" in str(err), str(err)
+
+
+def test_vsock_socket_paths_checked(tmp_path: Path) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+
+    def check(sock: Path) -> None:
+        check_paths(parse_vm_config(["--kernel", str(kernel), "--vsock", f"cid=3,socket={sock}"]))
+
+    check(tmp_path / "v.sock")
+    with pytest.raises(ConfigError, match=r"directory .*missing does not exist"):
+        check(tmp_path / "missing" / "v.sock")
+    (tmp_path / "old.sock").write_text("")
+    with pytest.raises(ConfigError, match="already exists"):
+        check(tmp_path / "old.sock")

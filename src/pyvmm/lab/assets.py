@@ -39,6 +39,9 @@ GUEST_MODULES = [
     "nls_iso8859_1",
 ]
 
+# Guest programs built from src/pyvmm/lab/data/<name>.c with gcc -static into the guest's /bin.
+GUEST_TOOLS = ["pyvmm-vsock"]
+
 SD_SIZE = 16 << 20  # QEMU's sd-card wants a power-of-two size
 NVME_SIZE = 64 << 20
 DISK_SIZE = 128 << 20
@@ -99,6 +102,22 @@ def _busybox_tree(archive: CpioArchive) -> None:
             archive.add_symlink(applet, "/bin/busybox")
     for d in ("proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc"):
         archive.add_dir(d)
+
+
+def _guest_tools(archive: CpioArchive) -> None:
+    """Small static C programs the guests need and busybox lacks (pyvmm-vsock: AF_VSOCK)."""
+    if shutil.which("gcc") is None:
+        raise BuildError("gcc not found: run `make deps` (Debian packages gcc, libc6-dev)")
+    with tempfile.TemporaryDirectory(prefix="pyvmm-tools-") as tmp:
+        for name in GUEST_TOOLS:
+            source, binary = Path(tmp) / f"{name}.c", Path(tmp) / name
+            source.write_bytes(_data(f"{name}.c"))
+            _tool(["gcc", "-static", "-Os", "-Wall", "-o", str(binary), str(source)], f"gcc ({name}.c)")
+            archive.add_file(f"bin/{name}", binary.read_bytes(), 0o755)
+
+
+def _tools_key() -> bytes:
+    return b"".join(_data(f"{name}.c") for name in GUEST_TOOLS)
 
 
 def _progress(message: str) -> None:
@@ -167,6 +186,7 @@ class LabBuilder:
         archive.add_file("init", init, 0o755)
         archive.add_file("sbin/init", init, 0o755)
         archive.add_file("etc/hostname", b"pyvmm-guest\n")
+        _guest_tools(archive)
         with tempfile.TemporaryDirectory(prefix="pyvmm-mods-") as tmp:
             stage = ModuleTree(Path(tmp), tree.release)
             for ko in tree.closure(GUEST_MODULES):
@@ -183,7 +203,7 @@ class LabBuilder:
         return archive
 
     def guest_initramfs(self, tree: ModuleTree) -> None:
-        key = _key(tree.release, _data("guest-init.sh"), ",".join(GUEST_MODULES))
+        key = _key(tree.release, _data("guest-init.sh"), ",".join(GUEST_MODULES), _tools_key())
         if _stamp_ok(self.paths.guest_initramfs, key):
             return
         _progress("building the guest initramfs")
@@ -194,7 +214,8 @@ class LabBuilder:
 
     # -- disk and device images -------------------------------------------------------------------
     def guest_disk(self, tree: ModuleTree) -> str:
-        key = _key(tree.release, _data("guest-init.sh"), ",".join(GUEST_MODULES), str(DISK_SIZE))
+        key = _key(tree.release, _data("guest-init.sh"), ",".join(GUEST_MODULES), str(DISK_SIZE),
+                   _tools_key())
         disk = self.paths.guest_disk
         if _stamp_ok(disk, key):
             return sha256_file(disk)

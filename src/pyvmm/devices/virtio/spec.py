@@ -15,6 +15,7 @@ class VirtioDeviceType(IntEnum):
     BLOCK = 2
     CONSOLE = 3
     RNG = 4
+    VSOCK = 19
 
 
 class DeviceStatus(IntFlag):
