@@ -62,7 +62,7 @@ class _Batch:
 @dataclass
 class _Plugged:
     id: str
-    function: str  # the host function, 0000:01:00.0 (a disk: its image path)
+    function: str  # the host function, 0000:01:00.0 (a disk: what the log calls it)
     address: PciAddress
     batch: _Batch | None  # None: a boot-time --device (its managed binding is vmm.run_vm's), or a disk
     removing: bool = False
