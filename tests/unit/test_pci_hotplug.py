@@ -185,7 +185,7 @@ def test_acpica_runs_the_eject_and_notify_methods(tmp_path: Path) -> None:
         "\\_SB.PC01.PCNT", "\\_SB.PHPR.PSEG",  # PCNT selects its own segment
         "\\_SB.GED._EVT 13",  # reads GDAT; the simulated region holds 0: nothing to scan
         "\\_SB.GED._HID", "\\_SB.GED._CRS", "\\_SB.PHPR._HID", "\\_SB.PHPR._STA", "\\_SB.PHPR._CRS",
-        "\\_SB.GEC._CRS",
+        "\\_SB.GEC._CRS", "\\_SB.PWRB._HID",
     ]
     blocks = evaluate(_table(), exprs, tmp_path)
     out = dict(zip(exprs, blocks, strict=True))  # for the expressions evaluated once
@@ -200,6 +200,7 @@ def test_acpica_runs_the_eject_and_notify_methods(tmp_path: Path) -> None:
     assert struct.unpack_from("<QQ", phpr, 14) == (HOTPLUG.registers, HOTPLUG.registers + 0xF)
     gec = buffer(out["\\_SB.GEC._CRS"])
     assert struct.unpack_from("<QQ", gec, 14) == (HOTPLUG.ged, HOTPLUG.ged)
+    assert integers(out["\\_SB.PWRB._HID"]) == [0x0C0CD041]  # PNP0C0C, the power button ESCN notifies
 
 
 # ---- PciHotplug with a fake VFIO side ----------------------------------------------------------------------
