@@ -38,7 +38,7 @@ from pyvmm.devices.cmos import CmosDevice
 from pyvmm.devices.i8042 import I8042Device
 from pyvmm.devices.serial import Serial
 from pyvmm.errors import UsageError, VmError, in_context
-from pyvmm.hotplug import PciHotplug
+from pyvmm.hotplug import BootDisk, PciHotplug
 from pyvmm.hypervisor import VfioGroupRegistry
 from pyvmm.interrupts import MsiRouter
 from pyvmm.kvm.bindings import KvmCap, kvm_cpuid_entry2
@@ -136,7 +136,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     router = MsiRouter(vm, config.platform.x_max_msi_routes)  # one VM-wide GSI table, virtio and VFIO
     # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
     services += _add_console(config, memory, platform, router, vm, stack)
-    _add_disks(config, memory, platform, router, vm, stack)
+    disks = _add_disks(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
     _add_vsock(config, memory, platform, router, vm, stack)
 
@@ -149,7 +149,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
 
     hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request)
     vfio = _add_vfio_devices(config, memory, platform, router, vm, stack, host_request)
-    hotplug.adopt(vfio, config.devices)
+    hotplug.adopt(vfio, config.devices, disks)
     _closing(stack, hotplug)  # before the boot-time VFIO side: hot-plugged functions may be in its container
     _check_plan(plan, platform)
 
@@ -300,16 +300,19 @@ def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
 
 
 def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
-               stack: contextlib.ExitStack) -> None:
+               stack: contextlib.ExitStack) -> list[BootDisk]:
     """Open and lock every --disk image and plug one virtio-blk each (before VFIO, as CH orders them)."""
     if not config.disks:
-        return
+        return []
     # The virtio and VFIO stacks are imported only by VMs that use them: start-up time matters.
     from pyvmm.devices.virtio.attach import attach_disks
 
-    for disk in attach_disks(config.disks, memory=memory, platform=platform, router=router, irqfds=vm,
-                             ioeventfds=vm):
-        _closing(stack, disk)
+    attached = attach_disks(config.disks, memory=memory, platform=platform, router=router, irqfds=vm,
+                            ioeventfds=vm)
+    for transport, _address in attached:
+        _closing(stack, transport)  # also when the guest ejected it first (closing twice is harmless)
+    return [BootDisk(disk.id, transport, address)
+            for disk, (transport, address) in zip(config.disks, attached, strict=True)]
 
 
 def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,
@@ -331,7 +334,7 @@ def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPla
         return registry
 
     hotplug = PciHotplug(platform=platform, ged=ged, memory=memory, router=router, irqfds=vm,
-                         registry=kvm_vfio_device, p2p_dma=config.platform.vfio_p2p_dma,
+                         ioeventfds=vm, registry=kvm_vfio_device, p2p_dma=config.platform.vfio_p2p_dma,
                          allow_unsafe_interrupts=config.platform.allow_unsafe_interrupts,
                          on_host_request=host_request)
     mmio_bus.insert(layout.pci_hotplug_base(phys_bits), layout.PCI_HOTPLUG_SIZE, hotplug.registers)

@@ -7,6 +7,7 @@ import sys
 
 from pyvmm.config import check_paths, parse_command_line
 from pyvmm.errors import ExitStatus, PyvmmError
+from pyvmm.events import EventMonitor
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -22,15 +23,21 @@ def main(argv: list[str] | None = None) -> int:
         if config is not None:
             check_paths(config)
         _setup_logging(command_line.verbosity)
-        if command_line.api_socket is not None:
-            from pyvmm.api import serve
+        events = EventMonitor.open(command_line.event_monitor)
+        events.emit("vmm", "starting")
+        try:
+            if command_line.api_socket is not None:
+                from pyvmm.api import serve
 
-            return serve(command_line)
-        assert config is not None
-        # Imported here so that usage errors and --help never need KVM or ctypes set up.
-        from pyvmm.vmm import run_vm
+                return serve(command_line, events)
+            assert config is not None
+            # Imported here so that usage errors and --help never need KVM or ctypes set up.
+            from pyvmm.vmm import run_vm
 
-        return run_vm(config)
+            return run_vm(config, events)
+        finally:
+            events.emit("vmm", "shutdown")
+            events.close()
     except PyvmmError as exc:  # every failure a user can cause: one line, its own exit status
         print(f"pyvmm: {exc}", file=sys.stderr)
         return int(exc.exit_status)

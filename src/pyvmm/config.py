@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 
 from pyvmm import __version__, layout
 from pyvmm.errors import UsageError
+from pyvmm.events import EventMonitorConfig
 from pyvmm.options import OptionError, Options, parse_byte_size, parse_options
 
 MAX_VCPUS = 8192  # KVM's limit on x86_64 as CH enforces it; the host's KVM_CAP_MAX_VCPUS is checked later
@@ -234,6 +235,7 @@ class CommandLine:
     vm: VmConfig | None
     api_socket: ApiSocketConfig | None
     verbosity: int = 0
+    event_monitor: EventMonitorConfig | None = None
 
 
 def aperture_weights(config: VmConfig) -> list[tuple[int, int]]:
@@ -981,6 +983,9 @@ be repeated:
   path=<path> | fd=<n> | <path>
                         a new socket at <path>, or an already listening Unix
                         socket; with no VM options, pyvmm waits for vm.create""",
+    "--event-monitor": """write the VMM's and the VM's events as JSON (cloud-hypervisor's format,
+docs/api.md#event-monitor):
+  path=<path> | fd=<n>  a file (created or truncated) or an open file descriptor""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)
@@ -1038,6 +1043,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--vsock", "CONFIG"),
         ("--platform", "CONFIG"),
         ("--api-socket", "SOCKET"),
+        ("--event-monitor", "CONFIG"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
     for flag in ("--disk", "--device", "--pci-segment"):
@@ -1095,6 +1101,23 @@ def parse_api_socket(text: str) -> ApiSocketConfig:
     return ApiSocketConfig(path=Path(path))
 
 
+def parse_event_monitor(text: str) -> EventMonitorConfig:
+    """`path=P` or `fd=N`, as cloud-hypervisor takes it."""
+    label = f"--event-monitor {text}"
+    try:
+        opts = parse_options(text, {"path", "fd"})
+        if opts.has("path") == opts.has("fd"):
+            raise ConfigError(label, "give path=<file> or fd=<n> (one of them)")
+        if opts.has("fd"):
+            return EventMonitorConfig(fd=opts.integer("fd", bits=31))
+    except OptionError as e:
+        raise ConfigError(label, str(e)) from None
+    path = opts.get("path") or ""
+    if not path.strip():
+        raise ConfigError(label, "empty path: give the file to write the events to")
+    return EventMonitorConfig(path=Path(path))
+
+
 _VM_FLAGS = ("kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "console", "rng", "platform",
              "disk", "device", "pci_segment", "vsock")
 
@@ -1103,12 +1126,15 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
     """Parse and validate a pyvmm command line: with only --api-socket, no VM yet (it comes by vm.create)."""
     ns = build_arg_parser().parse_args(list(argv))
     api = parse_api_socket(ns.api_socket) if ns.api_socket is not None else None
+    events = parse_event_monitor(ns.event_monitor) if ns.event_monitor is not None else None
+    if events is not None and ns.dry_run:
+        raise ConfigError("--dry-run", "checks a command line and exits: not with --event-monitor")
     if api is not None:
         if ns.dry_run:
             raise ConfigError("--dry-run", "checks a command line and exits: not with --api-socket")
         if not any(getattr(ns, flag) for flag in _VM_FLAGS):
-            return CommandLine(None, api, ns.verbose)
-    return CommandLine(_vm_config(ns), api, ns.verbose)
+            return CommandLine(None, api, ns.verbose, events)
+    return CommandLine(_vm_config(ns), api, ns.verbose, events)
 
 
 def parse_vm_config(argv: Sequence[str]) -> VmConfig:

@@ -1,7 +1,9 @@
-"""PCI hot-plug of passed-through functions into a running VM, and their removal (docs/hotplug.md).
+"""PCI hot-plug of passed-through functions and virtio-blk disks into a running VM, and their removal
+(docs/hotplug.md).
 
 `PciHotplug` is built by the builder for every VM and exposed as `VirtualMachine.hotplug`. Another thread (the
-API server) calls `add_vfio_device` / `remove_device` while the vCPUs run:
+API server) calls `add_vfio_device` / `add_disk` / `remove_device` while the vCPUs run. It also keeps the
+VM's one id space (pyvmm.device_ids) for the disks and functions added at boot and since.
 
 - add: the same rules and order as at boot (vfio/passthrough.py: whole IOMMU groups, reset, guest RAM
   DMA-mapped when the VM's container gets its first group, BARs placed in the segment's windows by
@@ -10,7 +12,8 @@ API server) calls `add_vfio_device` / `remove_device` while the vCPUs run:
 - remove: the slot's PCID bit and the GED interrupt; the device keeps working until the guest ejects the
   slot by writing B0EJ. That write is handled on the vCPU thread that made it (`_eject`): the device leaves
   the platform, its memslots, routes and fds are gone, and a managed=on group is given back to its host
-  drivers (on a thread of its own: the guest need not wait for the host's driver probes).
+  drivers (on a thread of its own: the guest need not wait for the host's driver probes). A disk leaves the
+  platform and its transport closes (worker thread, ioeventfds, irqfds, image file).
 """
 
 from __future__ import annotations
@@ -23,20 +26,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pyvmm import pci_sysfs
+from pyvmm.device_ids import DISK_PREFIX, VFIO_PREFIX, DeviceIdError, DeviceIds, boot_ids
 from pyvmm.devices.acpi_hotplug import AcpiGed, AcpiNotification, PciHotplugController
 from pyvmm.errors import UsageError
-from pyvmm.hypervisor import Irqfds, VfioGroupRegistry
+from pyvmm.hypervisor import Ioeventfds, Irqfds, VfioGroupRegistry
 from pyvmm.interrupts import MsiRouter
 from pyvmm.irq_remapping import check_interrupt_isolation
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
 
 if TYPE_CHECKING:
+    from pyvmm.config import DiskConfig
+    from pyvmm.devices.virtio.pci import VirtioPciDevice
     from pyvmm.vfio.passthrough import DeviceLike, VfioPassthrough
 
 log = logging.getLogger(__name__)
 
-VFIO_ID_PREFIX = "_vfio"  # ids given to devices that come without one, as cloud-hypervisor names them
+VFIO_ID_PREFIX = VFIO_PREFIX  # ids given to devices that come without one, as cloud-hypervisor names them
 
 
 class HotplugError(UsageError):
@@ -56,10 +62,21 @@ class _Batch:
 @dataclass
 class _Plugged:
     id: str
-    function: str  # the host function, 0000:01:00.0
+    function: str  # the host function, 0000:01:00.0 (a disk: what the log calls it)
     address: PciAddress
-    batch: _Batch | None  # None: a boot-time --device (its managed binding is vmm.run_vm's)
+    batch: _Batch | None  # None: a boot-time --device (its managed binding is vmm.run_vm's), or a disk
     removing: bool = False
+    disk: VirtioPciDevice | None = None  # a virtio-blk disk's transport (it owns the image)
+    boot: bool = False  # added by the builder (which closes a boot disk's transport with the VM)
+
+
+@dataclass(frozen=True)
+class BootDisk:
+    """A --disk the builder plugged: its `id=` (None: it gets a generated one), transport and address."""
+
+    id: str | None
+    transport: VirtioPciDevice
+    address: PciAddress
 
 
 class PciHotplug:
@@ -81,16 +98,18 @@ class PciHotplug:
         router: MsiRouter,
         irqfds: Irqfds,
         registry: Callable[[], VfioGroupRegistry],
+        ioeventfds: Ioeventfds | None = None,
         p2p_dma: bool = True,
         allow_unsafe_interrupts: bool = False,
         on_host_request: Callable[[str, str], None] | None = None,
     ) -> None:
         self.platform = platform
         self.registers = PciHotplugController(len(platform.segments), self._eject)
-        self._ged = ged
+        self.ged = ged  # also the power button's (VirtualMachine.power_button)
         self._memory = memory
         self._router = router
         self._irqfds = irqfds
+        self._ioeventfds = ioeventfds
         self._registry_factory = registry
         self._p2p_dma = p2p_dma
         self._allow_unsafe_interrupts = allow_unsafe_interrupts
@@ -100,21 +119,27 @@ class PciHotplug:
         self._vfio: VfioPassthrough | None = None
         self._owns_vfio = False
         self._devices: dict[str, _Plugged] = {}
-        self._next_index = 0
+        self._ids = DeviceIds()
         self._asked_back: set[str] = set()
         self._give_backs: list[threading.Thread] = []
 
     # ---- boot-time devices -------------------------------------------------------------------------------
 
-    def adopt(self, vfio: VfioPassthrough | None, devices: Sequence[DeviceLike]) -> None:
-        """The builder's VFIO side (None without --device): hot-plugged functions join its container, and
-        its devices can be removed like hot-plugged ones. `devices` are the --device configs in order."""
+    def adopt(self, vfio: VfioPassthrough | None, devices: Sequence[DeviceLike],
+              disks: Sequence[BootDisk] = ()) -> None:
+        """The builder's devices: its --disks and its VFIO side (None without --device), whose `devices`
+        are the --device configs in order. They get their ids (one space with what is hot-plugged later:
+        pyvmm.device_ids) and can be removed like hot-plugged ones; hot-plugged functions join the VFIO
+        side's container."""
+        self._ids, names = boot_ids([d.id for d in disks], [c.id for c in devices])
+        for disk, ident in zip(disks, names, strict=False):
+            self._devices[ident] = _Plugged(ident, disk.transport.name, disk.address, None,
+                                            disk=disk.transport, boot=True)
         if vfio is None:
             return
         self._vfio = vfio
-        for config, (model, address) in zip(devices, vfio.plugged(), strict=True):
-            ident = config.id or self._new_id()
-            self._devices[ident] = _Plugged(ident, model.device.name, address, None)
+        for ident, (model, address) in zip(names[len(disks):], vfio.plugged(), strict=True):
+            self._devices[ident] = _Plugged(ident, model.device.name, address, None, boot=True)
 
     def host_asked_back(self, name: str) -> None:
         """The host asked for `name` back (the VM stops): a managed give-back must wait for its removal."""
@@ -139,7 +164,7 @@ class PciHotplug:
         if not configs:
             raise HotplugError("add-device: no device given")
         with self._lock:
-            next_index = self._next_index  # a refused request does not use up an id
+            mark = self._ids.mark()  # a refused request does not use up an id
             try:
                 ids = self._check_request(configs)
                 check_interrupt_isolation(self._allow_unsafe_interrupts)
@@ -154,22 +179,18 @@ class PciHotplug:
                         give_back(changed, self._asked_back)
                     raise
             except BaseException:
-                self._next_index = next_index
+                self._ids.rollback(mark)
                 raise
             batch = _Batch(changed, set(ids))
             for ident, (function, address) in zip(ids, plugged, strict=True):
                 self._devices[ident] = _Plugged(ident, function, address, batch)
                 self.registers.device_added(address.segment, address.slot)
                 log.info("%s: host %s hot-plugged at %s", ident, function, address)
-        self._ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
+        self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
         return [address for _function, address in plugged]
 
     def _new_id(self) -> str:
-        while True:
-            ident = f"{VFIO_ID_PREFIX}{self._next_index}"
-            self._next_index += 1
-            if ident not in self._devices:
-                return ident
+        return self._ids.new(VFIO_PREFIX)
 
     @staticmethod
     def _function_name(config: DeviceLike) -> str:
@@ -196,14 +217,14 @@ class PciHotplug:
                 raise HotplugError(f"{label}: {name} is already passed through to this guest")
             names.add(name)
             if config.id is not None:
-                if config.id.startswith("__"):
-                    raise HotplugError(f"{label}: id {config.id} is reserved (ids may not start with __)")
-                if config.id in self._devices or config.id in ids:
-                    raise HotplugError(f"{label}: id {config.id} is already in use")
+                try:
+                    self._ids.check(config.id, ids)
+                except DeviceIdError as exc:
+                    raise HotplugError(f"{label}: {exc}") from None
                 ids.append(config.id)
             else:
                 ids.append("")
-        return [ident or self._new_id() for ident in ids]
+        return [self._ids.take(ident) if ident else self._new_id() for ident in ids]
 
     def _passthrough(self) -> VfioPassthrough:
         if self._vfio is None:
@@ -257,6 +278,52 @@ class PciHotplug:
             raise
         return plugged
 
+    def add_disk(self, config: DiskConfig) -> tuple[str, PciAddress]:
+        """Plug a virtio-blk disk over the image `config` names (opened and locked as for --disk) into the
+        running guest; its id and address. Raises a PyvmmError (one line) and changes nothing when it
+        cannot."""
+        from pyvmm.devices.virtio.attach import open_disk
+
+        label = f"add-disk path={config.path}"
+        with self._lock:
+            if not 0 <= config.pci_segment < len(self.platform.segments):
+                raise HotplugError(f"{label}: PCI segment {config.pci_segment} does not exist (this VM has "
+                                   f"{len(self.platform.segments)}: --platform num_pci_segments=N)")
+            mark = self._ids.mark()
+            try:
+                try:
+                    ident = self._ids.assign(DISK_PREFIX, config.id)
+                except DeviceIdError as exc:
+                    raise HotplugError(f"{label}: {exc}") from None
+                transport = open_disk(config, name=f"virtio-blk-{ident}", memory=self._memory,
+                                      router=self._router, irqfds=self._irqfds, ioeventfds=self._ioeventfds,
+                                      hotplug=True)
+                try:
+                    address = self.platform.attach(transport, config.pci_segment, config.pci_device_id)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        transport.close()
+                    raise
+            except BaseException:
+                self._ids.rollback(mark)
+                raise
+            self._devices[ident] = _Plugged(ident, str(config.path), address, None, disk=transport)
+            self.registers.device_added(address.segment, address.slot)
+            log.info("%s: disk %s hot-plugged at %s", ident, config.path, address)
+        self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
+        return ident, address
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Each disk's I/O counters by id (vm.counters): the devices that keep any."""
+        with self._lock:
+            disks = [(p.id, p.disk) for p in self._devices.values() if p.disk is not None]
+        out = {}
+        for ident, transport in sorted(disks, key=lambda item: item[0]):
+            counters = getattr(transport.device, "counters", None)
+            if counters is not None:
+                out[ident] = counters()
+        return out
+
     # ---- remove ------------------------------------------------------------------------------------------
 
     def remove_device(self, ident: str) -> PciAddress:
@@ -270,7 +337,7 @@ class PciHotplug:
             plugged.removing = True
             address = plugged.address
             self.registers.eject_requested(address.segment, address.slot)
-        self._ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
+        self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
         return address
 
     def _eject(self, segment: int, slot: int) -> None:
@@ -278,12 +345,18 @@ class PciHotplug:
         address = PciAddress(segment, slot)
         with self._lock:
             plugged = next((p for p in self._devices.values() if p.address == address), None)
-            if plugged is None or self._vfio is None:
+            if plugged is None or (plugged.disk is None and self._vfio is None):
                 # guest-controlled (any slot, any number of times): not worth more than a debug line
                 log.debug("the guest ejected PCI slot %s: nothing removable there, ignored", address)
                 return
-            self._vfio.release(plugged.function)
+            if plugged.disk is not None:
+                self.platform.detach(address)
+                plugged.disk.close()  # worker thread, ioeventfds, irqfds and routes, the image file
+            else:
+                assert self._vfio is not None
+                self._vfio.release(plugged.function)
             del self._devices[plugged.id]
+            self._ids.release(plugged.id)
             give = []
             if plugged.batch is not None:
                 plugged.batch.ids.discard(plugged.id)
@@ -311,6 +384,11 @@ class PciHotplug:
         with self._lock:
             batches: list[_Batch] = []
             for plugged in list(self._devices.values()):
+                if plugged.disk is not None and not plugged.boot:
+                    with contextlib.suppress(Exception):
+                        plugged.disk.close()
+                    del self._devices[plugged.id]
+                    continue
                 if plugged.batch is None:
                     continue
                 if self._vfio is not None:

@@ -20,7 +20,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
 
 if TYPE_CHECKING:
-    from pyvmm.config import DeviceConfig
+    from pyvmm.config import DeviceConfig, DiskConfig
     from pyvmm.hotplug import PciHotplug
 
 log = logging.getLogger("pyvmm")
@@ -170,6 +170,21 @@ class VirtualMachine:
         address = self.hotplug.add_vfio_device(device)
         ident = next(i for i, a in self.hotplug.devices().items() if a == address)
         return {"id": ident, "bdf": str(address)}
+
+    def add_disk(self, disk: DiskConfig) -> dict[str, str]:
+        """vm.add-disk: plug a virtio-blk disk into the running guest; CH's answer, {"id", "bdf"}."""
+        ident, address = self.hotplug.add_disk(disk)
+        return {"id": ident, "bdf": str(address)}
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """vm.counters: each device's counters by id (the virtio-blk disks: docs/api.md#endpoints)."""
+        return self.hotplug.counters()
+
+    def power_button(self) -> None:
+        """vm.power-button: the ACPI power button's event through the GED (the guest's button driver)."""
+        from pyvmm.devices.acpi_hotplug import AcpiNotification
+
+        self.hotplug.ged.notify(AcpiNotification.POWER_BUTTON_CHANGED)
 
     def remove_device(self, ident: str) -> None:
         """vm.remove-device: ask the guest to eject the device; it is released when the guest does."""

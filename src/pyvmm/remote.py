@@ -54,6 +54,18 @@ def _add_device_body(args: argparse.Namespace) -> bytes:
     return json.dumps(device_json(device)).encode()
 
 
+def _add_disk_body(args: argparse.Namespace) -> bytes:
+    from pyvmm.api.vmconfig import disk_json
+    from pyvmm.config import parse_disk
+    from pyvmm.options import OptionError
+
+    try:
+        disk = parse_disk(args.config)
+    except OptionError as exc:
+        raise _Usage(f"add-disk {args.config}: {exc}") from None
+    return json.dumps(disk_json(disk)).encode()
+
+
 def _remove_device_body(args: argparse.Namespace) -> bytes:
     return json.dumps({"id": args.id}).encode()
 
@@ -65,6 +77,7 @@ class _Usage(Exception):
 _WITH_BODY: dict[str, tuple[str, Callable[[argparse.Namespace], bytes]]] = {
     "create": ("vm.create", _create_body),
     "add-device": ("vm.add-device", _add_device_body),
+    "add-disk": ("vm.add-disk", _add_disk_body),
     "remove-device": ("vm.remove-device", _remove_device_body),
 }
 
@@ -81,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("add-device", help="vm.add-device path=<sysfs dir>[,...] (--device syntax)").add_argument(
         "config"
     )
+    sub.add_parser("add-disk", help="vm.add-disk path=<image>[,...] (--disk syntax)").add_argument("config")
     sub.add_parser("remove-device", help="vm.remove-device <id>").add_argument("id")
     return parser
 

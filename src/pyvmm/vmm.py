@@ -14,8 +14,10 @@ from pyvmm.boot import KernelImageError, check_kernel
 from pyvmm.builder import build_vm
 from pyvmm.config import VmConfig
 from pyvmm.errors import UsageError, VmError, in_context
+from pyvmm.events import EventMonitor
 from pyvmm.irq_remapping import UNSAFE_INTERRUPTS_OPT_IN, check_interrupt_isolation
-from pyvmm.machine import ExitKind, VmExit
+from pyvmm.machine import ExitKind, VirtualMachine, VmExit
+from pyvmm.pci.platform import PciAddress
 from pyvmm.vmplan import dry_run_report
 
 __all__ = ["UNSAFE_INTERRUPTS_OPT_IN", "check_interrupt_isolation", "run_vm"]
@@ -26,18 +28,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyvmm")
 
 
-def run_vm(config: VmConfig) -> int:
+def run_vm(config: VmConfig, events: EventMonitor | None = None) -> int:
+    events = events or EventMonitor(None)
     check_kernel_file(config)
     if config.dry_run:
         return _dry_run(config)
     with managed_devices(config) as managed:
+        events.emit("vm", "booting")
         machine = build_vm(config, on_host_request=managed.host_asked_back)
+        watch_removals(machine, events)
         try:
+            events.emit("vm", "booted")  # the vCPUs start next, as the API's vm.boot answers once they run
             result = machine.run()
         finally:
             managed.hold_signals()  # tearing down must not be interrupted: the give-back needs the fds closed
             machine.close()
+            events.emit("vm", "shutdown")
     return exit_status(result)
+
+
+def watch_removals(machine: VirtualMachine, events: EventMonitor) -> None:
+    """`vm/device-removed {id, bdf}` each time the guest has ejected a device and it is released."""
+
+    def removed(ident: str, address: PciAddress) -> None:
+        events.emit("vm", "device-removed", {"id": ident, "bdf": str(address)})
+
+    machine.hotplug.on_removed = removed
 
 
 def check_kernel_file(config: VmConfig) -> None:

@@ -34,11 +34,28 @@ def test_kata_start_stop_errors_and_remote(lab) -> None:
 # ch-remote syntax: the SD reader (alone behind a root port: resettable) plugged into a guest booted with no
 # --device, hashed by the guest, ejected, given back to the lab's sdhci-pci; a display offered without the
 # audio function of its IOMMU group is refused with a 4xx and the VM goes on.
+# Then in the same guest (issue 18, the rest): a virtio-blk disk through vm.add-disk (hashed and written by
+# the guest, its counters read before and after), removed (the guest ejects it: the event on
+# --event-monitor, the image closed, its worker thread gone), and the ACPI power button: the guest's own
+# button driver (button.ko and evdev.ko, appended to the initramfs) reports KEY_POWER on its input device.
 HOTPLUG_GUEST = (
     "modprobe sdhci-pci; modprobe mmc_block; echo HP-REA''DY; "
     "i=0; while [ ! -b /dev/mmcblk0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
     "echo GUEST-SHA $(sha256sum /dev/mmcblk0 | cut -d' ' -f1); echo HP-REMO''VE; "
     "i=0; while [ -b /dev/mmcblk0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo GUEST-GO''NE; "
+    "modprobe virtio_blk; echo DISK-REA''DY; "
+    "i=0; while [ ! -b /dev/vda ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
+    "echo DISK-SHA $(sha256sum /dev/vda | cut -d' ' -f1); "
+    "echo pyvmm-hotplugged | dd of=/dev/vda conv=fsync 2>/dev/null; sync; echo DISK-WRO''TE; "
+    "insmod /pyvmm-extra/button.ko; insmod /pyvmm-extra/evdev.ko; "
+    "for e in /sys/class/input/event*; do grep -q 'Power Button' $e/device/name && ev=${e##*/}; done; "
+    "dd if=/dev/input/$ev of=/tmp/ev bs=24 count=1 2>/dev/null & "
+    "sleep 0.5; echo PB-REA''DY $ev; "
+    "i=0; while [ ! -s /tmp/ev ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
+    "echo PB-EVENT $(od -An -tx1 -j16 -N8 /tmp/ev); "
+    # the button is also the host's go for a second read of the whole disk (from the disk, not the cache)
+    "echo 3 > /proc/sys/vm/drop_caches; echo DISK-SHA2 $(sha256sum /dev/vda | cut -d' ' -f1); "
+    "i=0; while [ -b /dev/vda ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; echo DISK-GO''NE; "
     "sleep 600"  # until vmm.shutdown
 )
 
@@ -49,10 +66,13 @@ waitfor() {
   i=0; while ! grep -q "$1" $TMPDIR/guest.log 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.2; i=$((i+1)); done
 }
 R="pyvmm-remote --api-socket $TMPDIR/api.sock"
+sum() { python3 tests/lab/helpers/api_summary.py "$@"; }
 sec before; echo "$(drv $SD) $(drv $DISP)"
 sec run
-pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --cpus boot=1 --memory size=256M \
+python3 tests/lab/helpers/guest_extra_initramfs.py $TMPDIR/initrd || echo no-initrd
+pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $TMPDIR/initrd --cpus boot=1 --memory size=256M \
   --console off --serial file=$TMPDIR/guest.log --api-socket path=$TMPDIR/api.sock \
+  --event-monitor path=$TMPDIR/events.json \
   --cmdline "console=ttyS0 quiet panic=-1 pyvmm.cmd=\"$GUEST\"" > $TMPDIR/vmm.log 2>&1 &
 pid=$!
 waitfor HP-READY
@@ -63,12 +83,7 @@ echo "disp-after: $(drv $DISP)"
 $R add-device path=/sys/bus/pci/devices/$SD/,managed=on > $TMPDIR/added.json; echo "add-rc=$?"
 cat $TMPDIR/added.json; echo
 echo "host-during: $(drv $SD)"
-cat > $TMPDIR/tree.py <<'EOF'
-import json, sys
-tree = json.load(sys.stdin)["device_tree"]  # vm.info's: id=bdf of every PCI device
-print(" ".join(f"{name}={node['pci_bdf']}" for name, node in sorted(tree.items())))
-EOF
-tree() { $R info | python3 $TMPDIR/tree.py; }
+tree() { $R info | sum tree; }
 echo "tree-plugged: $(tree)"
 waitfor GUEST-SHA
 grep ^GUEST-SHA $TMPDIR/guest.log
@@ -80,9 +95,39 @@ grep ^GUEST-GONE $TMPDIR/guest.log
 i=0; while [ "$(drv $SD)" != sdhci-pci ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
 echo "host-after: $(drv $SD)"
 echo "tree-ejected: $(tree)"
+sec disk
+dd if=/dev/urandom of=$TMPDIR/hp.img bs=1M count=4 2>/dev/null; echo "disk-want=$(sha256sum < $TMPDIR/hp.img)"
+waitfor DISK-READY
+$R add-disk path=$TMPDIR/hp.img,id=hpdisk; echo "disk-add-rc=$?"
+echo "tree-disk: $(tree)"
+waitfor DISK-WROTE
+grep ^DISK-SHA $TMPDIR/guest.log
+echo "counters-used: $($R counters | sum counters)"
+echo "disk-head=$(head -c 16 $TMPDIR/hp.img)"
+sec button
+waitfor PB-READY
+echo "counters-idle: $($R counters | sum counters)"
+$R power-button; echo "button-rc=$?"
+waitfor PB-EVENT
+grep -e ^PB-READY -e ^PB-EVENT $TMPDIR/guest.log
+waitfor DISK-SHA2
+grep ^DISK-SHA2 $TMPDIR/guest.log
+echo "disk-now=$(sha256sum < $TMPDIR/hp.img)"
+echo "counters-reread: $($R counters | sum counters)"
+sec remove
+workers() { cat /proc/$pid/task/*/comm | grep -c virtio-blk-hpd; }
+echo "open-before=$(ls -l /proc/$pid/fd | grep -c hp.img) workers-before=$(workers)"
+$R remove-device hpdisk; echo "disk-remove-rc=$?"
+waitfor DISK-GONE
+i=0; while ! grep -q '"id": "hpdisk"' $TMPDIR/events.json && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+echo "open-after=$(ls -l /proc/$pid/fd | grep -c hp.img) workers-after=$(workers)"
+echo "counters-removed: $($R counters)"
+echo "tree-disk-ejected: $(tree)"
+sec stop
 $R shutdown-vmm; echo "shutdown-rc=$?"
 wait $pid; echo "vmm-rc=$?"
 grep -e Traceback -e 'pyvmm: ' $TMPDIR/vmm.log
+echo "events: $(sum events < $TMPDIR/events.json)"
 sec host
 echo "card=$(sha_of /dev/mmcblk0)"; echo "want=$PYVMM_LAB_SD_SHA256"; ls /run/pyvmm
 sec end
@@ -91,6 +136,13 @@ sec end
     DISP="0000:00:04.0",
     GUEST="'" + HOTPLUG_GUEST.replace("'", "'\\''") + "'",
 )
+
+
+def _values(section: str, name: str) -> dict[str, int]:
+    """`name: key=value ...` of a section, as ints."""
+    line = re.search(rf"^{name}: (.*)$", section, re.MULTILINE)
+    assert line, section
+    return {key: int(value) for key, value in (item.split("=") for item in line.group(1).split())}
 
 
 def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
@@ -112,5 +164,40 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert plugged and f"{added.group(1)}={added.group(2)}" in plugged.group(1).split(), run
     assert ejected and "__rng=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
     assert "remove-rc=0" in run and "GUEST-GONE" in run and "host-after: sdhci-pci" in run, run
-    assert "shutdown-rc=0" in run and "vmm-rc=0" in run and "Traceback" not in run, run
     assert f"card={want.group(1)}" in out["host"] and "host-journal.json" not in out["host"], out["host"]
+    # vm.add-disk: the guest reads the image the host wrote and writes to it; one id space (hpdisk given)
+    disk = out["disk"]
+    assert "disk-add-rc=0" in disk and re.search(r'^\{"id": ?"hpdisk", ?"bdf": ?"0000:00:[0-9a-f]{2}\.0"\}$',
+                                                   disk, re.MULTILINE), disk
+    disk_want = re.search(r"^disk-want=(\w{64})", disk, re.MULTILINE)
+    assert disk_want and f"DISK-SHA {disk_want.group(1)}" in disk, disk
+    assert "disk-head=pyvmm-hotplugged" in disk, disk
+    assert re.search(r"^tree-disk: .*hpdisk=0000:00:", disk, re.MULTILINE), disk
+    # vm.counters: the guest's reads (the whole 4 MiB image at least) and its write, counted
+    used = _values(disk, "counters-used")
+    assert used["hpdisk.read_bytes"] >= 4 << 20 and used["hpdisk.read_ops"] > 0, disk
+    assert used["hpdisk.write_bytes"] >= 512 and used["hpdisk.write_ops"] >= 1, disk
+    # vm.power-button: the guest's ACPI button driver reports KEY_POWER (EV_KEY 1, code 116, pressed); the
+    # guest waited for it to read the disk again: the counters grow by the whole disk
+    button = out["button"]
+    assert "button-rc=0" in button and re.search(r"^PB-READY event\d+$", button, re.MULTILINE), button
+    assert "PB-EVENT 01 00 74 00 01 00 00 00" in button, button
+    now = re.search(r"^disk-now=(\w{64})", button, re.MULTILINE)  # the image with the guest's write
+    assert now and now.group(1) != disk_want.group(1) and f"DISK-SHA2 {now.group(1)}" in button, button
+    idle, reread = _values(button, "counters-idle"), _values(button, "counters-reread")
+    assert reread["hpdisk.read_bytes"] >= idle["hpdisk.read_bytes"] + (4 << 20), button
+    assert reread["hpdisk.read_ops"] > idle["hpdisk.read_ops"], button
+    # vm.remove-device: the guest ejects it; the image file is closed and the worker thread gone
+    remove = out["remove"]
+    assert "disk-remove-rc=0" in remove, remove
+    assert "open-before=1 workers-before=1" in remove and "open-after=0 workers-after=0" in remove, remove
+    assert "counters-removed: {}" in remove, remove
+    ejected = re.search(r"^tree-disk-ejected: (.*)$", remove, re.MULTILINE)
+    assert ejected and "hpdisk" not in ejected.group(1) and "__rng=" in ejected.group(1), remove
+    stop = out["stop"]
+    assert "shutdown-rc=0" in stop and "vmm-rc=0" in stop and "Traceback" not in stop, stop
+    # --event-monitor: the whole life, both removals (the SD reader's id was generated: _vfio0)
+    events = re.search(r"^events: (.*)$", stop, re.MULTILINE)
+    assert events and events.group(1).split() == [
+        "vmm/starting", "vm/booting", "vm/booted", f"vm/device-removed:{added.group(1)}",
+        "vm/device-removed:hpdisk", "vm/shutdown", "vm/deleted", "vmm/shutdown"], stop

@@ -81,7 +81,13 @@ def test_kata_sequence_up_to_boot(api) -> None:
         ("PUT", "vm.shutdown", None, 500, None),
         ("PUT", "vm.pause", None, 500, None),
         ("PUT", "vm.resume", None, 500, None),
-        ("PUT", "vm.power-button", None, 404, ["Not Found"]),
+        ("PUT", "vm.power-button", None, 500, ["Error from API", "Error triggering power button",
+                                               "VM is not running"]),
+        ("PUT", "vm.power-button", b"{}", 400, b""),
+        ("GET", "vm.counters", None, 500, None),
+        ("PUT", "vm.add-disk", b'{"path": "/x", "num_queues": 0}', 400, None),
+        ("PUT", "vm.add-disk", b'{"path": "/x"}', 500, None),  # no VM created
+        ("PUT", "vm.nmi", None, 404, ["Not Found"]),
         ("GET", "vm.nosuch", None, 404, ["Not Found"]),
         ("PUT", "vm.snapshot", b"{}", 404, ["Not Found"]),
         ("GET", "vmm.ping/x", None, 404, ["Not Found"]),
@@ -211,6 +217,16 @@ def test_pyvmm_remote_speaks_to_the_server(api, tmp_path: Path, capsys: pytest.C
     assert "500" in capsys.readouterr().err
     assert remote.main(["--api-socket", path, "add-device", "path=/x,bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert remote.main(["--api-socket", path, "add-disk", "path=/x,num_queues=0"]) == 2
+    assert "add-disk path=/x,num_queues=0" in capsys.readouterr().err
+    # before boot, as in CH: the disk joins the stored config (204, nothing printed)
+    assert remote.main(["--api-socket", path, "add-disk", "path=/x.img,id=data"]) == 0
+    assert remote.main(["--api-socket", path, "info"]) == 0
+    assert [d["id"] for d in json.loads(capsys.readouterr().out)["config"]["disks"]] == ["data"]
+    assert remote.main(["--api-socket", path, "add-disk", "path=/y.img,id=data"]) == 1  # checked as a whole
+    assert "400" in capsys.readouterr().err
+    assert remote.main(["--api-socket", path, "counters"]) == 1  # not running: 500
+    assert "VM is not running" in capsys.readouterr().err
     assert remote.main(["--api-socket", str(tmp_path / "none.sock"), "ping"]) == 1
 
 

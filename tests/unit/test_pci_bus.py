@@ -370,3 +370,63 @@ def test_segment_windows_are_the_allocators() -> None:
     assert isinstance(seg.mmio64, AddressAllocator)
     assert seg.ecam_base == 0xE800_0000
     assert Window(seg.mmio64.start, seg.mmio64.end) == seg.windows.mmio64
+
+
+# ---- one lock: hot-plug against a guest's BAR move ---------------------------------------------------------
+
+
+def test_a_hot_plug_waits_for_a_guest_bar_move_in_progress() -> None:
+    """The move frees the BAR's old range before it takes the new one, and takes it back when the move is
+    refused: a device plugged from another thread meanwhile could take that range and the BAR would roll back
+    onto it. PciPlatform's one lock makes the plug wait."""
+    import threading
+
+    from pyvmm.devices.bus import IoBus
+    from pyvmm.pci.platform import PciPlatform
+
+    windows = segment_windows([1], [1], mmio64_aperture(2 * GiB))
+    platform = PciPlatform(windows, pio_bus=IoBus("pio", 1 << 16), mmio_bus=IoBus("mmio"), page_size=PAGE)
+    seg = platform.segments[0]
+    dev = Dev(bars=((0, BarKind.MEM32, MiB),))
+    address = platform.attach(dev)
+    old = seg.placements(address.slot)[0].address
+    in_move, release = threading.Event(), threading.Event()
+    bus_move = platform._move_bar
+
+    def held_move(device: PciDevice, move: BarMove) -> bool:
+        in_move.set()  # the old range is free in the allocator now
+        assert release.wait(5)
+        return bus_move(device, move)
+
+    seg.on_bar_move = held_move
+    ecam = PciConfigMmio(seg)
+    ecam.write(ecam_offset(address.slot, register=Reg.COMMAND), 2, int(Command.MEMORY_SPACE))
+    bar0 = ecam_offset(address.slot, register=0x10)
+    guest = threading.Thread(target=ecam.write, args=(bar0, 4, 0xD000_0000))
+    guest.start()
+    assert in_move.wait(5)
+    plugged: list[int] = []
+    other = Dev("hot", bars=((0, BarKind.MEM32, MiB),))
+    api = threading.Thread(target=lambda: plugged.append(platform.attach(other).slot))
+    api.start()
+    api.join(0.3)
+    assert api.is_alive() and plugged == []  # waits for the move to finish
+    release.set()
+    guest.join(5)
+    api.join(5)
+    assert seg.placements(address.slot)[0].address == 0xD000_0000
+    assert seg.placements(plugged[0])[0].address == old  # free once the move is done
+
+
+def test_a_bar_move_of_a_device_unplugged_meanwhile_is_refused() -> None:
+    seg, ecam, dev, slot, calls = setup_move()
+    write = dev.config_write
+
+    def write_then_ejected(offset: int, size: int, value: int) -> list[BarMove]:
+        moves = write(offset, size, value)
+        seg.remove_device(slot)  # as an eject on another vCPU between the write and the move
+        return moves
+
+    dev.config_write = write_then_ejected  # type: ignore[method-assign]
+    ecam.write(ecam_offset(slot, register=0x10), 4, 0xD000_0000)
+    assert calls == [] and seg.mmio32.size_of(0xD000_0000) is None

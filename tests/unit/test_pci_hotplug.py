@@ -26,6 +26,7 @@ from pyvmm.devices.acpi_hotplug import (
     PciHotplugRegister,
 )
 from pyvmm.hotplug import HotplugError, PciHotplug
+from pyvmm.pci.bar import BarKind
 from pyvmm.pci.platform import PciAddress
 
 PCIU, PCID, B0EJ, PSEG = (int(r) for r in PciHotplugRegister)
@@ -184,7 +185,7 @@ def test_acpica_runs_the_eject_and_notify_methods(tmp_path: Path) -> None:
         "\\_SB.PC01.PCNT", "\\_SB.PHPR.PSEG",  # PCNT selects its own segment
         "\\_SB.GED._EVT 13",  # reads GDAT; the simulated region holds 0: nothing to scan
         "\\_SB.GED._HID", "\\_SB.GED._CRS", "\\_SB.PHPR._HID", "\\_SB.PHPR._STA", "\\_SB.PHPR._CRS",
-        "\\_SB.GEC._CRS",
+        "\\_SB.GEC._CRS", "\\_SB.PWRB._HID",
     ]
     blocks = evaluate(_table(), exprs, tmp_path)
     out = dict(zip(exprs, blocks, strict=True))  # for the expressions evaluated once
@@ -199,6 +200,7 @@ def test_acpica_runs_the_eject_and_notify_methods(tmp_path: Path) -> None:
     assert struct.unpack_from("<QQ", phpr, 14) == (HOTPLUG.registers, HOTPLUG.registers + 0xF)
     gec = buffer(out["\\_SB.GEC._CRS"])
     assert struct.unpack_from("<QQ", gec, 14) == (HOTPLUG.ged, HOTPLUG.ged)
+    assert integers(out["\\_SB.PWRB._HID"]) == [0x0C0CD041]  # PNP0C0C, the power button ESCN notifies
 
 
 # ---- PciHotplug with a fake VFIO side ----------------------------------------------------------------------
@@ -301,3 +303,54 @@ def test_a_request_that_fails_later_uses_up_no_id_and_plugs_nothing(monkeypatch:
         hotplug.add_vfio_device(other)  # type: ignore[arg-type]
     with pytest.raises(HotplugError, match="id gpu is already in use"):
         hotplug.add_vfio_device(SimpleNamespace(**{**vars(config), "id": "gpu"}))  # type: ignore[arg-type]
+
+
+# ---- virtio-blk disks: added, counted, ejected (a real platform and transport, a fake KVM VM) ------------
+
+
+def test_a_hot_plugged_disk_takes_the_next_id_and_the_eject_releases_it(tmp_path: Path) -> None:
+    from test_virtio_blk import FakeKvmVm, make_image
+
+    from pyvmm.config import DiskConfig
+    from pyvmm.devices.bus import IoBus
+    from pyvmm.interrupts import MsiRouter
+    from pyvmm.memory import GuestMemory
+    from pyvmm.pci.apertures import mmio64_aperture, segment_windows
+    from pyvmm.pci.platform import PciPlatform
+
+    windows = segment_windows([1], [1], mmio64_aperture(1 << 30))
+    platform = PciPlatform(windows, pio_bus=IoBus("pio", 1 << 16), mmio_bus=IoBus("mmio"))
+    vm = FakeKvmVm()
+    line = Line()
+    fake: Any = None
+    hotplug = PciHotplug(platform=platform, ged=AcpiGed(line), memory=GuestMemory([(0, 1 << 20)]),
+                         router=MsiRouter(vm), irqfds=vm, ioeventfds=vm, registry=lambda: fake)
+    hotplug.adopt(FakeVfio([("0000:01:00.0", PciAddress(0, 9))]), [SimpleNamespace(id=None)])
+    removed: list[tuple[str, PciAddress]] = []
+    hotplug.on_removed = lambda ident, address: removed.append((ident, address))
+    image = make_image(tmp_path)
+    with pytest.raises(HotplugError, match="id _vfio0 is already in use"):
+        hotplug.add_disk(DiskConfig(path=image, id="_vfio0"))
+    ident, address = hotplug.add_disk(DiskConfig(path=image))
+    assert ident == "_disk1" and address == PciAddress(0, 1)  # one counter: _vfio0 went to the boot device
+    assert line.levels == [True, False] and hotplug.registers.read(PCIU, 4) == 1 << 1
+    transport: Any = platform.device(address)
+    assert transport.name == "virtio-blk-_disk1" and [p.kind for p in platform.placements(address)] == [
+        BarKind.MEM64]  # hot-plugged: a 64-bit BAR (docs/pci.md#virtio-blk-bars)
+    assert hotplug.counters() == {
+        "_disk1": {"read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0}}
+    with pytest.raises(Exception, match="in use"):  # the image is locked while the guest has it
+        hotplug.add_disk(DiskConfig(path=image, id="again"))
+    assert sorted(hotplug.devices()) == ["_disk1", "_vfio0"]
+    assert len(vm.ioeventfds) == 1  # the queue's notify address
+    hotplug.remove_device("_disk1")
+    assert platform.device(address) is transport  # until the guest ejects it
+    hotplug.registers.write(B0EJ, 4, 1 << 1)
+    assert removed == [("_disk1", address)] and platform.device(address) is None
+    assert transport.device.image.fd == -1 and transport.queue_eventfds == [] and vm.ioeventfds == {}
+    assert sorted(hotplug.devices()) == ["_vfio0"] and hotplug.counters() == {}
+    ident, _address = hotplug.add_disk(DiskConfig(path=image))  # the image was given back
+    assert ident == "_disk2"
+    second: Any = platform.device(_address)
+    hotplug.close()
+    assert second.device.image.fd == -1  # a hot-plugged disk closes with the VM

@@ -455,10 +455,13 @@ def test_attach_disks_places_bars_and_binds_notifications(tmp_path: Path) -> Non
         DiskConfig(path=make_image(tmp_path, "b.img"), readonly=True, pci_segment=1, pci_device_id=5,
                    num_queues=2),
     ]
-    devs = attach_disks(disks, memory=memory, platform=platform, router=MsiRouter(vm), irqfds=vm,
-                        ioeventfds=vm)
+    attached = attach_disks(disks, memory=memory, platform=platform, router=MsiRouter(vm), irqfds=vm,
+                            ioeventfds=vm)
+    devs = [d for d, _address in attached]
     try:
         a, b = devs
+        assert [address for _d, address in attached] == [
+            PciAddress(0, segments[0].slot_of(a)), PciAddress(1, 5)]
         [pa] = platform.placements(PciAddress(0, segments[0].slot_of(a)))
         assert platform.device(PciAddress(1, 5)) is b
         [pb] = platform.placements(PciAddress(1, 5))
@@ -673,3 +676,14 @@ def test_warnings_about_guest_requests_are_rate_limited(blk: Blk, caplog: pytest
     records = [r for r in caplog.records if "size_max" in r.getMessage()]
     assert 1 <= len(records) <= 10, len(records)
     assert blk.submit(RequestType.IN, sector=0, in_len=512)[0] == BlkStatus.OK
+
+
+def test_counters_count_the_data_of_requests_that_succeeded(blk: Blk) -> None:
+    assert blk.dev.device.counters() == {"read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0}
+    assert blk.submit(RequestType.IN, sector=2, in_len=4096)[0] == BlkStatus.OK  # the fast path
+    assert blk.submit(RequestType.IN, sector=0, in_len=512, split_header=True)[0] == BlkStatus.OK  # general
+    assert blk.submit(RequestType.OUT, sector=4, out=pattern(1024, 3))[0] == BlkStatus.OK
+    assert blk.submit(RequestType.IN, sector=IMAGE_SECTORS, in_len=512)[0] == BlkStatus.IOERR  # uncounted
+    assert blk.submit(RequestType.FLUSH)[0] == BlkStatus.OK  # moves no data
+    assert blk.dev.device.counters() == {
+        "read_bytes": 4608, "write_bytes": 1024, "read_ops": 2, "write_ops": 1}

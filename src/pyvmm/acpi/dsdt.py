@@ -173,9 +173,10 @@ def hotplug_controller(hotplug: AcpiPciHotplug, segment_ids: list[int]) -> Devic
 
 def generic_event_devices(hotplug: AcpiPciHotplug) -> list[Device]:
     """GEC_ holds the event register and ESCN (read it, act on each event); GED_ (ACPI0013) calls ESCN on its
-    interrupt. Only the PCI branch exists: pyvmm hot-plugs neither CPUs nor memory, and has no power button
-    event."""
+    interrupt; PWRB is the power button (PNP0C0C) it notifies. Only the PCI and power-button branches exist:
+    pyvmm hot-plugs neither CPUs nor memory."""
     pci = int(AcpiNotification.PCI_DEVICES_CHANGED)
+    button = int(AcpiNotification.POWER_BUTTON_CHANGED)
     return [
         Device("GEC_", [
             Name("_HID", eisa_id("PNP0A06")),
@@ -190,6 +191,8 @@ def generic_event_devices(hotplug: AcpiPciHotplug) -> list[Device]:
             Method("ESCN", 0, [
                 Store(NamePath("GDAT"), Local(0)),
                 If(LEqual(And(Local(0), pci), pci), [MethodCall(f"{PHPR}.PSCN")]),
+                # 0x80: the button was pressed (ACPI 6.5, 4.8.2.2.1.1); the guest's button driver acts on it
+                If(LEqual(And(Local(0), button), button), [Notify(NamePath("\\_SB_.PWRB"), 0x80)]),
             ], serialized=True),
         ]),
         Device("GED_", [
@@ -198,6 +201,7 @@ def generic_event_devices(hotplug: AcpiPciHotplug) -> list[Device]:
             Name("_CRS", ResourceTemplate([Interrupt([hotplug.ged_irq], edge=True)])),
             Method("_EVT", 1, [MethodCall("\\_SB_.GEC_.ESCN")], serialized=True),
         ]),
+        Device("PWRB", [Name("_HID", eisa_id("PNP0C0C")), Name("_UID", 0)]),
     ]
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 
 from pyvmm.config import CommandLine
+from pyvmm.events import EventMonitor
 
 log = logging.getLogger("pyvmm.api")
 
 
-def serve(command_line: CommandLine) -> int:
+def serve(command_line: CommandLine, events: EventMonitor | None = None) -> int:
     """`pyvmm --api-socket ...`: serve the API; boot the command line's VM, if it has one, at once."""
     from pyvmm.api.server import ApiServer, open_listener
     from pyvmm.api.vmm import ApiCallError, ApiVmm, report_exit
@@ -21,7 +22,7 @@ def serve(command_line: CommandLine) -> int:
 
     api = command_line.api_socket
     assert api is not None
-    vmm = ApiVmm(command_line.verbosity)
+    vmm = ApiVmm(command_line.verbosity, events)
     listener = open_listener(api)
     server = ApiServer(listener, vmm.submit, path=api.path)
     server.start()

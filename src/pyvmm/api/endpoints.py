@@ -2,8 +2,8 @@
 cloud-hypervisor gives them (docs/api.md#endpoints). Runs on the main thread (pyvmm.api.vmm.ApiVmm.run).
 
 Endpoints pyvmm does not serve are answered as an unknown path is (404 ["Not Found"]), which is how
-cloud-hypervisor answers an endpoint its build leaves out. Hot-plug (vm.add-device, vm.remove-device)
-is the seam below: the routes exist and turn on once the running VM has `add_device`/`remove_device`.
+cloud-hypervisor answers an endpoint its build leaves out. Hot-plug (vm.add-device, vm.add-disk,
+vm.remove-device), vm.power-button and vm.counters are carried out by the running VirtualMachine.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from pyvmm.api.http import NO_CONTENT, Request, Response, Status, error_response
 from pyvmm.api.vmconfig import (
     VmConfigError,
     device_config_from_json,
+    disk_config_from_json,
     vm_config_from_json,
     vm_config_to_json,
     with_device,
 )
 from pyvmm.api.vmm import NOT_CREATED, NOT_RUNNING, ApiCallError, ApiVmm
-from pyvmm.config import ConsoleMode, VmConfig
+from pyvmm.config import ConsoleMode, DeviceConfig, DiskConfig, VmConfig
+from pyvmm.device_ids import boot_ids
 from pyvmm.errors import PyvmmError
 from pyvmm.pci.bar import BarKind
 
@@ -130,17 +132,9 @@ def _info(vmm: ApiVmm, request: Request) -> Response:
 
 def device_ids(config: VmConfig) -> tuple[str | None, str, list[str]]:
     """The names of the console (None when off), the rng, and the disks + devices: their `id=` or, as CH
-    names them, `_disk<n>` / `_vfio<n>` from one counter in creation order."""
+    names them, `_disk<n>` / `_vfio<n>` from one counter in creation order (pyvmm.device_ids)."""
     console = None if config.console.mode is ConsoleMode.OFF else (config.console.id or "__console")
-    counter = 0
-    names = []
-    for prefix, items in (("_disk", config.disks), ("_vfio", config.devices)):
-        for item in items:
-            if item.id is not None:
-                names.append(item.id)
-            else:
-                names.append(f"{prefix}{counter}")
-                counter += 1
+    _ids, names = boot_ids([d.id for d in config.disks], [d.id for d in config.devices])
     return console, "__rng", names
 
 
@@ -151,10 +145,12 @@ def device_tree(config: VmConfig, machine: Any) -> dict[str, Any]:
     """Every PCI device of the running VM by name: its BARs and `pci_bdf` (what Kata and ch-remote read).
     Passed-through functions as the VM has them now (hot-plugged ones in, ejected ones out), by the ids
     vm.remove-device takes."""
-    console, rng, names = device_ids(config)
-    virtio = ([console] if console is not None else []) + names[: len(config.disks)] + [rng]
-    # the builder plugs the virtio devices first (console, disks, rng), then the boot-time --devices
-    placed = list(zip(virtio, machine.pci_addresses[: len(virtio)], strict=True))
+    console, rng, _names = device_ids(config)
+    # the builder plugs the console, the disks and the rng first, then the boot-time --devices; disks and
+    # devices as the VM has them now (hot-plugged in, ejected out) come from its hot-plug side
+    addresses = machine.pci_addresses
+    placed = [] if console is None else [(console, addresses[0])]
+    placed.append((rng, addresses[len(placed) + len(config.disks)]))
     placed += sorted(machine.hotplug.devices().items(), key=lambda item: (item[1].segment, item[1].slot))
     tree: dict[str, Any] = {}
     for name, address in placed:
@@ -179,31 +175,49 @@ def device_tree(config: VmConfig, machine: Any) -> dict[str, Any]:
     return tree
 
 
-def _add_device(vmm: ApiVmm, request: Request) -> Response:
-    """The hot-plug seam: the running VM plugs the device (vm.add-device)."""
-    try:
-        device = device_config_from_json(_json_body(request))
-    except VmConfigError as exc:
-        raise ApiCallError(Status.BAD_REQUEST, "The device could not be added to the VM", str(exc)) from None
-    machine: Any = vmm.machine
-    if machine is None:
-        if vmm.config is None:
-            raise ApiCallError(
-                Status.INTERNAL_SERVER_ERROR, "The device could not be added to the VM", NOT_CREATED
-            )
-        try:  # before boot, as CH: the device joins the config (checked as a whole)
-            vmm.config = with_device(vmm.config, device)
+def _add(kind: str, parse: Callable[[Any], DeviceConfig | DiskConfig]) -> Callable[[ApiVmm, Request],
+                                                                                  Response]:
+    """vm.add-device / vm.add-disk: the running VM plugs it (200 PciDeviceInfo), or before boot it joins
+    the stored config (204), as in CH."""
+    context = f"The {kind} could not be added to the VM"
+
+    def handle(vmm: ApiVmm, request: Request) -> Response:
+        try:
+            device = parse(_json_body(request))
         except VmConfigError as exc:
-            raise ApiCallError(
-                Status.BAD_REQUEST, "The device could not be added to the VM", str(exc)
-            ) from None
-        return NO_CONTENT
-    try:
-        info = machine.add_device(device)  # PciDeviceInfo: {"id", "bdf"}
-    except PyvmmError as exc:  # refused (a partial IOMMU group, no free slot, ...): the guest goes on
-        status = Status.BAD_REQUEST if exc.exit_status == 2 else Status.INTERNAL_SERVER_ERROR
-        raise ApiCallError(status, "The device could not be added to the VM", str(exc)) from None
-    return json_response(Status.OK, info)
+            raise ApiCallError(Status.BAD_REQUEST, context, str(exc)) from None
+        machine: Any = vmm.machine
+        if machine is None:
+            if vmm.config is None:
+                raise ApiCallError(Status.INTERNAL_SERVER_ERROR, context, NOT_CREATED)
+            try:  # before boot: the device joins the config (checked as a whole)
+                vmm.config = with_device(vmm.config, device)
+            except VmConfigError as exc:
+                raise ApiCallError(Status.BAD_REQUEST, context, str(exc)) from None
+            return NO_CONTENT
+        try:  # PciDeviceInfo: {"id", "bdf"}
+            info = machine.add_disk(device) if isinstance(device, DiskConfig) else machine.add_device(device)
+        except PyvmmError as exc:  # refused (a partial IOMMU group, no free slot, ...): the guest goes on
+            status = Status.BAD_REQUEST if exc.exit_status == 2 else Status.INTERNAL_SERVER_ERROR
+            raise ApiCallError(status, context, str(exc)) from None
+        return json_response(Status.OK, info)
+
+    return handle
+
+
+def _running(vmm: ApiVmm, context: str) -> Any:
+    if vmm.machine is None:
+        raise ApiCallError(Status.INTERNAL_SERVER_ERROR, context, NOT_RUNNING)
+    return vmm.machine
+
+
+def _power_button(vmm: ApiVmm, request: Request) -> Response:
+    _running(vmm, "Error triggering power button").power_button()
+    return NO_CONTENT
+
+
+def _counters(vmm: ApiVmm, request: Request) -> Response:
+    return json_response(Status.OK, _running(vmm, "The VM counters are not available").counters())
 
 
 def _remove_device(vmm: ApiVmm, request: Request) -> Response:
@@ -236,6 +250,9 @@ ROUTES: dict[str, Route] = {
     "vm.delete": Route("PUT", Body.NONE, _action(ApiVmm.delete)),
     "vm.pause": Route("PUT", Body.NONE, _action(ApiVmm.pause)),
     "vm.resume": Route("PUT", Body.NONE, _action(ApiVmm.resume)),
-    "vm.add-device": Route("PUT", Body.REQUIRED, _add_device),
+    "vm.power-button": Route("PUT", Body.NONE, _power_button),
+    "vm.counters": Route("GET", Body.NONE, _counters),
+    "vm.add-device": Route("PUT", Body.REQUIRED, _add("device", device_config_from_json)),
+    "vm.add-disk": Route("PUT", Body.REQUIRED, _add("disk", disk_config_from_json)),
     "vm.remove-device": Route("PUT", Body.REQUIRED, _remove_device),
 }

@@ -245,10 +245,7 @@ def vm_config_from_json(document: Any, verbosity: int = 0) -> VmConfig:
         console=_console("console", top.get("console"), "--console", defaults.console),
         rng=_section(top, "rng", _RNG, rng_from_options, defaults.rng),
         disks=tuple(
-            _build(
-                f"disks[{i}]", disk_from_options, _options(f"disks[{i}]", _object(f"disks[{i}]", d), _DISK)
-            )
-            for i, d in enumerate(_list("disks", top.get("disks")))
+            disk_config_from_json(d, f"disks[{i}]") for i, d in enumerate(_list("disks", top.get("disks")))
         ),
         devices=tuple(
             device_config_from_json(d, f"devices[{i}]")
@@ -277,6 +274,11 @@ def vm_config_from_json(document: Any, verbosity: int = 0) -> VmConfig:
 def device_config_from_json(document: Any, where: str = "DeviceConfig") -> DeviceConfig:
     """A DeviceConfig body (vm.add-device, or one of VmConfig's devices)."""
     return _build(where, device_from_options, _options(where, _object(where, document), _DEVICE))
+
+
+def disk_config_from_json(document: Any, where: str = "DiskConfig") -> DiskConfig:
+    """A DiskConfig body (vm.add-disk, or one of VmConfig's disks)."""
+    return _build(where, disk_from_options, _options(where, _object(where, document), _DISK))
 
 
 def _section(top: dict[str, Any], key: str, keys: _Keys, build: Callable[[Options], T], default: T) -> T:
@@ -436,9 +438,13 @@ def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) ->
     return out
 
 
-def with_device(config: VmConfig, device: DeviceConfig) -> VmConfig:
-    """`config` with `device` added, checked as a whole (vm.add-device before boot)."""
-    new = replace(config, devices=(*config.devices, device))
+def with_device(config: VmConfig, device: DeviceConfig | DiskConfig) -> VmConfig:
+    """`config` with `device` (a passed-through function or a disk) added, checked as a whole
+    (vm.add-device, vm.add-disk before boot)."""
+    if isinstance(device, DiskConfig):
+        new = replace(config, disks=(*config.disks, device))
+    else:
+        new = replace(config, devices=(*config.devices, device))
     try:
         validate(new)
     except ConfigError as exc:

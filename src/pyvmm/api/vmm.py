@@ -20,6 +20,7 @@ from enum import Enum
 from pyvmm.api.http import Request, Response, error_response
 from pyvmm.config import VmConfig, check_paths
 from pyvmm.errors import PyvmmError
+from pyvmm.events import EventMonitor
 from pyvmm.machine import ExitKind, VirtualMachine, VmExit
 
 log = logging.getLogger("pyvmm.api")
@@ -64,8 +65,9 @@ class _Call:
 
 
 class ApiVmm:
-    def __init__(self, verbosity: int = 0) -> None:
+    def __init__(self, verbosity: int = 0, events: EventMonitor | None = None) -> None:
         self.verbosity = verbosity
+        self.events = events or EventMonitor(None)  # --event-monitor (docs/api.md#event-monitor)
         self.config: VmConfig | None = None
         self.machine: VirtualMachine | None = None
         self._teardown: contextlib.ExitStack | None = None
@@ -168,6 +170,7 @@ class ApiVmm:
             raise ApiCallError(500, context, "VM has no configuration: send vm.create first")
         if self.machine is not None:
             raise ApiCallError(500, context, ALREADY_RUNNING)
+        self.events.emit("vm", "booting")
         try:
             self._boot(self.config)
         except PyvmmError as exc:
@@ -179,7 +182,7 @@ class ApiVmm:
     def _boot(self, config: VmConfig) -> None:
         # Imported here: a VMM waiting for vm.create needs neither KVM nor ctypes set up.
         from pyvmm.builder import build_vm
-        from pyvmm.vmm import check_kernel_file, managed_devices
+        from pyvmm.vmm import check_kernel_file, managed_devices, watch_removals
 
         check_paths(config)
         check_kernel_file(config)
@@ -187,6 +190,7 @@ class ApiVmm:
         try:
             managed = teardown.enter_context(managed_devices(config))
             machine = build_vm(config, on_host_request=managed.host_asked_back)
+            watch_removals(machine, self.events)
             teardown.callback(machine.close)
             teardown.callback(machine.stop)
             # tearing down must not be interrupted: the give-back of managed devices needs the fds closed
@@ -199,6 +203,7 @@ class ApiVmm:
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._on_signal)
         self.machine, self._teardown = machine, teardown
+        self.events.emit("vm", "booted")
         log.info("VM booted")
 
     def _stop_vm(self) -> VmExit:
@@ -210,6 +215,7 @@ class ApiVmm:
         self.machine = self._teardown = None
         self._paused = False
         teardown.close()
+        self.events.emit("vm", "shutdown")
         return machine.latch.exit
 
     def shutdown(self) -> None:
@@ -220,29 +226,36 @@ class ApiVmm:
     def reboot(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not reboot", NOT_RUNNING)
+        self.events.emit("vm", "rebooting")
         self._stop_vm()
         self.boot()
+        self.events.emit("vm", "rebooted")
 
     def pause(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not be paused", NOT_RUNNING)
         if self._paused:
             raise ApiCallError(500, "The VM could not be paused", "VM is already paused")
+        self.events.emit("vm", "pausing")
         self.machine.pause()
         self._paused = True
+        self.events.emit("vm", "paused")
 
     def resume(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not resume", NOT_RUNNING)
         if not self._paused:
             raise ApiCallError(500, "The VM could not resume", "VM is not paused")
+        self.events.emit("vm", "resuming")
         self.machine.resume()
         self._paused = False
+        self.events.emit("vm", "resumed")
 
     def delete(self) -> None:
         """Shut the VM down if it runs and forget its configuration (fine when there is none)."""
         self._stop_vm()
         self.config = None
+        self.events.emit("vm", "deleted")
 
     def shutdown_vmm(self) -> None:
         self.delete()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,11 @@ class PciSegment:
 
     `on_bar_move(device, move)` is called after the new range has been reserved in the window; it moves the
     bus ranges (and whatever else is needed) and returns False to refuse, which rolls everything back.
+
+    `lock` guards the slots, placements and allocators: a device plugged or unplugged on another thread (a
+    hot-plug from the API, an eject on a vCPU) must not interleave with a guest's BAR move, which frees its
+    old range before it takes the new one. The platform gives every segment the same lock, since they share
+    the I/O port allocator.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class PciSegment:
         io_allocator: AddressAllocator | None = None,
         on_bar_move: BarMoveCallback | None = None,
         page_size: int = mmap.PAGESIZE,
+        lock: threading.RLock | None = None,
     ) -> None:
         if segment_id < 0:
             raise ValueError(f"invalid PCI segment id {segment_id}")
@@ -114,6 +121,7 @@ class PciSegment:
         self.io = io_allocator
         self.on_bar_move = on_bar_move
         self.page_size = page_size
+        self.lock = lock if lock is not None else threading.RLock()
         self._slots: dict[int, PciDevice] = {}
         self._reserved: set[int] = set()
         self._placements: dict[int, dict[int, BarPlacement]] = {}
@@ -140,6 +148,10 @@ class PciSegment:
 
     def reserve_slot(self, slot: int) -> None:
         """Keep `slot` for a device that names it explicitly, so automatic placement skips it."""
+        with self.lock:
+            self._reserve_slot(slot)
+
+    def _reserve_slot(self, slot: int) -> None:
         self._check_slot(slot)
         if slot in self._reserved:
             raise SlotError(f"PCI slot {slot} of segment {self.id} is requested twice")
@@ -153,6 +165,10 @@ class PciSegment:
 
     def add_device(self, device: PciDevice, slot: int | None = None) -> int:
         """Plug `device` in (explicit or lowest free slot), place its BARs and set its INTx line."""
+        with self.lock:
+            return self._add_device(device, slot)
+
+    def _add_device(self, device: PciDevice, slot: int | None) -> int:
         if slot is None:
             slot = self._free_slot()
         else:
@@ -168,6 +184,10 @@ class PciSegment:
 
     def remove_device(self, slot: int) -> PciDevice:
         """Unplug the device in `slot` and release its BARs."""
+        with self.lock:
+            return self._remove_device(slot)
+
+    def _remove_device(self, slot: int) -> PciDevice:
         if slot not in self._slots or (slot == 0 and self.id == 0):
             raise SlotError(f"no removable device in PCI slot {slot} of segment {self.id}")
         for p in self._placements.pop(slot).values():
@@ -188,7 +208,8 @@ class PciSegment:
 
     def placements(self, slot: int) -> list[BarPlacement]:
         """Current guest addresses of the BARs of the device in `slot`."""
-        return sorted(self._placements.get(slot, {}).values(), key=lambda p: p.index)
+        with self.lock:
+            return sorted(self._placements.get(slot, {}).values(), key=lambda p: p.index)
 
     @staticmethod
     def intx_irq(slot: int) -> int:
@@ -312,7 +333,11 @@ class PciSegment:
             log.debug("config write to empty %02x.%x dropped", slot, function)
             return
         for move in device.config_write(offset, size, value):
-            self._execute_move(slot, device, move)
+            with self.lock:
+                if self._slots.get(slot) is not device:  # unplugged meanwhile (an eject on another vCPU)
+                    device.bar_move_refused(move)
+                    continue
+                self._execute_move(slot, device, move)
 
 
 class PciConfigMmio:

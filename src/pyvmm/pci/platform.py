@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,8 +69,11 @@ class PciPlatform:
         self.mmio_bus = mmio_bus
         self.memory_slots = memory_slots
         self.io: AddressAllocator = io_allocator()
-        self.segments = [PciSegment(w.segment, w, self.io, on_bar_move=self._move_bar, page_size=page_size)
-                         for w in windows]
+        # one lock for every slot, placement and allocator (docs/hotplug.md#thread-safety): hot-plug and eject
+        # against guest BAR moves; reentrant, since attach holds it while the segment takes it again
+        self.lock = threading.RLock()
+        self.segments = [PciSegment(w.segment, w, self.io, on_bar_move=self._move_bar, page_size=page_size,
+                                    lock=self.lock) for w in windows]
         self.refused_moves = 0  # BAR moves the buses refused (an overlap the allocators did not see)
         for segment in self.segments:
             mmio_bus.insert(segment.ecam_base, layout.PCI_MMCONFIG_SIZE_PER_SEGMENT, PciConfigMmio(segment))
@@ -93,6 +97,10 @@ class PciPlatform:
     def attach(self, device: PciDevice, segment_id: int = 0, slot: int | None = None) -> PciAddress:
         """Plug `device` in (the given slot or the lowest free one), place its BARs and serve them on the
         buses. PciError (exit 2) when the slot is taken or a BAR does not fit; nothing is left behind."""
+        with self.lock:
+            return self._attach(device, segment_id, slot)
+
+    def _attach(self, device: PciDevice, segment_id: int, slot: int | None) -> PciAddress:
         segment = self.segment(segment_id)
         slot = segment.add_device(device, slot)
         inserted: list[BarPlacement] = []
@@ -110,10 +118,11 @@ class PciPlatform:
 
     def detach(self, address: PciAddress) -> PciDevice:
         """Take the device at `address` off the buses and free its slot and BAR ranges."""
-        segment = self.segment(address.segment)
-        for placement in segment.placements(address.slot):
-            self._bus(placement.kind).remove(placement.address)
-        return segment.remove_device(address.slot)
+        with self.lock:
+            segment = self.segment(address.segment)
+            for placement in segment.placements(address.slot):
+                self._bus(placement.kind).remove(placement.address)
+            return segment.remove_device(address.slot)
 
     def placements(self, address: PciAddress) -> list[BarPlacement]:
         return self.segment(address.segment).placements(address.slot)

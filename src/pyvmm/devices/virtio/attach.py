@@ -72,6 +72,34 @@ def attach_virtio(
     return dev
 
 
+def open_disk(
+    disk: DiskConfig,
+    *,
+    name: str,
+    memory: GuestMemory,
+    router: MsiRouter,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds | None,
+    hotplug: bool = False,
+) -> VirtioPciDevice:
+    """Open and lock `disk`'s image (DiskImageError: missing, unreadable, locked) and put a virtio-blk
+    transport over it, not yet plugged; the transport owns the image."""
+    params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
+    blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
+    try:
+        vectors = IrqfdMsiVectors(router, irqfds, vector_count(blk), name)
+    except BaseException:
+        blk.close()
+        raise
+    try:
+        return VirtioPciDevice(blk, memory, vectors, bar64=uses_64bit_bar(disk.pci_segment, hotplug),
+                               ioeventfds=ioeventfds, name=name)
+    except BaseException:
+        blk.close()
+        vectors.close()
+        raise
+
+
 def attach_disks(
     disks: Sequence[DiskConfig],
     *,
@@ -80,8 +108,9 @@ def attach_disks(
     router: MsiRouter,
     irqfds: Irqfds,
     ioeventfds: Ioeventfds,
-) -> list[VirtioPciDevice]:
-    """Open every image (DiskImageError: missing, unreadable, locked) and plug one virtio-blk each.
+) -> list[tuple[VirtioPciDevice, PciAddress]]:
+    """Open every image (DiskImageError: missing, unreadable, locked) and plug one virtio-blk each; each
+    transport and where it went.
 
     Explicit `pci_device_id` slots should already be reserved on the platform. On failure everything
     attached so far is unplugged and closed again (images unlocked) before the exception propagates.
@@ -90,15 +119,8 @@ def attach_disks(
     plugged: list[PciAddress] = []
     try:
         for n, disk in enumerate(disks):
-            params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
-            blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
-            try:
-                vectors = IrqfdMsiVectors(router, irqfds, vector_count(blk), f"virtio-blk-{disk.id or n}")
-            except BaseException:
-                blk.close()
-                raise
-            dev = VirtioPciDevice(blk, memory, vectors, bar64=uses_64bit_bar(disk.pci_segment),
-                                  ioeventfds=ioeventfds, name=f"virtio-blk-{disk.id or n}")
+            dev = open_disk(disk, name=f"virtio-blk-{disk.id or n}", memory=memory, router=router,
+                            irqfds=irqfds, ioeventfds=ioeventfds)
             attached.append(dev)  # closed below if anything later fails
             plugged.append(platform.attach(dev, disk.pci_segment, disk.pci_device_id))
     except BaseException:
@@ -108,4 +130,4 @@ def attach_disks(
             with contextlib.suppress(Exception):
                 dev.close()
         raise
-    return attached
+    return list(zip(attached, plugged, strict=True))

@@ -144,6 +144,8 @@ class VirtioBlock(VirtioDevice):
             features |= bit(BlkFeature.DISCARD) | bit(BlkFeature.WRITE_ZEROES)
         self._features = features
         self._config = self._build_config(params.num_queues)
+        # cloud-hypervisor's virtio-blk counters (vm.counters): requests that succeeded and their data
+        self.read_bytes = self.write_bytes = self.read_ops = self.write_ops = 0
 
     @classmethod
     def open(cls, path: str, readonly: bool = False, direct: bool = False,
@@ -187,6 +189,10 @@ class VirtioBlock(VirtioDevice):
     def close(self) -> None:
         self.image.close()
 
+    def counters(self) -> dict[str, int]:
+        return {"read_bytes": self.read_bytes, "write_bytes": self.write_bytes, "read_ops": self.read_ops,
+                "write_ops": self.write_ops}
+
     # ---- requests -------------------------------------------------------------------------------------
 
     def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
@@ -224,7 +230,13 @@ class VirtioBlock(VirtioDevice):
                     pass  # the general path tries again and reports it
                 else:
                     writable[-1][0] = _OK
-                    return length + 1 if req_type == _IN else 1
+                    if req_type == _IN:
+                        self.read_bytes += length
+                        self.read_ops += 1
+                        return length + 1
+                    self.write_bytes += length
+                    self.write_ops += 1
+                    return 1
         return self._handle_general(chain)
 
     def _handle_general(self, chain: DescriptorChain) -> int:
@@ -324,6 +336,8 @@ class VirtioBlock(VirtioDevice):
         except OSError as exc:
             self._warn.warning("virtio-blk: read at sector %d failed: %s", sector, exc)
             return BlkStatus.IOERR, 0
+        self.read_bytes += length
+        self.read_ops += 1
         return BlkStatus.OK, length
 
     def _write(self, sector: int, data_out: list[memoryview]) -> BlkStatus:
@@ -337,6 +351,8 @@ class VirtioBlock(VirtioDevice):
         except OSError as exc:
             self._warn.warning("virtio-blk: write at sector %d failed: %s", sector, exc)
             return BlkStatus.IOERR
+        self.write_bytes += length
+        self.write_ops += 1
         return BlkStatus.OK
 
     def _flush(self) -> BlkStatus:

@@ -228,6 +228,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
         self._msix_lock = threading.Lock()
         self._notify_base: int | None = None  # guest address the queue ioeventfds are bound to
         self._worker: QueueWorker | None = None
+        self._closed = False
         device.bind_kick(self.kick)
 
         if bar64:
@@ -590,6 +591,9 @@ class VirtioPciDevice(ConfigSpaceDevice):
     # ---- teardown -------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._closed:  # a hot-plug eject closed it before the VM's teardown
+            return
+        self._closed = True
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

@@ -9,6 +9,8 @@ import select
 import threading
 from collections.abc import Callable
 
+from pyvmm.threadname import set_thread_comm
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,7 @@ class QueueWorker:
         self._stop_fd = -1
 
     def _run(self) -> None:
+        set_thread_comm(self.name)  # e.g. virtio-blk-_dis (15 bytes): seen in /proc/PID/task/*/comm
         poller = select.poll()
         poller.register(self._stop_fd, select.POLLIN)
         index_of = {}
