@@ -11,7 +11,7 @@ from pyvmm.api.vmconfig import VmConfigError, device_config_from_json, vm_config
 from pyvmm.config import ConsoleMode, parse_vm_config
 
 # The shape Kata Containers' CH driver sends (its generated client's defaults included), without the
-# virtio-fs, vsock and rootfs disk pyvmm does not have yet.
+# virtio-fs and rootfs disk pyvmm does not have yet (its vsock: test_katas_vsock_is_the_command_lines).
 KATA = {
     "payload": {"kernel": "/k/vmlinuz", "cmdline": "console=ttyS0 quiet", "initramfs": "/k/initrd"},
     "cpus": {
@@ -74,6 +74,16 @@ def test_echo_has_defaults_and_reads_back_the_same() -> None:
     assert echo["serial"] == {"mode": "Tty"} and echo["console"]["mode"] == "Off"
     assert echo["platform"]["num_pci_segments"] == 2
     assert echo["rng"] == {"src": "/dev/urandom", "iommu": False}
+    assert vm_config_from_json(json.loads(json.dumps(echo))) == config
+
+
+def test_katas_vsock_is_the_command_lines(tmp_path: Path) -> None:
+    # Kata always sends its agent's channel: a hybrid vsock on a socket in its sandbox directory.
+    socket = tmp_path / "clh.sock"
+    config = vm_config_from_json(KATA | {"vsock": {"cid": 3, "socket": str(socket), "iommu": False}})
+    assert config.vsock == parse_vm_config(["--kernel", "/k", "--vsock", f"cid=3,socket={socket}"]).vsock
+    echo = vm_config_to_json(config)
+    assert echo["vsock"] == {"cid": 3, "socket": str(socket), "iommu": False, "pci_segment": 0}
     assert vm_config_from_json(json.loads(json.dumps(echo))) == config
 
 
@@ -145,7 +155,8 @@ def test_disks_and_devices() -> None:
         ({"payload": {"kernel": "/k"}, "serial": {"mode": "Pty"}}, "serial"),
         ({"payload": {"kernel": "/k"}, "serial": {"mode": "Weird"}}, "serial.mode"),
         ({"payload": {"kernel": "/k"}, "console": {"mode": "File"}}, "console.file"),
-        ({"payload": {"kernel": "/k"}, "vsock": {"cid": 3, "socket": "/s"}}, "vsock"),
+        ({"payload": {"kernel": "/k"}, "vsock": {"cid": 2, "socket": "/s"}}, "vsock"),
+        ({"payload": {"kernel": "/k"}, "vsock": {"cid": 3, "socket": "/s", "iommu": True}}, "vsock"),
         ({"payload": {"kernel": "/k"}, "net": [{"tap": "t0"}]}, "net"),
         ({"payload": {"kernel": "/k"}, "iommu": True}, "iommu"),
         ({"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 100}}, "platform"),

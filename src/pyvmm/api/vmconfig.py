@@ -33,6 +33,7 @@ from pyvmm.config import (
     platform_from_options,
     rng_from_options,
     validate,
+    vsock_from_options,
 )
 from pyvmm.options import OptionError, Options
 
@@ -71,6 +72,7 @@ _DEVICE = _keys("path", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed
 _CONSOLE = _keys("file", "socket") | _PCI_KEYS
 _SERIAL = _keys("file", "socket")
 _RNG = _keys("src", "iommu", id=None, pci_segment=None, pci_device_id=None)
+_VSOCK = _keys("cid", "socket") | _PCI_KEYS
 _PLATFORM = _keys("num_pci_segments", "iommu_segments", "vfio_p2p_dma", "iommufd", "tdx", "sev_snp",
                   "system_manufacturer", "system_product_name", "system_version", "system_serial_number",
                   "system_uuid", "system_sku_number", "system_family", "chassis_asset_tag", "oem_strings",
@@ -88,7 +90,6 @@ _SECTIONS_UNSUPPORTED = (
     "pmem",
     "user_devices",
     "vdpa",
-    "vsock",
     "numa",
     "tpm",
     "landlock_rules",
@@ -244,6 +245,7 @@ def vm_config_from_json(document: Any, verbosity: int = 0) -> VmConfig:
         serial=_console("serial", top.get("serial"), "--serial", defaults.serial),
         console=_console("console", top.get("console"), "--console", defaults.console),
         rng=_section(top, "rng", _RNG, rng_from_options, defaults.rng),
+        vsock=_section(top, "vsock", _VSOCK, vsock_from_options, defaults.vsock),
         disks=tuple(
             disk_config_from_json(d, f"disks[{i}]") for i, d in enumerate(_list("disks", top.get("disks")))
         ),
@@ -421,6 +423,11 @@ def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) ->
             }
         ),
     }
+    if config.vsock is not None:
+        vsock = config.vsock
+        out["vsock"] = _drop_none({"cid": vsock.cid, "socket": str(vsock.socket), "iommu": False,
+                                   "id": vsock.id, "pci_segment": vsock.pci_segment,
+                                   "pci_device_id": vsock.pci_device_id})
     if config.disks:
         out["disks"] = [disk_json(d, ids.get(i)) for i, d in enumerate(config.disks)]
     if config.devices:
