@@ -230,6 +230,8 @@ def qemu_argv(
         "-append",
         f'{CMDLINE} pyvmm.cmd="{cmd}"',
     ]
+    # the virtio-rng every pyvmm (and cloud-hypervisor) guest has: the guest's cost of it is the same here
+    argv += ["-device", "virtio-rng-device" if machine == "microvm" else "virtio-rng-pci"]
     if disk:
         argv += ["-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0"]
     if device:
