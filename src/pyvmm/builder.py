@@ -1,7 +1,7 @@
 """The VM builder: the one place that turns a validated VmConfig into a VirtualMachine ready to run.
 
 Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
-→ legacy devices → PCI platform (planned first) → virtio-console, disks, virtio-rng → passed-through
+→ legacy devices → PCI platform (planned first) → virtio-console, disks, nets, virtio-rng → passed-through
 devices → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state). Everything is built in locals and
 registered for closing as it is opened; when a step fails, what was opened is closed again before the
 error propagates (one line, its own exit status: see pyvmm.errors).
@@ -137,6 +137,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
     services += _add_console(config, memory, platform, router, vm, stack)
     _add_disks(config, memory, platform, router, vm, stack)
+    _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
 
     def host_request(name: str, message: str) -> None:
@@ -288,6 +289,18 @@ def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
     for disk in attach_disks(config.disks, memory=memory, platform=platform, router=router, irqfds=vm,
                              ioeventfds=vm):
         _closing(stack, disk)
+
+
+def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+              stack: contextlib.ExitStack) -> None:
+    """One virtio-net per --net, its queues served by vhost-net on a tap (docs/net.md)."""
+    if not config.nets:
+        return
+    from pyvmm.devices.virtio.attach import attach_nets
+
+    for net in attach_nets(config.nets, memory=memory, platform=platform, router=router, irqfds=vm,
+                           ioeventfds=vm):
+        _closing(stack, net)
 
 
 def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,
