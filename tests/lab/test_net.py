@@ -2,7 +2,7 @@
 
 (a) 1 vCPU, `--net tap=pyvmmtap0,ip=192.168.249.1,mask=255.255.255.0`; (b) 2 vCPUs and num_queues=4.
 Each guest configures 192.168.249.2, pings the lab's side of the tap, receives 256 MiB over TCP from the
-lab and sends 256 MiB back (busybox nc), both checked by SHA-256 of a known pattern. Meanwhile the lab
+lab (busybox nc) and sends 256 MiB back (busybox httpd), both checked by SHA-256 of a known pattern. Meanwhile the lab
 reads pyvmm's CPU time from /proc/PID/stat (all threads) and checks that the data path costs pyvmm nothing
 (the bound is explained at `_check_cpu`). Traffic stays on 192.168.249.0/24 between the lab and its guest.
 """
@@ -103,12 +103,16 @@ def cpu():
     return sample
 def report(name, a, b, nbytes):
     d = {k: b[k] - a[k] for k in a if k in b}
+    # where a Python data path would run (the transport's worker thread, as for virtio-blk) vs the vCPUs
+    other = sum(v for k, v in d.items() if k.startswith("thread ") and not k.startswith("thread vcpu"))
+    vcpu_user = sum(v for k, v in d.items() if k.startswith("thread vcpu") and k.endswith(" user"))
     detail = " ".join(f"[{k}]={v:.2f}" if isinstance(v, float) else f"[{k}]={v}"
                       for k, v in sorted(d.items()) if (" " in k and v))
     print(f"{TAG} DETAIL {name}: {detail}", flush=True)
     rate = nbytes / d["t"] / (1 << 20) if nbytes else 0
     print(f"{TAG} CPU {name}: seconds={d['t']:.2f} pyvmm_user={d['user']:.2f} pyvmm_sys={d['sys']:.2f} "
-          f"guest={d['guest']:.2f} vhost={d['vhost']:.2f} MiBps={rate:.1f}", flush=True)
+          f"guest={d['guest']:.2f} vhost={d['vhost']:.2f} other_threads={other:.2f} vcpu_user={vcpu_user:.2f} "
+          f"MiBps={rate:.1f}", flush=True)
 
 def transfers():
     if wait_line("IDLE-START", 300):
@@ -209,24 +213,27 @@ def _cpu(out: str, name: str) -> dict[str, float]:
 
 
 def _check_cpu(out: str) -> None:
-    """pyvmm's own CPU time while 256 MiB cross must stay near its idle rate.
+    """pyvmm's own CPU time while 256 MiB cross: nothing per packet.
 
-    Measured from /proc/PID/stat over all of pyvmm's threads: user time minus guest time (the vCPU threads'
-    time in guest mode counts as user time there: that is the guest's own TCP stack, not pyvmm) plus system
-    time. With vhost-net the packets are moved by the kernel's vhost-<pid> worker thread, which is not one
-    of pyvmm's threads (reported beside, as `vhost`, for scale), and pyvmm's threads only see the kicks and
-    interrupts KVM handles in the kernel. A data path through Python would read or write every packet
-    with a system call (the copy is system time) and run Python per packet (user time): at the lab's
-    speeds that is seconds for 256 MiB, where vhost-net leaves pyvmm at its idle rate.
-    Bound: user time outside the guest at most 0.5 s per transfer above the idle rate, and
-    system time at most a quarter of the vhost worker's own time (the copy this would cost).
+    From /proc/PID/task/*/stat over all of pyvmm's threads: user time minus guest time (a vCPU thread's time
+    in guest mode counts as user time: that is the guest's TCP stack, not pyvmm) and system time. With
+    vhost-net the bytes are moved by the kernel's vhost-<pid> worker, which is not one of pyvmm's threads;
+    its CPU time (reported as `vhost`, about 2 s per 256 MiB in the lab) is what moving them costs.
+    A data path in Python would pay at least that again on pyvmm's side (the same copies, through read
+    and write system calls) plus the interpreter for every packet, on the transport's worker thread as
+    virtio-blk's does, or on the vCPU threads. So:
+    - pyvmm's threads other than the vCPUs (user + system) stay under half of the vhost worker's time
+      (+0.2 s): there a Python data path would cost all of it and more;
+    - the vCPU threads' user time outside the guest stays within 1 s of their idle rate: their system time
+      is KVM's exit handling for the guest (kicks, interrupts, halts), kernel work that grows with the
+      guest's activity and is only reported.
     """
     idle = _cpu(out, "idle")
-    idle_user_rate = idle["pyvmm_user"] / idle["seconds"]
+    idle_rate = idle["vcpu_user"] / idle["seconds"]
     for name in ("lab-to-guest", "guest-to-lab"):
         c = _cpu(out, name)
-        assert c["pyvmm_user"] <= idle_user_rate * c["seconds"] + 0.5, (name, c, idle)
-        assert c["pyvmm_sys"] <= 0.25 * c["vhost"] + 0.5, (name, c, idle)
+        assert c["other_threads"] <= 0.5 * c["vhost"] + 0.2, (name, c, idle)
+        assert c["vcpu_user"] <= idle_rate * c["seconds"] + 1.0, (name, c, idle)
 
 
 def _run_output(out: str, tag: str) -> str:
@@ -238,7 +245,8 @@ def _run_output(out: str, tag: str) -> str:
 def test_net_vhost_ping_tcp_both_ways_and_multiqueue(lab) -> None:
     proc = lab(SCRIPT, devices="none", timeout=2400, stall=900)
     out = proc.stdout.replace("\r", "")
-    print("\n".join(line for line in out.splitlines() if " CPU " in line or "QUEUES" in line))
+    print("\n".join(line for line in out.splitlines()
+                    if " CPU " in line or "QUEUES" in line or " DETAIL " in line or "-SHA=" in line))
     runs = {tag: _run_output(out, tag) for tag in ("A", "B")}
     for run in runs.values():
         assert "PYVMM-STATUS=0 TAP-GONE=True" in run, run  # pyvmm created the tap and it went with it
