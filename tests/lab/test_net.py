@@ -2,9 +2,9 @@
 
 (a) 1 vCPU, `--net tap=pyvmmtap0,ip=192.168.249.1,mask=255.255.255.0`; (b) 2 vCPUs and num_queues=4.
 Each guest configures 192.168.249.2, pings the lab's side of the tap, receives 256 MiB over TCP from the
-lab (busybox nc) and sends 256 MiB back (busybox httpd), both checked by SHA-256 of a known pattern. Meanwhile the lab
-reads pyvmm's CPU time from /proc/PID/stat (all threads) and checks that the data path costs pyvmm nothing
-(the bound is explained at `_check_cpu`). Traffic stays on 192.168.249.0/24 between the lab and its guest.
+lab (busybox nc) and sends 256 MiB back (busybox httpd), both checked by SHA-256 of a known pattern.
+Meanwhile the lab reads pyvmm's CPU time from /proc (all threads) and checks that the data path costs
+pyvmm nothing (the bound is explained at `_check_cpu`). Traffic stays on 192.168.249.0/24 between the lab and its guest.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def report(name, a, b, nbytes):
     print(f"{TAG} DETAIL {name}: {detail}", flush=True)
     rate = nbytes / d["t"] / (1 << 20) if nbytes else 0
     print(f"{TAG} CPU {name}: seconds={d['t']:.2f} pyvmm_user={d['user']:.2f} pyvmm_sys={d['sys']:.2f} "
-          f"guest={d['guest']:.2f} vhost={d['vhost']:.2f} other_threads={other:.2f} vcpu_user={vcpu_user:.2f} "
-          f"MiBps={rate:.1f}", flush=True)
+          f"guest={d['guest']:.2f} vhost={d['vhost']:.2f} other_threads={other:.2f} "
+          f"vcpu_user={vcpu_user:.2f} MiBps={rate:.1f}", flush=True)
 
 def transfers():
     if wait_line("IDLE-START", 300):
