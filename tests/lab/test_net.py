@@ -4,7 +4,8 @@
 Each guest configures 192.168.249.2, pings the lab's side of the tap, receives 256 MiB over TCP from the
 lab (busybox nc) and sends 256 MiB back (busybox httpd), both checked by SHA-256 of a known pattern.
 Meanwhile the lab reads pyvmm's CPU time from /proc (all threads) and checks that the data path costs
-pyvmm nothing (the bound is explained at `_check_cpu`). Traffic stays on 192.168.249.0/24 between the lab and its guest.
+pyvmm nothing (the bound is explained at `_check_cpu`). Traffic stays on 192.168.249.0/24 between the
+lab and its guest.
 """
 
 from __future__ import annotations
