@@ -108,7 +108,7 @@ def report(name, a, b, nbytes):
     other = sum(v for k, v in d.items() if k.startswith("thread ") and not k.startswith("thread vcpu"))
     vcpu_user = sum(v for k, v in d.items() if k.startswith("thread vcpu") and k.endswith(" user"))
     detail = " ".join(f"[{k}]={v:.2f}" if isinstance(v, float) else f"[{k}]={v}"
-                      for k, v in sorted(d.items()) if (" " in k and v))
+                      for k, v in sorted(d.items()) if " " in k and (v or k.startswith("kvm ")))
     print(f"{TAG} DETAIL {name}: {detail}", flush=True)
     rate = nbytes / d["t"] / (1 << 20) if nbytes else 0
     print(f"{TAG} CPU {name}: seconds={d['t']:.2f} pyvmm_user={d['user']:.2f} pyvmm_sys={d['sys']:.2f} "
@@ -213,28 +213,35 @@ def _cpu(out: str, name: str) -> dict[str, float]:
     return {k: float(v) for k, v in (item.split("=") for item in m.group(1).split())}
 
 
+def _detail(out: str, name: str) -> dict[str, float]:
+    """The DETAIL line of a window: per-thread CPU (without zeros) and KVM's counters."""
+    m = re.search(rf"DETAIL {name}: (.*)", out)
+    assert m and "[kvm mmio_exits]=" in m.group(1) and "[kvm io_exits]=" in m.group(1), \
+        f"no KVM exit counters for {name} (debugfs):\n{out}"
+    return {k: float(v) for k, v in re.findall(r"\[([^]]+)\]=(\S+)", m.group(1))}
+
+
 def _check_cpu(out: str) -> None:
     """pyvmm's own CPU time while 256 MiB cross: nothing per packet.
 
-    From /proc/PID/task/*/stat over all of pyvmm's threads: user time minus guest time (a vCPU thread's time
-    in guest mode counts as user time: that is the guest's TCP stack, not pyvmm) and system time. With
-    vhost-net the bytes are moved by the kernel's vhost-<pid> worker, which is not one of pyvmm's threads;
-    its CPU time (reported as `vhost`, about 2 s per 256 MiB in the lab) is what moving them costs.
-    A data path in Python would pay at least that again on pyvmm's side (the same copies, through read
-    and write system calls) plus the interpreter for every packet, on the transport's worker thread as
-    virtio-blk's does, or on the vCPU threads. So:
-    - pyvmm's threads other than the vCPUs (user + system) stay under half of the vhost worker's time
-      (+0.2 s): there a Python data path would cost all of it and more;
-    - the vCPU threads' user time outside the guest stays within 1 s of their idle rate: their system time
-      is KVM's exit handling for the guest (kicks, interrupts, halts), kernel work that grows with the
-      guest's activity and is only reported.
+    From /proc/PID/task/*/stat over all of pyvmm's threads. With vhost-net the bytes are moved by the
+    kernel's vhost-<pid> worker, which is not one of pyvmm's threads; its CPU time (reported as `vhost`,
+    about 2 s per 256 MiB in the lab) is what moving them costs. A data path in Python would pay at least
+    that again on pyvmm's side (the same copies, through read and write system calls) plus the interpreter
+    for every packet: on the transport's worker thread (as virtio-blk's does), or on the vCPU threads.
+    - pyvmm's threads other than the vCPUs (utime + stime) stay under half of the vhost worker's time
+      (+0.2 s): there a Python data path would cost all of it and more. Measured: 0.00-0.01 s.
+    - The vCPU threads' utime and stime are the guest's own time (guest mode counts as user time) and KVM's
+      exit handling for it (kicks, interrupts, halts): they grow with the guest's work and are reported,
+      not bounded (utime minus guest time is not exact either: the kernel scales utime, not guest time).
+      What would show a data path there is exits to pyvmm: KVM's counters of MMIO and port exits to user
+      space stay under 1,000 per transfer, where a vCPU-side data path exits at least once for each of the
+      4,096 or more 64 KiB packets. Measured: no MMIO exit, 0-123 port exits (the console, timers).
     """
-    idle = _cpu(out, "idle")
-    idle_rate = idle["vcpu_user"] / idle["seconds"]
     for name in ("lab-to-guest", "guest-to-lab"):
-        c = _cpu(out, name)
-        assert c["other_threads"] <= 0.5 * c["vhost"] + 0.2, (name, c, idle)
-        assert c["vcpu_user"] <= idle_rate * c["seconds"] + 1.0, (name, c, idle)
+        c, d = _cpu(out, name), _detail(out, name)
+        assert c["other_threads"] <= 0.5 * c["vhost"] + 0.2, (name, c)
+        assert d["kvm mmio_exits"] + d["kvm io_exits"] < 1000, (name, d)
 
 
 def _run_output(out: str, tag: str) -> str:
