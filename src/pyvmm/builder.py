@@ -1,10 +1,10 @@
 """The VM builder: the one place that turns a validated VmConfig into a VirtualMachine ready to run.
 
 Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
-→ legacy devices → PCI platform (planned first) → virtio-console, disks, virtio-rng, vsock → passed-through
-devices → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state). Everything is built in locals and
-registered for closing as it is opened; when a step fails, what was opened is closed again before the
-error propagates (one line, its own exit status: see pyvmm.errors).
+→ legacy devices → PCI platform (planned first) → virtio-console, disks, nets, virtio-rng, vsock →
+passed-through devices → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state). Everything is built in
+locals and registered for closing as it is opened; when a step fails, what was opened is closed again
+before the error propagates (one line, its own exit status: see pyvmm.errors).
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
     services += _add_console(config, memory, platform, router, vm, stack)
     disks = _add_disks(config, memory, platform, router, vm, stack)
+    _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
     _add_vsock(config, memory, platform, router, vm, stack)
 
@@ -313,6 +314,18 @@ def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
         _closing(stack, transport)  # also when the guest ejected it first (closing twice is harmless)
     return [BootDisk(disk.id, transport, address)
             for disk, (transport, address) in zip(config.disks, attached, strict=True)]
+
+
+def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+              stack: contextlib.ExitStack) -> None:
+    """One virtio-net per --net, its queues served by vhost-net on a tap (docs/net.md)."""
+    if not config.nets:
+        return
+    from pyvmm.devices.virtio.attach import attach_nets
+
+    for net in attach_nets(config.nets, memory=memory, platform=platform, router=router, irqfds=vm,
+                           ioeventfds=vm):
+        _closing(stack, net)
 
 
 def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,

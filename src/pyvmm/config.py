@@ -18,6 +18,7 @@ Project rules on top of cloud-hypervisor's:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import stat
@@ -169,6 +170,30 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class NetConfig:
+    """`--net`: a virtio-net on a tap served by vhost-net (docs/net.md)."""
+
+    tap: str | None = None  # None: a new vmtapN
+    ip: ipaddress.IPv4Address | None = None  # None: cloud-hypervisor's default, on a tap pyvmm creates
+    mask: ipaddress.IPv4Address | None = None
+    mac: bytes = b""  # the guest's MAC; parse_net fills in a random locally administered one
+    host_mac: bytes | None = None
+    mtu: int | None = None
+    num_queues: int = 2  # receive + transmit queues: 2 per queue pair
+    queue_size: int = 256
+    id: str | None = None
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+    offload_tso: bool = True
+    offload_ufo: bool = True
+    offload_csum: bool = True
+
+    @property
+    def queue_pairs(self) -> int:
+        return self.num_queues // 2
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """One host PCI function passed through with VFIO."""
 
@@ -212,6 +237,7 @@ class VmConfig:
     console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(ConsoleMode.TTY))
     rng: RngConfig = field(default_factory=RngConfig)
     disks: tuple[DiskConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     vsock: VsockConfig | None = None
     platform: PlatformConfig = field(default_factory=PlatformConfig)
@@ -282,6 +308,15 @@ _DISK_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     "sparse": frozenset({"on"}),
     "lock_granularity": frozenset(),
 }
+_NET_UNSUPPORTED: Mapping[str, frozenset[str]] = {
+    "fd": frozenset(),
+    "vhost_user": frozenset({"off"}),
+    "socket": frozenset(),
+    "vhost_mode": frozenset({"client"}),
+    "iommu": frozenset({"off"}),
+    **{key: frozenset() for key in ("bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size",
+                                    "ops_one_time_burst", "ops_refill_time", "rate_limit_group")},
+}
 _DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     "fd": frozenset(),
     "iommu": frozenset({"off"}),
@@ -321,10 +356,20 @@ _UNSUPPORTED_HINTS = {
     "iommu_address_width": "it sets a virtio-iommu's address width, and pyvmm has no virtio-iommu",
     "iommu": "a virtio-iommu is not available; leave iommu off",
     "fd": "give the function's sysfs directory with path=",
+    "vhost_user": "pyvmm serves --net with the kernel's vhost-net on a tap (tap=)",
+    "socket": "pyvmm serves --net with the kernel's vhost-net on a tap (tap=)",
+    "vhost_mode": "pyvmm serves --net with the kernel's vhost-net on a tap (tap=)",
+}
+_NET_HINTS = {
+    "fd": "name the tap with tap= and pyvmm opens it",
+    **{key: "rate limiting is not implemented" for key in ("bw_size", "bw_one_time_burst", "bw_refill_time",
+                                                         "ops_size", "ops_one_time_burst", "ops_refill_time",
+                                                         "rate_limit_group")},
 }
 
 
-def _refuse_unsupported(opts: Options, table: Mapping[str, frozenset[str]]) -> None:
+def _refuse_unsupported(opts: Options, table: Mapping[str, frozenset[str]],
+                        hints: Mapping[str, str] | None = None) -> None:
     for key, accepted in table.items():
         raw = opts.get(key)
         if raw is None:
@@ -335,7 +380,7 @@ def _refuse_unsupported(opts: Options, table: Mapping[str, frozenset[str]]) -> N
         if value in accepted:
             continue
         what = f"{key}={raw}" if accepted else key
-        hint = _UNSUPPORTED_HINTS.get(key)
+        hint = (hints or {}).get(key) or _UNSUPPORTED_HINTS.get(key)
         raise OptionError(f"{what} is not supported by pyvmm yet" + (f"; {hint}" if hint else ""))
 
 
@@ -584,6 +629,97 @@ def disk_from_options(opts: Options) -> DiskConfig:
     )
 
 
+_NET_KEYS = frozenset({
+    "tap", "ip", "mask", "mac", "host_mac", "mtu", "num_queues", "queue_size", "id", "pci_segment",
+    "pci_device_id", "offload_tso", "offload_ufo", "offload_csum",
+})  # fmt: skip
+NET_DEFAULT_IP = ipaddress.IPv4Address("192.168.249.1")  # cloud-hypervisor's, for a tap it creates
+NET_DEFAULT_MASK = ipaddress.IPv4Address("255.255.255.0")
+NET_MIN_MTU = 68
+NET_MAX_MTU = 65535
+NET_MAX_QUEUE_SIZE = 32768
+IFNAMSIZ = 16
+
+
+def parse_net(text: str) -> NetConfig:
+    return net_from_options(parse_options(text, _NET_KEYS, hidden=_NET_UNSUPPORTED))
+
+
+def parse_mac(key: str, text: str) -> bytes:
+    """`12:34:56:78:9a:bc` -> 6 bytes; a multicast address is refused (it cannot be a NIC's)."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{1,2}", p) for p in parts):
+        raise OptionError(f"{key}={text} is not a MAC address like 12:34:56:78:9a:bc")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise OptionError(f"{key}={text} is a multicast address; the first byte must be even")
+    return mac
+
+
+def random_mac() -> bytes:
+    """A random locally administered unicast MAC, as cloud-hypervisor gives a --net without mac=."""
+    mac = bytearray(os.urandom(6))
+    mac[0] = (mac[0] & 0xFE) | 0x02
+    return bytes(mac)
+
+
+def _ipv4(opts: Options, key: str) -> ipaddress.IPv4Address | None:
+    raw = opts.get(key)
+    if raw is None:
+        return None
+    try:
+        return ipaddress.IPv4Address(raw)
+    except ValueError:
+        raise OptionError(f"{key}={raw} is not an IPv4 address like 192.168.249.1") from None
+
+
+def net_from_options(opts: Options) -> NetConfig:
+    _refuse_unsupported(opts, _NET_UNSUPPORTED, _NET_HINTS)
+    tap = opts.get("tap")
+    if tap is not None and (not tap or len(tap.encode()) >= IFNAMSIZ or "/" in tap or tap.strip() != tap
+                            or tap in (".", "..")):
+        raise OptionError(f"tap={tap} is not an interface name (1-{IFNAMSIZ - 1} bytes, no '/' or spaces)")
+    mask = _ipv4(opts, "mask")
+    if mask is not None:
+        try:
+            ipaddress.IPv4Network(f"0.0.0.0/{mask}")
+        except ValueError:
+            raise OptionError(f"mask={mask} is not a netmask like 255.255.255.0") from None
+    mac_text = opts.get("mac")
+    host_mac_text = opts.get("host_mac")
+    mtu = opts.integer("mtu", None, bits=32)
+    if mtu is not None and not NET_MIN_MTU <= mtu <= NET_MAX_MTU:
+        raise OptionError(f"mtu={mtu} is out of range {NET_MIN_MTU}..{NET_MAX_MTU}")
+    num_queues = _required_int(opts, "num_queues", 2, bits=16)
+    if num_queues < 2 or num_queues % 2:
+        raise OptionError(f"num_queues={num_queues}: give an even number of at least 2 "
+                          "(one receive and one transmit queue per pair)")
+    queue_size = _required_int(opts, "queue_size", 256, bits=16)
+    if queue_size < 2 or queue_size & (queue_size - 1):
+        raise OptionError(f"Queue size must be a power of 2 of at least 2, e.g. 256, not {queue_size}")
+    segment, slot = _pci_placement(opts)
+    return NetConfig(
+        tap=tap,
+        ip=_ipv4(opts, "ip"),
+        mask=mask,
+        mac=parse_mac("mac", mac_text) if mac_text is not None else random_mac(),
+        host_mac=parse_mac("host_mac", host_mac_text) if host_mac_text is not None else None,
+        mtu=mtu,
+        num_queues=num_queues,
+        queue_size=queue_size,
+        id=_check_id(opts),
+        pci_segment=segment,
+        pci_device_id=slot,
+        offload_tso=opts.toggle("offload_tso", True),
+        offload_ufo=opts.toggle("offload_ufo", True),
+        offload_csum=opts.toggle("offload_csum", True),
+    )
+
+
+def net_label(net: NetConfig) -> str:
+    return f"--net tap={net.tap}" if net.tap is not None else "--net"
+
+
 _DEVICE_KEYS = frozenset({
     "path", "id", "pci_segment", "pci_device_id", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed",
     "x_allow_no_reset",  # pyvmm-only (docs/cli.md#passthrough-devices)
@@ -771,6 +907,17 @@ def validate(config: VmConfig) -> None:
     if config.vsock is not None:
         vsock = config.vsock
         claim(f"--vsock socket={vsock.socket}", vsock.id, vsock.pci_segment, vsock.pci_device_id)
+    taps: set[str] = set()
+    for net in config.nets:
+        label = net_label(net)
+        claim(label, net.id, net.pci_segment, net.pci_device_id)
+        if net.queue_pairs > boot:
+            raise ConfigError(label, f"num_queues={net.num_queues} is {net.queue_pairs} queue pairs, more "
+                                     f"than the {boot} boot vCPUs")
+        if net.tap is not None:
+            if net.tap in taps:
+                raise ConfigError(label, f"tap {net.tap} is given to two --net devices")
+            taps.add(net.tap)
     seen_paths: dict[str, Path] = {}
     for dev in config.devices:
         label = _device_label("--device", dev.path)
@@ -948,6 +1095,21 @@ _HELP = {
   queue_size=<n>        power of 2 above 2 (default 128)
   serial=<string>       up to 20 bytes
   id=<name>, pci_segment=<n> (default 0), pci_device_id=<slot 1-31>""",
+    "--net": """virtio-net on a tap, its packets moved by the kernel's vhost-net; each
+CONFIG is one NIC, the option may be repeated (docs/net.md):
+  tap=<name>            the host tap (created if missing, removed at exit;
+                        default: a new vmtapN)
+  ip=<a.b.c.d>          the tap's address (default 192.168.249.1 on a
+                        tap pyvmm creates)
+  mask=<a.b.c.d>        the tap's netmask (default 255.255.255.0 likewise)
+  mac=<mac>             the guest's MAC (default: random)
+  host_mac=<mac>        the tap's MAC
+  mtu=<n>               68-65535, set on the tap and told to the guest
+  num_queues=<n>        even; num_queues/2 queue pairs, at most boot vCPUs
+                        (default 2)
+  queue_size=<n>        power of 2 (default 256)
+  offload_tso=on|off, offload_ufo=on|off, offload_csum=on|off (default on)
+  id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
     "--device": """VFIO passthrough; each CONFIG is one host PCI function, the option may
 be repeated:
   path=<dir>            the function's sysfs directory (required),
@@ -1046,7 +1208,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--event-monitor", "CONFIG"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
-    for flag in ("--disk", "--device", "--pci-segment"):
+    for flag in ("--disk", "--net", "--device", "--pci-segment"):
         parser.add_argument(flag, action="extend", nargs="+", default=[], metavar="CONFIG", help=_HELP[flag])
     parser.add_argument(
         "-v",
@@ -1119,7 +1281,7 @@ def parse_event_monitor(text: str) -> EventMonitorConfig:
 
 
 _VM_FLAGS = ("kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "console", "rng", "platform",
-             "disk", "device", "pci_segment", "vsock")
+             "disk", "net", "device", "pci_segment", "vsock")
 
 
 def parse_command_line(argv: Sequence[str]) -> CommandLine:
@@ -1166,6 +1328,7 @@ def _vm_config(ns: argparse.Namespace) -> VmConfig:
         console=_parse_one("--console", ns.console, parse_console, ConsoleConfig(ConsoleMode.TTY)),
         rng=_parse_one("--rng", ns.rng, parse_rng, RngConfig()),
         disks=tuple(_parse_each("--disk", ns.disk, parse_disk)),
+        nets=tuple(_parse_each("--net", ns.net, parse_net)),
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
         vsock=_parse_one("--vsock", ns.vsock, parse_vsock, None),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),

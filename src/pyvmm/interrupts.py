@@ -221,6 +221,10 @@ class IrqfdMsiVectors:
         except BlockingIOError:
             pass
 
+    def eventfd(self, vector: int) -> int:
+        """The eventfd bound to `vector` (a kernel backend signals it itself)."""
+        return self.eventfds[vector]
+
     def close(self) -> None:
         with self._lock:
             for vector, gsi in enumerate(self._gsi):

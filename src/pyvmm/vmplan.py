@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyvmm.boot import guest_phys_bits
-from pyvmm.config import ConsoleMode, VmConfig, aperture_weights
+from pyvmm.config import ConsoleMode, VmConfig, aperture_weights, net_label
 from pyvmm.pci.planning import PciPlan, PlanError, PlanItem, format_plan, plan_pci
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ RNG_LABEL = "--rng"
 
 def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
     """The builder's order, as cloud-hypervisor's (docs/pci.md#slot-assignment): the virtio-console (unless
-    --console off), disks, the virtio-rng, the virtio-vsock (--vsock), then devices in command-line order,
-    with the BARs each asks for.
+    --console off), disks, nets, the virtio-rng, the virtio-vsock (--vsock), then devices in command-line
+    order, with the BARs each asks for.
 
     A device whose sysfs files cannot be read, or whose config space has no room for the GPUDirect clique
     capability it asks for, is a PlanError.
@@ -49,6 +49,10 @@ def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
     items += [
         PlanItem(disk_label(d.path), d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
         for d in config.disks
+    ]
+    items += [
+        PlanItem(net_label(n), n.pci_segment, n.pci_device_id, tuple(virtio_bars()), "virtio-net")
+        for n in config.nets
     ]
     items.append(PlanItem(RNG_LABEL, 0, None, tuple(virtio_bars()), "virtio-rng"))
     if config.vsock is not None:

@@ -49,6 +49,9 @@ class FakeVectors:
             self.triggers[vector] += 1
             self._cond.notify_all()
 
+    def eventfd(self, vector: int) -> int:
+        return -1  # no kernel backend in these tests
+
     def wait(self, vector: int, above: int, timeout: float = 5.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.triggers[vector] > above, timeout)

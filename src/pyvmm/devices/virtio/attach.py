@@ -1,5 +1,5 @@
-"""Plugging virtio devices into a VM: `--disk` (image, virtio-blk), `--console` and `--rng`; each gets its
-transport, MSI-X vectors, PCI slot and MMIO range.
+"""Plugging virtio devices into a VM: `--disk` (image, virtio-blk), `--net` (tap + vhost-net), `--console`
+and `--rng`; each gets its transport, MSI-X vectors, PCI slot and MMIO range.
 
 Kept here so the VM builder only calls `attach_disks` / `attach_virtio` and closes what they return.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
-from pyvmm.config import DiskConfig
+from pyvmm.config import NET_DEFAULT_IP, NET_DEFAULT_MASK, DiskConfig, NetConfig, net_label
 from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import (
@@ -131,3 +131,63 @@ def attach_disks(
                 dev.close()
         raise
     return list(zip(attached, plugged, strict=True))
+
+
+def attach_nets(
+    nets: Sequence[NetConfig],
+    *,
+    memory: GuestMemory,
+    platform: PciPlatform,
+    router: MsiRouter,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds,
+) -> list[VirtioPciDevice]:
+    """Open (or create) every tap, one /dev/vhost-net per queue pair, and plug one virtio-net each. On
+    failure everything attached so far is unplugged and closed (taps pyvmm created disappear)."""
+    from pyvmm.devices.virtio.net import NetParams, VirtioNet
+    from pyvmm.errors import in_context
+    from pyvmm.host.tap import Tap, TapError, TapSetup
+    from pyvmm.vhost.backend import VhostError
+    from pyvmm.vhost.net import VhostNet
+
+    attached: list[VirtioPciDevice] = []
+    plugged: list[PciAddress] = []
+    try:
+        for n, net in enumerate(nets):
+            name = f"virtio-net-{net.id or n}"
+            try:
+                tap = Tap.open(net.tap, net.queue_pairs, TapSetup(net.ip, net.mask, net.host_mac, net.mtu),
+                               TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
+            except TapError as exc:
+                raise in_context(net_label(net), exc) from exc
+            vhosts: list[VhostNet] = []
+            try:
+                offloads = tap.supported_offloads()
+                for _ in range(net.queue_pairs):
+                    vhosts.append(VhostNet.open("/dev/vhost-net"))
+                params = NetParams(net.mac, net.queue_pairs, net.queue_size, net.mtu, net.offload_csum,
+                                   net.offload_tso, net.offload_ufo)
+                device = VirtioNet(params, tap, vhosts, offloads)
+            except BaseException as exc:
+                for vhost in vhosts:
+                    vhost.close()
+                tap.close()
+                if isinstance(exc, (VhostError, TapError)):
+                    raise in_context(net_label(net), exc) from exc
+                raise
+            try:
+                vectors = IrqfdMsiVectors(router, irqfds, vector_count(device), name)
+            except BaseException:
+                device.close()
+                raise
+            dev = VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+            attached.append(dev)
+            plugged.append(platform.attach(dev, net.pci_segment, net.pci_device_id))
+    except BaseException:
+        for address in reversed(plugged):
+            platform.detach(address)
+        for dev in reversed(attached):
+            with contextlib.suppress(Exception):
+                dev.close()
+        raise
+    return attached

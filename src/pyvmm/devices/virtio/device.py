@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue
-from pyvmm.devices.virtio.spec import VirtioDeviceType
+from pyvmm.devices.virtio.spec import TRANSPORT_FEATURES, VirtioDeviceType
 from pyvmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyvmm.vhost.backend import VringSpec
 
 
 class VirtioDevice(ABC):
@@ -20,6 +24,12 @@ class VirtioDevice(ABC):
     # Queues the device fills when it has something to send (virtio-console's receiveq) instead of
     # draining them on every kick: the transport calls fill_queue for those, process_queue for the rest.
     filled_queues: frozenset[int] = frozenset()
+    # Queues a backend outside Python serves (a kernel vhost device): the transport never polls their
+    # eventfds nor touches their rings; it hands them over at DRIVER_OK (start_external) and the device
+    # takes them back in reset() and close().
+    external_queues: frozenset[int] = frozenset()
+    # Ring and transport feature bits offered (a backend may support fewer than Python's rings).
+    transport_features: int = TRANSPORT_FEATURES
 
     def __init__(self, queue_sizes: list[int]) -> None:
         if not queue_sizes:
@@ -58,6 +68,10 @@ class VirtioDevice(ABC):
         """DRIVER_OK: the negotiated features are final and the rings may be used."""
         self.memory = memory
         self.acked_features = features
+
+    def start_external(self, rings: Sequence[VringSpec]) -> None:  # noqa: B027 - only with external_queues
+        """DRIVER_OK: serve these rings (the enabled external queues) outside Python from now on. Raises
+        PyvmmError or OSError when the backend refuses them: the device then needs a reset."""
 
     def reset(self) -> None:
         """The driver reset the device (queues are reset by the transport)."""

@@ -37,6 +37,7 @@ from pyvmm.devices.virtio.spec import (
     bit,
 )
 from pyvmm.devices.virtio.worker import QueueWorker
+from pyvmm.errors import PyvmmError
 from pyvmm.hypervisor import Ioeventfds
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarKind, BarMove
@@ -111,6 +112,10 @@ class MsiTrigger(MsiVectorSink, Protocol):
     def __len__(self) -> int: ...
 
     def trigger(self, vector: int) -> None: ...
+
+    def eventfd(self, vector: int) -> int:
+        """The eventfd that raises `vector` (what a kernel backend signals instead of trigger)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -229,6 +234,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
         self._notify_base: int | None = None  # guest address the queue ioeventfds are bound to
         self._worker: QueueWorker | None = None
         self._closed = False
+        self._no_vector_fd = -1
         device.bind_kick(self.kick)
 
         if bar64:
@@ -262,7 +268,7 @@ class VirtioPciDevice(ConfigSpaceDevice):
 
     @property
     def offered_features(self) -> int:
-        return self.device.features | TRANSPORT_FEATURES
+        return self.device.features | (self.device.transport_features & TRANSPORT_FEATURES)
 
     def _reset_state(self) -> None:
         self.status = DeviceStatus(0)
@@ -503,11 +509,42 @@ class VirtioPciDevice(ConfigSpaceDevice):
 
     def _activate(self) -> None:
         self.device.activate(self.memory, self.driver_features)
-        if self._worker is None:
-            self._worker = QueueWorker(self.name, self.queue_eventfds, self.process)
+        external = self.device.external_queues
+        if external and not self._start_external(external):
+            return
+        if self._worker is None and len(external) < len(self.queues):
+            served = [-1 if i in external else fd for i, fd in enumerate(self.queue_eventfds)]
+            self._worker = QueueWorker(self.name, served, self.process)
             self._worker.start()
         for fd in self.queue_eventfds:  # buffers may have been queued before DRIVER_OK
             os.eventfd_write(fd, 1)
+
+    def _start_external(self, external: frozenset[int]) -> bool:
+        """Hand the enabled external queues to the device's backend: kicks go straight from KVM's
+        ioeventfd to it, and it interrupts through the queue vector's irqfd-bound eventfd. A masked vector
+        loses nothing: its eventfd counts the signals until the vector is unmasked and its irqfd assigned
+        again, which injects at once when the count is not zero (docs/net.md#interrupts)."""
+        from pyvmm.vhost.backend import VringSpec
+
+        rings = [
+            VringSpec(q.index, q.size, q.desc_addr, q.avail_addr, q.used_addr,
+                      kick_fd=self.queue_eventfds[q.index], call_fd=self._call_fd(q.msix_vector))
+            for q in self.queues if q.index in external and q.ready
+        ]
+        try:
+            self.device.start_external(rings)
+        except (PyvmmError, OSError) as exc:
+            log.warning("%s: the backend refused the queues: %s; the device needs a reset", self.name, exc)
+            self._needs_reset()
+            return False
+        return True
+
+    def _call_fd(self, vector: int) -> int:
+        if vector != VIRTIO_MSI_NO_VECTOR and vector < len(self.vectors):
+            return self.vectors.eventfd(vector)
+        if self._no_vector_fd < 0:  # a queue without a vector interrupts nobody (pyvmm has no INTx)
+            self._no_vector_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return self._no_vector_fd
 
     def _reset(self) -> None:
         self.device.reset()
@@ -602,9 +639,12 @@ class VirtioPciDevice(ConfigSpaceDevice):
             q.reset()  # drops the ring views into guest memory
         with self._lock:  # a kick from a device's host-side thread never writes to a reused fd number
             fds, self.queue_eventfds = self.queue_eventfds, []
+        self.device.close()  # first: a kernel backend stops using the eventfds closed below
+        if self._no_vector_fd >= 0:
+            fds.append(self._no_vector_fd)
+            self._no_vector_fd = -1
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.device.close()
         self.vectors.close()
 

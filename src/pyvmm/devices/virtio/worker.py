@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 class QueueWorker:
     """Calls `handler(queue_index)` whenever eventfd `eventfds[queue_index]` was signalled (by KVM's
-    ioeventfd on the guest's notify write, or by the transport's trapped-write fallback)."""
+    ioeventfd on the guest's notify write, or by the transport's trapped-write fallback). An entry of -1
+    is a queue served elsewhere (a vhost backend): not watched."""
 
     def __init__(self, name: str, eventfds: list[int], handler: Callable[[int], None]) -> None:
         self.name = name
@@ -49,6 +50,8 @@ class QueueWorker:
         poller.register(self._stop_fd, select.POLLIN)
         index_of = {}
         for index, fd in enumerate(self._eventfds):
+            if fd < 0:
+                continue
             poller.register(fd, select.POLLIN)
             index_of[fd] = index
         while True:
