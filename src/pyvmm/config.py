@@ -30,6 +30,7 @@ from typing import NoReturn, TypeVar
 from pyvmm import __version__, layout
 from pyvmm.errors import UsageError
 from pyvmm.options import OptionError, Options, parse_byte_size, parse_options
+from pyvmm.sandbox import SeccompMode
 
 MAX_VCPUS = 8192  # KVM's limit on x86_64 as CH enforces it; the host's KVM_CAP_MAX_VCPUS is checked later
 MAX_PCI_SEGMENTS = 96
@@ -197,6 +198,7 @@ class VmConfig:
     devices: tuple[DeviceConfig, ...] = ()
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     pci_segments: tuple[PciSegmentConfig, ...] = ()
+    seccomp: SeccompMode = SeccompMode.TRUE  # docs/seccomp.md
     verbosity: int = 0
     dry_run: bool = False
 
@@ -867,6 +869,11 @@ be repeated:
                         host's interrupts (default off: refused)
   x_max_msi_routes=<n>  MSI/MSI-X vectors the guest may route at once, 1-{layout.MSI_ROUTES_MAX}
                         (default {layout.MSI_ROUTES_MAX}); further vectors stay masked""",
+    "--seccomp": """system-call filter once the VM is built (docs/seccomp.md):
+  true                  a call outside a thread's allow-list kills pyvmm
+                        (default)
+  log                   such calls go through and the kernel logs them
+  false                 no filter""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)
@@ -922,6 +929,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--console", "CONFIG"),
         ("--rng", "CONFIG"),
         ("--platform", "CONFIG"),
+        ("--seccomp", "true|false|log"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
     for flag in ("--disk", "--device", "--pci-segment"):
@@ -959,6 +967,15 @@ def _parse_one(flag: str, text: str | None, parse: Callable[[str], T], default: 
     return _parse_each(flag, [text], parse)[0]
 
 
+def _parse_seccomp(text: str | None) -> SeccompMode:
+    if text is None:
+        return SeccompMode.TRUE
+    try:
+        return SeccompMode(text)
+    except ValueError:
+        raise ConfigError("--seccomp", f"invalid value {text!r}: use true, false or log") from None
+
+
 def parse_vm_config(argv: Sequence[str]) -> VmConfig:
     """Parse and validate a pyvmm command line (without the program name)."""
     ns = build_arg_parser().parse_args(list(argv))
@@ -987,6 +1004,7 @@ def parse_vm_config(argv: Sequence[str]) -> VmConfig:
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
         pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
+        seccomp=_parse_seccomp(ns.seccomp),
         verbosity=ns.verbose,
         dry_run=ns.dry_run,
     )
