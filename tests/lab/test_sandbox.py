@@ -30,6 +30,7 @@ U=pyvmm-user
 getent group kvm >/dev/null || groupadd -r kvm
 useradd -M -G kvm $U
 chgrp kvm /dev/kvm && chmod 660 /dev/kvm  # what udev does on a real host
+chmod o+x /root  # the lab's Python and pyvmm's assets live under /root (0700 on the host)
 mkdir -p $TMPDIR/u && install -m 644 "$PYVMM_GUEST_KERNEL" $TMPDIR/u/kernel
 install -m 644 "$PYVMM_GUEST_INITRAMFS" $TMPDIR/u/initrd && chmod 755 $TMPDIR $TMPDIR/u
 GROUP=$(basename $(readlink /sys/bus/pci/devices/$SD/iommu_group))
