@@ -30,6 +30,7 @@ from typing import NoReturn, TypeVar
 from pyvmm import __version__, layout
 from pyvmm.errors import UsageError
 from pyvmm.options import OptionError, Options, parse_byte_size, parse_options
+from pyvmm.sandbox import SeccompMode
 
 MAX_VCPUS = 8192  # KVM's limit on x86_64 as CH enforces it; the host's KVM_CAP_MAX_VCPUS is checked later
 MAX_PCI_SEGMENTS = 96
@@ -197,6 +198,7 @@ class VmConfig:
     devices: tuple[DeviceConfig, ...] = ()
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     pci_segments: tuple[PciSegmentConfig, ...] = ()
+    seccomp: SeccompMode = SeccompMode.TRUE  # docs/seccomp.md
     verbosity: int = 0
     dry_run: bool = False
 
@@ -216,6 +218,7 @@ class CommandLine:
     vm: VmConfig | None
     api_socket: ApiSocketConfig | None
     verbosity: int = 0
+    seccomp: SeccompMode = SeccompMode.TRUE  # the process's filters (docs/seccomp.md), with or without a VM
 
 
 def aperture_weights(config: VmConfig) -> list[tuple[int, int]]:
@@ -916,6 +919,11 @@ be repeated:
   path=<path> | fd=<n> | <path>
                         a new socket at <path>, or an already listening Unix
                         socket; with no VM options, pyvmm waits for vm.create""",
+    "--seccomp": """system-call filter once the VM is built (docs/seccomp.md):
+  true                  a call outside a thread's allow-list kills pyvmm
+                        (default)
+  log                   such calls go through and the kernel logs them
+  false                 no filter""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)
@@ -972,6 +980,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--rng", "CONFIG"),
         ("--platform", "CONFIG"),
         ("--api-socket", "SOCKET"),
+        ("--seccomp", "true|false|log"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
     for flag in ("--disk", "--device", "--pci-segment"):
@@ -1009,6 +1018,15 @@ def _parse_one(flag: str, text: str | None, parse: Callable[[str], T], default: 
     return _parse_each(flag, [text], parse)[0]
 
 
+def _parse_seccomp(text: str | None) -> SeccompMode:
+    if text is None:
+        return SeccompMode.TRUE
+    try:
+        return SeccompMode(text)
+    except ValueError:
+        raise ConfigError("--seccomp", f"invalid value {text!r}: use true, false or log") from None
+
+
 def parse_api_socket(text: str) -> ApiSocketConfig:
     """`path=P`, `fd=N`, or (as Kata passes it) a bare path: whatever is not that option string is a path."""
     try:
@@ -1041,8 +1059,8 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
         if ns.dry_run:
             raise ConfigError("--dry-run", "checks a command line and exits: not with --api-socket")
         if not any(getattr(ns, flag) for flag in _VM_FLAGS):
-            return CommandLine(None, api, ns.verbose)
-    return CommandLine(_vm_config(ns), api, ns.verbose)
+            return CommandLine(None, api, ns.verbose, _parse_seccomp(ns.seccomp))
+    return CommandLine(_vm_config(ns), api, ns.verbose, _parse_seccomp(ns.seccomp))
 
 
 def parse_vm_config(argv: Sequence[str]) -> VmConfig:
@@ -1077,6 +1095,7 @@ def _vm_config(ns: argparse.Namespace) -> VmConfig:
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
         pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
+        seccomp=_parse_seccomp(ns.seccomp),
         verbosity=ns.verbose,
         dry_run=ns.dry_run,
     )

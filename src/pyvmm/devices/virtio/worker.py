@@ -9,6 +9,8 @@ import select
 import threading
 from collections.abc import Callable
 
+from pyvmm import sandbox
+
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +44,7 @@ class QueueWorker:
         self._stop_fd = -1
 
     def _run(self) -> None:
+        sandbox.enter(sandbox.ThreadKind.VIRTIO_WORKER)  # this thread's seccomp filter, when on
         poller = select.poll()
         poller.register(self._stop_fd, select.POLLIN)
         index_of = {}
