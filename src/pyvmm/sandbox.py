@@ -4,6 +4,11 @@ Each long-lived thread calls `enter(kind)` first thing. When a policy is set (py
 the VM is built, before the guest runs), `enter` installs that kind's filter on the calling thread;
 otherwise (`--seccomp false`, unit tests, the lab's tools) it does nothing. This module imports nothing of
 pyvmm, so the vCPU loop, the virtio worker and the console can call it without depending on the filters.
+
+A new kind of thread (a new device's worker, say): add a member below, its list to
+`pyvmm.seccomp.allowlists.ALLOWED` (every entry also in the base lists it stacks on, which the unit
+tests check), and call `sandbox.enter(ThreadKind.X)` first thing in the thread
+(docs/seccomp.md#adding-a-thread-kind).
 """
 
 from __future__ import annotations
@@ -14,10 +19,17 @@ from enum import Enum
 
 
 class ThreadKind(Enum):
-    VMM = "vmm"  # every thread: the main thread's list, installed on all threads at once
+    # The two base kinds: the main thread's list, installed on every thread at once (TSYNC).
+    VMM = "vmm"  # `pyvmm` with a VM on its command line: the VM is built before the filter goes on
+    API_VMM = "api-vmm"  # `pyvmm --api-socket`: the main thread builds VMs and hot-plugs under its filter
+    # The kinds each thread adds on top of its base when it starts.
     VCPU = "vcpu"
     VIRTIO_WORKER = "virtio-worker"
     TERMINAL_INPUT = "terminal-input"
+    HTTP_SERVER = "http-server"  # the API socket's thread (pyvmm.api.server)
+
+
+BASE_KINDS = frozenset({ThreadKind.VMM, ThreadKind.API_VMM})
 
 
 class SeccompMode(Enum):

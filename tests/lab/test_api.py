@@ -14,11 +14,21 @@ pytestmark = pytest.mark.lab
 # guest, so the bound holds there with room to spare only if pyvmm's teardown is quick.
 KATA_EXIT_SECONDS = 3.0
 
+# The kernel's seccomp audit records (type 1326: a call a filter refused, or logged under --seccomp log),
+# counted by system call number, after `command`; the command's exit status is kept.
+SECCOMP_RECORDS = """{command}; rc=$?
+echo "seccomp-records: $(dmesg | grep 'type=1326' | grep -o -e 'syscall=[0-9]*' | sort | uniq -c \
+  | tr -s ' \\n' ' ')"
+exit $rc"""
+
 
 def test_kata_start_stop_errors_and_remote(lab) -> None:
-    proc = lab('python3 tests/lab/helpers/kata_api.py "$TMPDIR"', devices="sd", timeout=600)
+    command = SECCOMP_RECORDS.format(command='python3 tests/lab/helpers/kata_api.py "$TMPDIR"')
+    proc = lab(command, devices="sd", timeout=600)
     out = proc.stdout
     assert proc.returncode == 0 and "KATA-API-DONE" in out, out
+    # every pyvmm here ran with --seccomp true (the default): no call refused (nor logged) by its filters
+    assert re.search(r"^seccomp-records: $", out, re.MULTILINE), out
     assert "Traceback" not in out, out
     steps = {m.group(1): m.group(2) for m in re.finditer(r"^STEP (\S+) ?(.*)$", out, re.MULTILINE)}
     assert "bad_json=400 unknown=404 boot_before_create=500" in steps["errors"], steps
@@ -63,6 +73,9 @@ echo "disp-after: $(drv $DISP)"
 $R add-device path=/sys/bus/pci/devices/$SD/,managed=on > $TMPDIR/added.json; echo "add-rc=$?"
 cat $TMPDIR/added.json; echo
 echo "host-during: $(drv $SD)"
+for t in /proc/$pid/task/*; do  # the filters of every thread (docs/seccomp.md): name, mode, how many
+  echo "thread $(cat $t/comm) $(grep -e '^Seccomp:' -e '^Seccomp_filters:' $t/status | cut -f2 | tr '\n' ' ')"
+done
 cat > $TMPDIR/tree.py <<'EOF'
 import json, sys
 tree = json.load(sys.stdin)["device_tree"]  # vm.info's: id=bdf of every PCI device
@@ -82,6 +95,8 @@ echo "host-after: $(drv $SD)"
 echo "tree-ejected: $(tree)"
 $R shutdown-vmm; echo "shutdown-rc=$?"
 wait $pid; echo "vmm-rc=$?"
+echo "seccomp-records: $(dmesg | grep 'type=1326' | grep -o -e 'syscall=[0-9]*' | sort | uniq -c \
+  | tr -s ' \n' ' ')"
 grep -e Traceback -e 'pyvmm: ' $TMPDIR/vmm.log
 sec host
 echo "card=$(sha_of /dev/mmcblk0)"; echo "want=$PYVMM_LAB_SD_SHA256"; ls /run/pyvmm
@@ -113,4 +128,10 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert ejected and "__rng=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
     assert "remove-rc=0" in run and "GUEST-GONE" in run and "host-after: sdhci-pci" in run, run
     assert "shutdown-rc=0" in run and "vmm-rc=0" in run and "Traceback" not in run, run
+    # --seccomp true (the default): a filter on every thread, the server's and the vCPU's own on top of the
+    # API_VMM one, and no call the kernel had to refuse or log
+    threads = dict(re.findall(r"^thread (\S+) (\d+ \d+) $", run, re.MULTILINE))
+    assert threads.get("http-server") == "2 2" and threads.get("vcpu0") == "2 2", run
+    assert threads and all(value.startswith("2 ") for value in threads.values()), run
+    assert re.search(r"^seccomp-records: $", run, re.MULTILINE), run
     assert f"card={want.group(1)}" in out["host"] and "host-journal.json" not in out["host"], out["host"]

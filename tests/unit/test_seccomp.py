@@ -15,9 +15,9 @@ import pytest
 
 from pyvmm.config import ConfigError, parse_vm_config
 from pyvmm.kvm.bindings import KvmIoctl
-from pyvmm.sandbox import SeccompMode, ThreadKind
+from pyvmm.sandbox import BASE_KINDS, SeccompMode, ThreadKind
 from pyvmm.seccomp import bpf
-from pyvmm.seccomp.allowlists import CLONE_THREAD, O_CREAT, O_RDONLY, rules
+from pyvmm.seccomp.allowlists import API_ONLY_KINDS, CLONE_THREAD, O_CREAT, O_RDONLY, rules
 from pyvmm.seccomp.bpf import AUDIT_ARCH_X86_64, ArgCheck, Insn, Rule, SeccompRet, compile_filter
 from pyvmm.seccomp.install import default_action
 from pyvmm.seccomp.syscalls import SYSCALLS
@@ -150,7 +150,7 @@ def test_every_thread_can_run_python_and_take_its_own_filter(kind: ThreadKind) -
 
 
 def test_only_the_vmm_filter_writes_files() -> None:
-    for kind in (ThreadKind.VCPU, ThreadKind.VIRTIO_WORKER, ThreadKind.TERMINAL_INPUT):
+    for kind in set(ThreadKind) - BASE_KINDS:
         prog = program(kind)
         assert run(prog, NR["openat"], [0, 0, 1]) == KILL, kind  # O_WRONLY
         assert run(prog, NR["openat"], [0, 0, O_RDONLY | O_CREAT]) == KILL, kind
@@ -174,6 +174,28 @@ def test_ioctls_by_request_number() -> None:
     assert run(vcpu, ioctl, [0, (1 << 32) | KvmIoctl.KVM_RUN]) == ALLOW
     assert run(vcpu, ioctl, [0, 0x5401]) == ALLOW  # TCGETS: io.open reading a source for a traceback
     assert run(vcpu, ioctl, [0, 0x5402]) == KILL  # TCSETS: only the main thread restores the terminal
+    # The guest's eject releases a function on its vCPU thread: the group leaves KVM and the container.
+    for releasing in (KvmIoctl.KVM_SET_DEVICE_ATTR, VfioIoctl.VFIO_GROUP_UNSET_CONTAINER):
+        assert run(vcpu, ioctl, [0, releasing]) == ALLOW, releasing.name
+
+
+def test_the_api_vmm_builds_and_hot_plugs_and_its_server_only_serves() -> None:
+    """`pyvmm --api-socket`: the main thread builds VMs and hot-plugs under its filter (every KVM and VFIO
+    request); the HTTP server thread answers on its socket and touches neither KVM, VFIO nor files."""
+    api, http = program(ThreadKind.API_VMM), program(ThreadKind.HTTP_SERVER)
+    ioctl = NR["ioctl"]
+    for request in (*KvmIoctl, *VfioIoctl):
+        assert run(api, ioctl, [0, request]) == ALLOW, request.name
+        assert run(http, ioctl, [0, request]) == KILL, request.name
+    assert run(api, NR["memfd_create"]) == ALLOW and run(api, NR["openat"], [0, 0, 2]) == ALLOW
+    for name in ("accept4", "recvmsg", "sendto", "epoll_wait", "epoll_ctl"):
+        assert run(http, NR[name]) == ALLOW, name
+    assert run(http, ioctl, [0, 0x5421]) == ALLOW  # FIONBIO
+    assert run(http, ioctl, [0, 0x5451]) == ALLOW  # FIOCLEX
+    for name in ("socket", "connect", "bind", "listen", "memfd_create", "flock", "unlink", "eventfd2"):
+        assert run(http, NR[name]) == KILL, name
+    # The CLI's VMM filter (the VM built before it) creates nothing.
+    assert run(program(ThreadKind.VMM), ioctl, [0, KvmIoctl.KVM_CREATE_VM]) == KILL
 
 
 def _allowed_calls(kind: ThreadKind) -> list[tuple[int, list[int]]]:
@@ -192,13 +214,16 @@ def _allowed_calls(kind: ThreadKind) -> list[tuple[int, list[int]]]:
 
 @pytest.mark.parametrize(
     ("inner", "outer"),
-    [(ThreadKind.VCPU, ThreadKind.VMM), (ThreadKind.VIRTIO_WORKER, ThreadKind.VMM),
-     (ThreadKind.TERMINAL_INPUT, ThreadKind.VMM), (ThreadKind.VIRTIO_WORKER, ThreadKind.VCPU)],
+    [*((kind, base) for base in BASE_KINDS for kind in ThreadKind if kind not in BASE_KINDS
+       and not (base is ThreadKind.VMM and kind in API_ONLY_KINDS)),
+     (ThreadKind.VMM, ThreadKind.API_VMM), (ThreadKind.VIRTIO_WORKER, ThreadKind.VCPU)],
     ids=lambda k: k.value,
 )
 def test_stacked_filters_allow_what_the_inner_list_allows(inner: ThreadKind, outer: ThreadKind) -> None:
-    """Filters stack: a thread gets the VMM filter and then its own; a worker, started by a vCPU thread,
-    also inherits the vCPU filter. A call the inner list allows must pass the outer filters too."""
+    """Filters stack: a thread gets a base filter (VMM or API_VMM) and then its own; a worker, started by a
+    vCPU thread, also inherits the vCPU filter. A call the inner list allows must pass the outer filters
+    too. Every kind, the HTTP server's included, runs under either base (a kind added later gets this check
+    without listing it here)."""
     outer_prog = program(outer)
     expected = {NR["clone3"]: SeccompRet.SECCOMP_RET_ERRNO | errno.ENOSYS}
     for nr, args in _allowed_calls(inner):
@@ -261,6 +286,29 @@ def test_filter_on_every_thread_and_a_forbidden_call_kills() -> None:
 
 
 @needs_seccomp
+def test_api_vmm_filter_and_the_http_server_thread() -> None:
+    """As `pyvmm --api-socket` runs: the API_VMM filter on every thread, the server thread's own on top; a
+    socket() from the server thread kills the process."""
+    proc = _child("""
+        import socket, threading
+        from pyvmm import sandbox
+        r, w = socket.socketpair()  # as the listener, opened before the filter
+        install(SeccompMode.TRUE, sandbox.ThreadKind.API_VMM)
+        def server():
+            sandbox.enter(sandbox.ThreadKind.HTTP_SERVER)
+            s = dict(l.split(":\t", 1) for l in open("/proc/thread-self/status").read().splitlines())
+            w.settimeout(2.0); w.set_inheritable(False)
+            w.sendall(b"x"); print("server", s["Seccomp_filters"].strip(), r.recv(1), flush=True)
+            socket.socket()
+            print("not killed", flush=True)
+        t = threading.Thread(target=server)
+        t.start(); t.join()
+    """)
+    assert proc.returncode == -31, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.splitlines() == ["server 2 b'x'"], proc.stdout
+
+
+@needs_seccomp
 def test_log_mode_lets_the_call_through() -> None:
     proc = _child("""
         import socket
@@ -283,18 +331,23 @@ def test_false_installs_nothing() -> None:
 
 
 @needs_seccomp
-@pytest.mark.parametrize("mode", ["TRUE", "LOG"])
+@pytest.mark.parametrize("mode", ["TRUE", "LOG", "API"])
 def test_kvm_selftest_runs_and_tears_down_under_the_filter(mode: str) -> None:
     """The real-mode program on this host's KVM (where it is usable): built, then the filters, then run,
-    stopped by the kick signal and closed."""
+    stopped by the kick signal and closed. API: as `pyvmm --api-socket`, the API_VMM filter goes on first
+    and the VM is built under it."""
+    api = "install(SeccompMode.TRUE, ThreadKind.API_VMM)" if mode == "API" else "pass"
+    before_run = "None" if mode == "API" else f"lambda: install(SeccompMode.{mode})"
     proc = _child(f"""
         from pyvmm.kvm import selftest
         from pyvmm.kvm.system import Kvm, KvmError
+        from pyvmm.sandbox import ThreadKind
         try:
             Kvm().close()
         except KvmError as e:
             print("no KVM:", e); sys.exit(77)
-        run = selftest.run_program(before_run=lambda: install(SeccompMode.{mode}))
+        {api}
+        run = selftest.run_program(before_run={before_run})
         problems = selftest.check(run, irqchip=True)
         print(problems or "ok", flush=True)
     """)

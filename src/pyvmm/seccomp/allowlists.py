@@ -3,11 +3,16 @@
 needs it. Found by running real VMs with `--seccomp log` in the lab and by `strace -f` of
 `python -m pyvmm.kvm.selftest` (docs/seccomp.md#how-the-lists-were-found).
 
-Filters stack: the VMM list is installed on every thread at once (the main thread and every thread
-already running), and each thread kind adds its own list when its thread starts. A thread may make a
-syscall only when every filter on it allows it, so each kind's list is a subset of the VMM list, and the
-vCPU list also holds what the virtio workers need: a worker is started by a vCPU thread (the guest's
-DRIVER_OK write) and inherits its filters.
+Filters stack: a base list (VMM for `pyvmm` with a VM on its command line, API_VMM for `pyvmm
+--api-socket`) is installed on every thread at once (the main thread and every thread already running),
+and each thread kind adds its own list when its thread starts. A thread may make a syscall only when
+every filter on it allows it, so each kind's list is a subset of both base lists, and the vCPU list also
+holds what the virtio workers need: a worker is started by a vCPU thread (the guest's DRIVER_OK write) and
+inherits its filters.
+
+Adding a thread kind: a member of sandbox.ThreadKind, its entries below (each with its code path) and in
+ALLOWED, `sandbox.enter(kind)` first thing in the thread; tests/unit/test_seccomp.py then checks that both
+base filters pass every call of the new list (docs/seccomp.md#adding-a-thread-kind).
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ _RUNTIME = (
         ArgCheck(2, (O_RDONLY,), mask=O_ACCMODE | O_CREAT | O_TRUNC),
     ),
     Allowed("getcwd", "tracebacks resolving relative source paths"),
+    Allowed("uname", "an import on first use: uuid (ACPI tables, API answers) imports platform, which asks"),
     Allowed("getdents64", "an import on first use lists its package directory (importlib's FileFinder)"),
     Allowed("readlink", "tracebacks resolving source paths"),
     Allowed("fcntl", "io.open checking a file's flags"),
@@ -142,6 +148,12 @@ _VCPU_IOCTLS = (
     VfioIoctl.VFIO_DEVICE_GET_REGION_INFO,  # a region's offset for a trapped BAR access
     VfioIoctl.VFIO_IOMMU_MAP_DMA, VfioIoctl.VFIO_IOMMU_UNMAP_DMA,  # peer-to-peer BAR mappings that move
     VfioIoctl.VFIO_DEVICE_RESET,  # a function-level reset the guest asks for through config space
+    # The guest's eject (B0EJ write, hotplug.PciHotplug._eject) releases the function on this thread, as
+    # cloud-hypervisor does: VfioPassthrough.release takes its group out of the KVM VFIO device and out of
+    # the container when no other function uses it. A managed=on give-back is not done here (sysfs writes):
+    # a thread started at hot-plug time does it (docs/seccomp.md#hot-plug).
+    KvmIoctl.KVM_SET_DEVICE_ATTR,  # release: KVM_DEV_VFIO_FILE_DEL of the group
+    VfioIoctl.VFIO_GROUP_UNSET_CONTAINER,  # release: the group leaves the container
 )
 
 _VCPU = (
@@ -183,6 +195,26 @@ _TERMINAL_INPUT = (
         "ioctl", "the UART's receive interrupt (KVM_IRQ_LINE); virtio-console's MSI",
         _ioctls((KvmIoctl.KVM_IRQ_LINE, KvmIoctl.KVM_SIGNAL_MSI, *_RUNTIME_IOCTLS)),
     ),
+)
+
+# The API socket's thread (api.server.ApiServer._serve): HTTP over a Unix socket. It parses requests and
+# hands each to the main thread (ApiVmm.submit, a queue): it never touches KVM, VFIO or files itself.
+_HTTP_SERVER_IOCTLS = (
+    termios.FIONBIO,  # socket.settimeout on an accepted connection (CPython sets O_NONBLOCK by FIONBIO)
+    termios.FIOCLEX,  # socket.set_inheritable(False) on an accepted connection
+)
+
+_HTTP_SERVER = (
+    Allowed("ioctl", "see _HTTP_SERVER_IOCTLS", _ioctls((*_HTTP_SERVER_IOCTLS, *_RUNTIME_IOCTLS))),
+    Allowed("accept4", "ApiServer._new_connection: listener.accept() (SOCK_CLOEXEC)"),
+    Allowed("getsockname", "listener.accept(): CPython's socket object asks the accepted fd its address"),
+    Allowed("recvmsg", "_Connection.receive: a request and the fds a client passes (SCM_RIGHTS: add-net)"),
+    Allowed("recvfrom", "socket.recv on a connection (CPython's recv)"),
+    Allowed("sendto", "socket.sendall of a response or a 100 Continue (CPython's send)"),
+    Allowed("sendmsg", "socket.sendmsg, should a response carry ancillary data"),
+    Allowed("epoll_wait", "selectors.DefaultSelector.select: the listener, connections, the wake pipe"),
+    Allowed("epoll_pwait", "as epoll_wait, where glibc maps it so"),
+    Allowed("epoll_ctl", "registering and unregistering connections and the listener"),
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,6 +259,37 @@ _VMM = (
 )
 
 
+# ---------------------------------------------------------------------------------------------------
+# The API_VMM filter, on every thread of `pyvmm --api-socket`: the filter goes on before the first call is
+# served (no VM yet), so the main thread builds, boots, reboots and tears VMs down under it (ApiVmm), and
+# runs vm.add-device (hotplug.PciHotplug.add_vfio_devices: opening groups and devices, BAR mmaps, DMA
+# maps, eventfds, memslots, managed=on binding through sysfs). As cloud-hypervisor's VMM thread, it may make
+# every KVM and VFIO request pyvmm has bindings for. What it still may not do: run programs, fork, open or
+# connect sockets, trace, mount, load modules or BPF, change namespaces.
+
+_API_VMM_IOCTLS = (
+    *KvmIoctl,  # ApiVmm._boot -> builder.build_vm: KVM_CREATE_VM, KVM_CREATE_VCPU, vCPU setup, irqchip, ...
+    *VfioIoctl,  # builder and vm.add-device: groups, container, devices, regions, resets, DMA mappings
+    *_HTTP_SERVER_IOCTLS,  # the HTTP server thread's list stacks on this one
+)
+
+_API_VMM = (
+    Allowed(
+        "ioctl", "see _API_VMM_IOCTLS and _VMM_IOCTLS",
+        _ioctls((*_API_VMM_IOCTLS, *_VMM_IOCTLS, *_WORKER_IOCTLS, *_RUNTIME_IOCTLS)),
+    ),
+    *(entry for entry in _VMM if entry.syscall != "ioctl"),
+    *(entry for entry in _HTTP_SERVER if entry.syscall != "ioctl"),
+    Allowed("memfd_create", "vm.boot: guest RAM with --memory shared=on or hugepages (memory.py)"),
+    Allowed(
+        "prlimit64",
+        "resource.getrlimit(RLIMIT_MEMLOCK): memlock.py at vm.boot, host facts of a managed=on hot-plug "
+        "(seen in the lab); a filter cannot tell a get from a set by the pointer; raising needs "
+        "CAP_SYS_RESOURCE",
+    ),
+)
+
+
 def _rules(entries: Iterable[Allowed], base: Iterable[Allowed] = _RUNTIME) -> tuple[Rule, ...]:
     """Rules from `base` then `entries`, an entry of `entries` replacing the base's for its syscall."""
     merged: dict[str, Allowed] = {}
@@ -245,7 +308,14 @@ ALLOWED: Mapping[ThreadKind, tuple[Allowed, ...]] = {
     ThreadKind.VCPU: _VCPU,
     ThreadKind.VIRTIO_WORKER: _WORKER,
     ThreadKind.TERMINAL_INPUT: _TERMINAL_INPUT,
+    ThreadKind.API_VMM: _API_VMM,
+    ThreadKind.HTTP_SERVER: _HTTP_SERVER,
 }
+
+
+# Kinds whose threads exist only in `pyvmm --api-socket`, so only under the API_VMM base; every other kind
+# must pass both bases (tests/unit/test_seccomp.py checks it).
+API_ONLY_KINDS = frozenset({ThreadKind.HTTP_SERVER})
 
 
 def rules(kind: ThreadKind) -> tuple[Rule, ...]:

@@ -1,6 +1,6 @@
 """Putting the filters in place: PR_SET_NO_NEW_PRIVS, then seccomp(2) with the programs of bpf.py built
-from allowlists.py. `install(mode)` is called once, on the main thread, when the VM is built and before
-its vCPUs start (docs/seccomp.md#when)."""
+from allowlists.py. `install(mode)` is called once, on the main thread: by `pyvmm` when the VM is built and
+before its vCPUs start, by `pyvmm --api-socket` before it serves the first call (docs/seccomp.md#when)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 from pyvmm import sandbox
 from pyvmm.errors import VmError
-from pyvmm.sandbox import SeccompMode, ThreadKind
+from pyvmm.sandbox import BASE_KINDS, SeccompMode, ThreadKind
 from pyvmm.seccomp.allowlists import PR_SET_NO_NEW_PRIVS, SECCOMP_SET_MODE_FILTER, rules
 from pyvmm.seccomp.bpf import SeccompRet, compile_filter, sock_filter, sock_fprog, to_sock_filters
 from pyvmm.seccomp.syscalls import SYSCALLS
@@ -64,7 +64,7 @@ class _Policy:
     def __init__(self, mode: SeccompMode) -> None:
         # Compiled before any filter is on: the threads only load them.
         self.programs: dict[ThreadKind, _Program] = {
-            kind: _Program(kind, mode) for kind in ThreadKind if kind is not ThreadKind.VMM
+            kind: _Program(kind, mode) for kind in ThreadKind if kind not in BASE_KINDS
         }
 
     def __call__(self, kind: ThreadKind) -> None:
@@ -77,14 +77,18 @@ class _Policy:
             log.error("%s; the thread goes on under the VMM filter only", exc)
 
 
-def install(mode: SeccompMode) -> None:
-    """No new privileges, the VMM filter on every thread, and each thread kind's filter as it starts."""
+def install(mode: SeccompMode, base: ThreadKind = ThreadKind.VMM) -> None:
+    """No new privileges, the `base` filter (VMM, or API_VMM for a VMM that serves the API) on every
+    thread, and each thread kind's filter as it starts."""
+    if base not in BASE_KINDS:
+        raise ValueError(f"{base} is not a base filter")
     if mode is SeccompMode.FALSE:
         return
     policy = _Policy(mode)
-    vmm = _Program(ThreadKind.VMM, mode)
+    vmm = _Program(base, mode)
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise SeccompError(f"--seccomp: PR_SET_NO_NEW_PRIVS failed: {os.strerror(ctypes.get_errno())}")
     vmm.load(SECCOMP_FILTER_FLAG_TSYNC)
     sandbox.set_policy(policy)
-    log.info("seccomp: filters on (%s), %d instructions on every thread", mode.value, len(vmm.insns))
+    log.info("seccomp: filters on (%s), %s filter of %d instructions on every thread", mode.value,
+             base.value, len(vmm.insns))
