@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.config import ConfigError, parse_vm_config
+from pyvmm.config import ConfigError, parse_command_line, parse_vm_config
 from pyvmm.kvm.bindings import KvmIoctl
 from pyvmm.sandbox import BASE_KINDS, SeccompMode, ThreadKind
 from pyvmm.seccomp import bpf
@@ -243,6 +243,12 @@ def test_option_default_values_and_refusals() -> None:
     assert e.value.exit_status == 2
     with pytest.raises(ConfigError, match="more than once"):
         parse_vm_config([*base, "--seccomp", "true", "--seccomp", "log"])
+    # --api-socket: the option is the VMM's, with or without a VM on the command line
+    assert parse_command_line(["--api-socket", "/run/a.sock"]).seccomp is SeccompMode.TRUE
+    only_api = parse_command_line(["--api-socket", "/run/a.sock", "--seccomp", "log"])
+    assert only_api.vm is None and only_api.seccomp is SeccompMode.LOG
+    with_vm = parse_command_line([*base, "--api-socket", "/run/a.sock", "--seccomp", "false"])
+    assert with_vm.seccomp is SeccompMode.FALSE and with_vm.vm is not None
 
 
 # --- on this kernel -----------------------------------------------------------------------------------------
