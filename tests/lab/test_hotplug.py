@@ -141,7 +141,7 @@ sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD) $(drv $NVME)"
 sec run
 timeout -k 10 1300 python3 $TMPDIR/hotplug.py $TMPDIR/guest.log "$GUEST" $DISP @ROUNDS@ > $TMPDIR/vmm.log 2>&1
 echo "rc=$?"
-echo "seccomp-records: $(dmesg | grep 'type=1326' | grep -o -e 'syscall=[0-9]*' | sort | uniq -c \
+echo "seccomp-records: $(dmesg | grep 'type=1326' | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c \
   | tr -s ' \n' ' ')"
 grep -e '^[A-Z-]* [0-9] ' -e '^[A-Z]*-AFTER ' -e '^REFUSED ' -e '^PARTIAL' -e '^DRIVER-ERROR' -e '^VM-EXIT' \
   -e Traceback -e WARNING -e ERROR $TMPDIR/vmm.log

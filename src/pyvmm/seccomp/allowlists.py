@@ -282,6 +282,11 @@ _API_VMM = (
     *(entry for entry in _HTTP_SERVER if entry.syscall != "ioctl"),
     Allowed("memfd_create", "vm.boot: guest RAM with --memory shared=on or hugepages (memory.py)"),
     Allowed(
+        "epoll_create1",
+        "importing selectors probes epoll (creates and closes one): pyvmm.host (subprocess) is imported at "
+        "the first managed=on hot-plug (seen in the lab)",
+    ),
+    Allowed(
         "prlimit64",
         "resource.getrlimit(RLIMIT_MEMLOCK): memlock.py at vm.boot, host facts of a managed=on hot-plug "
         "(seen in the lab); a filter cannot tell a get from a set by the pointer; raising needs "

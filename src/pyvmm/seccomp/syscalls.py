@@ -89,6 +89,7 @@ SYSCALLS: dict[str, int] = {
     "fallocate": 285,
     "accept4": 288,
     "eventfd2": 290,
+    "epoll_create1": 291,
     "preadv": 295,
     "pwritev": 296,
     "prlimit64": 302,
