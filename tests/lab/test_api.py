@@ -17,8 +17,8 @@ KATA_EXIT_SECONDS = 3.0
 # The kernel's seccomp audit records (type 1326: a call a filter refused, or logged under --seccomp log),
 # counted by system call number, after `command`; the command's exit status is kept.
 SECCOMP_RECORDS = """{command}; rc=$?
-echo "seccomp-records: $(dmesg | grep 'type=1326' | sed -n 's/.* comm="\\([^"]*\\)".* syscall=\\([0-9]*\\) .*/\\1:\\2/p' | sort | uniq -c \
-  | tr -s ' \\n' ' ')"
+echo "seccomp-records: $(dmesg | grep 'type=1326' \\
+  | sed -n 's/.* comm="\\([^"]*\\)".* syscall=\\([0-9]*\\) .*/\\1:\\2/p' | sort | uniq -c | tr -s ' \\n' ' ')"
 exit $rc"""
 
 
@@ -95,8 +95,8 @@ echo "host-after: $(drv $SD)"
 echo "tree-ejected: $(tree)"
 $R shutdown-vmm; echo "shutdown-rc=$?"
 wait $pid; echo "vmm-rc=$?"
-echo "seccomp-records: $(dmesg | grep 'type=1326' | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c \
-  | tr -s ' \n' ' ')"
+echo "seccomp-records: $(dmesg | grep 'type=1326' \
+  | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c | tr -s ' \n' ' ')"
 grep -e Traceback -e 'pyvmm: ' $TMPDIR/vmm.log
 sec host
 echo "card=$(sha_of /dev/mmcblk0)"; echo "want=$PYVMM_LAB_SD_SHA256"; ls /run/pyvmm

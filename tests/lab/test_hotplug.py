@@ -141,8 +141,8 @@ sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD) $(drv $NVME)"
 sec run
 timeout -k 10 1300 python3 $TMPDIR/hotplug.py $TMPDIR/guest.log "$GUEST" $DISP @ROUNDS@ > $TMPDIR/vmm.log 2>&1
 echo "rc=$?"
-echo "seccomp-records: $(dmesg | grep 'type=1326' | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c \
-  | tr -s ' \n' ' ')"
+echo "seccomp-records: $(dmesg | grep 'type=1326' \
+  | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c | tr -s ' \n' ' ')"
 grep -e '^[A-Z-]* [0-9] ' -e '^[A-Z]*-AFTER ' -e '^REFUSED ' -e '^PARTIAL' -e '^DRIVER-ERROR' -e '^VM-EXIT' \
   -e Traceback -e WARNING -e ERROR $TMPDIR/vmm.log
 grep -e '^GUEST-' -e '^PYVMM-GUEST-EXIT' -e 'Traceback' $TMPDIR/guest.log
