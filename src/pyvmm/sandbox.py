@@ -57,3 +57,9 @@ def enter(kind: ThreadKind) -> None:
         policy = _policy
     if policy is not None:
         policy(kind)
+
+
+def filtered() -> bool:
+    """Whether the filters are on in this process (code that would need a call no list allows asks)."""
+    with _lock:
+        return _policy is not None

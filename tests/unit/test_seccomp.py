@@ -4,10 +4,13 @@ shape, the option, and the filters on this kernel (in a child process: a filter 
 from __future__ import annotations
 
 import errno
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -312,6 +315,32 @@ def test_api_vmm_filter_and_the_http_server_thread() -> None:
     """)
     assert proc.returncode == -31, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout.splitlines() == ["server 2 b'x'"], proc.stdout
+
+
+@needs_seccomp
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a network namespace of its own needs root and unshare(1)")
+def test_a_managed_hot_plug_under_the_filter_refuses_what_it_cannot_check() -> None:
+    """The in-use check joins other network namespaces to read their interfaces (setns, a socket there),
+    which no list allows: under the filter (a managed=on hot-plug) it says so instead of being killed."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    try:
+        for _ in range(200):
+            if Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep":
+                break
+            time.sleep(0.01)
+        proc = _child("""
+            from pyvmm import sandbox
+            from pyvmm.host import inuse
+            install(SeccompMode.TRUE, sandbox.ThreadKind.API_VMM)
+            print(inuse._other_netns_uses("/sys/devices/pci0000:00/0000:00:03.0"), flush=True)
+        """)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert "other network namespace(s) cannot be checked under --seccomp" in proc.stdout, proc.stdout
+    assert "pyvmm-host bind" in proc.stdout, proc.stdout
 
 
 @needs_seccomp
