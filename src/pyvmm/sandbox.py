@@ -27,6 +27,7 @@ class ThreadKind(Enum):
     VIRTIO_WORKER = "virtio-worker"
     TERMINAL_INPUT = "terminal-input"
     HTTP_SERVER = "http-server"  # the API socket's thread (pyvmm.api.server)
+    VSOCK_MUXER = "vsock-muxer"  # --vsock's host side (devices/virtio/vsock_muxer.py)
 
 
 BASE_KINDS = frozenset({ThreadKind.VMM, ThreadKind.API_VMM})

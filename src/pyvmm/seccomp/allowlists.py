@@ -22,11 +22,13 @@ import termios
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pyvmm.host.tap import SockIoctl, TunIoctl
 from pyvmm.kvm.bindings import KvmIoctl
 from pyvmm.sandbox import ThreadKind
 from pyvmm.seccomp.bpf import ArgCheck, Rule, ret_errno
 from pyvmm.seccomp.syscalls import SYSCALLS
 from pyvmm.vfio.bindings import VfioIoctl
+from pyvmm.vhost.bindings import VhostIoctl
 
 # <linux/sched.h>, <linux/prctl.h>, <linux/seccomp.h>, <asm-generic/fcntl.h>
 CLONE_THREAD = 0x00010000
@@ -39,6 +41,8 @@ O_ACCMODE = 0o3
 O_RDONLY = 0o0
 O_CREAT = 0o100
 O_TRUNC = 0o1000
+AF_UNIX = 1  # <linux/socket.h>
+AF_INET = 2
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,32 @@ _VCPU_IOCTLS = (
     # a thread started at hot-plug time does it (docs/seccomp.md#hot-plug).
     KvmIoctl.KVM_SET_DEVICE_ATTR,  # release: KVM_DEV_VFIO_FILE_DEL of the group
     VfioIoctl.VFIO_GROUP_UNSET_CONTAINER,  # release: the group leaves the container
+    # --net (devices/virtio/net.py): the guest's DRIVER_OK write hands the data queues to vhost-net
+    # (VirtioNet.start_external: offloads, then per queue pair features, memory table, both vrings and the
+    # tap queue as backend, then the tap's active queues); a reset, or a DRIVER_OK again, stops them
+    # (_stop_vhost: backend unset, base read back, kick/call eventfds unbound). The kick eventfds are the
+    # transport's ioeventfds and the call eventfds the vectors' irqfd-bound ones: KVM_IOEVENTFD and
+    # KVM_IRQFD above.
+    TunIoctl.TUNSETOFFLOAD,  # DRIVER_OK: the acked offloads; reset: none
+    TunIoctl.TUNSETQUEUE,  # DRIVER_OK: one active pair; also the control queue (its worker, started here)
+    VhostIoctl.VHOST_SET_FEATURES, VhostIoctl.VHOST_SET_MEM_TABLE,  # DRIVER_OK, per queue pair
+    VhostIoctl.VHOST_SET_VRING_NUM, VhostIoctl.VHOST_SET_VRING_BASE,  # DRIVER_OK: VhostKernel.set_vring
+    VhostIoctl.VHOST_SET_VRING_ADDR,  # DRIVER_OK: the rings' host addresses (checked inside guest RAM)
+    VhostIoctl.VHOST_SET_VRING_KICK, VhostIoctl.VHOST_SET_VRING_CALL,  # DRIVER_OK; reset: unbound (-1)
+    VhostIoctl.VHOST_NET_SET_BACKEND,  # DRIVER_OK: a tap queue's file; reset: unset
+    VhostIoctl.VHOST_GET_VRING_BASE,  # reset (and a second DRIVER_OK): the vring stopped
+)
+
+# The virtio-vsock's queue worker (devices/virtio/vsock.py, vsock_muxer.py), on the muxer's connections:
+# guest packets from the transmit queue (VsockMuxer.guest_packet), host data into the receive queue
+# (VsockMuxer.fill). Part of the worker's list and, as the worker inherits it, of the vCPU's.
+_VSOCK_WORKER = (
+    Allowed("socket", "_guest_connect: the guest connects to host port P, a Unix socket for PATH_P",
+            ArgCheck(0, (AF_UNIX,))),
+    Allowed("connect", "_guest_connect: to PATH_P (the socket above: AF_UNIX only)"),
+    Allowed("sendto", "_send: guest data to the host peer; _host_connected: the OK line (socket.send)"),
+    Allowed("recvmsg", "_packet_into: host data straight into the guest's receive buffer (recvmsg_into)"),
+    Allowed("shutdown", "_after_forward: the guest's SHUTDOWN(SEND) becomes SHUT_WR on the host socket"),
 )
 
 _VCPU = (
@@ -167,13 +197,18 @@ _VCPU = (
     Allowed("readv", "virtio-rng reads the entropy source into guest RAM (worker)"),
     Allowed("fdatasync", "virtio-blk FLUSH (worker)"),
     Allowed("fallocate", "virtio-blk DISCARD and WRITE_ZEROES (worker)"),
-    Allowed("eventfd2", "a vector's irqfd created when the guest first enables MSI/MSI-X"),
+    Allowed("eventfd2", "a vector's irqfd created when the guest first enables MSI/MSI-X; --net: the call "
+                        "eventfd of a queue without a vector, at DRIVER_OK"),
+    # What the virtio-vsock's queue worker does (see _WORKER): the worker is started by this thread and
+    # inherits its filter, so the calls are here too. Only AF_UNIX sockets, as for the worker.
+    *_VSOCK_WORKER,
 )
 
 # virtio worker threads: draining queues, disk and entropy I/O, interrupts through irqfds.
 _WORKER_IOCTLS = (
     KvmIoctl.KVM_IRQ_LINE,  # INTx of a virtio device whose driver did not enable MSI-X
     KvmIoctl.KVM_SIGNAL_MSI,  # an MSI sent directly (no route)
+    TunIoctl.TUNSETQUEUE,  # --net's control queue: VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (VirtioNet._control)
 )
 
 _WORKER = (
@@ -187,6 +222,7 @@ _WORKER = (
     Allowed("readv", "virtio-rng reads the entropy source into guest RAM"),
     Allowed("fdatasync", "virtio-blk FLUSH"),
     Allowed("fallocate", "virtio-blk DISCARD and WRITE_ZEROES"),
+    *_VSOCK_WORKER,
 )
 
 # Terminal input (console.TerminalInput): reads stdin, hands bytes to the UART or virtio-console.
@@ -217,6 +253,27 @@ _HTTP_SERVER = (
     Allowed("epoll_ctl", "registering and unregistering connections and the listener"),
 )
 
+# The --vsock muxer's thread (devices/virtio/vsock_muxer.py, VsockMuxer._run; a service started beside
+# the vCPUs): host clients on PATH and the host sockets of every connection. It connects nowhere (the
+# guest's connections are made on the queue worker) and removes no file (PATH is unlinked by the device's
+# close, on the main thread).
+_VSOCK_MUXER_IOCTLS = (
+    termios.FIONBIO,  # _accept: sock.setblocking(False) on a host client (CPython sets it by FIONBIO)
+    termios.FIOCLEX,  # socket.accept where accept4 is missing (CPython's set_inheritable fallback)
+)
+
+_VSOCK_MUXER = (
+    Allowed("ioctl", "see _VSOCK_MUXER_IOCTLS", _ioctls((*_VSOCK_MUXER_IOCTLS, *_RUNTIME_IOCTLS))),
+    Allowed("accept4", "_accept: a host client on PATH (listener.accept(), SOCK_CLOEXEC)"),
+    Allowed("getsockname", "listener.accept(): CPython may ask the accepted fd its address (seen for the "
+                           "API server's accept in the lab)"),
+    Allowed("recvfrom", "_read_handshake: the CONNECT line, a byte at a time (socket.recv)"),
+    Allowed("sendto", "_flush: guest data the host peer did not take at once (socket.send)"),
+    Allowed("shutdown", "_flush -> _after_forward: SHUT_WR once the guest's data is all written"),
+    # poll (poll_once), eventfd read/write (the wake fd, the receive queue's kick), close (_reset, _drop,
+    # _close_handshake) and time.sleep are the runtime's.
+)
+
 # ---------------------------------------------------------------------------------------------------
 # The VMM filter, on every thread: the union of the lists above, and what the main thread needs while
 # the guest runs (signals, the terminal's size) and to tear the VM down: closing KVM and VFIO, and
@@ -229,6 +286,7 @@ _VMM_IOCTLS = (
     VfioIoctl.VFIO_GROUP_UNSET_CONTAINER,  # teardown: groups leave their container
     termios.TCSETS, termios.TCSETSW, termios.TCSETSF,  # the terminal restored from raw mode at the end
     termios.TIOCGWINSZ,  # the terminal's size on SIGWINCH (virtio-console resize)
+    *_VSOCK_MUXER_IOCTLS,  # the muxer's list stacks on this one
 )
 
 _VMM = (
@@ -240,7 +298,8 @@ _VMM = (
     Allowed("flock", "give-back: the journal's lock under /run/pyvmm"),
     Allowed("fsync", "give-back: the journal written through"),
     Allowed("ftruncate", "give-back: the journal rewritten"),
-    Allowed("unlink", "give-back: a journal record removed"),
+    Allowed("unlink", "give-back: a journal record removed; --vsock's PATH removed at teardown "
+                      "(VsockMuxer.close)"),
     Allowed("unlinkat", "give-back: a journal record removed (relative to the checked directory)"),
     Allowed("rename", "give-back: the journal replaced atomically"),
     Allowed("renameat", "give-back: the journal replaced atomically (relative to its directory)"),
@@ -256,6 +315,9 @@ _VMM = (
     Allowed("sysinfo", "give-back: waiting for a device to settle"),
     Allowed("openat", "give-back: sysfs attributes written (unbind, driver_override, drivers_probe) and "
                       "the journal opened with O_NOFOLLOW; also every read-only open"),
+    # --vsock: the muxer's thread and the queue worker stack on this filter (_VSOCK_MUXER, _VSOCK_WORKER);
+    # at teardown the main thread closes the sockets and removes PATH (unlink above, lstat is newfstatat).
+    *(entry for entry in _VSOCK_MUXER if entry.syscall != "ioctl"),
 )
 
 
@@ -271,6 +333,13 @@ _API_VMM_IOCTLS = (
     *KvmIoctl,  # ApiVmm._boot -> builder.build_vm: KVM_CREATE_VM, KVM_CREATE_VCPU, vCPU setup, irqchip, ...
     *VfioIoctl,  # builder and vm.add-device: groups, container, devices, regions, resets, DMA mappings
     *_HTTP_SERVER_IOCTLS,  # the HTTP server thread's list stacks on this one
+    # `--net` on the command line of `pyvmm --api-socket` (vm.create refuses net): the main thread builds
+    # it under this filter (host/tap.py, vhost/): TUNSETIFF/TUNSETVNETHDRSZ per queue file, the offloads
+    # probed, the tap's address, netmask, MAC, MTU and flags through an AF_INET socket, then per queue
+    # pair VHOST_SET_OWNER and VHOST_GET_FEATURES on /dev/vhost-net; the rest at DRIVER_OK (_VCPU_IOCTLS).
+    *TunIoctl,
+    *SockIoctl,
+    *VhostIoctl,
 )
 
 _API_VMM = (
@@ -281,6 +350,14 @@ _API_VMM = (
     *(entry for entry in _VMM if entry.syscall != "ioctl"),
     *(entry for entry in _HTTP_SERVER if entry.syscall != "ioctl"),
     Allowed("memfd_create", "vm.boot: guest RAM with --memory shared=on or hugepages (memory.py)"),
+    Allowed(
+        "socket",
+        "vm.boot: --vsock listens on PATH (vsock_muxer.listen_unix: AF_UNIX); --net's tap configured "
+        "through an AF_INET datagram socket (Tap._configure); the queue worker's AF_UNIX connects",
+        ArgCheck(0, (AF_UNIX, AF_INET)),
+    ),
+    Allowed("bind", "vm.boot: --vsock's listener bound to PATH"),
+    Allowed("listen", "vm.boot: --vsock's listener"),
     Allowed(
         "epoll_create1",
         "importing selectors probes epoll (creates and closes one): pyvmm.host (subprocess) is imported at "
@@ -315,6 +392,7 @@ ALLOWED: Mapping[ThreadKind, tuple[Allowed, ...]] = {
     ThreadKind.TERMINAL_INPUT: _TERMINAL_INPUT,
     ThreadKind.API_VMM: _API_VMM,
     ThreadKind.HTTP_SERVER: _HTTP_SERVER,
+    ThreadKind.VSOCK_MUXER: _VSOCK_MUXER,
 }
 
 

@@ -35,6 +35,7 @@ SYSCALLS: dict[str, int] = {
     "recvfrom": 45,
     "sendmsg": 46,
     "recvmsg": 47,
+    "shutdown": 48,
     "bind": 49,
     "listen": 50,
     "getsockname": 51,
