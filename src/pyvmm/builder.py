@@ -139,7 +139,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     disks = _add_disks(config, memory, platform, router, vm, stack)
     _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
-    _add_vsock(config, memory, platform, router, vm, stack)
+    services += _add_vsock(config, memory, platform, router, vm, stack)
 
     def host_request(name: str, message: str) -> None:
         # The host takes a device away (removed, unbound): stop, exit 1 with its message.
@@ -280,24 +280,26 @@ def _add_rng(config: VmConfig, memory: GuestMemory, platform: PciPlatform, route
 
 
 def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
-               stack: contextlib.ExitStack) -> None:
-    """`--vsock`: the virtio-vsock and its muxer listening on the socket (docs/vsock.md)."""
+               stack: contextlib.ExitStack) -> list[Service]:
+    """`--vsock`: the virtio-vsock and its muxer listening on the socket (docs/vsock.md); the muxer's
+    thread is a service, started with the vCPUs (under its own seccomp filter: docs/seccomp.md)."""
     if config.vsock is None:
-        return
+        return []
     from pyvmm.devices.virtio.attach import attach_virtio
-    from pyvmm.devices.virtio.vsock import VirtioVsock
+    from pyvmm.devices.virtio.vsock import MuxerService, VirtioVsock
     from pyvmm.devices.virtio.vsock_muxer import VsockSocketError
 
     vsock = config.vsock
     label = f"--vsock socket={vsock.socket}"
     try:
-        device = VirtioVsock.open(vsock.cid, str(vsock.socket))
+        device = VirtioVsock.open(vsock.cid, str(vsock.socket), start=False)
     except VsockSocketError as exc:
         raise ConfigError(label, exc.strerror or str(exc)) from None
     transport = attach_virtio(device, segment=vsock.pci_segment, slot=vsock.pci_device_id,
                               name=f"virtio-vsock-{vsock.id or 0}", memory=memory, platform=platform,
                               router=router, irqfds=vm, ioeventfds=vm)
     _closing(stack, transport)
+    return [MuxerService(device.muxer)]
 
 
 def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,

@@ -32,6 +32,7 @@ from pyvmm import __version__, layout
 from pyvmm.errors import UsageError
 from pyvmm.events import EventMonitorConfig
 from pyvmm.options import OptionError, Options, parse_byte_size, parse_options
+from pyvmm.sandbox import SeccompMode
 
 MAX_VCPUS = 8192  # KVM's limit on x86_64 as CH enforces it; the host's KVM_CAP_MAX_VCPUS is checked later
 MAX_PCI_SEGMENTS = 96
@@ -242,6 +243,7 @@ class VmConfig:
     vsock: VsockConfig | None = None
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     pci_segments: tuple[PciSegmentConfig, ...] = ()
+    seccomp: SeccompMode = SeccompMode.TRUE  # docs/seccomp.md
     verbosity: int = 0
     dry_run: bool = False
 
@@ -262,6 +264,7 @@ class CommandLine:
     api_socket: ApiSocketConfig | None
     verbosity: int = 0
     event_monitor: EventMonitorConfig | None = None
+    seccomp: SeccompMode = SeccompMode.TRUE  # the process's filters (docs/seccomp.md), with or without a VM
 
 
 def aperture_weights(config: VmConfig) -> list[tuple[int, int]]:
@@ -1148,6 +1151,11 @@ be repeated:
     "--event-monitor": """write the VMM's and the VM's events as JSON (cloud-hypervisor's format,
 docs/api.md#event-monitor):
   path=<path> | fd=<n>  a file (created or truncated) or an open file descriptor""",
+    "--seccomp": """system-call filter once the VM is built (docs/seccomp.md):
+  true                  a call outside a thread's allow-list kills pyvmm
+                        (default)
+  log                   such calls go through and the kernel logs them
+  false                 no filter""",
     "--pci-segment": """share of the 32-bit/64-bit MMIO apertures per segment; each CONFIG
 is one segment, the option may be repeated (a later one for a segment wins):
   pci_segment=<n>               segment number (default 0)
@@ -1206,6 +1214,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--platform", "CONFIG"),
         ("--api-socket", "SOCKET"),
         ("--event-monitor", "CONFIG"),
+        ("--seccomp", "true|false|log"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
     for flag in ("--disk", "--net", "--device", "--pci-segment"):
@@ -1241,6 +1250,15 @@ def _parse_one(flag: str, text: str | None, parse: Callable[[str], T], default: 
     if text is None:
         return default
     return _parse_each(flag, [text], parse)[0]
+
+
+def _parse_seccomp(text: str | None) -> SeccompMode:
+    if text is None:
+        return SeccompMode.TRUE
+    try:
+        return SeccompMode(text)
+    except ValueError:
+        raise ConfigError("--seccomp", f"invalid value {text!r}: use true, false or log") from None
 
 
 def parse_api_socket(text: str) -> ApiSocketConfig:
@@ -1295,8 +1313,8 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
         if ns.dry_run:
             raise ConfigError("--dry-run", "checks a command line and exits: not with --api-socket")
         if not any(getattr(ns, flag) for flag in _VM_FLAGS):
-            return CommandLine(None, api, ns.verbose, events)
-    return CommandLine(_vm_config(ns), api, ns.verbose, events)
+            return CommandLine(None, api, ns.verbose, events, _parse_seccomp(ns.seccomp))
+    return CommandLine(_vm_config(ns), api, ns.verbose, events, _parse_seccomp(ns.seccomp))
 
 
 def parse_vm_config(argv: Sequence[str]) -> VmConfig:
@@ -1333,6 +1351,7 @@ def _vm_config(ns: argparse.Namespace) -> VmConfig:
         vsock=_parse_one("--vsock", ns.vsock, parse_vsock, None),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
         pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
+        seccomp=_parse_seccomp(ns.seccomp),
         verbosity=ns.verbose,
         dry_run=ns.dry_run,
     )

@@ -16,6 +16,7 @@ import time
 import tty
 from collections.abc import Callable
 
+from pyvmm import sandbox
 from pyvmm.config import ConsoleConfig, ConsoleMode
 from pyvmm.errors import UsageError
 
@@ -147,6 +148,7 @@ class TerminalInput:
         self._thread.start()
 
     def _pump(self) -> None:
+        sandbox.enter(sandbox.ThreadKind.TERMINAL_INPUT)  # this thread's seccomp filter, when on
         while True:
             try:
                 data = os.read(self._fd, 256)

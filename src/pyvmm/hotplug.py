@@ -11,9 +11,11 @@ VM's one id space (pyvmm.device_ids) for the disks and functions added at boot a
   The guest's acpiphp then scans the slot.
 - remove: the slot's PCID bit and the GED interrupt; the device keeps working until the guest ejects the
   slot by writing B0EJ. That write is handled on the vCPU thread that made it (`_eject`): the device leaves
-  the platform, its memslots, routes and fds are gone, and a managed=on group is given back to its host
-  drivers (on a thread of its own: the guest need not wait for the host's driver probes). A disk leaves the
-  platform and its transport closes (worker thread, ioeventfds, irqfds, image file).
+  the platform, its memslots, routes and fds are gone. A managed=on group is given back to its host drivers
+  by a thread started when the group was plugged (on the calling thread, not on a vCPU thread), which
+  waits for the last of its devices to leave: the guest need not wait for the host's driver probes, and
+  the vCPU threads' seccomp filter need not allow sysfs writes (docs/seccomp.md#hot-plug). A disk leaves
+  the platform and its transport closes (worker thread, ioeventfds, irqfds, image file) on the vCPU thread.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class _Batch:
 
     changed: list[str]
     ids: set[str] = field(default_factory=set)
+    left: threading.Event = field(default_factory=threading.Event)  # the last of `ids` left the guest
+    give_back: threading.Thread | None = None  # waits for `left`, then gives `changed` back
 
 
 @dataclass
@@ -121,7 +125,7 @@ class PciHotplug:
         self._devices: dict[str, _Plugged] = {}
         self._ids = DeviceIds()
         self._asked_back: set[str] = set()
-        self._give_backs: list[threading.Thread] = []
+        self._batches: list[_Batch] = []  # hot-plugged with managed=on, not yet given back
 
     # ---- boot-time devices -------------------------------------------------------------------------------
 
@@ -182,6 +186,9 @@ class PciHotplug:
                 self._ids.rollback(mark)
                 raise
             batch = _Batch(changed, set(ids))
+            if changed:
+                self._batches.append(batch)
+                self._wait_to_give_back(batch)
             for ident, (function, address) in zip(ids, plugged, strict=True):
                 self._devices[ident] = _Plugged(ident, function, address, batch)
                 self.registers.device_added(address.segment, address.slot)
@@ -357,24 +364,25 @@ class PciHotplug:
                 self._vfio.release(plugged.function)
             del self._devices[plugged.id]
             self._ids.release(plugged.id)
-            give = []
             if plugged.batch is not None:
                 plugged.batch.ids.discard(plugged.id)
                 if not plugged.batch.ids:
-                    give = plugged.batch.changed
+                    plugged.batch.left.set()  # its give-back thread takes over
             log.info("%s: %s ejected by the guest and released", plugged.id, address)
-            if give:
-                self._give_back_later(give)
         if self.on_removed is not None:
             self.on_removed(plugged.id, address)
 
-    def _give_back_later(self, changed: list[str]) -> None:
+    def _wait_to_give_back(self, batch: _Batch) -> None:
+        """Started by the thread that plugged `batch` (under its filter, which may write sysfs): gives the
+        batch's managed=on groups back once the guest has ejected its last device, or at close."""
         from pyvmm.vfio.passthrough import give_back
 
-        thread = threading.Thread(target=give_back, args=(changed, set(self._asked_back)),
-                                  name="managed-give-back", daemon=True)
-        thread.start()
-        self._give_backs.append(thread)
+        def run() -> None:
+            batch.left.wait()
+            give_back(batch.changed, set(self._asked_back))
+
+        batch.give_back = threading.Thread(target=run, name="managed-give-back", daemon=True)
+        batch.give_back.start()
 
     # ---- teardown ----------------------------------------------------------------------------------------
 
@@ -382,7 +390,6 @@ class PciHotplug:
         """With the VM (its vCPUs stopped): release the hot-plugged devices, then give their managed groups
         back; the boot-time VFIO side is closed by its owner."""
         with self._lock:
-            batches: list[_Batch] = []
             for plugged in list(self._devices.values()):
                 if plugged.disk is not None and not plugged.boot:
                     with contextlib.suppress(Exception):
@@ -395,16 +402,11 @@ class PciHotplug:
                     with contextlib.suppress(Exception):
                         self._vfio.release(plugged.function)
                 del self._devices[plugged.id]
-                if plugged.batch not in batches:
-                    batches.append(plugged.batch)
             if self._owns_vfio and self._vfio is not None:
                 self._vfio.close()
             self._vfio = None
-        for thread in self._give_backs:
-            thread.join()
-        self._give_backs.clear()
-        for batch in batches:
-            if batch.changed:
-                from pyvmm.vfio.passthrough import give_back
-
-                give_back(batch.changed, self._asked_back)
+            batches, self._batches = self._batches, []
+        for batch in batches:  # their devices are gone: the waiting threads give the groups back
+            batch.left.set()
+            if batch.give_back is not None:
+                batch.give_back.join()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from pyvmm import memlock, seccomp
 from pyvmm.boot import KernelImageError, check_kernel
 from pyvmm.builder import build_vm
 from pyvmm.config import VmConfig
@@ -38,6 +40,9 @@ def run_vm(config: VmConfig, events: EventMonitor | None = None) -> int:
         machine = build_vm(config, on_host_request=managed.host_asked_back)
         watch_removals(machine, events)
         try:
+            # Everything is open and mapped: from here on each thread keeps to its allow-list
+            # (docs/seccomp.md#when); the teardown below runs under the same filter.
+            seccomp.install(config.seccomp)
             events.emit("vm", "booted")  # the vCPUs start next, as the API's vm.boot answers once they run
             result = machine.run()
         finally:
@@ -86,10 +91,24 @@ def managed_devices(config: VmConfig) -> Iterator[ManagedBinding | _NoDevices]:
         yield _NoDevices()
         return
     check_interrupt_isolation(config.platform.allow_unsafe_interrupts)
+    check_unprivileged(config)
     from pyvmm.vfio.passthrough import managed_binding
 
     with managed_binding(config.devices, config.platform.allow_unsafe_interrupts) as managed:
         yield managed
+
+
+def check_unprivileged(config: VmConfig) -> None:
+    """Before anything is opened: managed=on needs root (it rebinds drivers), and VFIO must be able to pin
+    all guest RAM under this process's RLIMIT_MEMLOCK (root has CAP_IPC_LOCK and no limit)."""
+    managed = [dev for dev in config.devices if dev.managed]
+    if managed and os.geteuid() != 0:
+        raise UsageError(
+            f"--device path={managed[0].path},managed=on: binding a device to vfio-pci and giving it back "
+            f"needs root; run pyvmm as root, or bind it beforehand (`pyvmm-host bind BDF --owner USER`) "
+            f"and drop managed=on"
+        )
+    memlock.check_vfio_pinning(config.memory.size)
 
 
 def _dry_run(config: VmConfig) -> int:

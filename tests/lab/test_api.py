@@ -14,11 +14,21 @@ pytestmark = pytest.mark.lab
 # guest, so the bound holds there with room to spare only if pyvmm's teardown is quick.
 KATA_EXIT_SECONDS = 3.0
 
+# The kernel's seccomp audit records (type 1326: a call a filter refused, or logged under --seccomp log),
+# counted by system call number, after `command`; the command's exit status is kept.
+SECCOMP_RECORDS = """{command}; rc=$?
+echo "seccomp-records: $(dmesg | grep 'type=1326' \\
+  | sed -n 's/.* comm="\\([^"]*\\)".* syscall=\\([0-9]*\\) .*/\\1:\\2/p' | sort | uniq -c | tr -s ' \\n' ' ')"
+exit $rc"""
+
 
 def test_kata_start_stop_errors_and_remote(lab) -> None:
-    proc = lab('python3 tests/lab/helpers/kata_api.py "$TMPDIR"', devices="sd", timeout=600)
+    command = SECCOMP_RECORDS.format(command='python3 tests/lab/helpers/kata_api.py "$TMPDIR"')
+    proc = lab(command, devices="sd", timeout=600)
     out = proc.stdout
     assert proc.returncode == 0 and "KATA-API-DONE" in out, out
+    # every pyvmm here ran with --seccomp true (the default): no call refused (nor logged) by its filters
+    assert re.search(r"^seccomp-records: $", out, re.MULTILINE), out
     assert "Traceback" not in out, out
     steps = {m.group(1): m.group(2) for m in re.finditer(r"^STEP (\S+) ?(.*)$", out, re.MULTILINE)}
     assert "bad_json=400 unknown=404 boot_before_create=500" in steps["errors"], steps
@@ -84,6 +94,13 @@ $R add-device path=/sys/bus/pci/devices/$SD/,managed=on > $TMPDIR/added.json; ec
 cat $TMPDIR/added.json; echo
 echo "host-during: $(drv $SD)"
 tree() { $R info | sum tree; }
+threads() {  # the filters of every thread (docs/seccomp.md): name, mode, how many
+  for t in /proc/$pid/task/*; do
+    echo "thread $(cat $t/comm) $(grep -e '^Seccomp:' -e '^Seccomp_filters:' $t/status | cut -f2 \
+      | tr '\n' ' ')"
+  done
+}
+threads
 echo "tree-plugged: $(tree)"
 waitfor GUEST-SHA
 grep ^GUEST-SHA $TMPDIR/guest.log
@@ -102,6 +119,7 @@ $R add-disk path=$TMPDIR/hp.img,id=hpdisk; echo "disk-add-rc=$?"
 echo "tree-disk: $(tree)"
 waitfor DISK-WROTE
 grep ^DISK-SHA $TMPDIR/guest.log
+threads
 echo "counters-used: $($R counters | sum counters)"
 echo "disk-head=$(head -c 16 $TMPDIR/hp.img)"
 sec button
@@ -126,6 +144,8 @@ echo "tree-disk-ejected: $(tree)"
 sec stop
 $R shutdown-vmm; echo "shutdown-rc=$?"
 wait $pid; echo "vmm-rc=$?"
+echo "seccomp-records: $(dmesg | grep 'type=1326' \
+  | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c | tr -s ' \n' ' ')"
 grep -e Traceback -e 'pyvmm: ' $TMPDIR/vmm.log
 echo "events: $(sum events < $TMPDIR/events.json)"
 sec host
@@ -164,6 +184,14 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert plugged and f"{added.group(1)}={added.group(2)}" in plugged.group(1).split(), run
     assert ejected and "__rng=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
     assert "remove-rc=0" in run and "GUEST-GONE" in run and "host-after: sdhci-pci" in run, run
+    # --seccomp true (the default): a filter on every thread, the server's and the vCPU's own on top of the
+    # API_VMM one (docs/seccomp.md#threads-and-their-lists)
+    threads = re.findall(r"^thread (\S+) (\d+) (\d+) $", run, re.MULTILINE)
+    assert ("http-server", "2", "2") in threads and ("vcpu0", "2", "2") in threads, run
+    assert threads and all(mode == "2" for _name, mode, _count in threads), run
+    # a virtio worker is started by the vCPU thread the guest's DRIVER_OK write runs on: it inherits that
+    # thread's two filters and adds its own
+    assert all(count == "3" for name, _mode, count in threads if name.startswith("virtio-")), run
     assert f"card={want.group(1)}" in out["host"] and "host-journal.json" not in out["host"], out["host"]
     # vm.add-disk: the guest reads the image the host wrote and writes to it; one id space (hpdisk given)
     disk = out["disk"]
@@ -173,6 +201,8 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert disk_want and f"DISK-SHA {disk_want.group(1)}" in disk, disk
     assert "disk-head=pyvmm-hotplugged" in disk, disk
     assert re.search(r"^tree-disk: .*hpdisk=0000:00:", disk, re.MULTILINE), disk
+    # its worker (named after the disk's id, 15 bytes) under the API_VMM, vCPU and virtio-worker filters
+    assert re.search(r"^thread virtio-blk-hpdi 2 3 $", disk, re.MULTILINE), disk
     # vm.counters: the guest's reads (the whole 4 MiB image at least) and its write, counted
     used = _values(disk, "counters-used")
     assert used["hpdisk.read_bytes"] >= 4 << 20 and used["hpdisk.read_ops"] > 0, disk
@@ -196,6 +226,8 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert ejected and "hpdisk" not in ejected.group(1) and "__rng=" in ejected.group(1), remove
     stop = out["stop"]
     assert "shutdown-rc=0" in stop and "vmm-rc=0" in stop and "Traceback" not in stop, stop
+    # no call the kernel had to refuse or log, on any thread, all along (the eject of both devices included)
+    assert re.search(r"^seccomp-records: $", stop, re.MULTILINE), stop
     # --event-monitor: the whole life, both removals (the SD reader's id was generated: _vfio0)
     events = re.search(r"^events: (.*)$", stop, re.MULTILINE)
     assert events and events.group(1).split() == [

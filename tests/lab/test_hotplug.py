@@ -1,6 +1,7 @@
 """ACPI PCI hot-plug of passed-through functions (issue 18), in one guest booted with no --device, through
-`VirtualMachine.hotplug` called from another thread of the process that runs the VM, as the REST API will
-call it.
+`VirtualMachine.hotplug` called from another thread of the process that runs the VM, as the REST API's main
+thread calls it; with the seccomp filters of `pyvmm --api-socket` on (--seccomp true: the API_VMM filter on
+every thread before the VM is built, the vCPU's own on top; docs/seccomp.md).
 
 First a display whose IOMMU group also holds an audio function is offered alone (managed=on): refused, the
 group goes back to its host drivers, the guest goes on. Then three rounds: the SD reader (behind its own root
@@ -41,10 +42,13 @@ GUEST = (
 # The VMM's side: pyvmm's own builder and VM objects, in one process, as `pyvmm` runs them.
 DRIVER = r"""
 import logging, os, sys, threading, time
+from pyvmm import seccomp
 from pyvmm.builder import build_vm
 from pyvmm.config import parse_device, parse_vm_config
 from pyvmm.errors import PyvmmError
 from pyvmm.machine import ExitKind
+from pyvmm.sandbox import SeccompMode, ThreadKind
+from pyvmm.threadname import set_thread_comm
 
 logging.basicConfig(level=logging.INFO, format="pyvmm: %(levelname)s: %(message)s", stream=sys.stderr)
 log_path, guest, partial = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -53,6 +57,7 @@ config = parse_vm_config([
     "--kernel", os.environ["PYVMM_GUEST_KERNEL"], "--initramfs", os.environ["PYVMM_GUEST_INITRAMFS"],
     "--cpus", "boot=1", "--memory", "size=256M", "--console", "off", "--serial", f"file={log_path}",
     "--cmdline", f'console=ttyS0 quiet panic=-1 pyvmm.cmd="{guest}"'])
+seccomp.install(SeccompMode.TRUE, ThreadKind.API_VMM)  # as `pyvmm --api-socket` before its first call
 vm = build_vm(config)
 removed = threading.Event()
 vm.hotplug.on_removed = lambda ident, address: removed.set()
@@ -74,6 +79,7 @@ def managed(function):
     return parse_device(f"path=/sys/bus/pci/devices/{function}/,managed=on")
 
 def drive():
+    set_thread_comm("api")
     try:
         if not console_has("HP-READY 1", 900):
             raise RuntimeError("the guest never got ready")
@@ -91,6 +97,11 @@ def drive():
             added = time.monotonic() - start
             ident = next(i for i, a in vm.hotplug.devices().items() if a == address)
             print(f"ADDED {r} {ident} {address} host={host_driver(function)} call={added:.2f}s", flush=True)
+            for task in sorted(os.listdir("/proc/self/task")):  # every thread's filters: mode, how many
+                with open(f"/proc/self/task/{task}/status") as st:
+                    status = dict(line.split(":", 1) for line in st.read().splitlines() if ":" in line)
+                print(f"THREAD {r} {status['Name'].strip()} {status['Seccomp'].strip()} "
+                      f"{status['Seccomp_filters'].strip()}", flush=True)
             if not console_has(f"GUEST-SHA {r}", 180):
                 raise RuntimeError(f"round {r}: the guest never saw the disk")
             print(f"ADD-TO-DISK {r} {time.monotonic() - start:.1f}s", flush=True)
@@ -130,6 +141,8 @@ sec before; echo "$(drv $SD) $(drv $DISP) $(drv $AUD) $(drv $NVME)"
 sec run
 timeout -k 10 1300 python3 $TMPDIR/hotplug.py $TMPDIR/guest.log "$GUEST" $DISP @ROUNDS@ > $TMPDIR/vmm.log 2>&1
 echo "rc=$?"
+echo "seccomp-records: $(dmesg | grep 'type=1326' \
+  | sed -n 's/.* comm="\([^"]*\)".* syscall=\([0-9]*\) .*/\1:\2/p' | sort | uniq -c | tr -s ' \n' ' ')"
 grep -e '^[A-Z-]* [0-9] ' -e '^[A-Z]*-AFTER ' -e '^REFUSED ' -e '^PARTIAL' -e '^DRIVER-ERROR' -e '^VM-EXIT' \
   -e Traceback -e WARNING -e ERROR $TMPDIR/vmm.log
 grep -e '^GUEST-' -e '^PYVMM-GUEST-EXIT' -e 'Traceback' $TMPDIR/guest.log
@@ -157,6 +170,12 @@ def test_hot_plug_and_eject_the_sd_reader_twice_and_the_nvme_drive(lab) -> None:
                     if re.match(r"(ADDED|ADD-TO-DISK|EJECTED|HOST-BACK|GUEST-SLOTS|REFUSED) ", line)))
     assert "rc=0" in run and "VM-EXIT poweroff" in run, run
     assert "DRIVER-ERROR" not in run and "Traceback" not in run, run
+    # --seccomp true as `pyvmm --api-socket` runs it: a filter on every thread (the vCPU's own on top), and
+    # no call its filters refused: the hot-plugs, the ejects on the vCPU thread, the give-backs all passed
+    threads = re.findall(r"^THREAD 1 (\S+) (\d+) (\d+)$", run, re.MULTILINE)
+    assert threads and all(mode == "2" for _name, mode, _count in threads), run
+    assert ("vcpu0", "2", "2") in threads and ("api", "2", "1") in threads, run
+    assert re.search(r"^seccomp-records: $", run, re.MULTILINE), run
     want = {SD: re.search(r"^PYVMM_LAB_SD_SHA256=(\w+)", proc.stdout, re.MULTILINE),
             NVME: re.search(r"^PYVMM_LAB_NVME_SHA256=(\w+)", proc.stdout, re.MULTILINE)}
     assert all(want.values()), proc.stdout

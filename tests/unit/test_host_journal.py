@@ -19,6 +19,7 @@ from pyvmm.host.journal import (
     Journal,
     JournalState,
     NewIdRecord,
+    NodeRecord,
     ParamRecord,
     read_state,
 )
@@ -35,6 +36,28 @@ def test_round_trip() -> None:
     doc = json.loads(state.to_text())
     assert doc["format"] == "pyvmm-host-journal" and doc["version"] == 1
     assert doc["new_ids"] == [{"driver": "vfio-pci", "vendor_id": "1b36", "device_id": "0010"}]
+
+
+def test_group_nodes_round_trip_and_an_older_journal_has_none() -> None:
+    node = NodeRecord("12", 0, 0, 0o600)
+    state = JournalState({SD.bdf: SD}, nodes={"12": node})
+    assert JournalState.from_text(state.to_text()) == state
+    assert json.loads(state.to_text())["nodes"] == [{"group": "12", "uid": 0, "gid": 0, "mode": 0o600}]
+    older = json.loads(JournalState({SD.bdf: SD}).to_text())
+    del older["nodes"]  # written before `bind --owner` existed
+    assert JournalState.from_text(json.dumps(older)).nodes == {}
+    assert not JournalState(nodes={"12": node}).empty  # a handed-over node keeps the journal
+
+
+def test_a_node_record_is_journalled_and_forgotten(tmp_path: Path) -> None:
+    directory = _journal_dir(tmp_path)
+    with Journal(directory) as journal:
+        journal.record_node(NodeRecord("7", 0, 0, 0o600))
+        journal.record_node(NodeRecord("7", 1000, 1000, 0o666))  # the first record is the original
+    assert read_state(directory).nodes == {"7": NodeRecord("7", 0, 0, 0o600)}
+    with Journal(directory) as journal:
+        journal.forget_node("7")
+    assert not (directory / JOURNAL_NAME).exists()
 
 
 def test_new_id_line_is_what_new_id_takes() -> None:
@@ -242,6 +265,10 @@ def test_tampered_device_fields_are_refused(tmp_path: Path, field: str, value: o
         {"params": [{"module": "../../kernel", "name": "x", "original": "N"}]},
         {"params": [{"module": "vfio_iommu_type1", "name": "../../uevent", "original": "N"}]},
         {"params": [{"module": "vfio_iommu_type1", "name": "allow_unsafe_interrupts", "original": "N\nY"}]},
+        {"nodes": [{"group": "../../etc/shadow", "uid": 0, "gid": 0, "mode": 384}]},
+        {"nodes": [{"group": "12", "uid": "0", "gid": 0, "mode": 384}]},
+        {"nodes": [{"group": "12", "uid": 0, "gid": -1, "mode": 384}]},
+        {"nodes": [{"group": "12", "uid": 0, "gid": 0, "mode": 0o104755}]},
     ],
 )
 def test_tampered_id_and_parameter_fields_are_refused(tmp_path: Path, entry: dict[str, object]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -354,3 +355,56 @@ def test_a_hot_plugged_disk_takes_the_next_id_and_the_eject_releases_it(tmp_path
     second: Any = platform.device(_address)
     hotplug.close()
     assert second.device.image.fd == -1  # a hot-plugged disk closes with the VM
+
+
+def test_a_managed_give_back_after_an_eject_runs_off_the_vcpu_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's eject arrives on a vCPU thread, whose seccomp filter may not write sysfs: it only wakes
+    the thread started when the managed=on group was plugged, which gives the group back
+    (docs/seccomp.md#hot-plug)."""
+    from pyvmm.vfio import passthrough
+
+    vfio = FakeVfio([("0000:01:00.0", PciAddress(0, 3)), ("0000:02:00.0", PciAddress(1, 0))])
+    hotplug, _line = _hotplug(vfio)
+    monkeypatch.setattr(pci_sysfs, "function_at", lambda path: SimpleNamespace(name=Path(path).name))
+    monkeypatch.setattr(hotplug_module, "check_interrupt_isolation", lambda allowed: None)
+    monkeypatch.setattr(passthrough, "bind_groups", lambda names, allow: [f"bound {n}" for n in names])
+    given: list[tuple[list[str], str]] = []
+    done = threading.Event()
+
+    def give_back(changed: list[str], asked_back: set[str]) -> None:
+        given.append((changed, threading.current_thread().name))
+        done.set()
+
+    monkeypatch.setattr(passthrough, "give_back", give_back)
+    monkeypatch.setattr(hotplug, "_plug", lambda configs: [("0000:03:00.0", PciAddress(0, 4))])
+    config = SimpleNamespace(path=Path("/sys/bus/pci/devices/0000:03:00.0"), id="sd", iommu=False,
+                             pci_segment=0, managed=True)
+    assert hotplug.add_vfio_device(config) == PciAddress(0, 4)  # type: ignore[arg-type]
+    # its give-back thread is started here, by the plugging thread (so under that thread's filter)
+    assert given == [] and "managed-give-back" in [t.name for t in threading.enumerate()]
+    hotplug.remove_device("sd")
+    vcpu = threading.Thread(target=hotplug.registers.write, args=(B0EJ, 4, 1 << 4), name="vcpu0")
+    vcpu.start()
+    vcpu.join()
+    assert vfio.released == ["0000:03:00.0"]  # released on the vCPU thread, as the guest asked
+    assert done.wait(5) and given == [(["bound 0000:03:00.0"], "managed-give-back")]
+    hotplug.close()  # joins the give-back thread; nothing given back twice
+    assert len(given) == 1
+
+
+def test_close_gives_back_what_the_guest_never_ejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvmm.vfio import passthrough
+
+    vfio = FakeVfio([("0000:01:00.0", PciAddress(0, 3)), ("0000:02:00.0", PciAddress(1, 0))])
+    hotplug, _line = _hotplug(vfio)
+    monkeypatch.setattr(pci_sysfs, "function_at", lambda path: SimpleNamespace(name=Path(path).name))
+    monkeypatch.setattr(hotplug_module, "check_interrupt_isolation", lambda allowed: None)
+    monkeypatch.setattr(passthrough, "bind_groups", lambda names, allow: [f"bound {n}" for n in names])
+    given: list[list[str]] = []
+    monkeypatch.setattr(passthrough, "give_back", lambda changed, asked_back: given.append(changed))
+    monkeypatch.setattr(hotplug, "_plug", lambda configs: [("0000:03:00.0", PciAddress(0, 4))])
+    config = SimpleNamespace(path=Path("/sys/bus/pci/devices/0000:03:00.0"), id=None, iommu=False,
+                             pci_segment=0, managed=True)
+    hotplug.add_vfio_device(config)  # type: ignore[arg-type]
+    hotplug.close()
+    assert vfio.released == ["0000:03:00.0"] and given == [["bound 0000:03:00.0"]]

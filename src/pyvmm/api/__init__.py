@@ -16,15 +16,20 @@ log = logging.getLogger("pyvmm.api")
 
 def serve(command_line: CommandLine, events: EventMonitor | None = None) -> int:
     """`pyvmm --api-socket ...`: serve the API; boot the command line's VM, if it has one, at once."""
+    from pyvmm import seccomp
     from pyvmm.api.server import ApiServer, open_listener
     from pyvmm.api.vmm import ApiCallError, ApiVmm, report_exit
     from pyvmm.errors import PyvmmError, VmError
+    from pyvmm.sandbox import ThreadKind
 
     api = command_line.api_socket
     assert api is not None
     vmm = ApiVmm(command_line.verbosity, events)
     listener = open_listener(api)
     server = ApiServer(listener, vmm.submit, path=api.path)
+    # Before the first call is served: VMs are built and hot-plugged under the API_VMM filter, and the
+    # server thread takes its own as it starts (docs/seccomp.md#when).
+    seccomp.install(command_line.seccomp, ThreadKind.API_VMM)
     server.start()
     try:
         if command_line.vm is not None:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pyvmm import sandbox
 from pyvmm.api.http import CONTINUE, HttpError, Request, RequestParser, Response, error_response
 from pyvmm.config import ApiSocketConfig
 from pyvmm.errors import UsageError
@@ -182,6 +183,7 @@ class ApiServer:
 
     def _serve(self) -> None:
         set_thread_comm("http-server")  # as CH names its API thread
+        sandbox.enter(sandbox.ThreadKind.HTTP_SERVER)  # its own seccomp filter (docs/seccomp.md)
         while not self._closing:
             try:
                 events = self._selector.select()

@@ -39,6 +39,11 @@ class Changer:
         self.on_step = on_step
         self.steps: list[Step] = []
 
+    def note(self, step: Step) -> None:
+        """Record a step made by its caller (e.g. a chown): shown with the others, made only when not a dry
+        run (the caller checks)."""
+        self._note(step)
+
     def _note(self, step: Step) -> None:
         self.steps.append(step)
         if self.on_step is not None:

@@ -15,6 +15,7 @@ from .inuse import host_uses
 from .journal import JOURNAL_DIR, BindMethod, DeviceRecord, Journal, NewIdRecord, open_journal
 from .loading import ensure_vfio_modules
 from .outcome import DeviceOutcome, Outcome
+from .ownership import give_back_node, hand_over
 from .pciids import load_pci_ids
 from .restoring import drop_new_ids, give_back
 from .selection import select_targets
@@ -124,6 +125,7 @@ def bind_to_vfio(
     method: BindMethod = BindMethod.DRIVER_OVERRIDE,
     allow_unsafe_interrupts: bool = False,
     force: bool = False,
+    owner: int | None = None,
     dry_run: bool = False,
     on_step: StepHook | None = None,
     journal_dir: Path = JOURNAL_DIR,
@@ -133,7 +135,9 @@ def bind_to_vfio(
     for devices that must not be taken, HostError when a step or the final check fails.
 
     Everything from the scan on happens under the journal's lock: a second bind (or a managed VM) waits for
-    the first and then sees its result (the device already on vfio-pci), never the state before it."""
+    the first and then sees its result (the device already on vfio-pci), never the state before it.
+
+    With `owner` (a uid), each group's /dev/vfio/<group> is then handed to that user (ownership.py)."""
     requested = sysfs.resolve_all(devices)
     if not requested:
         raise HostUsageError("name at least one device")
@@ -164,6 +168,9 @@ def bind_to_vfio(
                 failed = [fn for fn in targets if not sysfs.settle(functools.partial(_bound_to_vfio, fn))]
                 if failed:
                     raise HostError(_bind_failure(failed))
+            if owner is not None:
+                for number in sorted({str(fn.iommu_group) for fn in targets if fn.iommu_group is not None}):
+                    hand_over(changer, journal, number, owner)
         except HostError as e:
             if dry_run:
                 raise
@@ -198,6 +205,8 @@ def _rollback(error: HostError, pending: Sequence[PciFunction], changer: Changer
     """Give back what this bind changed; the message says whether that worked."""
     try:
         drop_new_ids(changer, journal)
+        for group in list(journal.state.nodes):
+            give_back_node(changer, journal, group)
         for fn in pending:
             record = journal.state.devices.get(str(fn.bdf))
             if record is not None:

@@ -14,6 +14,7 @@ from .errors import HostError, HostUsageError
 from .inventory import DeviceInfo, describe_devices, group_json, iommu_groups
 from .journal import BindMethod
 from .outcome import Outcome
+from .ownership import resolve_owner
 from .pciids import load_pci_ids
 from .preflight import Severity
 from .sysfs import resolve
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set vfio_iommu_type1 allow_unsafe_interrupts (hosts without interrupt remapping)")
     p.add_argument("--dry-run", action="store_true", help=dry_help)
     p.add_argument("--force", action="store_true", help="take devices even when the host uses them")
+    p.add_argument("--owner", metavar="USER",
+                   help="hand each group's /dev/vfio/N to USER, who then runs pyvmm (given back by unbind)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each change as it is made")
 
     p = sub.add_parser("unbind", help="give devices back to the driver they had before")
@@ -163,6 +166,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
         method=BindMethod(args.method),
         allow_unsafe_interrupts=args.allow_unsafe_interrupts,
         force=args.force,
+        owner=resolve_owner(args.owner) if args.owner is not None else None,
         dry_run=args.dry_run,
         on_step=_step_printer(args),
     )

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import resource
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyvmm.irq_remapping import interrupt_remapping, unsafe_interrupts_allowed
+from pyvmm.memlock import can_lock_memory, memlock_limit
 
 from . import modules
 from .errors import HostUsageError
 from .modules import ModuleState
 from .sysfs import iommu_present
-
-_CAP_IPC_LOCK = 14
 
 
 @dataclass(frozen=True)
@@ -27,21 +23,6 @@ class HostFacts:
     unsafe_interrupts_allowed: bool
     memlock_limit: int | None  # soft RLIMIT_MEMLOCK in bytes; None when unlimited
     can_lock_memory: bool  # CAP_IPC_LOCK: VFIO then ignores the limit
-
-
-def can_lock_memory() -> bool:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
-    except (OSError, ValueError):
-        pass
-    return os.geteuid() == 0
-
-
-def memlock_limit() -> int | None:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def gather() -> HostFacts:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from pyvmm import sandbox
+
 SYS_BLOCK = Path("/sys/class/block")
 SYS_NET = Path("/sys/class/net")
 SYS_VTCONSOLE = Path("/sys/class/vtconsole")
@@ -389,8 +391,17 @@ def _bus_device_under(bus_info: str, devpath: str) -> bool:
 
 
 def _other_netns_uses(devpath: str) -> list[HostUse]:
+    namespaces = other_network_namespaces()
+    if namespaces and sandbox.filtered():
+        # Under --seccomp (a managed=on device plugged after the filters went on): reading another
+        # namespace's interfaces means joining it and opening a socket there, which no list allows
+        # (docs/seccomp.md#hot-plug). Refused rather than left unchecked.
+        return [HostUse(UseKind.NETWORK,
+                        f"its interfaces in {len(namespaces)} other network namespace(s) cannot be checked "
+                        "under --seccomp",
+                        "bind it beforehand with `pyvmm-host bind` and drop managed=on")]
     uses = []
-    for namespace in other_network_namespaces():
+    for namespace in namespaces:
         for name, bus, up in _interfaces_in(namespace):
             if up and _bus_device_under(bus, devpath):
                 uses.append(HostUse(UseKind.NETWORK, f"network interface {name} is up in {namespace.label}",

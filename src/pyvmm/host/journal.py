@@ -69,6 +69,27 @@ def _hex16(kind: str, value: object) -> int:
     return int(value, 16)
 
 
+_GROUP = re.compile(r"^[0-9]{1,10}$")  # an IOMMU group number: /dev/vfio/<group>, never a path
+
+
+def _group(value: object) -> str:
+    if not isinstance(value, str) or not _GROUP.match(value):
+        raise ValueError(f"group {value!r} is not an IOMMU group number")
+    return value
+
+
+def _id(kind: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 0xFFFF_FFFF:
+        raise ValueError(f"{kind} {value!r} is not a user or group id")
+    return value
+
+
+def _mode(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o7777:
+        raise ValueError(f"mode {value!r} is not a permission mode")
+    return value
+
+
 def _param_value(value: object) -> str | None:
     if value is not None and (not isinstance(value, str) or not _PARAM_VALUE.match(value)):
         raise ValueError(f"parameter value {value!r} is not one printable line")
@@ -113,15 +134,26 @@ class ParamRecord:
     original: str | None
 
 
+@dataclass(frozen=True)
+class NodeRecord:
+    """A VFIO group node's (/dev/vfio/<group>) owner and mode before `bind --owner` handed it to a user."""
+
+    group: str
+    uid: int
+    gid: int
+    mode: int
+
+
 @dataclass
 class JournalState:
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
     new_ids: list[NewIdRecord] = field(default_factory=list)
     params: list[ParamRecord] = field(default_factory=list)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)  # by group number
 
     @property
     def empty(self) -> bool:
-        return not (self.devices or self.new_ids or self.params)
+        return not (self.devices or self.new_ids or self.params or self.nodes)
 
     def to_text(self) -> str:
         doc: dict[str, Any] = {
@@ -137,6 +169,9 @@ class JournalState:
                 for n in self.new_ids
             ],
             "params": [{"module": p.module, "name": p.name, "original": p.original} for p in self.params],
+            "nodes": [
+                {"group": n.group, "uid": n.uid, "gid": n.gid, "mode": n.mode} for n in self.nodes.values()
+            ],
         }
         return json.dumps(doc, indent=1) + "\n"
 
@@ -170,6 +205,11 @@ class JournalState:
                             _param_value(p["original"]))
                 for p in doc["params"]
             ]
+            for n in doc.get("nodes", []):  # absent in journals of pyvmm before `bind --owner`
+                group = _group(n["group"])
+                state.nodes[group] = NodeRecord(
+                    group, _id("uid", n["uid"]), _id("gid", n["gid"]), _mode(n["mode"])
+                )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed entry ({type(e).__name__}: {e})") from None
         except ValueError as e:
@@ -369,6 +409,16 @@ class Journal:
     def forget_new_id(self, record: NewIdRecord) -> None:
         if record in self.state.new_ids:
             self.state.new_ids.remove(record)
+            self.save()
+
+    def record_node(self, record: NodeRecord) -> None:
+        """Remember a group node's original owner; the first record wins."""
+        if record.group not in self.state.nodes:
+            self.state.nodes[record.group] = record
+            self._save_or_undo(lambda: self.state.nodes.pop(record.group))
+
+    def forget_node(self, group: str) -> None:
+        if self.state.nodes.pop(group, None) is not None:
             self.save()
 
     def record_param(self, record: ParamRecord) -> None:

@@ -13,6 +13,7 @@ from .bdf import Bdf, parse_bdf
 from .errors import HostError, HostUsageError
 from .journal import JOURNAL_DIR, DeviceRecord, Journal, open_journal
 from .outcome import DeviceOutcome, Outcome
+from .ownership import give_back_node
 from .sysfs import VFIO_DRIVER
 
 
@@ -123,7 +124,13 @@ def restore(
                 if bdf not in bdfs:
                     bdfs.append(bdf)
         for bdf in bdfs:
+            group = sysfs.read_function(bdf).iommu_group
+            if group is not None:  # the node first: it disappears with the group's last vfio-pci device
+                give_back_node(changer, journal, str(group))
             outcomes.append(give_back(changer, journal, bdf, journal.state.devices.get(str(bdf))))
+        if devices is None:
+            for left in list(journal.state.nodes):  # groups whose devices are gone
+                give_back_node(changer, journal, left)
         if not journal.state.devices:
             restore_params(changer, journal)
     return Outcome(tuple(outcomes), tuple(changer.steps), (), dry_run)

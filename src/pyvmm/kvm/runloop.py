@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
+from pyvmm import sandbox
 from pyvmm.kvm.bindings import (
     KvmExit,
     KvmExitIo,
@@ -201,6 +202,7 @@ class VcpuLoop:
         # Writes KVM queued in the coalesced ring happened before this exit: devices see them first.
         drain = self.coalesced.drain if self.coalesced is not None else None
         try:
+            sandbox.enter(sandbox.ThreadKind.VCPU)  # this thread's seccomp filter, when --seccomp is on
             while not self._stop:
                 reason = vcpu.run()
                 if debug:

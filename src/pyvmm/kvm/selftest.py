@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pyvmm import layout
@@ -149,8 +149,12 @@ def real_mode_vcpu(vm: Vm, memory: GuestMemory, rip: int, irqchip: bool = True) 
     return vcpu
 
 
-def run_program(irqchip: bool = True, timeout: float = 10.0) -> SelftestRun:
-    """Run PROGRAM on a fresh VM; with irqchip=False the final HLT ends the loop by itself (HALTED)."""
+def run_program(
+    irqchip: bool = True, timeout: float = 10.0, before_run: Callable[[], None] | None = None
+) -> SelftestRun:
+    """Run PROGRAM on a fresh VM; with irqchip=False the final HLT ends the loop by itself (HALTED).
+    `before_run` is called once the VM is built, just before its vCPU thread starts (where pyvmm installs
+    its seccomp filters)."""
     install_kick_handler()
     memory = GuestMemory([(0, RAM_SIZE)])
     memory.write(CODE_GPA, PROGRAM)
@@ -162,6 +166,8 @@ def run_program(irqchip: bool = True, timeout: float = 10.0) -> SelftestRun:
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = real_mode_vcpu(vm, memory, CODE_GPA, irqchip)
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus)
+        if before_run is not None:
+            before_run()
         thread = loop.start_thread()
         stop_latency = 0.0
         if irqchip:

@@ -40,8 +40,10 @@ class VirtioVsock(VirtioDevice):
         self._warn = RateLimitedWarnings(log, name="virtio-vsock")
 
     @classmethod
-    def open(cls, guest_cid: int, path: str) -> VirtioVsock:
-        """Listen at `path` (VsockSocketError, one line, when it cannot) and start the muxer's thread."""
+    def open(cls, guest_cid: int, path: str, *, start: bool = True) -> VirtioVsock:
+        """Listen at `path` (VsockSocketError, one line, when it cannot) and start the muxer's thread
+        (start=False: the caller starts `muxer` later; the builder makes it a service that starts beside
+        the vCPUs, once the seccomp filters are on: docs/seccomp.md#threads-and-their-lists)."""
         listener = listen_unix(path)
         device: VirtioVsock | None = None
 
@@ -55,7 +57,8 @@ class VirtioVsock(VirtioDevice):
             listener.close()
             raise
         device = cls(guest_cid, muxer)
-        muxer.start()
+        if start:
+            muxer.start()
         return device
 
     @property
@@ -94,3 +97,18 @@ class VirtioVsock(VirtioDevice):
 
     def close(self) -> None:
         self.muxer.close()
+
+
+class MuxerService:
+    """The muxer's thread as a VM service (pyvmm.machine.Service): started beside the vCPUs, once the
+    seccomp filters are on, so that it takes its own (docs/seccomp.md#threads-and-their-lists). The
+    device's close stops it, with the transport."""
+
+    def __init__(self, muxer: VsockMuxer) -> None:
+        self.muxer = muxer
+
+    def start(self) -> None:
+        self.muxer.start()
+
+    def close(self) -> None:
+        pass  # the transport's close (VirtioVsock.close) stops the thread and closes the sockets

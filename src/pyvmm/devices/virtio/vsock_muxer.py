@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pyvmm import sandbox
 from pyvmm.devices.virtio.block import RateLimitedWarnings
 from pyvmm.devices.virtio.queue import Virtqueue, gather, scatter, split_views
 from pyvmm.devices.virtio.vsock_proto import (
@@ -496,6 +497,7 @@ class VsockMuxer:
 
     def _run(self) -> None:
         set_thread_comm(THREAD_NAME)
+        sandbox.enter(sandbox.ThreadKind.VSOCK_MUXER)  # its own seccomp filter, when on (docs/seccomp.md)
         while not self._stopping:
             try:
                 kick = self.poll_once()

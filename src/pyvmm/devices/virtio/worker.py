@@ -9,6 +9,7 @@ import select
 import threading
 from collections.abc import Callable
 
+from pyvmm import sandbox
 from pyvmm.threadname import set_thread_comm
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class QueueWorker:
 
     def _run(self) -> None:
         set_thread_comm(self.name)  # e.g. virtio-blk-_dis (15 bytes): seen in /proc/PID/task/*/comm
+        # This thread's own seccomp filter, when on, stacked on the ones it inherits from the thread that
+        # started it: a vCPU thread at the guest's DRIVER_OK (docs/seccomp.md#threads-and-their-lists).
+        sandbox.enter(sandbox.ThreadKind.VIRTIO_WORKER)
         poller = select.poll()
         poller.register(self._stop_fd, select.POLLIN)
         index_of = {}
