@@ -124,13 +124,20 @@ def attach_disks(
             attached.append(dev)  # closed below if anything later fails
             plugged.append(platform.attach(dev, disk.pci_segment, disk.pci_device_id))
     except BaseException:
-        for address in reversed(plugged):
-            platform.detach(address)
-        for dev in reversed(attached):
-            with contextlib.suppress(Exception):
-                dev.close()
+        _unplug_and_close(platform, plugged, attached)
         raise
     return list(zip(attached, plugged, strict=True))
+
+
+def _unplug_and_close(platform: PciPlatform, plugged: list[PciAddress],
+                      attached: list[VirtioPciDevice]) -> None:
+    """Undo a partly done attach: unplug in reverse order, then close (errors on the way out are not the
+    one the caller reports)."""
+    for address in reversed(plugged):
+        platform.detach(address)
+    for dev in reversed(attached):
+        with contextlib.suppress(Exception):
+            dev.close()
 
 
 def attach_nets(
@@ -184,10 +191,6 @@ def attach_nets(
             attached.append(dev)
             plugged.append(platform.attach(dev, net.pci_segment, net.pci_device_id))
     except BaseException:
-        for address in reversed(plugged):
-            platform.detach(address)
-        for dev in reversed(attached):
-            with contextlib.suppress(Exception):
-                dev.close()
+        _unplug_and_close(platform, plugged, attached)
         raise
     return attached
