@@ -386,6 +386,28 @@ def test_filter_on_every_thread_and_a_forbidden_call_kills() -> None:
 
 
 @needs_seccomp
+def test_an_unclosed_socket_dropped_on_any_thread_does_not_kill() -> None:
+    """CPython formats an unclosed socket's ResourceWarning (its repr asks getsockname and getpeername) even
+    when the warning is ignored: dropping one on a worker thread must not end pyvmm."""
+    proc = _child("""
+        import gc, socket, threading
+        from pyvmm import sandbox
+        pairs = [socket.socketpair() for _ in range(2)]  # made before the filter, as the muxer's
+        install(SeccompMode.TRUE)
+        def worker():
+            sandbox.enter(sandbox.ThreadKind.VIRTIO_WORKER)
+            pairs.pop(); gc.collect()
+            print("worker alive", flush=True)
+        t = threading.Thread(target=worker)
+        t.start(); t.join()
+        pairs.pop(); gc.collect()
+        print("main alive", flush=True)
+    """)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.splitlines() == ["worker alive", "main alive"], proc.stdout
+
+
+@needs_seccomp
 def test_api_vmm_filter_and_the_http_server_thread() -> None:
     """As `pyvmm --api-socket` runs: the API_VMM filter on every thread, the server thread's own on top; a
     socket() from the server thread kills the process."""

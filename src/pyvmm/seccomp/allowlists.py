@@ -102,6 +102,8 @@ _RUNTIME = (
         ArgCheck(2, (O_RDONLY,), mask=O_ACCMODE | O_CREAT | O_TRUNC),
     ),
     Allowed("getcwd", "tracebacks resolving relative source paths"),
+    Allowed("getsockname", "socket repr: an unclosed socket's ResourceWarning formats it, ignored or not"),
+    Allowed("getpeername", "socket repr: an unclosed socket's ResourceWarning formats it, ignored or not"),
     Allowed("uname", "an import on first use: uuid (ACPI tables, API answers) imports platform, which asks"),
     Allowed("getdents64", "an import on first use lists its package directory (importlib's FileFinder)"),
     Allowed("readlink", "tracebacks resolving source paths"),
