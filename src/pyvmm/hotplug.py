@@ -21,11 +21,12 @@ VM's one id space (pyvmm.device_ids) for the disks and functions added at boot a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyvmm import pci_sysfs
 from pyvmm.device_ids import DISK_PREFIX, VFIO_PREFIX, DeviceIdError, DeviceIds, boot_ids
@@ -72,6 +73,7 @@ class _Plugged:
     removing: bool = False
     disk: VirtioPciDevice | None = None  # a virtio-blk disk's transport (it owns the image)
     boot: bool = False  # added by the builder (which closes a boot disk's transport with the VM)
+    config: Any = None  # a hot-plugged device's DeviceLike / DiskConfig, its `id` filled in (vm.info, reboot)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,12 @@ class PciHotplug:
         with self._lock:
             return {ident: plugged.address for ident, plugged in self._devices.items()}
 
+    def hot_plugged(self) -> list[tuple[str, Any]]:
+        """The devices added while the VM runs and still in it, in the order they came: (id, config with
+        that id). With the boot-time ones still present (`devices()`), what a reboot boots again."""
+        with self._lock:
+            return [(p.id, p.config) for p in self._devices.values() if p.config is not None and not p.boot]
+
     # ---- add ---------------------------------------------------------------------------------------------
 
     def add_vfio_device(self, config: DeviceLike) -> PciAddress:
@@ -189,8 +197,9 @@ class PciHotplug:
             if changed:
                 self._batches.append(batch)
                 self._wait_to_give_back(batch)
-            for ident, (function, address) in zip(ids, plugged, strict=True):
-                self._devices[ident] = _Plugged(ident, function, address, batch)
+            for ident, config, (function, address) in zip(ids, configs, plugged, strict=True):
+                self._devices[ident] = _Plugged(ident, function, address, batch,
+                                                config=_with_id(config, ident))
                 self.registers.device_added(address.segment, address.slot)
                 log.info("%s: host %s hot-plugged at %s", ident, function, address)
         self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
@@ -314,7 +323,8 @@ class PciHotplug:
             except BaseException:
                 self._ids.rollback(mark)
                 raise
-            self._devices[ident] = _Plugged(ident, str(config.path), address, None, disk=transport)
+            self._devices[ident] = _Plugged(ident, str(config.path), address, None, disk=transport,
+                                            config=_with_id(config, ident))
             self.registers.device_added(address.segment, address.slot)
             log.info("%s: disk %s hot-plugged at %s", ident, config.path, address)
         self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
@@ -410,3 +420,10 @@ class PciHotplug:
             batch.left.set()
             if batch.give_back is not None:
                 batch.give_back.join()
+
+
+def _with_id(config: Any, ident: str) -> Any:
+    """`config` with `id=ident` (as cloud-hypervisor writes a generated id into the VM's config)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.replace(config, id=ident)
+    return config

@@ -93,7 +93,9 @@ echo "disp-after: $(drv $DISP)"
 $R add-device path=/sys/bus/pci/devices/$SD/,managed=on > $TMPDIR/added.json; echo "add-rc=$?"
 cat $TMPDIR/added.json; echo
 echo "host-during: $(drv $SD)"
-tree() { $R info | sum tree; }
+tree() {  # vm.info: device_tree | config
+  $R info > $TMPDIR/info.json; echo "$(sum tree < $TMPDIR/info.json) | $(sum config < $TMPDIR/info.json)"
+}
 threads() {  # the filters of every thread (docs/seccomp.md): name, mode, how many
   for t in /proc/$pid/task/*; do
     echo "thread $(cat $t/comm) $(grep -e '^Seccomp:' -e '^Seccomp_filters:' $t/status | cut -f2 \
@@ -183,6 +185,10 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     ejected = re.search(r"^tree-ejected: (.*)$", run, re.MULTILINE)
     assert plugged and f"{added.group(1)}={added.group(2)}" in plugged.group(1).split(), run
     assert ejected and "__rng=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
+    # vm.info's config follows the VM, as CH's does (what vm.reboot boots again): the hot-plugged function
+    # in it with its id while plugged, gone once ejected
+    assert f"| disks= devices={added.group(1)}" in plugged.group(1), run
+    assert "| disks= devices=" in ejected.group(1) and added.group(1) not in ejected.group(1), run
     assert "remove-rc=0" in run and "GUEST-GONE" in run and "host-after: sdhci-pci" in run, run
     # --seccomp true (the default): a filter on every thread, the server's and the vCPU's own on top of the
     # API_VMM one (docs/seccomp.md#threads-and-their-lists)
@@ -200,7 +206,7 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     disk_want = re.search(r"^disk-want=(\w{64})", disk, re.MULTILINE)
     assert disk_want and f"DISK-SHA {disk_want.group(1)}" in disk, disk
     assert "disk-head=pyvmm-hotplugged" in disk, disk
-    assert re.search(r"^tree-disk: .*hpdisk=0000:00:", disk, re.MULTILINE), disk
+    assert re.search(r"^tree-disk: .*hpdisk=0000:00:.* \| disks=hpdisk devices=$", disk, re.MULTILINE), disk
     # its worker (named after the disk's id, 15 bytes) under the API_VMM, vCPU and virtio-worker filters
     assert re.search(r"^thread virtio-blk-hpdi 2 3 $", disk, re.MULTILINE), disk
     # vm.counters: the guest's reads (the whole 4 MiB image at least) and its write, counted
@@ -224,6 +230,7 @@ def test_hot_plug_through_the_api_with_pyvmm_remote(lab) -> None:
     assert "counters-removed: {}" in remove, remove
     ejected = re.search(r"^tree-disk-ejected: (.*)$", remove, re.MULTILINE)
     assert ejected and "hpdisk" not in ejected.group(1) and "__rng=" in ejected.group(1), remove
+    assert ejected.group(1).endswith("| disks= devices="), remove
     stop = out["stop"]
     assert "shutdown-rc=0" in stop and "vmm-rc=0" in stop and "Traceback" not in stop, stop
     # no call the kernel had to refuse or log, on any thread, all along (the eject of both devices included)

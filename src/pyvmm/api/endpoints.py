@@ -111,22 +111,19 @@ def _action(action: Callable[[ApiVmm], None]) -> Callable[[ApiVmm, Request], Res
 
 
 def _info(vmm: ApiVmm, request: Request) -> Response:
-    config = vmm.config
-    if config is None:
+    booted = vmm.config
+    config = vmm.current_config()  # a running VM's disks and devices as they are now, with their ids
+    if booted is None or config is None:
         raise ApiCallError(Status.INTERNAL_SERVER_ERROR, "The VM info is not available", NOT_CREATED)
     state = vmm.state
     assert state is not None
     info: dict[str, Any] = {}
     machine = vmm.machine
-    if machine is None:
-        info["config"] = vm_config_to_json(config)
-    else:
-        ids = device_ids(config)
-        info["config"] = vm_config_to_json(config, {i: name for i, name in enumerate(ids[2])})
+    info["config"] = vm_config_to_json(config)
     info["state"] = state.value
     info["memory_actual_size"] = config.memory.size
     if machine is not None:
-        info["device_tree"] = device_tree(config, machine)
+        info["device_tree"] = device_tree(booted, machine)
     return json_response(Status.OK, info)
 
 

@@ -9,6 +9,7 @@ stopping (pyvmm then exits, as cloud-hypervisor does) and signals (docs/api.md#l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import signal
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pyvmm.api.http import Request, Response, error_response
-from pyvmm.config import VmConfig, check_paths
+from pyvmm.config import DiskConfig, VmConfig, check_paths
 from pyvmm.errors import PyvmmError
 from pyvmm.events import EventMonitor
 from pyvmm.machine import ExitKind, VirtualMachine, VmExit
@@ -223,9 +224,30 @@ class ApiVmm:
             raise ApiCallError(500, "The VM could not shutdown", NOT_RUNNING)
         self._stop_vm()
 
+    def current_config(self) -> VmConfig | None:
+        """The stored config with its disks and devices as the running VM has them: boot-time ones the
+        guest ejected gone, hot-plugged ones in, each with its id (as cloud-hypervisor keeps its config).
+        What vm.info shows and what vm.reboot boots."""
+        config, machine = self.config, self.machine
+        if config is None or machine is None:
+            return config
+        from pyvmm.device_ids import boot_ids
+
+        _ids, names = boot_ids([d.id for d in config.disks], [d.id for d in config.devices])
+        present = machine.hotplug.devices()
+        disk_names, device_names = names[: len(config.disks)], names[len(config.disks):]
+        disks = [dataclasses.replace(d, id=n) for d, n in zip(config.disks, disk_names, strict=True)
+                 if n in present]
+        devices = [dataclasses.replace(d, id=n) for d, n in zip(config.devices, device_names, strict=True)
+                   if n in present]
+        for _ident, added in machine.hotplug.hot_plugged():
+            (disks if isinstance(added, DiskConfig) else devices).append(added)
+        return dataclasses.replace(config, disks=tuple(disks), devices=tuple(devices))
+
     def reboot(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not reboot", NOT_RUNNING)
+        self.config = self.current_config()  # hot-plugged devices come back after the reboot, as in CH
         self.events.emit("vm", "rebooting")
         self._stop_vm()
         self.boot()

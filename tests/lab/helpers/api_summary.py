@@ -1,6 +1,6 @@
 """What the API lab test reads, one line each: `counters` (vm.counters: disk.counter=value ...), `tree`
-(vm.info's device_tree: id=bdf ...), `events` (an --event-monitor file: source/event[:id] ...); JSON on
-stdin."""
+(vm.info's device_tree: id=bdf ...), `config` (vm.info's config: disks=id,... devices=id,...), `events`
+(an --event-monitor file: source/event[:id] ...); JSON on stdin."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ def main(kind: str, text: str) -> str:
     if kind == "tree":
         tree = json.loads(text)["device_tree"]
         return " ".join(f"{name}={node['pci_bdf']}" for name, node in sorted(tree.items()))
+    if kind == "config":
+        config = json.loads(text)["config"]
+        return " ".join(f"{key}=" + ",".join(str(d.get("id")) for d in config.get(key) or [])
+                        for key in ("disks", "devices"))
     if kind == "events":
         events = [json.loads(chunk) for chunk in text.split("\n\n") if chunk.strip()]
         return " ".join(
