@@ -192,3 +192,41 @@ def test_add_device_body_as_ch_remote_sends_it() -> None:
         {"path": "/sys/bus/pci/devices/0000:00:04.0", "iommu": False, "pci_segment": 0, "managed": True}
     )
     assert device.managed and device.path == Path("/sys/bus/pci/devices/0000:00:04.0")
+
+
+def test_the_config_follows_the_running_vm(tmp_path: Path) -> None:
+    """ApiVmm.current_config (vm.info's config, what vm.reboot boots): boot-time disks and devices the guest
+    ejected leave it, hot-plugged ones join it with their ids, every id filled in."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pyvmm.api.vmm import ApiVmm
+    from pyvmm.config import DiskConfig
+
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"")
+    images = [tmp_path / f"d{i}.img" for i in range(3)]
+    for image in images:
+        image.write_bytes(b"\0" * 4096)
+    config = parse_vm_config(["--kernel", str(kernel), "--disk", f"path={images[0]}",
+                              f"path={images[1]},id=data",
+                              "--device", "path=/sys/bus/pci/devices/0000:01:00.0/",
+                              "path=/sys/bus/pci/devices/0000:02:00.0/"])
+    hot_disk = replace(config.disks[0], path=images[2], id="hp")
+    hot_device = replace(config.devices[0], id="_vfio4")
+    present = {"data": None, "_vfio2": None, "hp": None, "_vfio4": None}  # _disk0 and _vfio1 were ejected
+    hotplug = SimpleNamespace(devices=lambda: present, hot_plugged=lambda: [("hp", hot_disk),
+                                                                           ("_vfio4", hot_device)])
+    vmm = ApiVmm()
+    vmm.config = config
+    assert vmm.current_config() is config  # not running: the stored config as it is
+    vmm.machine = SimpleNamespace(hotplug=hotplug)  # type: ignore[assignment]
+    now = vmm.current_config()
+    assert now is not None
+    assert [(d.path, d.id) for d in now.disks] == [(images[1], "data"), (images[2], "hp")]
+    assert all(isinstance(d, DiskConfig) for d in now.disks)
+    assert [(str(d.path), d.id) for d in now.devices] == [
+        ("/sys/bus/pci/devices/0000:02:00.0", "_vfio2"), ("/sys/bus/pci/devices/0000:01:00.0", "_vfio4")]
+    shown = vm_config_to_json(now)
+    assert [d["id"] for d in shown["disks"]] == ["data", "hp"]
+    assert [d["id"] for d in shown["devices"]] == ["_vfio2", "_vfio4"]
