@@ -117,6 +117,21 @@ def _pow2(lo: int, hi: int) -> st.SearchStrategy[int]:
     return st.integers(lo.bit_length() - 1, hi.bit_length() - 1).map(lambda b: 1 << b)
 
 
+def _spells_msi(config: bytearray, pointer: int, drawn: list[int]) -> bool:
+    """Whether following `pointer` through config bytes that are not drawn capabilities (random ones) meets
+    an MSI or MSI-X id, as a capability walk reads them (pointers masked to dwords)."""
+    seen: set[int] = set()
+    while pointer and pointer not in seen and len(seen) < 64:
+        seen.add(pointer)
+        at = pointer & 0xFC
+        if at in drawn:
+            return False  # from here on the chain is the drawn one
+        if config[at] in (CAP_MSI, CAP_MSIX):
+            return True
+        pointer = config[at + 1]
+    return False
+
+
 @st.composite
 def host_functions(draw: st.DrawFn) -> HostFunction:
     rng = random.Random(draw(st.integers(0, 1 << 32)))
@@ -228,7 +243,10 @@ def host_functions(draw: st.DrawFn) -> HostFunction:
         nxt = offsets[i + 1] if i + 1 < len(offsets) else 0
         config[off + 1] = nxt
     if offsets and draw(st.integers(0, 4)) == 0:  # hostile: a loop, a pointer into the header or off the end
-        config[offsets[-1] + 1] = draw(st.sampled_from([offsets[0], 0x10, 0xFC, 0xFF, 0x41]))
+        target = draw(st.sampled_from([offsets[0], 0x10, 0xFC, 0xFF, 0x41]))
+        if _spells_msi(config, target, offsets):  # the oracle knows only the capabilities drawn above
+            target = offsets[0]
+        config[offsets[-1] + 1] = target
     config[0x34] = offsets[0] if offsets else draw(st.sampled_from([0, 0x40, 0xFF]))
     if not offsets:  # the random bytes 0x34 may point at must not spell an MSI or MSI-X capability
         config[0x40], config[0x41] = draw(st.sampled_from([0x00, CAP_PM, 0xFF])), 0
