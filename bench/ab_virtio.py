@@ -11,7 +11,8 @@ bench initramfs (bench/guest_build.py), guest/virtio.sh with `make bench`'s size
 measurement; the idle stretch is cut to 1 s, as no VMM-cost figure is taken), harness.pyvmm_argv (1 vCPU,
 512 MiB, the disk image copied into the lab's /tmp), the lab-clock spans of analysis.py.
 
-Round r runs A then B when r is odd, B then A when it is even. The results (<out>.json, every sample;
+Round r runs A then B when r is odd, B then A when it is even; a warm-up round 0 (A, B) goes first and
+is not counted (--no-warmup counts every run). The results (<out>.json, every sample;
 <out>.md, the table) give per metric each commit's median and range, B/A of the medians with a 95 %
 bootstrap interval (resampling each commit's samples), and a two-sided Mann-Whitney U test's p (exact
 over all splits of the samples). The commit the lab machinery and this script come from is the checkout's;
@@ -136,10 +137,10 @@ def host(a: argparse.Namespace) -> int:
     initramfs = guest_build.build()
     started = dt.datetime.now(dt.UTC)
     inside = [sys.executable, str(Path(__file__).resolve()), "--inside", "--rounds", str(a.rounds),
-              "--initramfs", str(initramfs)]
+              "--initramfs", str(initramfs), *([] if a.warmup else ["--no-warmup"])]
     inside += [f"{sha}={src}" for sha, src in variants.items()]
     lab = [sys.executable, "-m", "pyvmm.lab", "run", "--cpus", "1",
-           "--timeout", str(600 + PER_RUN * 2 * a.rounds), "--stall-timeout", "480", "--", *inside]
+           "--timeout", str(600 + PER_RUN * 2 * (a.rounds + 1)), "--stall-timeout", "480", "--", *inside]
     print(f"ab_virtio: {a.rounds} rounds of {' / '.join(variants)} in one 1-CPU lab", flush=True)
     proc = subprocess.Popen(lab, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -204,6 +205,14 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     if payload["errors"]:
         lines += ["", "Failed runs:", *(f"- {e}" for e in payload["errors"])]
+    if payload.get("runs"):
+        heads = [an.METRICS_BY_KEY[key].unit + " " + tag for tag, key in TAGS.items()]
+        lines += ["", "Every run in the order run (round 0: warm-up, not counted):", "",
+                  "| round | commit | lab s | " + " | ".join(heads) + " |",
+                  "| --- | --- | ---: |" + " ---: |" * len(TAGS)]
+        for r in payload["runs"]:
+            cols = " | ".join(an.fmt(r.get(key)) for key in TAGS.values())
+            lines.append(f"| {r['round']} | {r['commit']} | {r['seconds']:g} | {cols} |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,12 +238,15 @@ def inside(a: argparse.Namespace) -> int:
     cmd = f"sh /bench/virtio.sh {SPAN} {IO_SECONDS:g} {IDLE_SECONDS:g}"
     samples: dict[str, dict[str, list[float]]] = {key: {sha: [] for sha in order} for key in TAGS.values()}
     errors: list[str] = []
+    runs: list[dict[str, Any]] = []  # every run in order, the warm-up included
     done = 0
-    for rnd in range(1, a.rounds + 1):
-        for sha in order if rnd % 2 else order[::-1]:
+    # Round 0 warms the lab up (the image into its page cache, the Python files into memory): the first
+    # run in a fresh lab was the slowest of all in the first A/B (2026-12-06); its figures are not counted.
+    for rnd in range(0 if a.warmup else 1, a.rounds + 1):
+        for sha in order if rnd % 2 == 1 or rnd == 0 else order[::-1]:
             argv = ["env", f"PYTHONPATH={variants[sha]}", sys.executable, "-m", "pyvmm",
                     *harness.pyvmm_argv(s, cmd, disk=disk)[1:]]
-            label = f"round {rnd} {sha}"
+            label = f"round {rnd} {sha}" if rnd else f"warm-up {sha}"
             result = harness.run_vmm(label, argv, s.vm_timeout)
             try:
                 if not (result.ok and any("PYVMM-GUEST-EXIT=0" in x for _, x in result.lines)):
@@ -245,6 +257,8 @@ def inside(a: argparse.Namespace) -> int:
                 print(f"ab_virtio: FAILED {label}: {exc}\n" + "\n".join(result.log().splitlines()[-30:]))
                 continue
             parts = []
+            took = result.exited - result.started
+            record: dict[str, Any] = {"round": rnd, "commit": sha, "seconds": round(took, 1)}
             for tag, key in TAGS.items():
                 span = spans.get(tag)
                 if span is None:
@@ -252,12 +266,14 @@ def inside(a: argparse.Namespace) -> int:
                     continue
                 unit = an.METRICS_BY_KEY[key].unit
                 value = an.mb_per_s(span) if unit == "MB/s" else an.iops(span)
-                samples[key][sha].append(round(value, 3))
+                record[key] = round(value, 3)
+                if rnd:
+                    samples[key][sha].append(round(value, 3))
                 parts.append(f"{tag} {value:,.0f}")
-            took = result.exited - result.started
+            runs.append(record)
             print(f"ab_virtio: {label} ({took:.0f} s): {', '.join(parts)}", flush=True)
         done = rnd
-        payload = {"order": order, "samples": samples, "errors": errors, "rounds_done": done,
+        payload = {"order": order, "samples": samples, "errors": errors, "rounds_done": done, "runs": runs,
                    "lab": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
         print("AB-JSON " + json.dumps(payload), flush=True)  # after every round: a stalled lab keeps these
     return 0 if not errors else 1
@@ -267,6 +283,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", type=Path, help="results path without suffix (default results/<date>-virtio-ab)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="count every run (by default one run per commit first is not counted)")
     p.add_argument("--vm-timeout", type=float, default=300, help=argparse.SUPPRESS)
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--initramfs", help=argparse.SUPPRESS)

@@ -59,3 +59,14 @@ def test_markdown_table_has_medians_ranges_and_the_test() -> None:
     assert "| **100** (90.0-110) | **50.0** (45.0-55.0) | 0.500 |" in text
     assert "| 0.100 |" in text  # 3 against 3, separated: 2 of 20 splits
     assert "round 2 bbbbbbb: no blk-read" in text
+
+
+def test_markdown_lists_every_run_with_the_warm_up() -> None:
+    per: dict[str, list[float]] = {"aaaaaaa": [1.0], "bbbbbbb": [2.0]}
+    runs = [{"round": 0, "commit": "aaaaaaa", "seconds": 60.0, "blk_seq_read": 95.2},
+            {"round": 1, "commit": "bbbbbbb", "seconds": 45.5, "blk_seq_read": 158.0}]
+    payload = {"order": ["aaaaaaa", "bbbbbbb"], "samples": {key: per for key in ab.TAGS.values()},
+               "errors": [], "rounds_done": 1, "runs": runs}
+    text = ab.markdown(payload)
+    assert "| 0 | aaaaaaa | 60 | 95.2 | — |" in text
+    assert "| 1 | bbbbbbb | 45.5 | 158 | — |" in text
