@@ -15,8 +15,9 @@ Round r runs A then B when r is odd, B then A when it is even; a warm-up round 0
 is not counted (--no-warmup counts every run). The results (<out>.json, every sample;
 <out>.md, the table) give per metric each commit's median and range, B/A of the medians with a 95 %
 bootstrap interval (resampling each commit's samples), and a two-sided Mann-Whitney U test's p (exact
-over all splits of the samples). The commit the lab machinery and this script come from is the checkout's;
-only the measured pyvmm differs."""
+over all splits of the samples); then, paired by round (a round's two runs are adjacent in time), the
+median of the rounds' B/A, its bootstrap interval over rounds and the exact Wilcoxon signed-rank p.
+The lab machinery and this script are the checkout's; only the measured pyvmm differs."""
 
 from __future__ import annotations
 
@@ -94,6 +95,49 @@ def bootstrap_ratio(
         for _ in range(rounds)
     )
     return ratios[int(0.025 * (rounds - 1))], ratios[int(0.975 * (rounds - 1))]
+
+
+def signed_rank_p(ratios: Sequence[float]) -> float:
+    """Two-sided p of the Wilcoxon signed-rank test that log(B/A) of paired rounds centres on 0, exact
+    over every sign assignment. A ratio of exactly 1 is dropped; tied magnitudes share their mean rank."""
+    logs = [math.log(r) for r in ratios if r != 1]
+    if not logs:
+        return 1.0
+    magnitudes = sorted(abs(x) for x in logs)
+    ranks = []
+    for x in logs:  # 1-based mean rank of |x| among the magnitudes
+        first = magnitudes.index(abs(x))
+        last = len(magnitudes) - 1 - magnitudes[::-1].index(abs(x))
+        ranks.append((first + last) / 2 + 1)
+    total = sum(ranks)
+    observed = abs(sum(r for r, x in zip(ranks, logs, strict=True) if x > 0) - total / 2)
+    extreme = sum(
+        1
+        for signs in itertools.product((False, True), repeat=len(ranks))
+        if abs(sum(r for r, up in zip(ranks, signs, strict=True) if up) - total / 2) >= observed - 1e-9
+    )
+    return extreme / 2 ** len(ranks)
+
+
+def paired_ratio(ratios: Sequence[float], rounds: int = BOOTSTRAP, seed: int = 1) -> tuple[float, float]:
+    """95 % percentile interval of the median per-round B/A, the rounds resampled with replacement."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(rounds))
+    return meds[int(0.025 * (rounds - 1))], meds[int(0.975 * (rounds - 1))]
+
+
+def pairs(payload: dict[str, Any], key: str) -> list[float]:
+    """B/A of each counted round in which both commits gave the figure (the two runs of a round ran one
+    after the other, so the host's load of the moment falls on both)."""
+    a_sha, b_sha = payload["order"]
+    per_round: dict[int, dict[str, float]] = {}
+    for run in payload.get("runs", []):
+        if run["round"] and key in run:
+            per_round.setdefault(run["round"], {})[run["commit"]] = run[key]
+    if not payload.get("runs") and not payload["errors"]:  # older results: samples in round order
+        xs, ys = payload["samples"][key][a_sha], payload["samples"][key][b_sha]
+        per_round = {i: {a_sha: x, b_sha: y} for i, (x, y) in enumerate(zip(xs, ys, strict=True), 1)}
+    return [r[b_sha] / r[a_sha] for _, r in sorted(per_round.items()) if len(r) == 2 and r[a_sha]]
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
@@ -182,18 +226,26 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['rounds_done']} interleaved rounds (A B, B A, ...) in one 1-CPU lab; the bench's guest, "
         "kernel, initramfs and disk image, guest/virtio.sh (1 vCPU, 512 MiB, 64 MiB range, 3 s per "
         "measurement). Cells: **median** (min-max) on the lab's clock. B/A: ratio of the medians, with a "
-        f"95 % bootstrap interval ({BOOTSTRAP} resamples); p: two-sided Mann-Whitney U, exact.",
+        f"95 % bootstrap interval ({BOOTSTRAP} resamples); p: two-sided Mann-Whitney U, exact. Paired: "
+        "the median of the rounds' own B/A (a round's two runs are adjacent in time), its bootstrap "
+        "interval over rounds, and the exact two-sided Wilcoxon signed-rank p of log(B/A).",
         "",
-        f"| metric | unit | A {a_sha} | B {b_sha} | B/A | 95 % interval | p |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| metric | unit | A {a_sha} | B {b_sha} | B/A | 95 % interval | p | paired B/A | 95 % interval "
+        "| p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key in TAGS.values():
         metric = an.METRICS_BY_KEY[key]
         xs, ys = samples[key].get(a_sha, []), samples[key].get(b_sha, [])
         if not xs or not ys:
-            lines.append(f"| {metric.title} | {metric.unit} | — | — | | | |")
+            lines.append(f"| {metric.title} | {metric.unit} | — | — | | | | | | |")
             continue
         c = compare(xs, ys)
+        rs = pairs(payload, key)
+        paired = " | | "
+        if rs:
+            low, high = paired_ratio(rs)
+            paired = f"{statistics.median(rs):.3f} | {low:.3f}-{high:.3f} | {signed_rank_p(rs):.3f}"
         cells = []
         for values in (xs, ys):
             s = an.summarize(values)
@@ -201,7 +253,7 @@ def markdown(payload: dict[str, Any]) -> str:
             cells.append(f"**{an.fmt(s.median)}** ({an.fmt(s.min)}-{an.fmt(s.max)})")
         lines.append(
             f"| {metric.title} | {metric.unit} | {cells[0]} | {cells[1]} | {c['ratio']:.3f} | "
-            f"{c['ci_low']:.3f}-{c['ci_high']:.3f} | {c['p']:.3f} |"
+            f"{c['ci_low']:.3f}-{c['ci_high']:.3f} | {c['p']:.3f} | {paired} |"
         )
     if payload["errors"]:
         lines += ["", "Failed runs:", *(f"- {e}" for e in payload["errors"])]

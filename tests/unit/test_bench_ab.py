@@ -70,3 +70,28 @@ def test_markdown_lists_every_run_with_the_warm_up() -> None:
     text = ab.markdown(payload)
     assert "| 0 | aaaaaaa | 60 | 95.2 | — |" in text
     assert "| 1 | bbbbbbb | 45.5 | 158 | — |" in text
+
+
+def test_signed_rank_exact_p() -> None:
+    assert math.isclose(ab.signed_rank_p([1.1] * 8), 2 / 256)  # every round the same way
+    # log ratios 1, -2, 3: ranks 1, 2, 3, W+ = 4 of 6; 6 of the 8 sign assignments are as far from 3
+    assert math.isclose(ab.signed_rank_p([math.e, math.exp(-2), math.exp(3)]), 6 / 8)
+    assert ab.signed_rank_p([1.0, 1.0]) == 1.0
+    assert ab.signed_rank_p([1.2, 1 / 1.2]) == 1.0  # tied magnitudes, opposite signs
+
+
+def test_pairs_follow_rounds_and_skip_the_warm_up_and_half_rounds() -> None:
+    runs = [
+        {"round": 0, "commit": "a", "blk_seq_read": 50.0},
+        {"round": 0, "commit": "b", "blk_seq_read": 100.0},
+        {"round": 1, "commit": "a", "blk_seq_read": 100.0},
+        {"round": 1, "commit": "b", "blk_seq_read": 90.0},
+        {"round": 2, "commit": "b", "blk_seq_read": 120.0},
+        {"round": 2, "commit": "a", "blk_seq_read": 100.0},
+        {"round": 3, "commit": "a", "blk_seq_read": 100.0},
+    ]
+    payload = {"order": ["a", "b"], "runs": runs, "errors": ["round 3 b: exit status 1"], "samples": {}}
+    assert ab.pairs(payload, "blk_seq_read") == [0.9, 1.2]
+    samples = {"blk_seq_read": {"a": [10.0, 20.0], "b": [5.0, 30.0]}}
+    older = {"order": ["a", "b"], "errors": [], "samples": samples}
+    assert ab.pairs(older, "blk_seq_read") == [0.5, 1.5]
