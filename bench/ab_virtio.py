@@ -255,6 +255,8 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {metric.title} | {metric.unit} | {cells[0]} | {cells[1]} | {c['ratio']:.3f} | "
             f"{c['ci_low']:.3f}-{c['ci_high']:.3f} | {c['p']:.3f} | {paired} |"
         )
+    if payload.get("notes"):
+        lines += ["", f"Note: {payload['notes']}."]
     if payload["errors"]:
         lines += ["", "Failed runs:", *(f"- {e}" for e in payload["errors"])]
     if payload.get("runs"):
@@ -340,14 +342,14 @@ def main() -> int:
     p.add_argument("--vm-timeout", type=float, default=300, help=argparse.SUPPRESS)
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--initramfs", help=argparse.SUPPRESS)
-    p.add_argument("--report", type=Path, help="only redo the .md from a results JSON")
+    p.add_argument("--report", type=Path, help="print the table of a results JSON (nothing is run)")
     p.add_argument("revs", nargs="*", help="REV_A REV_B (inside the lab: SHA=SRC pairs)")
     a = p.parse_args()
     if a.inside:
         a.variants = a.revs
         return inside(a)
     if a.report:
-        a.report.with_suffix(".md").write_text(markdown(json.loads(a.report.read_text())))
+        sys.stdout.write(markdown(json.loads(a.report.read_text())))
         return 0
     if len(a.revs) != 2 or a.rounds < 2:
         p.error("give two revisions (REV_A REV_B) and at least 2 rounds")
