@@ -140,6 +140,26 @@ def pairs(payload: dict[str, Any], key: str) -> list[float]:
     return [r[b_sha] / r[a_sha] for _, r in sorted(per_round.items()) if len(r) == 2 and r[a_sha]]
 
 
+def pool(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several sessions of the same two commits as one: samples joined, rounds renumbered one after the
+    other (each round still pairs two runs of one lab, adjacent in time)."""
+    order = payloads[0]["order"]
+    if any(p["order"] != order for p in payloads):
+        raise ValueError("the sessions compare different commits")
+    out: dict[str, Any] = {"order": order, "errors": [], "rounds_done": 0, "runs": [],
+                           "samples": {key: {sha: [] for sha in order} for key in TAGS.values()}}
+    for p in payloads:
+        for key, per in p["samples"].items():
+            for sha, values in per.items():
+                out["samples"][key][sha] += values
+        offset = out["rounds_done"]
+        out["runs"] += [{**r, "round": r["round"] + offset if r["round"] else 0} for r in p.get("runs", [])]
+        out["errors"] += p["errors"]
+        out["rounds_done"] += p["rounds_done"]
+    out["date"] = ", ".join(p.get("date", "?") for p in payloads)
+    return out
+
+
 def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     low, high = bootstrap_ratio(a, b)
     return {
@@ -342,14 +362,16 @@ def main() -> int:
     p.add_argument("--vm-timeout", type=float, default=300, help=argparse.SUPPRESS)
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--initramfs", help=argparse.SUPPRESS)
-    p.add_argument("--report", type=Path, help="print the table of a results JSON (nothing is run)")
+    p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                   help="print the table of results JSONs, several sessions pooled (nothing is run)")
     p.add_argument("revs", nargs="*", help="REV_A REV_B (inside the lab: SHA=SRC pairs)")
     a = p.parse_args()
     if a.inside:
         a.variants = a.revs
         return inside(a)
     if a.report:
-        sys.stdout.write(markdown(json.loads(a.report.read_text())))
+        sessions = [json.loads(path.read_text()) for path in a.report]
+        sys.stdout.write(markdown(sessions[0] if len(sessions) == 1 else pool(sessions)))
         return 0
     if len(a.revs) != 2 or a.rounds < 2:
         p.error("give two revisions (REV_A REV_B) and at least 2 rounds")

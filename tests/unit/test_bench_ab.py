@@ -95,3 +95,18 @@ def test_pairs_follow_rounds_and_skip_the_warm_up_and_half_rounds() -> None:
     samples = {"blk_seq_read": {"a": [10.0, 20.0], "b": [5.0, 30.0]}}
     older = {"order": ["a", "b"], "errors": [], "samples": samples}
     assert ab.pairs(older, "blk_seq_read") == [0.5, 1.5]
+
+
+def test_pool_joins_sessions_and_renumbers_their_rounds() -> None:
+    def session(a: float, b: float) -> dict[str, object]:
+        runs = [{"round": 0, "commit": "a", "blk_seq_read": 1.0},
+                {"round": 1, "commit": "a", "blk_seq_read": a},
+                {"round": 1, "commit": "b", "blk_seq_read": b}]
+        samples = {key: {"a": [a], "b": [b]} for key in ab.TAGS.values()}
+        return {"order": ["a", "b"], "runs": runs, "samples": samples, "errors": [], "rounds_done": 1}
+
+    pooled = ab.pool([session(100.0, 90.0), session(100.0, 80.0)])
+    assert pooled["rounds_done"] == 2
+    assert pooled["samples"]["blk_seq_read"] == {"a": [100.0, 100.0], "b": [90.0, 80.0]}
+    assert [r["round"] for r in pooled["runs"]] == [0, 1, 1, 0, 2, 2]
+    assert ab.pairs(pooled, "blk_seq_read") == [0.9, 0.8]
