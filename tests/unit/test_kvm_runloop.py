@@ -378,3 +378,26 @@ def test_thread_comm_is_set_for_tools_that_read_proc() -> None:
     thread.join()
     assert seen == ["vcpu7"]
     assert Path(f"/proc/self/task/{os.getpid()}/comm").read_text().strip() != "vcpu7"  # only that thread
+
+
+class FaultedVcpu(FakeVcpu):
+    """A vCPU that triple faulted in long mode and kept its registers (KVM on Intel)."""
+
+    def get_regs(self) -> kvm_regs:
+        return kvm_regs(rip=0xFFFFFFFF81000000, rflags=0x46)
+
+    def get_sregs(self) -> kvm_sregs:
+        sregs = kvm_sregs(cr0=0x80050033)
+        sregs.cs.selector = 0x10
+        return sregs
+
+
+def test_triple_fault_says_when_the_registers_are_the_reset_state() -> None:
+    # KVM on AMD re-initialises the vCPU before KVM_EXIT_SHUTDOWN: the dump is the reset vector's state.
+    reset = make_loop([exit_with(KvmExit.KVM_EXIT_SHUTDOWN)])[0].run()
+    assert reset.message.startswith("triple fault (KVM_EXIT_SHUTDOWN); the registers below are the vCPU's "
+                                    "reset state")
+    assert "RIP=000000000000fff0" in reset.registers
+    faulted = VcpuLoop(FaultedVcpu([exit_with(KvmExit.KVM_EXIT_SHUTDOWN)]), IoBus("pio"), IoBus("mmio")).run()
+    assert faulted.message == "triple fault (KVM_EXIT_SHUTDOWN)"
+    assert "RIP=ffffffff81000000" in faulted.registers

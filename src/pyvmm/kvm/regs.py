@@ -21,6 +21,22 @@ def _segment(name: str, seg: kvm_segment) -> str:
     )
 
 
+RESET_RIP = 0xFFF0
+RESET_CS_SELECTOR = 0xF000
+RESET_CS_BASE = 0xFFFF0000
+CR0_PE = 1
+
+
+def is_reset_state(regs: kvm_regs, sregs: kvm_sregs) -> bool:
+    """The vCPU sits at the reset vector in real mode: the state INIT or RESET leaves.
+
+    After a triple fault KVM on AMD re-initialises the vCPU before it returns KVM_EXIT_SHUTDOWN (the VMCB is
+    undefined after a shutdown intercept), so a dump then shows this state, not where the guest faulted."""
+    cs = sregs.cs
+    return (regs.rip == RESET_RIP and cs.selector == RESET_CS_SELECTOR and cs.base == RESET_CS_BASE
+            and not sregs.cr0 & CR0_PE)
+
+
 def format_registers(regs: kvm_regs, sregs: kvm_sregs | None = None) -> str:
     """A multi-line dump (general registers, then segments and control registers when given)."""
     lines = [" ".join(f"{name.upper():>6}={getattr(regs, name):016x}" for name in row) for row in _GPR_ROWS]

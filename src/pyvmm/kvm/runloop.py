@@ -33,7 +33,7 @@ from pyvmm.kvm.bindings import (
 )
 from pyvmm.kvm.bus import Bus
 from pyvmm.kvm.coalesced import CoalescedRing
-from pyvmm.kvm.regs import format_registers
+from pyvmm.kvm.regs import format_registers, is_reset_state
 from pyvmm.threadname import set_thread_comm
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class VcpuLoop:
                 return self._error("guest crashed (KVM_SYSTEM_EVENT_CRASH)")
             return self._error(f"unexpected system event {_enum_name(KvmSystemEvent, event)}")
         if reason == KvmExit.KVM_EXIT_SHUTDOWN:
-            return self._error("triple fault (KVM_EXIT_SHUTDOWN)")
+            return self._triple_fault()
         if reason == KvmExit.KVM_EXIT_FAIL_ENTRY:
             fail = run.fail_entry
             return self._error(
@@ -285,6 +285,19 @@ class VcpuLoop:
         if reason == KvmExit.KVM_EXIT_IRQ_WINDOW_OPEN:
             return None
         return self._error(f"unhandled exit {_exit_name(reason)}")
+
+    def _triple_fault(self) -> RunResult:
+        message = "triple fault (KVM_EXIT_SHUTDOWN)"
+        try:
+            reset = is_reset_state(self.vcpu.get_regs(), self.vcpu.get_sregs())
+        except Exception:  # _error reports unreadable registers itself
+            reset = False
+        if reset:
+            # KVM on AMD has already re-initialised the vCPU: the dump is its reset state. Without this a
+            # running vCPU that faulted reads as an AP that never left real mode.
+            message += ("; the registers below are the vCPU's reset state (KVM re-initialises a vCPU after a "
+                        "shutdown on AMD): where it faulted is lost")
+        return self._error(message)
 
     def _error(self, message: str, with_registers: bool = True) -> RunResult:
         if not with_registers:
