@@ -275,6 +275,7 @@ class PciHotplug:
                     exclude_mmap_bars=tuple(config.x_exclude_mmap_bars),
                     gpudirect_clique=config.x_nv_gpudirect_clique,
                     allow_no_reset=config.x_allow_no_reset,
+                    msix_relocation=config.x_msix_relocation,
                 )
                 plugged.append((model.device.name, address))
             vfio.start_watching()
