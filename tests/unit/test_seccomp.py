@@ -147,6 +147,11 @@ def test_every_filter_refuses_the_dangerous_calls(kind: ThreadKind, mode: Seccom
     if kind in (ThreadKind.TERMINAL_INPUT, ThreadKind.HTTP_SERVER, ThreadKind.VSOCK_MUXER):
         assert run(prog, NR["connect"]) == refused
     assert run(prog, NR["clone"], [0x01200011]) == refused  # fork through clone
+    # A thread in a new namespace: the kernel allows CLONE_THREAD with a new mount, network, UTS, IPC or
+    # cgroup namespace; no filter does.
+    for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000):
+        assert run(prog, NR["clone"], [0x3D0F00 | flag]) == refused, hex(flag)
+    assert run(prog, NR["clone"], [0x3D0F00]) == ALLOW  # pthread_create's flags
     assert run(prog, NR["prctl"], [4]) == refused  # PR_SET_DUMPABLE
     assert run(prog, NR["seccomp"], [0]) == refused  # SECCOMP_SET_MODE_STRICT
     # Another ABI is never pyvmm, whatever the mode.
