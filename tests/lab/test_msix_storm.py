@@ -18,11 +18,12 @@ page, so `x_msix_relocation=on` asks for the relocation a table sharing a page g
 Asserted: the guest sees the table and PBA where pyvmm's log (-v) says it put them, in a BAR of the relocated
 size; the physical table's page reads all-ones in the guest (trapped, never forwarded: the device's own
 entries hold the host's messages), while the first page of registers reads the device; no mmap of pyvmm's VFIO
-device fd (/proc/PID/maps, read while the guest runs) covers the physical table's or PBA's page, and every
-area pyvmm logs as mmapped is such a mapping; the table read back trapped; more than 8 entries were unmasked;
-pyvmm logged exactly one "stays masked" warning for the drive and none for anything else it could route, no
-traceback; the lab host never had more than 6 of the drive's MSI-X interrupts requested (vfio-msix in
-/proc/interrupts); the reads after the storm equal those before; the guest's script ended and pyvmm exited 0.
+device fd (/proc/PID/maps, read while the guest runs, offsets there being host physical addresses) covers the
+physical table's or PBA's page, and every area pyvmm logs as mmapped is such a mapping; the table read back
+trapped; more than 8 entries were unmasked; pyvmm logged exactly one "stays masked" warning for the drive and
+none for anything else it could route, no traceback; the lab host never had more than 6 of the drive's MSI-X
+interrupts requested (vfio-msix in /proc/interrupts); the reads after the storm equal those before; the
+guest's script ended and pyvmm exited 0.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ echo "HOST-VECTORS-MAX=$(sort -n /tmp/host-vectors | tail -1)"
 grep -e MSIX -e TABLE -e UNMASKED -e READ- -e PCI-MSI -e PYVMM-GUEST -e '^PAGE ' /tmp/guest.log
 sed 's/^/STDERR: /' /tmp/pyvmm.err | head -60
 echo "NVME=$NVME"
+echo "HOST-BAR0=$(head -1 /sys/bus/pci/devices/$NVME/resource | cut -c1-18)"
 pyvmm-host unbind "$NVME" >/dev/null || echo UNBIND-FAILED
 """
 
@@ -145,9 +147,12 @@ def relocation_checks(out: str) -> None:
     assert sorted(pages) == list(range(0, table, PAGE)), pages
     assert pages[phys_table] == (0xFFFFFFFF, 0xFFFFFFFF), pages
     assert pages[0][0] not in (0, 0xFFFFFFFF), pages  # NVMe CAP: the device's own register
-    # From outside the guest: pyvmm's mmaps of the device fd (offset = region 0's offset, BAR0 the only
-    # mappable region) are exactly the areas it logged, and none covers the physical table's or PBA's page.
-    maps = [(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16))
+    # From outside the guest: pyvmm's mmaps of the device fd (BAR0 the only mappable region) are exactly the
+    # areas it logged, and none covers the physical table's or PBA's page. vfio-pci maps the BAR's pages by
+    # frame number, so a mapping's offset in /proc/PID/maps is the host physical address it shows.
+    bar0 = re.search(r"^HOST-BAR0=(0x\w+)$", out, re.MULTILINE)
+    assert bar0, out
+    maps = [(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16) - int(bar0.group(1), 16))
             for m in re.finditer(r"^PYVMM-MAPS: (\w+)-(\w+) rw-s (\w+) ", out, re.MULTILINE)]
     logged = [(int(m.group(3), 16), int(m.group(1), 16), int(m.group(2), 16))
               for m in re.finditer(r"^STDERR: pyvmm: INFO: \S+: BAR0 \[(0x\w+), (0x\w+)\) mmapped at host "
@@ -155,5 +160,6 @@ def relocation_checks(out: str) -> None:
     assert maps and sorted((start, end - start, offset) for start, end, offset in maps) == sorted(
         (host, hi - lo, lo) for host, lo, hi in logged), (maps, logged)
     for start, end, offset in maps:
+        assert offset >= 0 and offset + (end - start) <= host_size, (hex(offset), hex(end - start))
         for hole in (phys_table, phys_pba - phys_pba % PAGE):
             assert offset + (end - start) <= hole or offset >= hole + PAGE, (hex(offset), hex(end - start))
