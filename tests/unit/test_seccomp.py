@@ -436,6 +436,24 @@ def test_api_vmm_filter_and_the_http_server_thread() -> None:
 
 
 @needs_seccomp
+def test_a_program_pyvmm_host_would_run_under_the_filter_is_refused_not_fatal() -> None:
+    """A managed=on hot-plug that needs `modprobe vfio-pci` (no program may run under the filter): one line
+    instead of a fork that kills pyvmm."""
+    proc = _child("""
+        from pyvmm import sandbox
+        from pyvmm.host.actions import Changer
+        from pyvmm.host.errors import HostError
+        install(SeccompMode.TRUE, sandbox.ThreadKind.API_VMM)
+        try:
+            Changer().run("vfio-pci", ["modprobe", "vfio-pci"])
+        except HostError as exc:
+            print(exc, flush=True)
+    """)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.startswith("vfio-pci: `modprobe vfio-pci` cannot run under --seccomp"), proc.stdout
+
+
+@needs_seccomp
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                     reason="a network namespace of its own needs root and unshare(1)")
 def test_a_managed_hot_plug_under_the_filter_refuses_what_it_cannot_check() -> None:
