@@ -188,6 +188,12 @@ def test_sysfs_function_plans_a_forced_relocation(tmp_path: Path) -> None:
     assert [b.size for b in fn.bars] == [0x4000]
     assert fn.relocation_problem is not None and "BAR0, a 32-bit BAR" in fn.relocation_problem
     assert sysfs_function(d).relocation_problem is None
+    from pyvmm import vmplan
+    from pyvmm.config import DeviceConfig, VmConfig
+
+    with pytest.raises(PlanError, match=r"x_msix_relocation=on: its MSI-X table is in BAR0, a 32-bit BAR"):
+        vmplan.plan_items(VmConfig(devices=(DeviceConfig(d, x_msix_relocation=True),)))
+    assert vmplan.plan_items(VmConfig(devices=(DeviceConfig(d),)))[1][0].bars[0].size == 0x4000
 
 
 def test_sysfs_function_finds_the_nic_msi_in_the_clique_place(tmp_path: Path) -> None:
