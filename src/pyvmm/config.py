@@ -207,6 +207,7 @@ class DeviceConfig:
     x_exclude_mmap_bars: tuple[int, ...] = ()
     managed: bool = False  # pyvmm-only: bind to vfio-pci before the VM starts, restore the driver after
     x_allow_no_reset: bool = False  # pyvmm-only: pass it through even if it cannot be reset
+    x_msix_relocation: bool = False  # pyvmm-only: relocate a page-aligned MSI-X table too (docs/vfio.md)
 
 
 @dataclass(frozen=True)
@@ -725,7 +726,7 @@ def net_label(net: NetConfig) -> str:
 
 _DEVICE_KEYS = frozenset({
     "path", "id", "pci_segment", "pci_device_id", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed",
-    "x_allow_no_reset",  # pyvmm-only (docs/cli.md#passthrough-devices)
+    "x_allow_no_reset", "x_msix_relocation",  # pyvmm-only (docs/cli.md#passthrough-devices)
 })  # fmt: skip
 
 
@@ -761,6 +762,7 @@ def device_from_options(opts: Options) -> DeviceConfig:
         x_exclude_mmap_bars=tuple(sorted(set(bars))),
         managed=opts.toggle("managed", False),
         x_allow_no_reset=opts.toggle("x_allow_no_reset", False),
+        x_msix_relocation=opts.toggle("x_msix_relocation", False),
     )
 
 
@@ -1133,7 +1135,11 @@ be repeated:
                         on: pass the function through even when it cannot
                         be reset (what its last user left in it reaches
                         the guest; see SECURITY.md); off: refuse such a
-                        function (default off)""",
+                        function (default off)
+  x_msix_relocation=on|off
+                        on: move the MSI-X table (64-bit BAR) to a new
+                        upper half of its BAR even when it starts a page,
+                        as for a table that shares one (default off)""",
     "--platform": f"""PCI segments and DMA:
   num_pci_segments=<n>  PCI segments (host bridges), 1-{MAX_PCI_SEGMENTS} (default 1)
   vfio_p2p_dma=on|off   also DMA-map device BARs for peer-to-peer (default on;

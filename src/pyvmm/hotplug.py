@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pyvmm import pci_sysfs
+from pyvmm import memlock, pci_sysfs
 from pyvmm.device_ids import DISK_PREFIX, VFIO_PREFIX, DeviceIdError, DeviceIds, boot_ids
 from pyvmm.devices.acpi_hotplug import AcpiGed, AcpiNotification, PciHotplugController
 from pyvmm.errors import UsageError
@@ -180,6 +181,7 @@ class PciHotplug:
             try:
                 ids = self._check_request(configs)
                 check_interrupt_isolation(self._allow_unsafe_interrupts)
+                self._check_privileges(configs)
                 from pyvmm.vfio.passthrough import bind_groups, give_back
 
                 managed = [self._function_name(c) for c in configs if getattr(c, "managed", False)]
@@ -242,6 +244,19 @@ class PciHotplug:
                 ids.append("")
         return [self._ids.take(ident) if ident else self._new_id() for ident in ids]
 
+    def _check_privileges(self, configs: list[DeviceLike]) -> None:
+        """What a boot-time --device is checked for before anything is opened (vmm.check_unprivileged):
+        managed=on needs root, and the first passed-through function makes VFIO pin all guest RAM."""
+        managed = [config for config in configs if getattr(config, "managed", False)]
+        if managed and os.geteuid() != 0:
+            raise HotplugError(
+                f"add-device path={managed[0].path},managed=on: binding a device to vfio-pci and giving it "
+                "back needs root; run pyvmm as root, or bind it beforehand (`pyvmm-host bind BDF --owner "
+                "USER`) and drop managed=on"
+            )
+        if self._vfio is None:
+            memlock.check_vfio_pinning(self._memory.total_size)
+
     def _passthrough(self) -> VfioPassthrough:
         if self._vfio is None:
             from pyvmm.vfio.passthrough import VfioPassthrough
@@ -284,6 +299,7 @@ class PciHotplug:
                     exclude_mmap_bars=tuple(config.x_exclude_mmap_bars),
                     gpudirect_clique=config.x_nv_gpudirect_clique,
                     allow_no_reset=config.x_allow_no_reset,
+                    msix_relocation=config.x_msix_relocation,
                 )
                 plugged.append((model.device.name, address))
             vfio.start_watching()

@@ -65,12 +65,14 @@ def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
     for dev in config.devices:
         label = device_label(dev.path)
         try:
-            fn = sysfs_function(dev.path, dev.x_nv_gpudirect_clique)
+            fn = sysfs_function(dev.path, dev.x_nv_gpudirect_clique, msix_relocation=dev.x_msix_relocation)
         except OSError as exc:
             raise PlanError(f"{label}: cannot read the function's BARs from sysfs: {exc}") from exc
         if fn.clique_problem is not None:
             clique = dev.x_nv_gpudirect_clique
             raise PlanError(f"{label}: x_nv_gpudirect_clique={clique}: {fn.clique_problem}")
+        if fn.relocation_problem is not None:
+            raise PlanError(f"{label}: x_msix_relocation=on: {fn.relocation_problem}; remove the key")
         functions.append(fn)
         items.append(PlanItem(label, dev.pci_segment, dev.pci_device_id, fn.bars,
                               f"host {fn.name} {fn.vendor_device}"))

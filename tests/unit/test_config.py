@@ -408,11 +408,11 @@ def test_device_keys() -> None:
     dev = parse(
         "--device",
         f"path={DEV0},id=gpu0,pci_segment=0,pci_device_id=4,x_nv_gpudirect_clique=15,"
-        "x_exclude_mmap_bars=[0,2-3],managed=on,iommu=off,x_allow_no_reset=on",
+        "x_exclude_mmap_bars=[0,2-3],managed=on,iommu=off,x_allow_no_reset=on,x_msix_relocation=on",
     ).devices[0]
     assert dev == DeviceConfig(
         path=Path(DEV0), id="gpu0", pci_device_id=4, x_nv_gpudirect_clique=15,
-        x_exclude_mmap_bars=(0, 2, 3), managed=True, x_allow_no_reset=True,
+        x_exclude_mmap_bars=(0, 2, 3), managed=True, x_allow_no_reset=True, x_msix_relocation=True,
     )  # fmt: skip
     assert parse("--device", f"path={DEV0}").devices[0] == DeviceConfig(path=Path(DEV0))
 
@@ -438,6 +438,7 @@ def test_device_path_last_occurrence_wins() -> None:
         (f"path={DEV0},id=__vfio", "Identifier __vfio is not valid"),
         (f"path={DEV0},managed=perhaps", "Unable to convert 'perhaps' for managed"),
         (f"path={DEV0},x_allow_no_reset=yes", "Unable to convert 'yes' for x_allow_no_reset"),
+        (f"path={DEV0},x_msix_relocation=2", "Unable to convert '2' for x_msix_relocation"),
         (f"path={DEV0},bogus=1", "Unknown option: bogus"),
         ("id=gpu", "VFIO device config must specify path="),
     ],

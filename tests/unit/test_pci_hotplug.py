@@ -26,6 +26,7 @@ from pyvmm.devices.acpi_hotplug import (
     PciHotplugController,
     PciHotplugRegister,
 )
+from pyvmm.errors import UsageError
 from pyvmm.hotplug import HotplugError, PciHotplug
 from pyvmm.pci.bar import BarKind
 from pyvmm.pci.platform import PciAddress
@@ -304,6 +305,35 @@ def test_a_request_that_fails_later_uses_up_no_id_and_plugs_nothing(monkeypatch:
         hotplug.add_vfio_device(other)  # type: ignore[arg-type]
     with pytest.raises(HotplugError, match="id gpu is already in use"):
         hotplug.add_vfio_device(SimpleNamespace(**{**vars(config), "id": "gpu"}))  # type: ignore[arg-type]
+
+
+def test_add_checks_root_for_managed_and_the_memlock_limit_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a boot-time --device: managed=on without root, and a first device whose RAM pinning
+    RLIMIT_MEMLOCK would refuse, are refused before anything is bound or opened."""
+    from pyvmm import memlock
+
+    line = Line()
+    platform = SimpleNamespace(segments=[object()], memory_slots=None)
+    fake: Any = None
+    hotplug = PciHotplug(platform=platform, ged=AcpiGed(line), memory=SimpleNamespace(total_size=512 << 20),
+                         router=fake, irqfds=fake, registry=lambda: fake)  # type: ignore[arg-type]
+    monkeypatch.setattr(pci_sysfs, "function_at", lambda path: SimpleNamespace(name=Path(path).name))
+    monkeypatch.setattr(hotplug_module, "check_interrupt_isolation", lambda allowed: None)
+
+    def touched(*args: object) -> None:
+        raise AssertionError("bound or plugged")
+
+    monkeypatch.setattr(hotplug, "_plug", touched)
+    monkeypatch.setattr(hotplug_module.os, "geteuid", lambda: 1000)
+    config = SimpleNamespace(path=Path("/sys/bus/pci/devices/0000:00:04.0"), id=None, iommu=False,
+                             pci_segment=0, managed=True)
+    with pytest.raises(HotplugError, match=r"0000:00:04\.0/?,managed=on: binding .* needs root"):
+        hotplug.add_vfio_device(config)  # type: ignore[arg-type]
+    monkeypatch.setattr(memlock, "memlock_limit", lambda: 64 << 20)
+    monkeypatch.setattr(memlock, "can_lock_memory", lambda: False)
+    with pytest.raises(UsageError, match="RLIMIT_MEMLOCK allows 64 MiB: raise it to at least 524288 KiB"):
+        hotplug.add_vfio_device(SimpleNamespace(**{**vars(config), "managed": False}))  # type: ignore[arg-type]
+    assert line.levels == [] and hotplug._new_id() == "_vfio0"
 
 
 # ---- virtio-blk disks: added, counted, ejected (a real platform and transport, a fake KVM VM) ------------

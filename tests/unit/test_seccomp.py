@@ -147,6 +147,11 @@ def test_every_filter_refuses_the_dangerous_calls(kind: ThreadKind, mode: Seccom
     if kind in (ThreadKind.TERMINAL_INPUT, ThreadKind.HTTP_SERVER, ThreadKind.VSOCK_MUXER):
         assert run(prog, NR["connect"]) == refused
     assert run(prog, NR["clone"], [0x01200011]) == refused  # fork through clone
+    # A thread in a new namespace: the kernel allows CLONE_THREAD with a new mount, network, UTS, IPC or
+    # cgroup namespace; no filter does.
+    for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000):
+        assert run(prog, NR["clone"], [0x3D0F00 | flag]) == refused, hex(flag)
+    assert run(prog, NR["clone"], [0x3D0F00]) == ALLOW  # pthread_create's flags
     assert run(prog, NR["prctl"], [4]) == refused  # PR_SET_DUMPABLE
     assert run(prog, NR["seccomp"], [0]) == refused  # SECCOMP_SET_MODE_STRICT
     # Another ABI is never pyvmm, whatever the mode.
@@ -428,6 +433,24 @@ def test_api_vmm_filter_and_the_http_server_thread() -> None:
     """)
     assert proc.returncode == -31, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout.splitlines() == ["server 2 b'x'"], proc.stdout
+
+
+@needs_seccomp
+def test_a_program_pyvmm_host_would_run_under_the_filter_is_refused_not_fatal() -> None:
+    """A managed=on hot-plug that needs `modprobe vfio-pci` (no program may run under the filter): one line
+    instead of a fork that kills pyvmm."""
+    proc = _child("""
+        from pyvmm import sandbox
+        from pyvmm.host.actions import Changer
+        from pyvmm.host.errors import HostError
+        install(SeccompMode.TRUE, sandbox.ThreadKind.API_VMM)
+        try:
+            Changer().run("vfio-pci", ["modprobe", "vfio-pci"])
+        except HostError as exc:
+            print(exc, flush=True)
+    """)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.startswith("vfio-pci: `modprobe vfio-pci` cannot run under --seccomp"), proc.stdout
 
 
 @needs_seccomp

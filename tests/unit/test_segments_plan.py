@@ -173,6 +173,29 @@ def test_sysfs_function_accounts_for_the_msix_relocation(tmp_path: Path) -> None
     assert fn.clique_problem is None
 
 
+def test_sysfs_function_plans_a_forced_relocation(tmp_path: Path) -> None:
+    # The table starts a page of a 64-bit BAR0: moved only with x_msix_relocation=on, as the model does.
+    msix = bytes([0x11, 0, 63, 0]) + (0x2000).to_bytes(4, "little") + (0x3000).to_bytes(4, "little")
+    d = _function(tmp_path, "0x00000000febc0000 0x00000000febc3fff 0x0000000000140204\n",
+                  _config([(0x40, msix)]))
+    assert [b.size for b in sysfs_function(d).bars] == [0x4000]
+    fn = sysfs_function(d, msix_relocation=True)
+    assert [b.size for b in fn.bars] == [0x8000] and fn.relocation_problem is None
+    # In a 32-bit BAR it cannot apply: the planner refuses it (vmplan) instead of ignoring the key.
+    (d / "resource").write_text("0x00000000febc0000 0x00000000febc3fff 0x0000000000040200\n")
+    (d / "config").write_bytes(_config([(0x40, msix)], bar0=0xFEBC0000))
+    fn = sysfs_function(d, msix_relocation=True)
+    assert [b.size for b in fn.bars] == [0x4000]
+    assert fn.relocation_problem is not None and "BAR0, a 32-bit BAR" in fn.relocation_problem
+    assert sysfs_function(d).relocation_problem is None
+    from pyvmm import vmplan
+    from pyvmm.config import DeviceConfig, VmConfig
+
+    with pytest.raises(PlanError, match=r"x_msix_relocation=on: its MSI-X table is in BAR0, a 32-bit BAR"):
+        vmplan.plan_items(VmConfig(devices=(DeviceConfig(d, x_msix_relocation=True),)))
+    assert vmplan.plan_items(VmConfig(devices=(DeviceConfig(d),)))[1][0].bars[0].size == 0x4000
+
+
 def test_sysfs_function_finds_the_nic_msi_in_the_clique_place(tmp_path: Path) -> None:
     pm = bytes([0x01, 0, 0x23, 0])
     msi = bytes([0x05, 0, 0x80, 0])  # 64-bit address, no per-vector mask: 0xD0-0xDD

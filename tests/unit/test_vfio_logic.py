@@ -113,6 +113,10 @@ def test_msix_relocation() -> None:
     # Unaligned table in a 64-bit BAR: the BAR doubles, table in the upper half, same-BAR PBA follows.
     moved = relocate_msix(0x4000, True, 0, 0x2100, 0x400, 0, 0x2500, 8, PAGE)
     assert (moved.bar_size, moved.table_offset, moved.pba_offset) == (0x8000, 0x4000, 0x4400)
+    # x_msix_relocation=on: a page-aligned table of a 64-bit BAR moves too; a 32-bit BAR still does not.
+    forced = relocate_msix(0x4000, True, 0, 0x2000, 0x400, 0, 0x3000, 8, PAGE, force=True)
+    assert (forced.bar_size, forced.table_offset, forced.pba_offset) == (0x8000, 0x4000, 0x5000)
+    assert relocate_msix(0x4000, False, 0, 0x2000, 0x400, 0, 0x3000, 8, PAGE, force=True).bar_size == 0x4000
     # A PBA in another BAR stays; sizes are powers of two.
     other = relocate_msix(0x2000, True, 0, 0x100, 0x3000 - 0x100, 2, 0x0, 8, PAGE)
     assert other.pba_offset == 0 and other.bar_size & (other.bar_size - 1) == 0

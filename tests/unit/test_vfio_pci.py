@@ -9,6 +9,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -436,6 +437,44 @@ def test_relocated_table_leaves_the_physical_table_page_unmapped() -> None:
     dev.poke(0, 0x2000, b"\x11\x22\x33\x44")
     assert model.bar_read(0, 0x2000, 4) == 0x4433_2211  # registers sharing that page still reach the device
     assert model.bar_read(0, 0x400C, 4) == 1  # emulated entry 0, masked
+
+
+def test_x_msix_relocation_moves_a_page_aligned_table() -> None:
+    # nvme_like_config's table starts a page (0x2000): left in place unless x_msix_relocation=on asks.
+    dev = StandInDevice(bytes(nvme_like_config()), nvme_like_bars(), {0: 1, 1: 4, 2: 64})
+    vm, mapper = FakeVm(), FakeMapper()
+    plain = VfioPciDevice(dev, vm, MsiRouter(vm), memory_slots=mapper)
+    assert plain.msix is not None and (plain.msix.table_offset, plain.msix.pba_offset) == (0x2000, 0x3000)
+    plain.close()
+    dev = StandInDevice(bytes(nvme_like_config()), nvme_like_bars(), {0: 1, 1: 4, 2: 64})
+    vm, mapper = FakeVm(), FakeMapper()
+    model = VfioPciDevice(dev, vm, MsiRouter(vm), memory_slots=mapper, msix_relocation=True)
+    assert model.msix is not None and (model.msix.table_offset, model.msix.pba_offset) == (0x4000, 0x5000)
+    assert model.shadow.bar_info(0).size == 0x8000
+    assert model.config_read(0x44, 4) == 0x4000 and model.config_read(0x48, 4) == 0x5000
+    model.assign_bar(0, 0x1_0000_0000)
+    # The physical table's and PBA's pages stay out of the guest; the emulated table is above them.
+    assert {(a.bar, a.offset, a.size) for a in model.mapped_areas} == {(0, 0, 0x2000), (4, 0, 0x1000)}
+    dev.poke(0, 0x2000, b"\x5a" * 16)
+    assert model.bar_read(0, 0x2000, 4) == 0xFFFF_FFFF
+    assert model.bar_read(0, 0x400C, 4) == 1  # emulated entry 0, masked
+
+
+def test_x_msix_relocation_refused_where_it_cannot_apply() -> None:
+    from pyvmm.vfio.pci import MsixRelocationError
+
+    # The table in a 32-bit BAR (BAR4 here): only 64-bit BARs are enlarged for a table; exit 2, one line.
+    config = nvme_like_config()
+    struct.pack_into("<II", config, 0x44, 0x0004, 0x0804)
+    dev = StandInDevice(bytes(config), nvme_like_bars(), {0: 1, 1: 4, 2: 64})
+    vm = FakeVm()
+    with pytest.raises(MsixRelocationError, match="relocation=on: its MSI-X table is in BAR4, a 32-bit") as e:
+        VfioPciDevice(dev, vm, MsiRouter(vm), msix_relocation=True)
+    assert e.value.exit_status == 2
+    # No MSI-X vectors from VFIO: nothing to relocate.
+    dev = StandInDevice(bytes(nvme_like_config()), nvme_like_bars(), {0: 1, 1: 4, 2: 0})
+    with pytest.raises(MsixRelocationError, match="VFIO offers no MSI-X vectors"):
+        VfioPciDevice(dev, vm, MsiRouter(vm), msix_relocation=True)
 
 
 def test_d3hot_takes_the_bar_pages_out_like_memory_space_disable() -> None:

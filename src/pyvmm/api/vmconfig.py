@@ -66,9 +66,9 @@ _DISK = _keys("path", "readonly", "direct", "num_queues", "queue_size", "serial"
               disable_io_uring="_disable_io_uring", disable_aio="_disable_aio", rate_limiter_config=None,
               queue_affinity=None) | _PCI_KEYS
 # `fd` is never taken from JSON (as CH: a number in a body means nothing in this process); managed and
-# x_allow_no_reset are pyvmm's own keys, as on the command line.
+# x_allow_no_reset and x_msix_relocation are pyvmm's own keys, as on the command line.
 _DEVICE = _keys("path", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed",
-                "x_allow_no_reset") | _PCI_KEYS
+                "x_allow_no_reset", "x_msix_relocation") | _PCI_KEYS
 _CONSOLE = _keys("file", "socket") | _PCI_KEYS
 _SERIAL = _keys("file", "socket")
 _RNG = _keys("src", "iommu", id=None, pci_segment=None, pci_device_id=None)
@@ -356,6 +356,7 @@ def device_json(device: DeviceConfig, ident: str | None = None) -> dict[str, Any
             "x_exclude_mmap_bars": list(device.x_exclude_mmap_bars),
             "managed": device.managed or None,
             "x_allow_no_reset": device.x_allow_no_reset or None,
+            "x_msix_relocation": device.x_msix_relocation or None,
         }
     )
 

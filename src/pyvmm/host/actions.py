@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from pyvmm import sandbox
+
 from . import sysfs
 from .errors import HostError
 
@@ -69,6 +71,12 @@ class Changer:
         self._note(step)
         if self.dry_run:
             return
+        if sandbox.filtered():
+            # A managed=on device plugged under --seccomp: no list allows a fork, which would kill pyvmm.
+            raise HostError(
+                f"{subject}: `{step.shell()}` cannot run under --seccomp (no program may run): run it "
+                "beforehand, or bind the device with `pyvmm-host bind` before plugging it"
+            )
         try:
             proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
         except OSError as e:

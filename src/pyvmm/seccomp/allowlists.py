@@ -32,6 +32,17 @@ from pyvmm.vhost.bindings import VhostIoctl
 
 # <linux/sched.h>, <linux/prctl.h>, <linux/seccomp.h>, <asm-generic/fcntl.h>
 CLONE_THREAD = 0x00010000
+# A thread may still be cloned into new namespaces (the kernel refuses only a new user or PID namespace for
+# one): clone's rule requires all of these clear.
+CLONE_NEW_NAMESPACES = (
+    0x00020000  # CLONE_NEWNS
+    | 0x02000000  # CLONE_NEWCGROUP
+    | 0x04000000  # CLONE_NEWUTS
+    | 0x08000000  # CLONE_NEWIPC
+    | 0x10000000  # CLONE_NEWUSER
+    | 0x20000000  # CLONE_NEWPID
+    | 0x40000000  # CLONE_NEWNET
+)
 PR_SET_NAME = 15
 PR_GET_NAME = 16
 PR_SET_SECCOMP = 22
@@ -110,8 +121,9 @@ _RUNTIME = (
     Allowed("fcntl", "io.open checking a file's flags"),
     Allowed(
         "clone",
-        "threading.Thread.start (a vCPU starts a virtio worker at DRIVER_OK): threads only, never a process",
-        ArgCheck(0, (CLONE_THREAD,), mask=CLONE_THREAD),
+        "threading.Thread.start (a vCPU starts a virtio worker at DRIVER_OK): threads only, never a process, "
+        "and never into a new namespace",
+        ArgCheck(0, (CLONE_THREAD,), mask=CLONE_THREAD | CLONE_NEW_NAMESPACES),
     ),
     Allowed(
         "clone3",

@@ -97,13 +97,15 @@ def relocate_msix(
     pba_offset: int,
     pba_length: int,
     page_size: int,
+    force: bool = False,
 ) -> MsixLayout:
     """Move an MSI-X table that shares a page with other registers of a 64-bit BAR into a new upper half.
 
     The guest BAR doubles (at least) so the whole physical BAR can be mapped while the table, now in the
     upper half, traps. The PBA moves along only when it sits in the same BAR; sizes stay powers of two.
+    `force` (x_msix_relocation=on) moves a page-aligned table of a 64-bit BAR the same way.
     """
-    if not is_64bit or table_offset % page_size == 0:
+    if not is_64bit or (table_offset % page_size == 0 and not force):
         return MsixLayout(bar_size, table_offset, pba_offset)
     msix_size = align_up(table_length + pba_length, page_size)
     new_size = next_power_of_two(max(2 * bar_size, 2 * msix_size))

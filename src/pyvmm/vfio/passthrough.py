@@ -68,6 +68,8 @@ class DeviceLike(Protocol):
     def x_exclude_mmap_bars(self) -> tuple[int, ...]: ...
     @property
     def x_allow_no_reset(self) -> bool: ...
+    @property
+    def x_msix_relocation(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class VfioPassthrough:
         exclude_mmap_bars: tuple[int, ...] = (),
         gpudirect_clique: int | None = None,
         allow_no_reset: bool = False,
+        msix_relocation: bool = False,
     ) -> tuple[VfioPciDevice, PciAddress]:
         """Open the host function at `path`, reset it (unless reset() already did) and plug its device model
         into the platform."""
@@ -252,6 +255,7 @@ class VfioPassthrough:
             exclude_mmap_bars=exclude_mmap_bars,
             p2p_container=self.container if self.p2p_dma else None,
             gpudirect_clique=gpudirect_clique,
+            msix_relocation=msix_relocation,
         )
         self.devices.append(model)
         address = platform.attach(model, segment, slot)
@@ -399,6 +403,7 @@ def attach_vfio_devices(
                 exclude_mmap_bars=tuple(dev.x_exclude_mmap_bars),
                 gpudirect_clique=dev.x_nv_gpudirect_clique,
                 allow_no_reset=dev.x_allow_no_reset,
+                msix_relocation=dev.x_msix_relocation,
             )
         passthrough.start_watching()
     except BaseException:

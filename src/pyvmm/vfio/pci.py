@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyvmm import pci_sysfs
+from pyvmm.errors import ExitStatus
 from pyvmm.hypervisor import Irqfds, MemorySlots
 from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.pci.bar import NUM_BARS, ROM_BAR_INDEX, BarInfo, BarKind, BarMove
@@ -94,11 +95,13 @@ def msix_geometry(
     region_size: Callable[[int], int | None],
     max_vectors: int,
     page_size: int,
+    relocate: bool = False,
 ) -> tuple[int, int, int, int, MsixLayout] | None:
     """(vectors, table BIR, PBA BIR, physical PBA offset, guest layout) of the MSI-X capability at `offset`.
 
     `region_size(bir)` is the host size of a BAR (None: absent). Shared by the device model and the planner,
-    so both agree on how far the table relocation (docs/vfio.md#msi-x-table-relocation) enlarges a 64-bit BAR.
+    so both agree on how far the table relocation (docs/vfio.md#msi-x-table-relocation) enlarges a 64-bit BAR;
+    `relocate` (x_msix_relocation=on) relocates a page-aligned table too.
     """
     control = read(offset + 2, 2)
     table = read(offset + 4, 4)
@@ -114,8 +117,29 @@ def msix_geometry(
     is_64 = bar_kind(read(Reg.BAR0 + 4 * table_bir, 4)) == BarKind.MEM64
     pba_len = (size + 63) // 64 * 8
     layout = relocate_msix(bar_size, is_64, table_bir, table_off, size * 16, pba_bir, pba_off, pba_len,
-                           page_size)
+                           page_size, force=relocate)
     return size, table_bir, pba_bir, pba_off, layout
+
+
+class MsixRelocationError(VfioError):
+    """x_msix_relocation=on given for a function it cannot apply to: the command line is at fault (exit 2)."""
+
+    exit_status = ExitStatus.USAGE
+
+
+def msix_relocation_problem(
+    read: caps.ConfigReader, offset: int | None, region_size: Callable[[int], int | None]
+) -> str | None:
+    """Why x_msix_relocation=on cannot move this function's MSI-X table (None: it can). As for a table that
+    shares a page, only a 64-bit BAR is enlarged (docs/vfio.md#msi-x-table-relocation)."""
+    if offset is None:
+        return "the function has no MSI-X capability"
+    bir = read(offset + 4, 4) & 7
+    if bir >= NUM_BARS or region_size(bir) is None:
+        return f"its MSI-X table names BAR{bir}, which it does not have"
+    if bar_kind(read(Reg.BAR0 + 4 * bir, 4)) != BarKind.MEM64:
+        return f"its MSI-X table is in BAR{bir}, a 32-bit BAR (only a 64-bit BAR is enlarged for the table)"
+    return None
 
 
 def guest_bar_layout(
@@ -180,6 +204,7 @@ class VfioPciDevice(PciDevice):
         p2p_container: VfioContainer | None = None,
         gpudirect_clique: int | None = None,
         page_size: int = PAGE_SIZE,
+        msix_relocation: bool = False,
     ) -> None:
         self.device = device
         self.name = name or device.name
@@ -190,6 +215,7 @@ class VfioPciDevice(PciDevice):
         self._p2p_refused: set[tuple[int, int]] = set()  # (BAR, guest address) already reported
         self._page = page_size
         self._exclude = frozenset(exclude_mmap_bars)
+        self._relocate = msix_relocation
         self._mappings: list[_Mapping] = []
         # One lock around what vCPU threads can race on: BAR moves and mappings, MSI/MSI-X updates, the
         # config writes that drive both (re-entrant: a config write may move BARs and enable MSI-X).
@@ -259,14 +285,21 @@ class VfioPciDevice(PciDevice):
 
     def _setup_msix(self) -> None:
         offset = self.caps.find(caps.CapId.MSIX)
+
+        def region_size(index: int) -> int | None:
+            return region.size if (region := self.device.region(index)) is not None else None
+
+        if self._relocate:
+            problem = msix_relocation_problem(self.device.read_config, offset, region_size)
+            if problem is None and self.device.irq_count(_MSIX) == 0:
+                problem = "VFIO offers no MSI-X vectors for it"
+            if problem is not None:
+                raise MsixRelocationError(f"{self.name}: x_msix_relocation=on: {problem}; remove the key")
         if offset is None or self.device.irq_count(_MSIX) == 0:
             return  # without VFIO MSI-X vectors the capability passes through untouched
         geometry = msix_geometry(
-            self.device.read_config,
-            offset,
-            lambda index: region.size if (region := self.device.region(index)) is not None else None,
-            self.device.irq_count(_MSIX),
-            self._page,
+            self.device.read_config, offset, region_size, self.device.irq_count(_MSIX), self._page,
+            relocate=self._relocate,
         )
         if geometry is None:
             log.warning("%s: MSI-X table BAR is unusable, capability passed through", self.name)
@@ -275,6 +308,12 @@ class VfioPciDevice(PciDevice):
         self._msix_bar_size = layout.bar_size
         self._msix_phys_table = self.device.read_config(offset + 4, 4) & ~7
         self._msix_phys_pba = pba_off
+        if layout.table_offset != self._msix_phys_table:
+            log.info(
+                "%s: MSI-X table relocated: BAR%d %#x -> %#x bytes, table %#x -> %#x, PBA BAR%d %#x -> %#x",
+                self.name, table_bir, region_size(table_bir) or 0, layout.bar_size, self._msix_phys_table,
+                layout.table_offset, pba_bir, pba_off, layout.pba_offset,
+            )  # fmt: skip
         self._msix_sink = _VectorSink(self, _MSIX, self._vectors(size))
         self.msix = MsixCapability(
             self._msix_sink, size, table_bir, layout.table_offset, pba_bir, layout.pba_offset
@@ -358,6 +397,10 @@ class VfioPciDevice(PciDevice):
             )
             for area in areas:
                 host = self.device.mmap(bar.index, area.offset, area.size)
+                # Which BAR bytes the guest reaches without a trap (the rest traps): the lab's proof that the
+                # MSI-X pages are not among them (docs/vfio.md#which-bar-parts-are-mapped).
+                log.info("%s: BAR%d [%#x, %#x) mmapped at host %#x", self.name, bar.index, area.offset,
+                         area.offset + area.size, host.address)
                 self._mappings.append(
                     _Mapping(MappedArea(bar.index, area.offset, area.size, host.address), host)
                 )
@@ -806,6 +849,7 @@ class SysfsFunction:
     driver: str | None
     bars: tuple[BarInfo, ...]
     clique_problem: str | None = None  # why x_nv_gpudirect_clique cannot be added (None: it can)
+    relocation_problem: str | None = None  # why x_msix_relocation=on cannot apply (None: it can or not asked)
     full_config: bool = True  # False when only the first 64 bytes of config were readable (not root)
 
 
@@ -831,7 +875,7 @@ def parse_resource(text: str) -> list[HostBar]:
 
 
 def sysfs_function(path: str | os.PathLike[str], clique: int | None = None,
-                   page_size: int = PAGE_SIZE) -> SysfsFunction:
+                   page_size: int = PAGE_SIZE, msix_relocation: bool = False) -> SysfsFunction:
     """The guest BARs of the host function at sysfs `path`, computed as VfioPciDevice would (OSError if the
     directory cannot be read)."""
     directory = pci_sysfs.function_dir(path)
@@ -843,8 +887,11 @@ def sysfs_function(path: str | os.PathLike[str], clique: int | None = None,
     sizes = {bar.index: bar.size for bar in host}
     msix_bar = None
     offset = scan.find(caps.CapId.MSIX)
+    relocation_problem = None
+    if msix_relocation and len(config) > 0x40:
+        relocation_problem = msix_relocation_problem(read, offset, sizes.get)
     if offset is not None:
-        geometry = msix_geometry(read, offset, sizes.get, 0, page_size)
+        geometry = msix_geometry(read, offset, sizes.get, 0, page_size, msix_relocation)
         if geometry is not None:
             msix_bar = (geometry[1], geometry[4].bar_size)
     problem = None
@@ -853,4 +900,4 @@ def sysfs_function(path: str | os.PathLike[str], clique: int | None = None,
     driver = pci_sysfs.read_driver(directory)
     ids = f"{read(Reg.VENDOR_ID, 2):04x}:{read(Reg.DEVICE_ID, 2):04x}"
     return SysfsFunction(name, ids, driver, tuple(guest_bar_layout(host, msix_bar, page_size, name)), problem,
-                         len(config) > 0x40)
+                         relocation_problem, len(config) > 0x40)
