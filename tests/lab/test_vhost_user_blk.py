@@ -3,7 +3,8 @@
 The lab serves a 257 MiB image (256 MiB of a known pattern, then 1 MiB of zeros) with qemu-storage-daemon's
 vhost-user-blk export; a guest with `--memory size=512M,shared=on` gets it as /dev/vda and, as /dev/vdb, a
 copy of the same image on pyvmm's in-process virtio-blk. The guest reads 256 MiB of each with dd (the MB/s
-of both are printed: informative, not asserted), hashes all of vda (SHA-256 against the lab's), and writes
+of both are printed: informative, not asserted), unbinds and binds vda's driver again (a device reset and a
+new setup), hashes all of vda (SHA-256 against the lab's), and writes
 a line to a sector of vda that the lab then finds in the image. Then the lab kills the daemon while the
 guest goes on reading: pyvmm stops the VM with one line naming the disk and exit status 1, within seconds.
 Before that, a socket nobody serves is one line and exit status 1, with no guest started.
@@ -25,6 +26,10 @@ GUEST = (
     f"for d in vda vdb; do {WAIT_DEV}; done; "
     "dd if=/dev/vda of=/dev/null bs=1M count=256 2>&1 | tail -n 1 | sed 's/^/VU-DD: /'; "
     "dd if=/dev/vdb of=/dev/null bs=1M count=256 2>&1 | tail -n 1 | sed 's/^/INPROC-DD: /'; "
+    # re-probe: the driver resets the device (the rings come back from the daemon) and sets it up again
+    "v=$(basename $(readlink /sys/block/vda/device)); echo $v > /sys/bus/virtio/drivers/virtio_blk/unbind; "
+    "echo $v > /sys/bus/virtio/drivers/virtio_blk/bind; d=vda; " + WAIT_DEV + "; "
+    "[ -b /dev/vda ] && echo REPROBED; "
     "echo 3 > /proc/sys/vm/drop_caches; "
     "echo GUEST-SHA=$(sha256sum /dev/vda | cut -d' ' -f1); "
     f"echo {NOTE} | dd of=/dev/vda bs=512 seek={NOTE_SECTOR} conv=sync,fsync 2>/dev/null && echo WRITE-DONE; "
@@ -65,7 +70,7 @@ $PYVMM --disk vhost_user=on,socket=$SOCK --disk path=$COPY \
   > $TMPDIR/guest.out 2> $TMPDIR/guest.err &
 pv=$!
 wait_log $TMPDIR/guest.out WRITE-DONE 900
-grep -e '^VU-DD: ' -e '^INPROC-DD: ' -e '^GUEST-SHA=' -e '^WRITE-DONE' $TMPDIR/guest.out
+grep -e '^VU-DD: ' -e '^INPROC-DD: ' -e '^REPROBED' -e '^GUEST-SHA=' -e '^WRITE-DONE' $TMPDIR/guest.out
 echo "image-note=$(dd if=$IMG bs=512 skip=@SECTOR@ count=1 2>/dev/null | tr -d '\000')"
 sleep 2  # the guest's reads go on
 kill -KILL $qsd; killed=$(date +%s.%N)
@@ -111,7 +116,8 @@ def test_vhost_user_blk_read_write_and_a_killed_daemon(lab) -> None:
     boot = out["boot"]
     assert re.search(r"^VU-DD: .*copied", boot, re.MULTILINE), boot
     assert re.search(r"^INPROC-DD: .*copied", boot, re.MULTILINE), boot
-    assert _value(boot, "GUEST-SHA") == _value(boot, "want-sha"), boot  # every byte read right
+    assert re.search(r"^REPROBED", boot, re.MULTILINE), boot  # unbound, reset, bound again
+    assert _value(boot, "GUEST-SHA") == _value(boot, "want-sha"), boot  # every byte read right, after it
     assert re.search(r"^WRITE-DONE", boot, re.MULTILINE), boot
     assert _value(boot, "image-note") == NOTE, boot  # the guest's write reached the image
 
