@@ -247,3 +247,14 @@ def test_the_api_still_refuses_vhost_user_disks() -> None:
         disk_config_from_json({"vhost_user": True, "vhost_socket": "/run/vu.sock"})
     with pytest.raises(VmConfigError, match="socket"):
         disk_config_from_json({"path": "/img", "vhost_socket": "/run/vu.sock"})
+
+
+def test_vm_info_shows_a_command_line_vhost_user_disk() -> None:
+    from pyvmm.api.vmconfig import disk_json
+    from pyvmm.config import DiskConfig
+
+    shown = disk_json(DiskConfig(path=None, vhost_user=True, socket=Path("/run/vu.sock")), "_disk0")
+    assert "path" not in shown
+    assert shown["vhost_user"] is True and shown["vhost_socket"] == "/run/vu.sock"
+    plain = disk_json(DiskConfig(path=Path("/img")))
+    assert plain["path"] == "/img" and plain["vhost_user"] is False and "vhost_socket" not in plain
