@@ -137,6 +137,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
     services += _add_console(config, memory, platform, router, vm, stack)
     disks = _add_disks(config, memory, platform, router, vm, stack)
+    services += _watch_vhost_user_backends(disks, latch, stack)
     _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
     services += _add_vsock(config, memory, platform, router, vm, stack)
@@ -316,6 +317,23 @@ def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
         _closing(stack, transport)  # also when the guest ejected it first (closing twice is harmless)
     return [BootDisk(disk.id, transport, address)
             for disk, (transport, address) in zip(config.disks, attached, strict=True)]
+
+
+def _watch_vhost_user_backends(disks: list[BootDisk], latch: ExitLatch, stack: contextlib.ExitStack
+                               ) -> list[Service]:
+    """A vhost-user backend that hangs up stops the VM with one line naming the disk
+    (docs/virtio-blk.md#a-dead-backend)."""
+    if not any(disk.transport.device.external_queues for disk in disks):
+        return []
+    from pyvmm.devices.virtio.attach import vhost_user_sockets
+    from pyvmm.vhost.hangup import HangupWatch
+
+    def stop(label: str) -> None:
+        latch.request(ExitKind.ERROR, f"{label}: the vhost-user backend closed the connection; the VM stops")
+
+    watch = HangupWatch(vhost_user_sockets([disk.transport for disk in disks]), stop)
+    _closing(stack, watch)  # also when the build fails before the VM runs
+    return [watch]
 
 
 def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,

@@ -158,7 +158,7 @@ class VsockConfig:
 
 @dataclass(frozen=True)
 class DiskConfig:
-    path: Path
+    path: Path | None  # the image; None for a vhost-user disk, whose backend has it
     readonly: bool = False
     direct: bool = False
     id: str | None = None
@@ -168,6 +168,14 @@ class DiskConfig:
     pci_device_id: int | None = None
     serial: str | None = None
     image_type: ImageType = ImageType.RAW
+    # served by the vhost-user backend on `socket` (docs/virtio-blk.md#vhost-user-blk)
+    vhost_user: bool = False
+    socket: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name this disk: `--disk path=IMAGE` or `--disk socket=PATH`."""
+        return f"--disk socket={self.socket}" if self.vhost_user else f"--disk path={self.path}"
 
 
 @dataclass(frozen=True)
@@ -580,12 +588,59 @@ _DISK_KEYS = frozenset({
 })  # fmt: skip
 
 
+# A vhost-user disk's image is the backend's: the options about opening an image are refused with it.
+_VHOST_USER_DISK_REFUSED = ("path", "readonly", "direct", "image_type", "serial", "_disable_io_uring",
+                            "_disable_aio", "backing_files", "sparse", "lock_granularity")
+_DISK_HINTS = {
+    "vhost_user": "vhost-user disks are taken on the command line only (--disk vhost_user=on,socket=PATH)",
+    "socket": "socket= is a vhost-user backend's: give it on the command line with vhost_user=on",
+}
+
+
 def parse_disk(text: str) -> DiskConfig:
-    return disk_from_options(parse_options(text, _DISK_KEYS, hidden=_DISK_UNSUPPORTED))
+    return disk_from_options(parse_options(text, _DISK_KEYS | {"vhost_user", "socket"},
+                                           hidden=_DISK_UNSUPPORTED), vhost_user_allowed=True)
 
 
-def disk_from_options(opts: Options) -> DiskConfig:
-    _refuse_unsupported(opts, _DISK_UNSUPPORTED)
+def _vhost_user_disk(opts: Options) -> DiskConfig:
+    """`vhost_user=on,socket=PATH[,num_queues=,queue_size=,id=,pci_segment=,pci_device_id=]`."""
+    for key in _VHOST_USER_DISK_REFUSED:
+        if opts.has(key) or key in opts.blank:
+            raise OptionError(f"{key}= cannot be used with vhost_user=on: the vhost-user backend serves the "
+                              "image and decides that")
+    socket = opts.get("socket")
+    if socket is None:
+        raise OptionError("No socket provided when using vhost-user: add socket=<path of the backend's "
+                          "Unix socket>")
+    _refuse_unsupported(opts, {k: v for k, v in _DISK_UNSUPPORTED.items()
+                               if k not in ("vhost_user", "socket")})
+    num_queues, queue_size = _disk_queues(opts)
+    segment, slot = _pci_placement(opts)
+    return DiskConfig(path=None, id=_check_id(opts), num_queues=num_queues, queue_size=queue_size,
+                      pci_segment=segment, pci_device_id=slot, vhost_user=True, socket=Path(socket))
+
+
+def _disk_queues(opts: Options) -> tuple[int, int]:
+    num_queues = _required_int(opts, "num_queues", 1, bits=16)
+    if num_queues == 0:
+        raise OptionError("num_queues must be at least 1")
+    queue_size = _required_int(opts, "queue_size", 128, bits=16)
+    if queue_size & (queue_size - 1) or queue_size == 0:
+        raise OptionError(f"Queue size must be a power of 2, e.g. 128 or 256, not {queue_size}")
+    if queue_size <= 2:
+        raise OptionError(f"Block queue size must be greater than 2: {queue_size}")
+    return num_queues, queue_size
+
+
+def disk_from_options(opts: Options, vhost_user_allowed: bool = False) -> DiskConfig:
+    """A --disk (`vhost_user_allowed`: the command line's, which may name a vhost-user backend; the API's
+    vm.add-disk and VmConfig disks may not)."""
+    if vhost_user_allowed:
+        if opts.toggle("vhost_user", False):
+            return _vhost_user_disk(opts)
+        if opts.has("socket"):
+            raise OptionError("socket= is a vhost-user backend's: add vhost_user=on")
+    _refuse_unsupported(opts, _DISK_UNSUPPORTED, _DISK_HINTS)
     # pyvmm uses neither io_uring nor AIO, so the hidden switches that disable them are no-ops.
     opts.toggle("_disable_io_uring", False)
     opts.toggle("_disable_aio", False)
@@ -605,14 +660,7 @@ def disk_from_options(opts: Options) -> DiskConfig:
                 f"image_type={image_type.value} is not supported by pyvmm yet; only raw images are "
                 "(convert with: qemu-img convert -O raw <image> <image>.raw)"
             )
-    num_queues = _required_int(opts, "num_queues", 1, bits=16)
-    if num_queues == 0:
-        raise OptionError("num_queues must be at least 1")
-    queue_size = _required_int(opts, "queue_size", 128, bits=16)
-    if queue_size & (queue_size - 1) or queue_size == 0:
-        raise OptionError(f"Queue size must be a power of 2, e.g. 128 or 256, not {queue_size}")
-    if queue_size <= 2:
-        raise OptionError(f"Block queue size must be greater than 2: {queue_size}")
+    num_queues, queue_size = _disk_queues(opts)
     serial = opts.get("serial")
     if serial is not None and len(serial.encode()) > MAX_DISK_SERIAL_BYTES:
         raise OptionError(
@@ -905,10 +953,14 @@ def validate(config: VmConfig) -> None:
     if console.mode is not ConsoleMode.OFF:
         claim("--console", console.id, console.pci_segment, console.pci_device_id)
     for disk in config.disks:
-        label = _device_label("--disk", disk.path)
+        label = disk.label
         claim(label, disk.id, disk.pci_segment, disk.pci_device_id)
         if disk.num_queues > boot:
             raise ConfigError(label, f"Queue count ({disk.num_queues}) must not exceed boot vCPUs ({boot})")
+        if disk.vhost_user and not (config.memory.shared or config.memory.hugepages):
+            # the backend maps guest RAM from its memfd: private memory has none to hand over
+            raise ConfigError(label, "Using vhost-user requires using shared memory or huge pages: add "
+                                     "--memory shared=on (or hugepages=on)")
     if config.vsock is not None:
         vsock = config.vsock
         claim(f"--vsock socket={vsock.socket}", vsock.id, vsock.pci_segment, vsock.pci_device_id)
@@ -970,7 +1022,9 @@ def check_paths(config: VmConfig) -> None:
     if payload.initramfs is not None:
         _check_readable_file("--initramfs", payload.initramfs, "initramfs")
     for disk in config.disks:
-        label = _device_label("--disk", disk.path)
+        if disk.path is None:  # vhost-user: the backend's socket is tried when the VM is built
+            continue
+        label = disk.label
         _check_readable_file(label, disk.path, "disk image")
         if not disk.readonly and not os.access(disk.path, os.W_OK):
             raise ConfigError(

@@ -28,6 +28,7 @@ class ThreadKind(Enum):
     TERMINAL_INPUT = "terminal-input"
     HTTP_SERVER = "http-server"  # the API socket's thread (pyvmm.api.server)
     VSOCK_MUXER = "vsock-muxer"  # --vsock's host side (devices/virtio/vsock_muxer.py)
+    VHOST_USER = "vhost-user"  # watches vhost-user backends' sockets for a hang-up (vhost/hangup.py)
 
 
 BASE_KINDS = frozenset({ThreadKind.VMM, ThreadKind.API_VMM})

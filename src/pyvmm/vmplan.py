@@ -22,10 +22,6 @@ def device_label(path: Path) -> str:
     return f"--device path={path}"
 
 
-def disk_label(path: Path) -> str:
-    return f"--disk path={path}"
-
-
 CONSOLE_LABEL = "--console"
 RNG_LABEL = "--rng"
 
@@ -47,7 +43,7 @@ def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
         items.append(PlanItem(CONSOLE_LABEL, console.pci_segment, console.pci_device_id, tuple(virtio_bars()),
                               "virtio-console"))
     items += [
-        PlanItem(disk_label(d.path), d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
+        PlanItem(d.label, d.pci_segment, d.pci_device_id, tuple(disk_bars(d)), "virtio-blk")
         for d in config.disks
     ]
     items += [

@@ -368,6 +368,23 @@ def test_disk_keys() -> None:
     assert parse("--disk", "path=/img").disks[0] == DiskConfig(path=Path("/img"))
 
 
+def test_vhost_user_disk_keys() -> None:
+    config = parse("--cpus", "2", "--memory", "size=512M,shared=on",
+                   "--disk", "vhost_user=true,socket=/run/vu.sock,num_queues=2,queue_size=256,id=vu,"
+                             "pci_segment=0,pci_device_id=4")
+    assert config.disks[0] == DiskConfig(path=None, id="vu", num_queues=2, queue_size=256, pci_device_id=4,
+                                         vhost_user=True, socket=Path("/run/vu.sock"))
+    assert config.disks[0].label == "--disk socket=/run/vu.sock"
+    # huge pages are memfds too: what the backend maps
+    hugepages = parse("--memory", "size=512M,hugepages=on", "--disk", "vhost_user=on,socket=/s")
+    assert hugepages.disks[0].vhost_user
+
+
+def test_vhost_user_errors_name_the_socket() -> None:
+    err = error("--disk", "vhost_user=on,socket=/run/vu.sock")
+    assert err.option == "--disk socket=/run/vu.sock"
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -379,8 +396,17 @@ def test_disk_keys() -> None:
         ("readonly=on", "path missing"),
         ("path=/img,image_type=qcow2", "image_type=qcow2 is not supported by pyvmm yet"),
         ("path=/img,image_type=iso", "image_type=iso is not one of raw"),
-        ("path=/img,vhost_user=on", "vhost_user=on is not supported by pyvmm yet"),
-        ("path=/img,socket=/s", "socket is not supported by pyvmm yet"),
+        ("path=/img,vhost_user=on,socket=/s", "path= cannot be used with vhost_user=on"),
+        ("vhost_user=on,socket=/s,readonly=on", "readonly= cannot be used with vhost_user=on"),
+        ("vhost_user=on,socket=/s,direct=off", "direct= cannot be used with vhost_user=on"),
+        ("vhost_user=on,socket=/s,image_type=raw", "image_type= cannot be used with vhost_user=on"),
+        ("vhost_user=on,socket=/s,serial=x", "serial= cannot be used with vhost_user=on"),
+        ("vhost_user=on,socket=/s,bw_size=1000", "bw_size is not supported by pyvmm yet"),
+        ("vhost_user=on,socket=/s,queue_size=100", "Queue size must be a power of 2"),
+        ("vhost_user=on", "No socket provided when using vhost-user"),
+        ("vhost_user=on,socket=/s", "Using vhost-user requires using shared memory or huge pages"),
+        ("path=/img,socket=/s", "socket= is a vhost-user backend's: add vhost_user=on"),
+        ("path=/img,vhost_user=off,socket=/s", "socket= is a vhost-user backend's: add vhost_user=on"),
         ("path=/img,bw_size=1000", "bw_size is not supported by pyvmm yet"),
         ("path=/img,iommu=on", "iommu=on is not supported by pyvmm yet"),
         ("path=/img,pci_segment=1", "Invalid PCI segment id: 1"),
@@ -401,7 +427,8 @@ def test_unknown_disk_key_lists_only_supported_keys() -> None:
     err = error("--disk", "path=/img,foo=1")
     assert "Unknown option: foo" in err.message
     assert "readonly" in err.message
-    assert "vhost_user" not in err.message and "_disable_aio" not in err.message
+    assert "vhost_user" in err.message and "socket" in err.message  # supported on the command line
+    assert "bw_size" not in err.message and "_disable_aio" not in err.message
 
 
 def test_device_keys() -> None:

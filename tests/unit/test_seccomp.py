@@ -144,7 +144,8 @@ def test_every_filter_refuses_the_dangerous_calls(kind: ThreadKind, mode: Seccom
         assert run(prog, NR["socket"], [socket.AF_INET]) == refused
     # connect() cannot be checked (its address is in memory): only the threads that connect to --vsock's
     # PATH_<port> have it (the queue worker, so the vCPU that starts it, and the bases under them).
-    if kind in (ThreadKind.TERMINAL_INPUT, ThreadKind.HTTP_SERVER, ThreadKind.VSOCK_MUXER):
+    if kind in (ThreadKind.TERMINAL_INPUT, ThreadKind.HTTP_SERVER, ThreadKind.VSOCK_MUXER,
+                ThreadKind.VHOST_USER):
         assert run(prog, NR["connect"]) == refused
     assert run(prog, NR["clone"], [0x01200011]) == refused  # fork through clone
     # A thread in a new namespace: the kernel allows CLONE_THREAD with a new mount, network, UTS, IPC or
@@ -240,6 +241,20 @@ def test_the_vsock_muxer_serves_host_clients_and_the_worker_connects_to_the_host
             assert run(prog, NR[name]) == ALLOW, name
         for name in ("accept4", "bind", "listen", "unlink"):
             assert run(prog, NR[name]) == KILL, name
+
+
+def test_vhost_user_disk_driver_ok_and_the_hangup_watch() -> None:
+    """--disk vhost_user=on: the vCPU writing DRIVER_OK (and the main thread at teardown) send vhost-user
+    messages with fds and read the acks; the hang-up watch only polls: no socket call, no KVM request."""
+    vcpu, vmm, watch = (program(k) for k in (ThreadKind.VCPU, ThreadKind.VMM, ThreadKind.VHOST_USER))
+    for prog in (vcpu, vmm):
+        for name in ("sendmsg", "recvmsg", "poll", "ppoll"):
+            assert run(prog, NR[name]) == ALLOW, name
+    for name in ("poll", "ppoll", "read", "futex", "close"):
+        assert run(watch, NR[name]) == ALLOW, name
+    for name in ("sendmsg", "recvmsg", "sendto", "recvfrom", "socket", "connect", "accept4", "eventfd2"):
+        assert run(watch, NR[name]) == KILL, name
+    assert run(watch, NR["ioctl"], [0, KvmIoctl.KVM_SIGNAL_MSI]) == KILL
 
 
 def test_net_driver_ok_reset_and_control_queue() -> None:

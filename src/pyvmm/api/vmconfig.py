@@ -326,13 +326,14 @@ def _console_json(console: ConsoleConfig, pci: bool) -> dict[str, Any]:
 def disk_json(disk: DiskConfig, ident: str | None = None) -> dict[str, Any]:
     return _drop_none(
         {
-            "path": str(disk.path),
+            "path": None if disk.path is None else str(disk.path),
             "readonly": disk.readonly,
             "direct": disk.direct,
             "iommu": False,
             "num_queues": disk.num_queues,
             "queue_size": disk.queue_size,
-            "vhost_user": False,
+            "vhost_user": disk.vhost_user,  # a --disk on the command line only: the API refuses it
+            "vhost_socket": None if disk.socket is None else str(disk.socket),
             "id": ident or disk.id,
             "pci_segment": disk.pci_segment,
             "pci_device_id": disk.pci_device_id,

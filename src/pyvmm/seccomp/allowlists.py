@@ -216,6 +216,11 @@ _VCPU = (
     # What the virtio-vsock's queue worker does (see _WORKER): the worker is started by this thread and
     # inherits its filter, so the calls are here too. Only AF_UNIX sockets, as for the worker.
     *_VSOCK_WORKER,
+    # --disk vhost_user=on (devices/virtio/vhost_user_blk.py): the guest's DRIVER_OK write hands the rings
+    # to the backend (SET_FEATURES, SET_MEM_TABLE with the RAM memfd, SET_VRING_* with the kick and call
+    # eventfds, SET_VRING_ENABLE), a reset takes them back (GET_VRING_BASE); each answer or ack is read
+    # with recvmsg (above) after a poll bounded by the socket's timeout (the runtime's poll).
+    Allowed("sendmsg", "VhostUserFrontend._send: a vhost-user message, its fds as SCM_RIGHTS"),
 )
 
 # virtio worker threads: draining queues, disk and entropy I/O, interrupts through irqfds.
@@ -286,6 +291,13 @@ _VSOCK_MUXER = (
     Allowed("shutdown", "_flush -> _after_forward: SHUT_WR once the guest's data is all written"),
     # poll (poll_once), eventfd read/write (the wake fd, the receive queue's kick), close (_reset, _drop,
     # _close_handshake) and time.sleep are the runtime's.
+)
+
+# The vhost-user hang-up watch (vhost/hangup.py, HangupWatch._run; a service started beside the vCPUs): it
+# polls the backends' sockets for POLLHUP and its stop eventfd, and on a hang-up sets the VM's exit latch
+# (a lock). poll/ppoll, the eventfd read and the thread's end are all the runtime's: nothing on top.
+_VHOST_USER = (
+    Allowed("ioctl", "nothing of its own: the runtime's (a traceback's TCGETS)", _ioctls(_RUNTIME_IOCTLS)),
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,6 +419,7 @@ ALLOWED: Mapping[ThreadKind, tuple[Allowed, ...]] = {
     ThreadKind.API_VMM: _API_VMM,
     ThreadKind.HTTP_SERVER: _HTTP_SERVER,
     ThreadKind.VSOCK_MUXER: _VSOCK_MUXER,
+    ThreadKind.VHOST_USER: _VHOST_USER,
 }
 
 

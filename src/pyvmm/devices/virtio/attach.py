@@ -82,10 +82,15 @@ def open_disk(
     ioeventfds: Ioeventfds | None,
     hotplug: bool = False,
 ) -> VirtioPciDevice:
-    """Open and lock `disk`'s image (DiskImageError: missing, unreadable, locked) and put a virtio-blk
-    transport over it, not yet plugged; the transport owns the image."""
-    params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
-    blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
+    """Open and lock `disk`'s image (DiskImageError: missing, unreadable, locked), or connect to its
+    vhost-user backend (VhostUserError), and put a virtio-blk transport over it, not yet plugged; the
+    transport owns the image or the connection."""
+    blk: VirtioDevice
+    if disk.vhost_user:
+        blk = _open_vhost_user(disk, memory)
+    else:
+        params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
+        blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
     try:
         vectors = IrqfdMsiVectors(router, irqfds, vector_count(blk), name)
     except BaseException:
@@ -98,6 +103,36 @@ def open_disk(
         blk.close()
         vectors.close()
         raise
+
+
+def _open_vhost_user(disk: DiskConfig, memory: GuestMemory) -> VirtioDevice:
+    """Connect to the disk's backend and negotiate (docs/virtio-blk.md#vhost-user-blk); errors name the
+    disk."""
+    from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlkParams, VhostUserBlock
+    from pyvmm.errors import in_context
+    from pyvmm.vhost.user import VhostUserError, VhostUserFrontend
+
+    try:
+        if any(region.fd is None for region in memory.regions):  # config.validate refuses it first
+            raise VhostUserError("guest RAM is not shared memory: add --memory shared=on")
+        frontend = VhostUserFrontend.connect(str(disk.socket))
+    except VhostUserError as exc:
+        raise in_context(disk.label, exc) from None
+    try:
+        return VhostUserBlock(frontend, VhostUserBlkParams(disk.num_queues, disk.queue_size))
+    except BaseException as exc:
+        frontend.close()
+        if isinstance(exc, VhostUserError):
+            raise in_context(disk.label, exc) from None
+        raise
+
+
+def vhost_user_sockets(transports: Sequence[VirtioPciDevice]) -> list[tuple[int, str]]:
+    """(socket fd, the disk's label) of every vhost-user disk among `transports`, for the hang-up watch."""
+    from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlock
+
+    return [(t.device.backend.fileno(), f"--disk socket={t.device.backend.path}")
+            for t in transports if isinstance(t.device, VhostUserBlock)]
 
 
 def attach_disks(
