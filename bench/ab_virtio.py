@@ -41,16 +41,10 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import analysis as an  # noqa: E402
+from harness import VIRTIO_TAGS  # noqa: E402
 
 # guest/virtio.sh's tags, in its order, and the bench's metric keys (for their labels and units)
-TAGS = {
-    "blk-read": "blk_seq_read",
-    "blk-write": "blk_seq_write",
-    "blk-read-pages": "blk_seq_read_pages",
-    "blk-write-pages": "blk_seq_write_pages",
-    "blk-rand1": "blk_randread_qd1",
-    "blk-rand32": "blk_randread_qd32",
-}
+TAGS = VIRTIO_TAGS
 SPAN, IO_SECONDS, IDLE_SECONDS = "64M", 3.0, 1.0
 PER_RUN = 150  # lab seconds one run may take, for the lab's timeout (a 1-CPU lab takes about 50)
 BOOTSTRAP = 10000

@@ -25,6 +25,16 @@ from pathlib import Path
 
 import analysis as an
 
+# guest/virtio.sh's tags, in its order, and the bench's metric keys (bench/ab_virtio.py reads them too)
+VIRTIO_TAGS = {
+    "blk-read": "blk_seq_read",
+    "blk-write": "blk_seq_write",
+    "blk-read-pages": "blk_seq_read_pages",
+    "blk-write-pages": "blk_seq_write_pages",
+    "blk-rand1": "blk_randread_qd1",
+    "blk-rand32": "blk_randread_qd32",
+}
+
 NVME_BDF = "0000:00:03.0"  # the lab's only device (pyvmm-lab run --devices nvme)
 GUEST_RAM = 512 << 20
 # hugepages: bench-io's BENCH_IO_BUFFER=huge|pages buffers, which fix how many segments a request has
@@ -338,14 +348,7 @@ class Bench:
             label,
             vmm,
             spans,
-            {
-                "blk-read": "blk_seq_read",
-                "blk-write": "blk_seq_write",
-                "blk-read-pages": "blk_seq_read_pages",
-                "blk-write-pages": "blk_seq_write_pages",
-                "blk-rand1": "blk_randread_qd1",
-                "blk-rand32": "blk_randread_qd32",
-            },
+            VIRTIO_TAGS,
         )
         p = result.probes
         if not {"cpu0", "cpu1", "hwm_kib", "ram_kib"} <= p.keys():
