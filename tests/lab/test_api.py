@@ -35,6 +35,7 @@ def test_kata_start_stop_errors_and_remote(lab) -> None:
     assert "status=500" in steps["unbound-device"] and "vfio-pci" in steps["unbound-device"], steps
     assert "state=Running" in steps["kata-start"] and "vcpu0" in steps["kata-start"], steps
     assert "ticks_while_paused=0" in steps["pause-resume"], steps
+    assert steps["reboot"] == "boots=3 disks_at_boot=1", steps
     stop = dict(item.split("=") for item in steps["kata-stop"].split())
     assert float(stop["exited"]) < KATA_EXIT_SECONDS, steps["kata-stop"]
     assert stop["rc"] == "0"

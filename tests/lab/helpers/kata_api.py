@@ -21,7 +21,10 @@ from pyvmm.api.client import ApiResponse, read_response
 WORK = Path(sys.argv[1])
 SOCK = WORK / "clh-api.sock"
 LOG = WORK / "pyvmm.log"
-GUEST_CMD = "echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; while true; do echo TICK; sleep 1; done"
+GUEST_CMD = (
+    "echo KATA-GUEST-UP disks=$(ls /sys/block | grep -c vd); dmesg | grep 'PCI Root Bridge'; "
+    "while true; do echo TICK; sleep 1; done"
+)
 
 
 def go_request(method: str, endpoint: str, body: bytes | None = None) -> bytes:
@@ -76,6 +79,17 @@ def wait_for(text: str, seconds: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def wait_count(text: str, count: int, seconds: float) -> list[str]:
+    """Wait until the guest's log has `count` lines starting with `text` (the kernel echoes its command
+    line, which holds it too); those lines."""
+    end = time.monotonic() + seconds
+    while True:
+        lines = [line for line in LOG.read_text(errors="replace").splitlines() if line.startswith(text)]
+        if len(lines) >= count or time.monotonic() > end:
+            return lines
+        time.sleep(0.2)
 
 
 def thread_names(pid: int) -> list[str]:
@@ -257,6 +271,27 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     # a second vm.boot while running is refused, the VM goes on
     again = conn.call("PUT", "vm.boot")
     assert again.status == 500 and json.loads(conn.call("GET", "vm.info").body)["state"] == "Running"
+
+    # vm.reboot, then vm.shutdown and vm.boot: each boots the VM as it was, a disk hot-plugged before them
+    # included (the guest sees it at boot: virtio_blk loaded by modalias, /sys/block/vda), as in CH
+    image = WORK / "kdisk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    plugged = conn.call("PUT", "vm.add-disk", json.dumps({"path": str(image), "id": "kdisk"}).encode())
+    assert plugged.status == 200 and json.loads(plugged.body)["id"] == "kdisk", plugged
+    rebooted = conn.call("PUT", "vm.reboot")
+    assert rebooted.status == 204, rebooted
+    ups = wait_count("KATA-GUEST-UP", 2, 300)
+    assert ups[1:] == ["KATA-GUEST-UP disks=1"], ups
+    assert json.loads(conn.call("GET", "vm.info").body)["state"] == "Running"
+    shut = conn.call("PUT", "vm.shutdown")
+    assert shut.status == 204, shut
+    info = json.loads(conn.call("GET", "vm.info").body)
+    assert info["state"] == "Created" and [d["id"] for d in info["config"]["disks"]] == ["kdisk"], info
+    assert conn.call("PUT", "vm.boot").status == 204
+    ups = wait_count("KATA-GUEST-UP", 3, 300)
+    assert ups[2:] == ["KATA-GUEST-UP disks=1"], ups
+    assert "vcpu0" in thread_names(vmm.pid)
+    step("reboot", boots=len(ups), disks_at_boot=ups[-1].split("=")[-1])
 
     # Kata's stop: vmm.shutdown (3 s context), then the process must be gone within 3 s
     sent = time.monotonic()
