@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pyvmm.api.http import Request, Response, error_response
 from pyvmm.config import DiskConfig, VmConfig, check_paths
@@ -232,7 +233,7 @@ class ApiVmm:
         context = "The device could not be removed from the VM"
         if self.config is None:
             raise ApiCallError(500, context, NOT_CREATED)
-        changes = {}
+        changes: dict[str, Any] = {}
         for item in dataclasses.fields(self.config):
             value = getattr(self.config, item.name)
             if isinstance(value, tuple) and any(getattr(v, "id", None) == ident for v in value):
