@@ -7,6 +7,7 @@ Kept here so the VM builder only calls `attach_disks` / `attach_virtio` and clos
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 from pyvmm.config import NET_DEFAULT_IP, NET_DEFAULT_MASK, DiskConfig, NetConfig, net_label
@@ -24,6 +25,8 @@ from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarInfo, BarKind
 from pyvmm.pci.platform import PciAddress, PciPlatform
+
+log = logging.getLogger("pyvmm")
 
 
 def uses_64bit_bar(segment: int, hotplug: bool = False) -> bool:
@@ -86,6 +89,7 @@ def open_disk(
     vhost-user backend (VhostUserError), and put a virtio-blk transport over it, not yet plugged; the
     transport owns the image or the connection."""
     blk: VirtioDevice
+    log.info("%s: served by %s", disk.label, disk.data_path)
     if disk.vhost_user:
         blk = _open_vhost_user(disk, memory)
     else:
