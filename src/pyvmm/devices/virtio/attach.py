@@ -197,9 +197,13 @@ def attach_nets(
     try:
         for n, net in enumerate(nets):
             name = f"virtio-net-{net.id or n}"
+            setup = TapSetup(net.ip, net.mask, net.host_mac, net.mtu)
             try:
-                tap = Tap.open(net.tap, net.queue_pairs, TapSetup(net.ip, net.mask, net.host_mac, net.mtu),
-                               TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
+                if net.fds:  # someone else's tap: only what was asked for explicitly is applied
+                    tap = Tap.adopt(net.fds, setup)
+                else:
+                    tap = Tap.open(net.tap, net.queue_pairs, setup,
+                                   TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
             except TapError as exc:
                 raise in_context(net_label(net), exc) from exc
             vhosts: list[VhostNet] = []
