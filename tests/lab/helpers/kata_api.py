@@ -40,7 +40,7 @@ NET_CMD = (
 GUEST_CMD = ("echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; " + NET_CMD
              + "while true; do echo TICK; sleep 1; done")
 TUNSETIFF = 0x400454CA
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 
 
 def go_request(method: str, endpoint: str, body: bytes | None = None) -> bytes:
@@ -78,12 +78,13 @@ def remote(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def lab_tap(name: str, address: str) -> int:
+def lab_tap(name: str, address: str | None, flags: int = 0) -> int:
     """A tap as Kata's network endpoint opens it (one queue, vnet headers), the lab's side addressed."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-    subprocess.run(["ip", "addr", "add", address, "dev", name], check=True)
-    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | flags))
+    if address is not None:
+        subprocess.run(["ip", "addr", "add", address, "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
     return fd
 
 
@@ -348,6 +349,11 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert piped.status == 400 and "is not a tun/tap queue file" in errors(piped)[-1], piped
     counted = kata_add_net({**KATA_NET, "num_queues": 4}, [tap0])
     assert counted.status == 400 and "so num_queues is 2, not 4" in errors(counted)[-1], counted
+    # one queue file of a multi-queue tap sent twice: two fds in pyvmm, one open file (kcmp, under API_VMM)
+    multi = lab_tap("pyvmmk2", None, IFF_MULTI_QUEUE)
+    twice = kata_add_net({**KATA_NET, "num_queues": 4}, [multi, multi])
+    os.close(multi)
+    assert twice.status == 400 and "are the same open file" in errors(twice)[-1], twice
     assert open_files(vmm.pid) == base, (open_files(vmm.pid), base)
     added = kata_add_net(KATA_NET, [tap0])
     assert (added.status, added.body) == (204, b""), added
@@ -355,7 +361,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert held == {**base, "tun": base["tun"] + 1}, held  # the VMM keeps the tap's queue file
     info = json.loads(conn.call("GET", "vm.info").body)
     assert [n["mac"] for n in info["config"]["net"]] == [KATA_NET["mac"]], info
-    step("kata-add-net", refused=f"{piped.status},{counted.status}", added=added.status,
+    step("kata-add-net", refused=f"{piped.status},{counted.status},{twice.status}", added=added.status,
          files=json.dumps(held), seconds=f"{time.monotonic() - nets_start:.1f}")
     booted = conn.call("PUT", "vm.boot")
     assert booted.status == 204, booted
