@@ -138,7 +138,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     services += _add_console(config, memory, platform, router, vm, stack)
     disks = _add_disks(config, memory, platform, router, vm, stack)
     services += _watch_vhost_user_backends(disks, latch, stack)
-    _add_nets(config, memory, platform, router, vm, stack)
+    nets = _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
     services += _add_vsock(config, memory, platform, router, vm, stack)
 
@@ -151,7 +151,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
 
     hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request)
     vfio = _add_vfio_devices(config, memory, platform, router, vm, stack, host_request)
-    hotplug.adopt(vfio, config.devices, disks)
+    hotplug.adopt(vfio, config.devices, disks, nets)
     _closing(stack, hotplug)  # before the boot-time VFIO side: hot-plugged functions may be in its container
     _check_plan(plan, platform)
 
@@ -337,15 +337,20 @@ def _watch_vhost_user_backends(disks: list[BootDisk], latch: ExitLatch, stack: c
 
 
 def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
-              stack: contextlib.ExitStack) -> None:
-    """One virtio-net per --net, its queues served by vhost-net on a tap (docs/net.md)."""
+              stack: contextlib.ExitStack) -> list[BootDisk]:
+    """One virtio-net per --net, its queues served by vhost-net on a tap (docs/net.md); like the disks,
+    removable by the guest's eject (hotplug.py)."""
     if not config.nets:
-        return
+        return []
     from pyvmm.devices.virtio.attach import attach_nets
 
-    for net in attach_nets(config.nets, memory=memory, platform=platform, router=router, irqfds=vm,
-                           ioeventfds=vm):
-        _closing(stack, net)
+    nets = []
+    for net, (transport, address) in zip(config.nets, attach_nets(config.nets, memory=memory,
+                                                                  platform=platform, router=router,
+                                                                  irqfds=vm, ioeventfds=vm), strict=True):
+        _closing(stack, transport)
+        nets.append(BootDisk(net.id, transport, address))
+    return nets
 
 
 def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,

@@ -192,7 +192,7 @@ class DiskConfig:
 class NetConfig:
     """`--net`: a virtio-net on a tap served by vhost-net (docs/net.md)."""
 
-    tap: str | None = None  # None: a new vmtapN
+    tap: str | None = None  # None: a new vmtapN (or the tap of `fds`)
     ip: ipaddress.IPv4Address | None = None  # None: cloud-hypervisor's default, on a tap pyvmm creates
     mask: ipaddress.IPv4Address | None = None
     mac: bytes = b""  # the guest's MAC; parse_net fills in a random locally administered one
@@ -206,6 +206,9 @@ class NetConfig:
     offload_tso: bool = True
     offload_ufo: bool = True
     offload_csum: bool = True
+    # fd=[...]: queue files of a tap someone else opened, one per queue pair, numbers in this process,
+    # checked by check_paths before anything is opened (docs/net.md#taps-opened-by-someone-else)
+    fds: tuple[int, ...] = ()
 
     @property
     def queue_pairs(self) -> int:
@@ -331,7 +334,6 @@ _DISK_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     "lock_granularity": frozenset(),
 }
 _NET_UNSUPPORTED: Mapping[str, frozenset[str]] = {
-    "fd": frozenset(),
     "vhost_user": frozenset({"off"}),
     "socket": frozenset(),
     "vhost_mode": frozenset({"client"}),
@@ -383,7 +385,6 @@ _UNSUPPORTED_HINTS = {
     "vhost_mode": "pyvmm serves --net with the kernel's vhost-net on a tap (tap=)",
 }
 _NET_HINTS = {
-    "fd": "name the tap with tap= and pyvmm opens it",
     **{key: "rate limiting is not implemented" for key in ("bw_size", "bw_one_time_burst", "bw_refill_time",
                                                          "ops_size", "ops_one_time_burst", "ops_refill_time",
                                                          "rate_limit_group")},
@@ -693,7 +694,7 @@ def disk_from_options(opts: Options, vhost_user_allowed: bool = False) -> DiskCo
 
 _NET_KEYS = frozenset({
     "tap", "ip", "mask", "mac", "host_mac", "mtu", "num_queues", "queue_size", "id", "pci_segment",
-    "pci_device_id", "offload_tso", "offload_ufo", "offload_csum",
+    "pci_device_id", "offload_tso", "offload_ufo", "offload_csum", "fd",
 })  # fmt: skip
 NET_DEFAULT_IP = ipaddress.IPv4Address("192.168.249.1")  # cloud-hypervisor's, for a tap it creates
 NET_DEFAULT_MASK = ipaddress.IPv4Address("255.255.255.0")
@@ -752,15 +753,21 @@ def net_from_options(opts: Options) -> NetConfig:
     mtu = opts.integer("mtu", None, bits=32)
     if mtu is not None and not NET_MIN_MTU <= mtu <= NET_MAX_MTU:
         raise OptionError(f"mtu={mtu} is out of range {NET_MIN_MTU}..{NET_MAX_MTU}")
-    num_queues = _required_int(opts, "num_queues", 2, bits=16)
+    fds = _tap_fds(opts, tap)
+    num_queues = _required_int(opts, "num_queues", 2 * len(fds) or 2, bits=16)
     if num_queues < 2 or num_queues % 2:
         raise OptionError(f"num_queues={num_queues}: give an even number of at least 2 "
                           "(one receive and one transmit queue per pair)")
+    if fds and num_queues != 2 * len(fds):
+        # cloud-hypervisor's rule: every tap queue file serves one receive + transmit pair
+        raise OptionError(f"fd=[{','.join(map(str, fds))}] is {len(fds)} tap queue file(s), so num_queues is "
+                          f"{2 * len(fds)}, not {num_queues}; leave num_queues out or give one file per pair")
     queue_size = _required_int(opts, "queue_size", 256, bits=16)
     if queue_size < 2 or queue_size & (queue_size - 1):
         raise OptionError(f"Queue size must be a power of 2 of at least 2, e.g. 256, not {queue_size}")
     segment, slot = _pci_placement(opts)
     return NetConfig(
+        fds=fds,
         tap=tap,
         ip=_ipv4(opts, "ip"),
         mask=mask,
@@ -778,7 +785,32 @@ def net_from_options(opts: Options) -> NetConfig:
     )
 
 
+def _tap_fds(opts: Options, tap: str | None) -> tuple[int, ...]:
+    """fd=[3,4]: the tap's queue files, inherited from whoever started pyvmm (checked open and a tap's by
+    check_paths)."""
+    if opts.get("fd") is None:
+        return ()
+    fds = opts.int_list("fd")
+    if not fds:
+        raise OptionError("fd=[] names no file: give the tap's queue files, e.g. fd=[3,4]")
+    if tap is not None:
+        raise OptionError(f"fd= and tap={tap} both name the tap: give one of them")
+    low = [fd for fd in fds if fd <= 2]
+    if low:
+        raise OptionError(f"fd={low[0]} is standard input, output or error, not a tap's queue file")
+    twice = sorted({fd for fd in fds if fds.count(fd) > 1})
+    if twice:
+        raise OptionError(f"fd={twice[0]} is given twice: each queue file once")
+    return tuple(fds)
+
+
+def net_fds_text(fds: Sequence[int]) -> str:
+    return "fd=[" + ",".join(str(fd) for fd in fds) + "]"
+
+
 def net_label(net: NetConfig) -> str:
+    if net.fds:
+        return f"--net {net_fds_text(net.fds)}"
     return f"--net tap={net.tap}" if net.tap is not None else "--net"
 
 
@@ -975,6 +1007,7 @@ def validate(config: VmConfig) -> None:
         vsock = config.vsock
         claim(f"--vsock socket={vsock.socket}", vsock.id, vsock.pci_segment, vsock.pci_device_id)
     taps: set[str] = set()
+    fds: set[int] = set()
     for net in config.nets:
         label = net_label(net)
         claim(label, net.id, net.pci_segment, net.pci_device_id)
@@ -985,6 +1018,10 @@ def validate(config: VmConfig) -> None:
             if net.tap in taps:
                 raise ConfigError(label, f"tap {net.tap} is given to two --net devices")
             taps.add(net.tap)
+        for fd in net.fds:
+            if fd in fds:
+                raise ConfigError(label, f"fd={fd} is given to two --net devices")
+            fds.add(fd)
     seen_paths: dict[str, Path] = {}
     for dev in config.devices:
         label = _device_label("--device", dev.path)
@@ -1013,6 +1050,16 @@ def validate(config: VmConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Files and PCI functions (kept apart so that grammar tests need no files).
+
+
+def _check_tap_fds(net: NetConfig) -> None:
+    """--net fd=[...]: each an open queue file of one tap with the flags virtio-net needs (host/tap.py)."""
+    from pyvmm.host.tap import TapError, check_tap_fds
+
+    try:
+        check_tap_fds(net.fds)
+    except TapError as exc:
+        raise ConfigError(net_label(net), str(exc)) from None
 
 
 def _check_readable_file(label: str, path: Path, what: str) -> None:
@@ -1053,6 +1100,9 @@ def check_paths(config: VmConfig) -> None:
                 f"{dev.path} is not a PCI function (no config/vendor files); "
                 "expected a directory like /sys/bus/pci/devices/0000:01:00.0/",
             )
+    for net in config.nets:
+        if net.fds:
+            _check_tap_fds(net)
     _check_rng_source(config.rng.src)
     if config.vsock is not None:
         sock = config.vsock.socket
@@ -1168,6 +1218,9 @@ _HELP = {
 CONFIG is one NIC, the option may be repeated (docs/net.md):
   tap=<name>            the host tap (created if missing, removed at exit;
                         default: a new vmtapN)
+  fd=[<n>,...]          instead of tap=: queue files of a tap opened by the
+                        process that started pyvmm, left open across exec;
+                        one per queue pair (num_queues = 2 x their number)
   ip=<a.b.c.d>          the tap's address (default 192.168.249.1 on a
                         tap pyvmm creates)
   mask=<a.b.c.d>        the tap's netmask (default 255.255.255.0 likewise)

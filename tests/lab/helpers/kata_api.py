@@ -8,9 +8,12 @@ Usage: python3 kata_api.py WORKDIR   (env: PYVMM_GUEST_KERNEL, PYVMM_GUEST_INITR
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -21,10 +24,25 @@ from pyvmm.api.client import ApiResponse, read_response
 WORK = Path(sys.argv[1])
 SOCK = WORK / "clh-api.sock"
 LOG = WORK / "pyvmm.log"
-GUEST_CMD = (
-    "echo KATA-GUEST-UP disks=$(ls /sys/block | grep -c vd); dmesg | grep 'PCI Root Bridge'; "
-    "while true; do echo TICK; sleep 1; done"
+# The NICs (issue 18 part 2): eth0 is the one Kata adds before boot (tap pyvmmk0), eth1 the one
+# pyvmm-remote hot-plugs (pyvmmk1); each pings the lab's side of its tap, then both are removed again.
+NET_CMD = (
+    "ip link set eth0 up; ip addr add 192.168.251.2/24 dev eth0; "
+    "ping -c 2 -W 10 192.168.251.1 >/dev/null && echo NET0-PING''-OK; "
+    "i=0; while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
+    "ip link set eth1 up; ip addr add 192.168.252.2/24 dev eth1; "
+    "ping -c 2 -W 10 192.168.252.1 >/dev/null && echo NET1-PING''-OK; "
+    "i=0; while [ -e /sys/class/net/eth1 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
+    "echo NET1-GO''NE; "
+    "i=0; while [ -e /sys/class/net/eth0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
+    "echo NET0-GO''NE; "
 )
+# disks=: how many virtio-blk disks the guest found at boot (the reboot steps); on a boot after the NICs'
+# removal the NIC part finds no eth0 and waits for eth1 in vain, which costs that guest nothing it is asked.
+GUEST_CMD = ("echo KATA-GUEST-UP disks=$(ls /sys/block | grep -c vd); dmesg | grep 'PCI Root Bridge'; "
+             + NET_CMD + "while true; do echo TICK; sleep 1; done")
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 
 
 def go_request(method: str, endpoint: str, body: bytes | None = None) -> bytes:
@@ -60,6 +78,65 @@ def remote(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["pyvmm-remote", "--api-socket", str(SOCK), *args], capture_output=True, text=True, timeout=120
     )
+
+
+def lab_tap(name: str, address: str | None, flags: int = 0) -> int:
+    """A tap as Kata's network endpoint opens it (one queue, vnet headers), the lab's side addressed."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | flags))
+    if address is not None:
+        subprocess.run(["ip", "addr", "add", address, "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    return fd
+
+
+def kata_add_net(body: dict, fds: list[int]) -> ApiResponse:
+    """clh.go vmAddNetPutRequest: httputil.DumpRequest of the PUT, sent in one sendmsg with the tap fds
+    (syscall.UnixRights), on a connection of its own."""
+    data = json.dumps(body).encode()
+    head = (f"PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nContent-Type: application/json\r\n\r\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        sock.connect(str(SOCK))
+        sock.sendmsg([head.encode() + data],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        return read_response(sock)
+
+
+def open_files(pid: int) -> dict[str, int]:
+    """pyvmm's open tap queue files and vhost-net instances (/proc/PID/fd)."""
+    counts = {"tun": 0, "vhost": 0, "pipe": 0}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        key = {"/dev/net/tun": "tun", "/dev/vhost-net": "vhost"}.get(target)
+        if key is None and target.startswith("pipe:"):
+            key = "pipe"
+        if key is not None:
+            counts[key] += 1
+    return counts
+
+
+def nic_files(pid: int) -> dict[str, int]:
+    """Only the tap queue files and vhost-nets (a running VM has pipes of its own)."""
+    counts = open_files(pid)
+    return {"tun": counts["tun"], "vhost": counts["vhost"]}
+
+
+def wait_files(pid: int, want: dict[str, int], seconds: float) -> dict[str, int]:
+    end = time.monotonic() + seconds
+    while (now := nic_files(pid)) != want and time.monotonic() < end:
+        time.sleep(0.1)
+    return now
+
+
+# What Kata's generated client sends for a NIC (clh.go, NetConfig): CH's default ip and mask, no tap.
+KATA_NET = {"mac": "52:54:00:4b:00:01", "ip": "192.168.249.1", "mask": "255.255.255.0", "iommu": False,
+            "num_queues": 2, "queue_size": 256, "vhost_user": False, "vhost_mode": "Client",
+            "offload_tso": True, "offload_ufo": True, "offload_csum": True}
 
 
 def step(name: str, **facts: object) -> None:
@@ -199,6 +276,42 @@ def wait_socket(vmm: subprocess.Popen) -> float:
     raise AssertionError("vmm.ping never answered")
 
 
+def nics(vmm: subprocess.Popen, conn: Conn, tap1: int, base: dict[str, int]) -> None:
+    """The boot-time NIC carries the guest's ping; pyvmm-remote hot-plugs a second on its own tap fd, which
+    pings too; both are removed (the guest ejects them) and pyvmm's tap files and vhost-nets go."""
+    assert wait_for("NET0-PING-OK", 120), "the guest could not ping through Kata's NIC"
+    start = time.monotonic()
+    running = nic_files(vmm.pid)
+    # the VM's own copy of the queue file and one vhost-net, besides the VMM's copy
+    assert running == {**base, "tun": base["tun"] + 2, "vhost": base["vhost"] + 1}, running
+    plugged = subprocess.run(["pyvmm-remote", "--api-socket", str(SOCK), "add-net", f"fd=[{tap1}]"],
+                             capture_output=True, text=True, timeout=120, pass_fds=[tap1])
+    assert plugged.returncode == 0, plugged
+    answer = json.loads(plugged.stdout)
+    segment, bus, rest = answer["bdf"].split(":")
+    assert (segment, bus, len(rest), rest[2:]) == ("0000", "00", 4, ".0"), answer  # Kata's bdf check
+    assert wait_for("NET1-PING-OK", 120), "the guest could not ping through the hot-plugged NIC"
+    two = nic_files(vmm.pid)
+    assert two == {**base, "tun": base["tun"] + 4, "vhost": base["vhost"] + 2}, two
+    info = json.loads(conn.call("GET", "vm.info").body)
+    ids = [n["id"] for n in info["config"]["net"]]
+    assert ids == ["_net0", answer["id"]] and answer["id"] in info["device_tree"], info
+    removed = remote("remove-device", answer["id"])
+    assert removed.returncode == 0, removed
+    assert wait_for("NET1-GONE", 120), "the guest did not eject the hot-plugged NIC"
+    one = wait_files(vmm.pid, running, 10)
+    assert one == running, one
+    removed = remote("remove-device", "_net0")
+    assert removed.returncode == 0, removed
+    assert wait_for("NET0-GONE", 120), "the guest did not eject the boot-time NIC"
+    none = wait_files(vmm.pid, base, 10)
+    assert none == base, none
+    info = json.loads(conn.call("GET", "vm.info").body)
+    assert "net" not in info["config"], info
+    step("nics", hotplugged=json.dumps(answer), files_two=json.dumps(two), files_one=json.dumps(one),
+         files_none=json.dumps(none), seconds=f"{time.monotonic() - start:.1f}")
+
+
 def run(vmm: subprocess.Popen, start: float) -> None:
     ready = wait_socket(vmm)
     step("ping-loop", seconds=f"{ready:.1f}")
@@ -237,6 +350,32 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     info = json.loads(conn.call("GET", "vm.info").body)
     assert info["state"] == "Created", info
     assert info["config"]["platform"]["num_pci_segments"] == 2 and info["config"]["cpus"]["boot_vcpus"] == 1
+    # Kata's NIC before boot: first a pipe and a wrong queue count (400, the fds closed), then its request
+    subprocess.run(["modprobe", "-a", "tun", "vhost_net"], check=True)
+    tap0, tap1 = lab_tap("pyvmmk0", "192.168.251.1/24"), lab_tap("pyvmmk1", "192.168.252.1/24")
+    nets_start = time.monotonic()
+    base = open_files(vmm.pid)
+    r, w = os.pipe()
+    piped = kata_add_net(KATA_NET, [r])
+    os.close(r)
+    os.close(w)
+    assert piped.status == 400 and "is not a tun/tap queue file" in errors(piped)[-1], piped
+    counted = kata_add_net({**KATA_NET, "num_queues": 4}, [tap0])
+    assert counted.status == 400 and "so num_queues is 2, not 4" in errors(counted)[-1], counted
+    # one queue file of a multi-queue tap sent twice: two fds in pyvmm, one open file (kcmp, under API_VMM)
+    multi = lab_tap("pyvmmk2", None, IFF_MULTI_QUEUE)
+    twice = kata_add_net({**KATA_NET, "num_queues": 4}, [multi, multi])
+    os.close(multi)
+    assert twice.status == 400 and "are the same open file" in errors(twice)[-1], twice
+    assert open_files(vmm.pid) == base, (open_files(vmm.pid), base)
+    added = kata_add_net(KATA_NET, [tap0])
+    assert (added.status, added.body) == (204, b""), added
+    held = open_files(vmm.pid)
+    assert held == {**base, "tun": base["tun"] + 1}, held  # the VMM keeps the tap's queue file
+    info = json.loads(conn.call("GET", "vm.info").body)
+    assert [n["mac"] for n in info["config"]["net"]] == [KATA_NET["mac"]], info
+    step("kata-add-net", refused=f"{piped.status},{counted.status},{twice.status}", added=added.status,
+         files=json.dumps(held), seconds=f"{time.monotonic() - nets_start:.1f}")
     booted = conn.call("PUT", "vm.boot")
     assert booted.status == 204, booted
     info = json.loads(conn.call("GET", "vm.info").body)
@@ -252,6 +391,9 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert wait_for("KATA-GUEST-UP", 300), "the guest did not run its command"
     assert wait_for("(domain 0001 [bus 00])", 60), "the guest has no second PCI segment"
     step("guest-ran", segment1=True)
+    nics(vmm, conn, tap1, {"tun": base["tun"], "vhost": base["vhost"]})
+    for fd in (tap0, tap1):
+        os.close(fd)
     # pause: no guest progress (no TICKs) until resume; then it goes on
     paused = remote("pause")
     assert paused.returncode == 0, paused

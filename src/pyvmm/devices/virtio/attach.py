@@ -179,6 +179,60 @@ def _unplug_and_close(platform: PciPlatform, plugged: list[PciAddress],
             dev.close()
 
 
+def open_net(
+    net: NetConfig,
+    *,
+    name: str,
+    memory: GuestMemory,
+    router: MsiRouter,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds | None,
+) -> VirtioPciDevice:
+    """Open (or create, or adopt from `net.fds`) the NIC's tap, one /dev/vhost-net per queue pair, and put
+    a virtio-net transport over them, not yet plugged; the transport owns them (closing it closes the tap
+    files pyvmm holds, and a tap pyvmm created disappears). Errors name the NIC."""
+    from pyvmm.devices.virtio.net import NetParams, VirtioNet
+    from pyvmm.errors import in_context
+    from pyvmm.host.tap import Tap, TapError, TapSetup
+    from pyvmm.vhost.backend import VhostError
+    from pyvmm.vhost.net import VhostNet
+
+    setup = TapSetup(net.ip, net.mask, net.host_mac, net.mtu)
+    try:
+        if net.fds:  # someone else's tap: only what was asked for explicitly is applied
+            tap = Tap.adopt(net.fds, setup)
+        else:
+            tap = Tap.open(net.tap, net.queue_pairs, setup, TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
+    except TapError as exc:
+        raise in_context(net_label(net), exc) from exc
+    vhosts: list[VhostNet] = []
+    try:
+        offloads = tap.supported_offloads()
+        for _ in range(net.queue_pairs):
+            vhosts.append(VhostNet.open("/dev/vhost-net"))
+        params = NetParams(net.mac, net.queue_pairs, net.queue_size, net.mtu, net.offload_csum,
+                           net.offload_tso, net.offload_ufo)
+        device = VirtioNet(params, tap, vhosts, offloads)
+    except BaseException as exc:
+        for vhost in vhosts:
+            vhost.close()
+        tap.close()
+        if isinstance(exc, (VhostError, TapError)):
+            raise in_context(net_label(net), exc) from exc
+        raise
+    try:
+        vectors = IrqfdMsiVectors(router, irqfds, vector_count(device), name)
+    except BaseException:
+        device.close()
+        raise
+    try:
+        return VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+    except BaseException:
+        device.close()
+        vectors.close()
+        raise
+
+
 def attach_nets(
     nets: Sequence[NetConfig],
     *,
@@ -187,49 +241,18 @@ def attach_nets(
     router: MsiRouter,
     irqfds: Irqfds,
     ioeventfds: Ioeventfds,
-) -> list[VirtioPciDevice]:
-    """Open (or create) every tap, one /dev/vhost-net per queue pair, and plug one virtio-net each. On
-    failure everything attached so far is unplugged and closed (taps pyvmm created disappear)."""
-    from pyvmm.devices.virtio.net import NetParams, VirtioNet
-    from pyvmm.errors import in_context
-    from pyvmm.host.tap import Tap, TapError, TapSetup
-    from pyvmm.vhost.backend import VhostError
-    from pyvmm.vhost.net import VhostNet
-
+) -> list[tuple[VirtioPciDevice, PciAddress]]:
+    """Plug one virtio-net per NIC (open_net); each transport and where it went. On failure everything
+    attached so far is unplugged and closed (taps pyvmm created disappear)."""
     attached: list[VirtioPciDevice] = []
     plugged: list[PciAddress] = []
     try:
         for n, net in enumerate(nets):
-            name = f"virtio-net-{net.id or n}"
-            try:
-                tap = Tap.open(net.tap, net.queue_pairs, TapSetup(net.ip, net.mask, net.host_mac, net.mtu),
-                               TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
-            except TapError as exc:
-                raise in_context(net_label(net), exc) from exc
-            vhosts: list[VhostNet] = []
-            try:
-                offloads = tap.supported_offloads()
-                for _ in range(net.queue_pairs):
-                    vhosts.append(VhostNet.open("/dev/vhost-net"))
-                params = NetParams(net.mac, net.queue_pairs, net.queue_size, net.mtu, net.offload_csum,
-                                   net.offload_tso, net.offload_ufo)
-                device = VirtioNet(params, tap, vhosts, offloads)
-            except BaseException as exc:
-                for vhost in vhosts:
-                    vhost.close()
-                tap.close()
-                if isinstance(exc, (VhostError, TapError)):
-                    raise in_context(net_label(net), exc) from exc
-                raise
-            try:
-                vectors = IrqfdMsiVectors(router, irqfds, vector_count(device), name)
-            except BaseException:
-                device.close()
-                raise
-            dev = VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+            dev = open_net(net, name=f"virtio-net-{net.id or n}", memory=memory, router=router,
+                           irqfds=irqfds, ioeventfds=ioeventfds)
             attached.append(dev)
             plugged.append(platform.attach(dev, net.pci_segment, net.pci_device_id))
     except BaseException:
         _unplug_and_close(platform, plugged, attached)
         raise
-    return attached
+    return list(zip(attached, plugged, strict=True))
