@@ -1219,8 +1219,8 @@ _HELP = {
     "--fs": f"""virtio-fs PCI device served by a vhost-user backend (virtiofsd); each
 CONFIG is one file system, the option may be repeated; needs --memory
 shared=on or hugepages=on (docs/virtio-fs.md):
-  tag=<tag>             what the guest mounts (mount -t virtiofs <tag> <dir>),
-                        1-{VIRTIO_FS_TAG_MAX} bytes (required)
+  tag=<tag>             what the guest mounts (mount -t virtiofs <tag>
+                        <dir>), 1-{VIRTIO_FS_TAG_MAX} bytes (required)
   socket=<path>         the backend's Unix socket (virtiofsd --socket-path=)
                         (required; it must be listening when pyvmm starts)
   num_queues=<n>        request queues, at most boot vCPUs (default {FS_DEFAULT_NUM_QUEUES})

@@ -38,6 +38,8 @@ def test_kata_start_stop_errors_and_remote(lab) -> None:
     stop = dict(item.split("=") for item in steps["kata-stop"].split())
     assert float(stop["exited"]) < KATA_EXIT_SECONDS, steps["kata-stop"]
     assert stop["rc"] == "0"
+    # Kata's virtio-fs (vm.create's fs, memory.shared): the guest mounted it and read the lab's file
+    assert "read=shared-by-the-lab-through-virtiofsd" in steps["kata-fs"], steps
 
 
 # Hot-plug through the API, as Kata drives it (vm.add-device / vm.remove-device), with pyvmm-remote's

@@ -420,3 +420,9 @@ def test_a_killed_virtiofsd_is_seen_as_a_hangup(virtiofsd: tuple[subprocess.Pope
     finally:
         watch.close()
         device.close()
+
+
+def test_qemus_virtiofsd_serves_one_request_queue(virtiofsd: tuple[subprocess.Popen[bytes], Path]) -> None:
+    _proc, sock = virtiofsd
+    with pytest.raises(VhostUserError, match=r"num_queues=2 needs 3 queues .* but the backend serves 2"):
+        VhostUserFs(VhostUserFrontend.connect(str(sock)), VhostUserFsParams("myfs", 2))

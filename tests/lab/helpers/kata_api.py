@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +22,14 @@ from pyvmm.api.client import ApiResponse, read_response
 WORK = Path(sys.argv[1])
 SOCK = WORK / "clh-api.sock"
 LOG = WORK / "pyvmm.log"
-GUEST_CMD = "echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; while true; do echo TICK; sleep 1; done"
+# Kata's shared directory: a virtio-fs on PCI segment 1, served by QEMU's virtiofsd (docs/virtio-fs.md)
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+FS_SOCK = WORK / "virtiofsd.sock"
+FS_NOTE = "shared-by-the-lab-through-virtiofsd"
+GUEST_CMD = (
+    "mkdir -p /mnt; mount -t virtiofs kataShared /mnt && echo KATA-FS=$(cat /mnt/note); "
+    "echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; while true; do echo TICK; sleep 1; done"
+)
 
 
 def go_request(method: str, endpoint: str, body: bytes | None = None) -> bytes:
@@ -90,7 +98,8 @@ def thread_names(pid: int) -> list[str]:
 
 
 def kata_config(**changes: object) -> dict:
-    """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload, no virtio-fs/vsock/net."""
+    """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload, no vsock/net (virtio-fs: the
+    `kata_fs` changes)."""
     config = {
         "payload": {
             "kernel": os.environ["PYVMM_GUEST_KERNEL"],
@@ -124,6 +133,29 @@ def kata_config(**changes: object) -> dict:
     }
     config.update(changes)
     return config
+
+
+def kata_fs() -> dict:
+    """What Kata adds for its shared directory: `memory.shared` and one `fs` on segment 1 (spec §B.2)."""
+    memory = dict(kata_config()["memory"], shared=True)
+    fs = [{"tag": "kataShared", "socket": str(FS_SOCK), "num_queues": 1, "queue_size": 1024, "pci_segment": 1,
+           "iommu": False}]
+    return {"memory": memory, "fs": fs}
+
+
+def start_virtiofsd() -> subprocess.Popen:
+    share = WORK / "share"
+    share.mkdir(exist_ok=True)
+    (share / "note").write_text(FS_NOTE + "\n")
+    log = (WORK / "virtiofsd.log").open("w")
+    proc = subprocess.Popen(
+        [VIRTIOFSD, f"--socket-path={FS_SOCK}", "-o", f"source={share}", "-o", "cache=none"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 30
+    while not FS_SOCK.exists():
+        assert proc.poll() is None and time.monotonic() < end, (WORK / "virtiofsd.log").read_text()
+        time.sleep(0.05)
+    return proc
 
 
 def sd_reader() -> str:
@@ -218,11 +250,15 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     step("unbound-device", status=refused.status, message=json.dumps(message))
 
     # Kata's start: vm.create, vm.info = Created, vm.boot, vm.info = Running
-    created = conn.call("PUT", "vm.create", json.dumps(kata_config()).encode())
+    virtiofsd = start_virtiofsd()
+    created = conn.call("PUT", "vm.create", json.dumps(kata_config(**kata_fs())).encode())
     assert created.status == 204, created
     info = json.loads(conn.call("GET", "vm.info").body)
     assert info["state"] == "Created", info
     assert info["config"]["platform"]["num_pci_segments"] == 2 and info["config"]["cpus"]["boot_vcpus"] == 1
+    shown = info["config"]["fs"]
+    assert [(f["tag"], f["socket"], f["pci_segment"]) for f in shown] == [("kataShared", str(FS_SOCK), 1)], \
+        shown
     booted = conn.call("PUT", "vm.boot")
     assert booted.status == 204, booted
     info = json.loads(conn.call("GET", "vm.info").body)
@@ -236,6 +272,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert remote_info.returncode == 0 and json.loads(remote_info.stdout)["state"] == "Running", remote_info
     assert remote("ping").returncode == 0
     assert wait_for("KATA-GUEST-UP", 300), "the guest did not run its command"
+    assert wait_for(f"KATA-FS={FS_NOTE}", 10), "the guest did not read the shared directory"
     assert wait_for("(domain 0001 [bus 00])", 60), "the guest has no second PCI segment"
     step("guest-ran", segment1=True)
     # pause: no guest progress (no TICKs) until resume; then it goes on
@@ -269,6 +306,9 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert not SOCK.exists()
     step("kata-stop", answered=f"{answered:.2f}", exited=f"{exited:.2f}", rc=rc)
     conn.close()
+    # virtiofsd serves one connection: the VMM gone, it ends too
+    read = re.search(r"^KATA-FS=(\S*)", LOG.read_text(errors="replace"), re.MULTILINE)
+    step("kata-fs", read=read.group(1) if read else "nothing", virtiofsd_rc=virtiofsd.wait(timeout=30))
 
 
 if __name__ == "__main__":
