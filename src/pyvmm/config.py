@@ -201,6 +201,16 @@ class DiskConfig:
         """How messages name this disk: `--disk path=IMAGE` or `--disk socket=PATH`."""
         return f"--disk socket={self.socket}" if self.vhost_user else f"--disk path={self.path}"
 
+    @property
+    def data_path(self) -> str:
+        """Who serves the guest's requests (said by `-v`: docs/virtio-blk.md#who-serves-a-disk)."""
+        queues = f"{self.num_queues} queue(s) of {self.queue_size}"
+        if self.vhost_user:
+            return f"the vhost-user backend on {self.socket} ({queues}; pyvmm sees no request)"
+        mode = "O_DIRECT" if self.direct else "through the page cache"
+        mode += ", read-only" if self.readonly else ""
+        return f"pyvmm's in-process worker, one Python thread for the device ({queues}, {mode})"
+
 
 @dataclass(frozen=True)
 class NetConfig:

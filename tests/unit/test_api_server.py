@@ -246,3 +246,21 @@ def test_device_names_as_ch_gives_them() -> None:
 def test_server_thread_is_named_for_proc(api) -> None:
     comms = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
     assert "http-server" in comms
+
+
+def test_remove_device_before_boot_edits_the_config(api) -> None:
+    """Not booted, vm.remove-device takes the device with that id out of the stored config (as CH does);
+    an id the config does not have, or no config at all, is a 500 with a message."""
+    path, _ = api
+    disks = [{"path": "/nonexistent/a.img", "id": "data"}, {"path": "/nonexistent/b.img"}]
+    config = dict(CONFIG, disks=disks)
+    with ApiClient(path) as c:
+        early = c.request("PUT", "vm.remove-device", b'{"id": "data"}')
+        assert early.status == 500 and "not created" in _json(early)[-1]
+        assert c.request("PUT", "vm.create", json.dumps(config).encode()).status == 204
+        assert c.request("PUT", "vm.remove-device", b'{"id": "data"}').status == 204
+        disks = _json(c.request("GET", "vm.info"))["config"]["disks"]
+        assert [d["path"] for d in disks] == ["/nonexistent/b.img"]
+        again = c.request("PUT", "vm.remove-device", b'{"id": "data"}')
+        assert again.status == 500 and "'data'" in _json(again)[-1]
+        assert c.request("GET", "vmm.ping").status == 200

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pyvmm.api.http import Request, Response, error_response
 from pyvmm.config import DiskConfig, VmConfig, check_paths
@@ -222,7 +223,24 @@ class ApiVmm:
     def shutdown(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not shutdown", NOT_RUNNING)
+        # What vm.boot boots next: the VM as it was, hot-plugged devices in, ejected ones out (as in CH).
+        self.config = self.current_config()
         self._stop_vm()
+
+    def remove_from_config(self, ident: str) -> None:
+        """vm.remove-device before boot: the device with that id leaves the stored config, as in CH (only
+        ids in the config count: ones the user gave, or ones a VM that ran filled in)."""
+        context = "The device could not be removed from the VM"
+        if self.config is None:
+            raise ApiCallError(500, context, NOT_CREATED)
+        changes: dict[str, Any] = {}
+        for item in dataclasses.fields(self.config):
+            value = getattr(self.config, item.name)
+            if isinstance(value, tuple) and any(getattr(v, "id", None) == ident for v in value):
+                changes[item.name] = tuple(v for v in value if getattr(v, "id", None) != ident)
+        if not changes:
+            raise ApiCallError(500, context, f"no device with id {ident!r} in the VM's configuration")
+        self.config = dataclasses.replace(self.config, **changes)
 
     def current_config(self) -> VmConfig | None:
         """The stored config with its disks and devices as the running VM has them: boot-time ones the

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ FS_SOCK = WORK / "virtiofsd.sock"
 FS_NOTE = "shared-by-the-lab-through-virtiofsd"
 GUEST_CMD = (
     "mkdir -p /mnt; mount -t virtiofs kataShared /mnt && echo KATA-FS=$(cat /mnt/note); "
-    "echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; while true; do echo TICK; sleep 1; done"
+    "echo KATA-GUEST-UP disks=$(ls /sys/block | grep -c vd); dmesg | grep 'PCI Root Bridge'; "
+    "while true; do echo TICK; sleep 1; done"
 )
 
 
@@ -84,6 +86,17 @@ def wait_for(text: str, seconds: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def wait_count(text: str, count: int, seconds: float) -> list[str]:
+    """Wait until the guest's log has `count` lines starting with `text` (the kernel echoes its command
+    line, which holds it too); those lines."""
+    end = time.monotonic() + seconds
+    while True:
+        lines = [line for line in LOG.read_text(errors="replace").splitlines() if line.startswith(text)]
+        if len(lines) >= count or time.monotonic() > end:
+            return lines
+        time.sleep(0.2)
 
 
 def thread_names(pid: int) -> list[str]:
@@ -143,19 +156,47 @@ def kata_fs() -> dict:
     return {"memory": memory, "fs": fs}
 
 
-def start_virtiofsd() -> subprocess.Popen:
-    share = WORK / "share"
-    share.mkdir(exist_ok=True)
-    (share / "note").write_text(FS_NOTE + "\n")
-    log = (WORK / "virtiofsd.log").open("w")
-    proc = subprocess.Popen(
-        [VIRTIOFSD, f"--socket-path={FS_SOCK}", "-o", f"source={share}", "-o", "cache=none"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    end = time.monotonic() + 30
-    while not FS_SOCK.exists():
-        assert proc.poll() is None and time.monotonic() < end, (WORK / "virtiofsd.log").read_text()
-        time.sleep(0.05)
-    return proc
+class Virtiofsd:
+    """virtiofsd for every boot of the VM: QEMU's serves one connection and exits, and holds a lock on its
+    socket path while it runs. So the socket is this object's, kept listening, and a new virtiofsd takes it
+    (`--fd=`) each time the last one has ended: a VM booted again (vm.reboot, vm.shutdown + vm.boot)
+    connects at once and is served as soon as the next one accepts (docs/virtio-fs.md)."""
+
+    def __init__(self) -> None:
+        self.share = WORK / "share"
+        self.share.mkdir(exist_ok=True)
+        (self.share / "note").write_text(FS_NOTE + "\n")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(FS_SOCK))
+        self.listener.listen(4)
+        self.log = (WORK / "virtiofsd.log").open("w")
+        self.served: list[int] = []  # exit status of each virtiofsd that has ended
+        self.stopping = False
+        self.proc: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        fd = self.listener.fileno()
+        while not self.stopping:
+            self.proc = subprocess.Popen(
+                [VIRTIOFSD, f"--fd={fd}", "-o", f"source={self.share}", "-o", "cache=none"],
+                pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+            self.served.append(self.proc.wait())
+
+    def close(self, boots: int) -> list[int]:
+        """Stop serving once `boots` virtiofsd have ended (their VMs gone); their exit statuses."""
+        end = time.monotonic() + 30
+        while len(self.served) < boots and time.monotonic() < end:
+            time.sleep(0.1)
+        self.stopping = True
+        while self.thread.is_alive():  # the next one waits for a connection that will not come
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+            self.thread.join(0.2)
+        self.listener.close()
+        return self.served[:boots]
 
 
 def sd_reader() -> str:
@@ -250,7 +291,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     step("unbound-device", status=refused.status, message=json.dumps(message))
 
     # Kata's start: vm.create, vm.info = Created, vm.boot, vm.info = Running
-    virtiofsd = start_virtiofsd()
+    virtiofsd = Virtiofsd()
     created = conn.call("PUT", "vm.create", json.dumps(kata_config(**kata_fs())).encode())
     assert created.status == 204, created
     info = json.loads(conn.call("GET", "vm.info").body)
@@ -295,6 +336,27 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     again = conn.call("PUT", "vm.boot")
     assert again.status == 500 and json.loads(conn.call("GET", "vm.info").body)["state"] == "Running"
 
+    # vm.reboot, then vm.shutdown and vm.boot: each boots the VM as it was, a disk hot-plugged before them
+    # included (the guest sees it at boot: virtio_blk loaded by modalias, /sys/block/vda), as in CH
+    image = WORK / "kdisk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    plugged = conn.call("PUT", "vm.add-disk", json.dumps({"path": str(image), "id": "kdisk"}).encode())
+    assert plugged.status == 200 and json.loads(plugged.body)["id"] == "kdisk", plugged
+    rebooted = conn.call("PUT", "vm.reboot")
+    assert rebooted.status == 204, rebooted
+    ups = wait_count("KATA-GUEST-UP", 2, 300)
+    assert ups[1:] == ["KATA-GUEST-UP disks=1"], ups
+    assert json.loads(conn.call("GET", "vm.info").body)["state"] == "Running"
+    shut = conn.call("PUT", "vm.shutdown")
+    assert shut.status == 204, shut
+    info = json.loads(conn.call("GET", "vm.info").body)
+    assert info["state"] == "Created" and [d["id"] for d in info["config"]["disks"]] == ["kdisk"], info
+    assert conn.call("PUT", "vm.boot").status == 204
+    ups = wait_count("KATA-GUEST-UP", 3, 300)
+    assert ups[2:] == ["KATA-GUEST-UP disks=1"], ups
+    assert "vcpu0" in thread_names(vmm.pid)
+    step("reboot", boots=len(ups), disks_at_boot=ups[-1].split("=")[-1])
+
     # Kata's stop: vmm.shutdown (3 s context), then the process must be gone within 3 s
     sent = time.monotonic()
     down = conn.call("PUT", "vmm.shutdown")
@@ -306,9 +368,10 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert not SOCK.exists()
     step("kata-stop", answered=f"{answered:.2f}", exited=f"{exited:.2f}", rc=rc)
     conn.close()
-    # virtiofsd serves one connection: the VMM gone, it ends too
-    read = re.search(r"^KATA-FS=(\S*)", LOG.read_text(errors="replace"), re.MULTILINE)
-    step("kata-fs", read=read.group(1) if read else "nothing", virtiofsd_rc=virtiofsd.wait(timeout=30))
+    # every boot of the VM (start, vm.reboot, vm.shutdown + vm.boot) mounted the directory and read the file
+    reads = re.findall(r"^KATA-FS=(\S*)", LOG.read_text(errors="replace"), re.MULTILINE)
+    served = virtiofsd.close(boots=len(ups))
+    step("kata-fs", reads=",".join(reads) or "none", served=",".join(map(str, served)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Kept here so the VM builder only calls `attach_disks` / `attach_virtio` and clos
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,8 @@ from pyvmm.pci.platform import PciAddress, PciPlatform
 
 if TYPE_CHECKING:
     from pyvmm.vhost.user import VhostUserFrontend
+
+log = logging.getLogger("pyvmm")
 
 
 def uses_64bit_bar(segment: int, hotplug: bool = False) -> bool:
@@ -92,6 +95,7 @@ def open_disk(
     vhost-user backend (VhostUserError), and put a virtio-blk transport over it, not yet plugged; the
     transport owns the image or the connection."""
     blk: VirtioDevice
+    log.info("%s: served by %s", disk.label, disk.data_path)
     if disk.vhost_user:
         blk = _open_vhost_user(disk, memory)
     else:
@@ -149,6 +153,8 @@ def open_fs(fs: FsConfig, *, name: str, memory: GuestMemory, router: MsiRouter, 
     from pyvmm.errors import in_context
     from pyvmm.vhost.user import VhostUserError
 
+    log.info("%s: served by the vhost-user backend on %s (%d request queue(s) of %d; pyvmm sees no request)",
+             fs.label, fs.socket, fs.num_queues, fs.queue_size)
     try:
         frontend = _connect_vhost_user(fs.socket, memory)
     except VhostUserError as exc:
