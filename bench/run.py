@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if a.smoke else FULL
     initramfs = guest_build.build()
     helpers = guest_build.bench_dir()
-    per_rep = 200 if a.smoke else 360
+    per_rep = (200 if a.smoke else 360) + (60 if a.smoke else 160) * bool({"net", "vhost"} & set(parts))
     timeout = 600 + per_rep * a.reps
     command = [
         sys.executable,
