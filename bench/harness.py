@@ -2,7 +2,9 @@
 disk image and NVMe drive, interleaved, timed by the lab's clock as console lines arrive.
 
 Per repetition: three boots (pyvmm, QEMU q35, QEMU microvm), a virtio-blk run per VMM (I/O, then the
-guest idles while the VMM's CPU time and memory are read from /proc), the NVMe drive measured on the
+guest idles while the VMM's CPU time and memory are read from /proc), a data-plane run per VMM (network
+rows against the lab on a vhost-net NIC, then the virtio-blk workload on a vhost-user-blk disk served by
+qemu-storage-daemon), the NVMe drive measured on the
 lab's own nvme driver, then bound to vfio-pci and a passthrough run per VMM (NVMe I/O, then trapped
 config-space reads and MSI-X table writes), then the drive back on its driver. The order of the VMMs
 alternates between repetitions. The last output line is `BENCH-JSON {...}` with every sample."""
