@@ -110,7 +110,8 @@ def test_report_markdown_without_png(tmp_path, monkeypatch) -> None:
     samples = {m.key: {v: [1.0 + i for i in range(3)] for v in m.vmms} for m in an.METRICS}
     samples["boot_init"][an.PYVMM] = [1.0, 1.0, 1.0]
     samples["boot_init"][an.QEMU_Q35] = [4.0, 4.0, 4.0]
-    data = {"samples": samples, "reps": 3, "date": "2026-01-01T00:00:00Z", "errors": ["one failed"]}
+    data = {"samples": samples, "reps": 3, "date": "2026-01-01T00:00:00Z", "errors": ["one failed"],
+            "note": "a busy host"}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     monkeypatch.setattr(report, "chart", lambda data, png: False)
@@ -121,6 +122,7 @@ def test_report_markdown_without_png(tmp_path, monkeypatch) -> None:
     assert "0.25x" in row and "≤ 0.5x QEMU q35 ✅" in row
     assert "**2.00** (1.00-3.00)" in text
     assert "- one failed" in text and ".png" not in text
+    assert "**Note**: a busy host" in text
 
 
 def test_kernel_log_stamp() -> None:
