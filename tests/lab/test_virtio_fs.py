@@ -2,10 +2,11 @@
 
 virtiofsd shares a lab directory holding a 1 MiB file of random bytes; a guest with `--memory
 size=512M,shared=on --fs tag=myfs,socket=...` mounts `-t virtiofs myfs /mnt`, hashes the file (SHA-256
-against the lab's), writes a file the lab then finds in the directory with the guest's content, unmounts,
-unbinds and binds the virtio-fs driver again (a device reset: the rings come back from virtiofsd, then a new
-setup) and mounts and hashes once more. Then the lab kills virtiofsd while the guest goes on reading:
-pyvmm stops the VM with one line naming the `--fs` device and exit status 1, within seconds.
+against the lab's) and writes a file the lab then finds in the directory with the guest's content. A second
+`--fs` (tag other, its own virtiofsd and directory) is mounted beside it and read. The guest unmounts both,
+unbinds and binds their driver again (device resets: the rings come back from virtiofsd, then a new setup),
+mounts myfs and hashes once more. Then the lab kills myfs's virtiofsd while the guest goes on reading: pyvmm
+stops the VM with one line naming that `--fs` device and exit status 1, within seconds.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ GUEST = (
     "mkdir -p /mnt; mount -t virtiofs myfs /mnt && echo MOUNTED; "
     "echo GUEST-SHA=$(sha256sum /mnt/blob | cut -d' ' -f1); "
     f"echo {NOTE} > /mnt/from-guest && sync && echo WRITE-DONE; "
-    # the device reset: unmounted, the driver unbound (reset) and bound again (a new setup of the rings)
-    "umount /mnt; v=$(basename $(readlink -f /sys/bus/virtio/drivers/virtiofs/virtio*)); "
-    "echo $v > /sys/bus/virtio/drivers/virtiofs/unbind; echo $v > /sys/bus/virtio/drivers/virtiofs/bind; "
+    "mkdir -p /other; mount -t virtiofs other /other && echo OTHER=$(cat /other/note); "
+    # the device resets: both unmounted, their driver unbound (reset) and bound again (a new setup)
+    "umount /mnt /other; d=/sys/bus/virtio/drivers/virtiofs; "
+    "for v in $d/virtio*; do v=$(basename $v); echo $v > $d/unbind; echo $v > $d/bind; done; "
     "mount -t virtiofs myfs /mnt && echo REMOUNTED; "
     "echo GUEST-SHA2=$(sha256sum /mnt/blob | cut -d' ' -f1); echo SECOND-DONE; "
     # reads go on, uncached (cache=none), until the VM stops under them
@@ -33,7 +35,7 @@ GUEST = (
 
 SCRIPT = lab_script(
     r"""
-VFSD=/usr/lib/qemu/virtiofsd; SHARE=$TMPDIR/share; SOCK=$TMPDIR/fs.sock
+VFSD=/usr/lib/qemu/virtiofsd; SHARE=$TMPDIR/share; SOCK=$TMPDIR/fs.sock; OTHER=$TMPDIR/other
 wait_log() {  # wait_log FILE PATTERN SECONDS
   i=0; while ! grep -q "$2" "$1" && [ $i -lt $(($3 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
 }
@@ -46,16 +48,19 @@ mkdir -p $SHARE; head -c 1048576 /dev/urandom > $SHARE/blob
 echo "want-sha=$(sha256sum $SHARE/blob | cut -d' ' -f1)"
 $VFSD --socket-path=$SOCK -o source=$SHARE -o cache=none > $TMPDIR/vfsd.log 2>&1 &
 vfsd=$!
-i=0; while [ ! -S $SOCK ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+mkdir -p $OTHER; echo the-other-share > $OTHER/note
+$VFSD --socket-path=$TMPDIR/other.sock -o source=$OTHER -o cache=none > $TMPDIR/other.log 2>&1 &
+i=0; while [ ! -S $SOCK ] || [ ! -S $TMPDIR/other.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 start=$(date +%s.%N)
 pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --cpus boot=1 --serial tty \
-  --console off --memory size=512M,shared=on --fs tag=myfs,socket=$SOCK \
+  --console off --memory size=512M,shared=on --fs tag=myfs,socket=$SOCK tag=other,socket=$TMPDIR/other.sock \
   --cmdline "console=ttyS0 quiet pyvmm.cmd=\"$(cat $TMPDIR/guest_cmd)\"" </dev/null \
   > $TMPDIR/guest.out 2> $TMPDIR/guest.err &
 pv=$!
 wait_log $TMPDIR/guest.out SECOND-DONE 600
 echo "guest-seconds=$(echo "$(date +%s.%N) $start" | awk '{printf "%.1f", $1 - $2}')"
-grep -e '^MOUNTED' -e '^GUEST-SHA' -e '^WRITE-DONE' -e '^REMOUNTED' -e '^SECOND-DONE' $TMPDIR/guest.out
+grep -e '^MOUNTED' -e '^GUEST-SHA' -e '^WRITE-DONE' -e '^OTHER=' -e '^REMOUNTED' -e '^SECOND-DONE' \
+  $TMPDIR/guest.out
 echo "lab-sees=$(cat $SHARE/from-guest 2>/dev/null)"
 sleep 1  # the guest's reads go on
 kill -KILL $vfsd; killed=$(date +%s.%N)
@@ -98,10 +103,11 @@ def test_virtio_fs_read_write_reset_and_a_killed_virtiofsd(lab) -> None:
     assert _value(boot, "GUEST-SHA") == _value(boot, "want-sha"), boot  # every byte read right
     assert re.search(r"^WRITE-DONE", boot, re.MULTILINE), boot
     assert _value(boot, "lab-sees") == NOTE, boot  # the guest's file is in the shared directory
+    assert _value(boot, "OTHER") == "the-other-share", boot  # the second --fs beside the first
     assert re.search(r"^REMOUNTED", boot, re.MULTILINE), proc.stdout  # reset, set up again, mounted
     assert _value(boot, "GUEST-SHA2") == _value(boot, "want-sha"), boot
 
-    # virtiofsd killed under a running guest: the VM stops, one line naming the --fs device, exit status 1
+    # the first virtiofsd killed under a running guest: the VM stops, one line naming that --fs, exit status 1
     assert "pyvmm=ended" in boot and "rc=1" in boot, boot
     assert float(_value(boot, "stop-seconds")) < 15, boot
     errors = _errors(boot)
