@@ -42,6 +42,7 @@ NET_CMD = (
 # Kata's shared directory: a virtio-fs on PCI segment 1, served by QEMU's virtiofsd (docs/virtio-fs.md)
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 FS_SOCK = WORK / "virtiofsd.sock"
+VSOCK = WORK / "clh.sock"  # the agent's hybrid vsock (docs/vsock.md)
 FS_NOTE = "shared-by-the-lab-through-virtiofsd"
 # disks=: how many virtio-blk disks the guest found at boot (the reboot steps); on a boot after the NICs'
 # removal the NIC part finds no eth0 and waits for eth1 in vain, which costs that guest nothing it is asked.
@@ -188,8 +189,8 @@ def thread_names(pid: int) -> list[str]:
 
 
 def kata_config(**changes: object) -> dict:
-    """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload, no vsock/net (virtio-fs: the
-    `kata_fs` changes)."""
+    """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload (virtio-fs and the agent's vsock:
+    the `kata_fs` and `kata_vsock` changes; its NICs come by vm.add-net)."""
     config = {
         "payload": {
             "kernel": os.environ["PYVMM_GUEST_KERNEL"],
@@ -231,6 +232,11 @@ def kata_fs() -> dict:
     fs = [{"tag": "kataShared", "socket": str(FS_SOCK), "num_queues": 1, "queue_size": 1024, "pci_segment": 1,
            "iommu": False}]
     return {"memory": memory, "fs": fs}
+
+
+def kata_vsock() -> dict:
+    """Kata's agent channel: a hybrid vsock, cid 3, on the sandbox's clh.sock (spec §B.2)."""
+    return {"vsock": {"cid": 3, "socket": str(VSOCK), "iommu": False}}
 
 
 class Virtiofsd:
@@ -405,11 +411,13 @@ def run(vmm: subprocess.Popen, start: float) -> None:
 
     # Kata's start: vm.create, vm.info = Created, vm.boot, vm.info = Running
     virtiofsd = Virtiofsd()
-    created = conn.call("PUT", "vm.create", json.dumps(kata_config(**kata_fs())).encode())
+    created = conn.call("PUT", "vm.create", json.dumps(kata_config(**kata_fs(), **kata_vsock())).encode())
     assert created.status == 204, created
     info = json.loads(conn.call("GET", "vm.info").body)
     assert info["state"] == "Created", info
     assert info["config"]["platform"]["num_pci_segments"] == 2 and info["config"]["cpus"]["boot_vcpus"] == 1
+    vsock = info["config"]["vsock"]
+    assert (vsock["cid"], vsock["socket"]) == (3, str(VSOCK)), vsock
     shown = info["config"]["fs"]
     assert [(f["tag"], f["socket"], f["pci_segment"]) for f in shown] == [("kataShared", str(FS_SOCK), 1)], \
         shown
@@ -447,6 +455,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert bdfs.get("__rng", "").startswith("0000:00:"), bdfs
     comms = thread_names(vmm.pid)
     assert "vcpu0" in comms and "http-server" in comms, comms
+    assert VSOCK.is_socket(), "no listener on the vsock's socket"  # where Kata's runtime reaches its agent
     step("kata-start", state=info["state"], bdfs=json.dumps(bdfs), threads=",".join(comms))
     remote_info = remote("info")
     assert remote_info.returncode == 0 and json.loads(remote_info.stdout)["state"] == "Running", remote_info
