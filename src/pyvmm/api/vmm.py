@@ -258,6 +258,9 @@ class ApiVmm:
     def shutdown(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not shutdown", NOT_RUNNING)
+        # the config keeps what the VM had (as for vm.reboot): a NIC the guest ejected, whose tap fds are
+        # closed already, must not come back at the next vm.boot
+        self.set_config(self.current_config())
         self._stop_vm()
 
     def current_config(self) -> VmConfig | None:
