@@ -2,7 +2,9 @@
 disk image and NVMe drive, interleaved, timed by the lab's clock as console lines arrive.
 
 Per repetition: three boots (pyvmm, QEMU q35, QEMU microvm), a virtio-blk run per VMM (I/O, then the
-guest idles while the VMM's CPU time and memory are read from /proc), the NVMe drive measured on the
+guest idles while the VMM's CPU time and memory are read from /proc), a data-plane run per VMM (network
+rows against the lab on a vhost-net NIC, then the virtio-blk workload on a vhost-user-blk disk served by
+qemu-storage-daemon), the NVMe drive measured on the
 lab's own nvme driver, then bound to vfio-pci and a passthrough run per VMM (NVMe I/O, then trapped
 config-space reads and MSI-X table writes), then the drive back on its driver. The order of the VMMs
 alternates between repetitions. The last output line is `BENCH-JSON {...}` with every sample."""
@@ -35,6 +37,27 @@ VIRTIO_TAGS = {
     "blk-rand32": "blk_randread_qd32",
 }
 
+# the same workload on a vhost-user-blk disk (guest/virtio.sh again, on the daemon's disk)
+VHOST_TAGS = {tag: "vu_" + key.removeprefix("blk_") for tag, key in VIRTIO_TAGS.items()}
+# bench-net's modes (guest/bench-net.c) and their metric keys, in the order they are measured
+NET_MODES = {"T": "net_guest_to_lab", "R": "net_lab_to_guest", "P": "net_rr"}
+
+# The network rows' tap, inside the lab only: the lab is 192.168.249.1 on it, the guest .2 (no route
+# leads anywhere else). One persistent tap that both VMMs open in turn, with the same guest MAC, so each
+# sees the same interface and the lab's neighbour entry stays right.
+TAP = "benchtap0"
+LAB_IP = "192.168.249.1"
+GUEST_IP = "192.168.249.2"
+NET_MASK = "255.255.255.0"
+NET_PORT = 5201
+GUEST_MAC = "52:54:00:62:65:01"
+
+# qemu-storage-daemon as docs/virtio-blk.md found fastest in the lab: an iothread that polls for 400 us,
+# and io_uring; through the lab's page cache (no cache.direct), as the default --disk and QEMU's
+# virtio-blk-pci are.
+QSD_IOTHREAD = "iothread,id=iot0,poll-max-ns=400000"
+QSD_AIO = "io_uring"
+
 NVME_BDF = "0000:00:03.0"  # the lab's only device (pyvmm-lab run --devices nvme)
 GUEST_RAM = 512 << 20
 # hugepages: bench-io's BENCH_IO_BUFFER=huge|pages buffers, which fix how many segments a request has
@@ -47,7 +70,8 @@ CMDLINE = "console=ttyS0 quiet panic=-1 hugepages=4"
 # so it runs normally there.
 STALL_IN_REP = int(os.environ.get("PYVMM_BENCH_STALL_IN_REP", "0"))
 
-PARTS = frozenset({"boot", "virtio", "passthrough"})  # passthrough includes the lab-native and trap runs
+# passthrough includes the lab-native and trap runs; net and vhost share one boot per VMM when both run
+PARTS = frozenset({"boot", "virtio", "vhost", "net", "passthrough"})
 
 
 @dataclass
@@ -188,7 +212,17 @@ def show_kernel_log(levels: str = "emerg,alert,crit,err,warn") -> None:
 
 
 # -- the VMM command lines -------------------------------------------------------------------------------
-def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | None = None) -> list[str]:
+def pyvmm_argv(
+    s: Settings,
+    cmd: str,
+    disk: str | None = None,
+    device: str | None = None,
+    shared: bool = False,
+    net: bool = False,
+    vhost_socket: str | None = None,
+) -> list[str]:
+    """`shared`: guest RAM in a memfd (what vhost-user needs); `net`: a NIC on TAP; `vhost_socket`: a
+    vhost-user-blk disk served there."""
     argv = [
         "pyvmm",
         "--kernel",
@@ -198,7 +232,7 @@ def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | Non
         "--cpus",
         "boot=1",
         "--memory",
-        f"size={GUEST_RAM >> 20}M",
+        f"size={GUEST_RAM >> 20}M" + (",shared=on" if shared else ""),
         "--serial",
         "tty",
         "--console",
@@ -208,19 +242,31 @@ def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | Non
     ]
     if disk:
         argv += ["--disk", f"path={disk}"]
+    if vhost_socket:
+        argv += ["--disk", f"vhost_user=on,socket={vhost_socket}"]
+    if net:
+        argv += ["--net", f"tap={TAP},ip={LAB_IP},mask={NET_MASK},mac={GUEST_MAC}"]
     if device:
         argv += ["--device", f"path=/sys/bus/pci/devices/{device}/"]
     return argv
 
 
 def qemu_argv(
-    s: Settings, cmd: str, machine: str = "q35", disk: str | None = None, device: str | None = None
+    s: Settings,
+    cmd: str,
+    machine: str = "q35",
+    disk: str | None = None,
+    device: str | None = None,
+    shared: bool = False,
+    net: bool = False,
+    vhost_socket: str | None = None,
 ) -> list[str]:
+    """As pyvmm_argv; `shared` is a memfd memory backend with share=on, as vhost-user-blk-pci needs."""
     argv = [
         "qemu-system-x86_64",
         "-enable-kvm",
         "-M",
-        machine,
+        machine + (",memory-backend=mem0" if shared else ""),
         "-cpu",
         "host",
         "-m",
@@ -244,6 +290,22 @@ def qemu_argv(
     argv += ["-device", "virtio-rng-device" if machine == "microvm" else "virtio-rng-pci"]
     if disk:
         argv += ["-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0"]
+    if shared:
+        argv += ["-object", f"memory-backend-memfd,id=mem0,size={GUEST_RAM >> 20}M,share=on"]
+    if vhost_socket:
+        argv += [
+            "-chardev",
+            f"socket,id=vu0,path={vhost_socket}",
+            "-device",
+            "vhost-user-blk-pci,chardev=vu0,num-queues=1",
+        ]
+    if net:
+        argv += [
+            "-netdev",
+            f"tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=on",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",  # no iPXE: the guest boots its kernel
+        ]
     if device:
         argv += ["-device", f"vfio-pci,host={device}"]
     return argv
@@ -368,6 +430,115 @@ class Bench:
             f"VmHWM {p['hwm_kib'] / 1024:.0f} MiB - guest RAM {p['ram_kib'] / 1024:.0f} MiB = {rss:.0f} MiB"
         )
 
+    # network and vhost-user-blk: the data planes pyvmm hands to the kernel (vhost-net) or to a daemon
+    def dataplane(self, vmm: str, rep: int, disk: str) -> None:
+        """One boot per VMM for the net and vhost parts (whichever run): the guest serves the lab's network
+        measurements first (guest/net.sh), then runs the virtio-blk workload on its vhost-user disk. Both
+        VMMs' guests have their RAM in a shared memfd, which vhost-user needs."""
+        net, vhost = "net" in self.s.only, "vhost" in self.s.only
+        secs = f"{self.s.io_seconds:g}"
+        steps = []
+        if net:
+            serve_for = int(120 + 3 * self.s.io_seconds)  # the guest's server gives up after this
+            steps.append(f"sh /bench/net.sh {GUEST_IP}/24 {LAB_IP} {NET_PORT} {serve_for}")
+        if vhost:
+            steps.append(f"sh /bench/virtio.sh {self.s.span} {secs} 0")
+        label = f"rep {rep} {'+'.join(p for p, on in (('net', net), ('vhost-user-blk', vhost)) if on)} {vmm}"
+        sock = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-vu.sock")
+        daemon = None
+        if vhost:
+            daemon = self.start_daemon(label, disk, sock)
+            if daemon is None:
+                return
+        cmd = " && ".join(steps)
+        socket = sock if vhost else None
+        argv = (
+            pyvmm_argv(self.s, cmd, shared=True, net=net, vhost_socket=socket)
+            if vmm == an.PYVMM
+            else qemu_argv(self.s, cmd, shared=True, net=net, vhost_socket=socket)
+        )
+        lab_side = NetClient(Path(self.s.helpers) / "bench-net", self.s.io_seconds) if net else None
+        try:
+            result = self.run(label, argv, probe=lab_side.probe if lab_side else None)
+        finally:
+            if daemon is not None:
+                self.stop_daemon(daemon)
+        spans = self._guest_spans(label, result)
+        if lab_side is not None:
+            lab_side.join()
+            for error in lab_side.errors:
+                self.fail(label, None, f"lab side of the network rows: {error}")
+            if spans is not None:
+                self._net(label, vmm, lab_side.stats)
+        if vhost and spans is not None:
+            self._io(label, vmm, spans, VHOST_TAGS)
+
+    def _net(self, label: str, vmm: str, stats: dict[str, dict[str, int]]) -> None:
+        parts = []
+        for mode, key in NET_MODES.items():
+            st = stats.get(mode)
+            if not st or not st.get("ns") or not st.get("ios"):
+                self.fail(label, None, f"no complete {key} measurement")
+                continue
+            seconds = st["ns"] / 1e9
+            unit = an.METRICS_BY_KEY[key].unit
+            value = st["bytes"] / seconds / 1e6 if unit == "MB/s" else st["ios"] / seconds
+            self.add(key, vmm, value)
+            parts.append(f"{key} {value:,.1f} {unit}")
+        say(f"{label}: " + ", ".join(parts))
+
+    def start_daemon(self, label: str, disk: str, sock: str) -> subprocess.Popen[bytes] | None:
+        """qemu-storage-daemon serving `disk` on `sock` (a fresh one for each VMM's run), once listening."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        log = open(sock + ".log", "wb")  # noqa: SIM115 - the daemon writes it; closed with the process
+        daemon = subprocess.Popen(
+            [
+                "qemu-storage-daemon",
+                "--object",
+                QSD_IOTHREAD,
+                "--blockdev",
+                f"driver=file,node-name=disk0,filename={disk},aio={QSD_AIO}",
+                "--export",
+                "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues=1,iothread=iot0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait_for(lambda: os.path.exists(sock) or daemon.poll() is not None, 30) and daemon.poll() is None:
+            return daemon
+        daemon.kill()
+        daemon.wait()
+        tail = Path(sock + ".log").read_text(errors="replace")[-500:]
+        self.fail(label, None, f"qemu-storage-daemon did not listen on {sock}: {tail}")
+        return None
+
+    def stop_daemon(self, daemon: subprocess.Popen[bytes]) -> None:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+    def setup_tap(self) -> bool:
+        """The persistent tap both VMMs open, configured once: the lab's address on it, up."""
+        steps = [
+            ["modprobe", "-a", "tun", "vhost_net"],
+            ["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"],
+            ["ip", "addr", "add", f"{LAB_IP}/24", "dev", TAP],
+            ["ip", "link", "set", TAP, "up"],
+        ]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode != 0:
+                self.fail(" ".join(step), None, (proc.stderr or proc.stdout).strip())
+                return False
+        return True
+
     # NVMe on the lab's own driver: the ceiling
     def native(self, rep: int) -> None:
         label = f"rep {rep} nvme {an.NATIVE}"
@@ -447,6 +618,8 @@ class Bench:
         s = self.s
         disk = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-disk.raw")
         shutil.copyfile(s.disk, disk)
+        if "net" in s.only and not self.setup_tap():
+            s.only = s.only - {"net"}  # the failure is recorded; the other parts go on
         last = s.first_rep + s.reps - 1
         for rep in range(s.first_rep, last + 1):
             say(f"== repetition {rep}/{last}")
@@ -470,6 +643,9 @@ class Bench:
         if "virtio" in s.only:
             for vmm in pair:
                 self.virtio(vmm, rep, disk)
+        if s.only & {"net", "vhost"}:
+            for vmm in pair:
+                self.dataplane(vmm, rep, disk)
         if "passthrough" not in s.only:
             return
         self.native(rep)
@@ -488,6 +664,48 @@ class Bench:
             "runs": self.timings,
             "reps_done": self.reps_done,
         }
+
+
+class NetClient:
+    """The lab's side of the network rows: when the guest says `BENCH net READY`, a thread runs bench-net
+    against it once per mode (guest/bench-net.c), each for `seconds` of the lab's clock, then tells the
+    guest's server to quit. `stats` has each mode's `STATS` figures."""
+
+    def __init__(self, binary: Path, seconds: float) -> None:
+        self.binary = binary
+        self.seconds = seconds
+        self.stats: dict[str, dict[str, int]] = {}
+        self.errors: list[str] = []
+        self.thread: threading.Thread | None = None
+
+    def probe(self, pid: int, line: str, probes: dict[str, float]) -> None:
+        if "BENCH net READY" in line and self.thread is None:
+            self.thread = threading.Thread(target=self._measure, name="bench-net", daemon=True)
+            self.thread.start()
+
+    def _bench_net(self, mode: str) -> str:
+        tag = f"net-{mode}"
+        argv = [str(self.binary), tag, GUEST_IP, str(NET_PORT), mode, f"{self.seconds:g}"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.seconds + 60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[1:])}: {(proc.stdout + proc.stderr).strip()}")
+        return proc.stdout
+
+    def _measure(self) -> None:
+        try:
+            for mode in NET_MODES:
+                self.stats[mode] = an.stats(self._bench_net(mode), f"net-{mode}")
+        except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+            self.errors.append(str(exc))
+        finally:
+            with contextlib.suppress(OSError, RuntimeError, subprocess.TimeoutExpired):
+                self._bench_net("Q")  # the guest goes on (or powers off) in any case
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        elif not self.errors:
+            self.errors.append("the guest never said it was ready")
 
 
 def idle_probe(pid: int, line: str, probes: dict[str, float]) -> None:

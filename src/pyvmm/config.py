@@ -156,6 +156,30 @@ class VsockConfig:
     pci_device_id: int | None = None
 
 
+VIRTIO_FS_TAG_MAX = 36  # the tag[36] of struct virtio_fs_config (<linux/virtio_fs.h>)
+FS_DEFAULT_NUM_QUEUES = 1  # request queues, as cloud-hypervisor's default
+FS_DEFAULT_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    """`--fs`: a virtio-fs device whose queues a vhost-user backend (virtiofsd) serves on `socket`
+    (docs/virtio-fs.md)."""
+
+    tag: str  # what the guest mounts: mount -t virtiofs <tag> <dir>
+    socket: Path
+    num_queues: int = FS_DEFAULT_NUM_QUEUES  # request queues; the device has one more, the hiprio queue
+    queue_size: int = FS_DEFAULT_QUEUE_SIZE
+    id: str | None = None
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name this device."""
+        return f"--fs tag={self.tag},socket={self.socket}"
+
+
 @dataclass(frozen=True)
 class DiskConfig:
     path: Path | None  # the image; None for a vhost-user disk, whose backend has it
@@ -176,6 +200,16 @@ class DiskConfig:
     def label(self) -> str:
         """How messages name this disk: `--disk path=IMAGE` or `--disk socket=PATH`."""
         return f"--disk socket={self.socket}" if self.vhost_user else f"--disk path={self.path}"
+
+    @property
+    def data_path(self) -> str:
+        """Who serves the guest's requests (said by `-v`: docs/virtio-blk.md#who-serves-a-disk)."""
+        queues = f"{self.num_queues} queue(s) of {self.queue_size}"
+        if self.vhost_user:
+            return f"the vhost-user backend on {self.socket} ({queues}; pyvmm sees no request)"
+        mode = "O_DIRECT" if self.direct else "through the page cache"
+        mode += ", read-only" if self.readonly else ""
+        return f"pyvmm's in-process worker, one Python thread for the device ({queues}, {mode})"
 
 
 @dataclass(frozen=True)
@@ -253,6 +287,7 @@ class VmConfig:
     nets: tuple[NetConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     vsock: VsockConfig | None = None
+    fs: tuple[FsConfig, ...] = ()
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     pci_segments: tuple[PciSegmentConfig, ...] = ()
     seccomp: SeccompMode = SeccompMode.TRUE  # docs/seccomp.md
@@ -338,6 +373,7 @@ _DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
 _CONSOLE_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _RNG_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _VSOCK_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
+_FS_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _PLATFORM_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     # the guest address width a virtio-iommu offers; 64 (the default) is what a guest without one has
     "iommu_address_width": frozenset({"64"}),
@@ -943,6 +979,43 @@ def vsock_from_options(opts: Options) -> VsockConfig:
                        pci_device_id=slot)
 
 
+_FS_KEYS = frozenset({"tag", "socket", "num_queues", "queue_size", "id", "pci_segment", "pci_device_id"})
+
+
+def parse_fs(text: str) -> FsConfig:
+    """`--fs tag=<tag>,socket=<path>[,num_queues=,queue_size=,id=,pci_segment=,pci_device_id=]`
+    (cloud-hypervisor's keys and defaults; docs/virtio-fs.md)."""
+    return fs_from_options(parse_options(text, _FS_KEYS, hidden=_FS_UNSUPPORTED))
+
+
+def fs_from_options(opts: Options) -> FsConfig:
+    _refuse_unsupported(opts, _FS_UNSUPPORTED)
+    tag = opts.get("tag")
+    if not tag:
+        raise OptionError("tag= is required: the name the guest mounts (mount -t virtiofs <tag> <dir>), "
+                          "e.g. tag=myfs")
+    size = len(tag.encode())
+    if size > VIRTIO_FS_TAG_MAX:
+        raise OptionError(f"tag={tag} is {size} bytes: the virtio-fs tag has at most {VIRTIO_FS_TAG_MAX}; "
+                          "use a shorter one")
+    # The guest reads the tag up to its first NUL; newer Linux refuses a tag with a newline (sysfs shows it).
+    if "\0" in tag or "\n" in tag:
+        raise OptionError("the tag must not contain a NUL or a newline")
+    socket = opts.get("socket")
+    if not socket:
+        raise OptionError("socket= is required: the Unix socket the vhost-user backend (virtiofsd "
+                          "--socket-path=) listens on")
+    num_queues = _required_int(opts, "num_queues", FS_DEFAULT_NUM_QUEUES, bits=16)
+    if num_queues == 0:
+        raise OptionError("num_queues must be at least 1 (request queues; the guest driver needs one)")
+    queue_size = _required_int(opts, "queue_size", FS_DEFAULT_QUEUE_SIZE, bits=16)
+    if queue_size & (queue_size - 1) or queue_size < 2:
+        raise OptionError(f"Queue size must be a power of 2 of at least 2, e.g. 1024, not {queue_size}")
+    segment, slot = _pci_placement(opts)
+    return FsConfig(tag=tag, socket=Path(socket), num_queues=num_queues, queue_size=queue_size,
+                    id=_check_id(opts), pci_segment=segment, pci_device_id=slot)
+
+
 def _normalised(path: Path) -> str:
     return os.path.realpath(path)  # also resolves /sys/bus/pci/devices/<BDF> symlinks
 
@@ -993,6 +1066,14 @@ def validate(config: VmConfig) -> None:
             # the backend maps guest RAM from its memfd: private memory has none to hand over
             raise ConfigError(label, "Using vhost-user requires using shared memory or huge pages: add "
                                      "--memory shared=on (or hugepages=on)")
+    for fs in config.fs:
+        claim(fs.label, fs.id, fs.pci_segment, fs.pci_device_id)
+        if fs.num_queues > boot:  # cloud-hypervisor's rule, as for disks
+            raise ConfigError(fs.label, f"Queue count ({fs.num_queues}) must not exceed boot vCPUs ({boot})")
+        if not (config.memory.shared or config.memory.hugepages):
+            # virtiofsd maps guest RAM from its memfd: private memory has none to hand over
+            raise ConfigError(fs.label, "Using vhost-user requires using shared memory or huge pages: add "
+                                        "--memory shared=on (or hugepages=on)")
     if config.vsock is not None:
         vsock = config.vsock
         claim(f"--vsock socket={vsock.socket}", vsock.id, vsock.pci_segment, vsock.pci_device_id)
@@ -1195,6 +1276,16 @@ _HELP = {
                         "CONNECT <port>\\n"; the guest connecting to host
                         port P reaches <path>_P
   id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
+    "--fs": f"""virtio-fs PCI device served by a vhost-user backend (virtiofsd); each
+CONFIG is one file system, the option may be repeated; needs --memory
+shared=on or hugepages=on (docs/virtio-fs.md):
+  tag=<tag>             what the guest mounts (mount -t virtiofs <tag>
+                        <dir>), 1-{VIRTIO_FS_TAG_MAX} bytes (required)
+  socket=<path>         the backend's Unix socket (virtiofsd --socket-path=)
+                        (required; it must be listening when pyvmm starts)
+  num_queues=<n>        request queues, at most boot vCPUs (default {FS_DEFAULT_NUM_QUEUES})
+  queue_size=<n>        power of 2 (default {FS_DEFAULT_QUEUE_SIZE})
+  id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
     "--disk": """virtio-blk disks; each CONFIG is one disk, the option may be repeated:
   path=<file>           raw disk image (required)
   readonly=on|off       (default off)
@@ -1330,7 +1421,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--seccomp", "true|false|log"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
-    for flag in ("--disk", "--net", "--device", "--pci-segment"):
+    for flag in ("--disk", "--net", "--fs", "--device", "--pci-segment"):
         parser.add_argument(flag, action="extend", nargs="+", default=[], metavar="CONFIG", help=_HELP[flag])
     parser.add_argument(
         "-v",
@@ -1412,7 +1503,7 @@ def parse_event_monitor(text: str) -> EventMonitorConfig:
 
 
 _VM_FLAGS = ("kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "console", "rng", "platform",
-             "disk", "net", "device", "pci_segment", "vsock")
+             "disk", "net", "fs", "device", "pci_segment", "vsock")
 
 
 def parse_command_line(argv: Sequence[str]) -> CommandLine:
@@ -1462,6 +1553,7 @@ def _vm_config(ns: argparse.Namespace) -> VmConfig:
         nets=tuple(_parse_each("--net", ns.net, parse_net)),
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
         vsock=_parse_one("--vsock", ns.vsock, parse_vsock, None),
+        fs=tuple(_parse_each("--fs", ns.fs, parse_fs)),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
         pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
         seccomp=_parse_seccomp(ns.seccomp),

@@ -90,6 +90,7 @@ def test_kata_sequence_up_to_boot(api) -> None:
         ("PUT", "vm.nmi", None, 404, ["Not Found"]),
         ("GET", "vm.nosuch", None, 404, ["Not Found"]),
         ("PUT", "vm.snapshot", b"{}", 404, ["Not Found"]),
+        ("PUT", "vm.add-fs", b'{"tag": "myfs", "socket": "/s"}', 404, ["Not Found"]),  # vm.create has fs
         ("GET", "vmm.ping/x", None, 404, ["Not Found"]),
         ("DELETE", "vmm.ping", None, 400, ["Bad Request"]),
     ],
@@ -245,3 +246,21 @@ def test_device_names_as_ch_gives_them() -> None:
 def test_server_thread_is_named_for_proc(api) -> None:
     comms = [p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")]
     assert "http-server" in comms
+
+
+def test_remove_device_before_boot_edits_the_config(api) -> None:
+    """Not booted, vm.remove-device takes the device with that id out of the stored config (as CH does);
+    an id the config does not have, or no config at all, is a 500 with a message."""
+    path, _ = api
+    disks = [{"path": "/nonexistent/a.img", "id": "data"}, {"path": "/nonexistent/b.img"}]
+    config = dict(CONFIG, disks=disks)
+    with ApiClient(path) as c:
+        early = c.request("PUT", "vm.remove-device", b'{"id": "data"}')
+        assert early.status == 500 and "not created" in _json(early)[-1]
+        assert c.request("PUT", "vm.create", json.dumps(config).encode()).status == 204
+        assert c.request("PUT", "vm.remove-device", b'{"id": "data"}').status == 204
+        disks = _json(c.request("GET", "vm.info"))["config"]["disks"]
+        assert [d["path"] for d in disks] == ["/nonexistent/b.img"]
+        again = c.request("PUT", "vm.remove-device", b'{"id": "data"}')
+        assert again.status == 500 and "'data'" in _json(again)[-1]
+        assert c.request("GET", "vmm.ping").status == 200

@@ -233,6 +233,36 @@ def test_the_config_follows_the_running_vm(tmp_path: Path) -> None:
     assert [d["id"] for d in shown["devices"]] == ["_vfio2", "_vfio4"]
 
 
+def test_vm_shutdown_keeps_the_vm_as_it_was_for_the_next_boot(tmp_path: Path) -> None:
+    """vm.shutdown stores the running VM's config (hot-plugged devices in, ejected ones out): vm.boot after
+    it boots the same VM, as vm.reboot does and as CH does. The VM itself is stood in for; booting is shown
+    in the lab (tests/lab/helpers/kata_api.py, step reboot)."""
+    import contextlib
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pyvmm.api.vmm import ApiVmm
+    from pyvmm.machine import ExitKind, VmExit
+
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"")
+    images = [tmp_path / f"d{i}.img" for i in range(2)]
+    for image in images:
+        image.write_bytes(b"\0" * 4096)
+    config = parse_vm_config(["--kernel", str(kernel), "--disk", f"path={images[0]}"])
+    hot_disk = replace(config.disks[0], path=images[1], id="hp")
+    hotplug = SimpleNamespace(devices=lambda: {"hp": None}, hot_plugged=lambda: [("hp", hot_disk)])
+    stopped = []
+    vmm = ApiVmm()
+    vmm.config = config
+    vmm.machine = SimpleNamespace(  # type: ignore[assignment]
+        hotplug=hotplug, request_stop=stopped.append, latch=SimpleNamespace(exit=VmExit(ExitKind.REQUESTED)))
+    vmm._teardown = contextlib.ExitStack()
+    vmm.shutdown()
+    assert stopped == [ExitKind.REQUESTED] and vmm.machine is None
+    assert vmm.config is not None and [(d.path, d.id) for d in vmm.config.disks] == [(images[1], "hp")]
+
+
 def test_the_vmm_holds_tap_fds_while_a_config_has_their_nic(tmp_path: Path) -> None:
     """The fds of --net fd=[...] / vm.add-net stay open while the config (or the running VM) has the NIC:
     an ejected NIC's are closed, vm.shutdown keeps what the VM had, vm.delete closes the rest. Pipes stand

@@ -380,6 +380,18 @@ def test_vhost_user_disk_keys() -> None:
     assert hugepages.disks[0].vhost_user
 
 
+def test_disk_data_path_says_who_serves_it() -> None:
+    """What -v logs as each disk opens (docs/virtio-blk.md#who-serves-a-disk)."""
+    shared = parse("--cpus", "2", "--memory", "size=512M,shared=on",
+                   "--disk", "vhost_user=on,socket=/run/vu.sock,num_queues=2", "path=/img,readonly=on",
+                   "path=/img2,direct=on,queue_size=64")
+    vu, ro, direct = shared.disks
+    assert vu.data_path == "the vhost-user backend on /run/vu.sock (2 queue(s) of 128; pyvmm sees no request)"
+    assert ro.data_path == ("pyvmm's in-process worker, one Python thread for the device (1 queue(s) of 128, "
+                            "through the page cache, read-only)")
+    assert direct.data_path.endswith("(1 queue(s) of 64, O_DIRECT)")
+
+
 def test_vhost_user_errors_name_the_socket() -> None:
     err = error("--disk", "vhost_user=on,socket=/run/vu.sock")
     assert err.option == "--disk socket=/run/vu.sock"

@@ -271,16 +271,16 @@ def _counters(vmm: ApiVmm, request: Request) -> Response:
 
 
 def _remove_device(vmm: ApiVmm, request: Request) -> Response:
-    """The hot-plug seam: the running VM asks the guest to eject the device (vm.remove-device)."""
+    """vm.remove-device: a running VM asks the guest to eject the device (the hot-plug seam); before boot
+    the device leaves the stored config."""
     document = _json_body(request)
     ident = document.get("id") if isinstance(document, dict) else None
     if not isinstance(ident, str):
         raise ApiCallError(Status.BAD_REQUEST, "Cannot deserialize JSON payload", "missing field `id`")
     machine: Any = vmm.machine
-    if machine is None:
-        raise ApiCallError(
-            Status.INTERNAL_SERVER_ERROR, "The device could not be removed from the VM", NOT_RUNNING
-        )
+    if machine is None:  # not booted: the device leaves the config
+        vmm.remove_from_config(ident)
+        return NO_CONTENT
     try:
         machine.remove_device(ident)
     except PyvmmError as exc:  # no such device

@@ -23,6 +23,7 @@ from pyvmm.config import (
     ConsoleMode,
     DeviceConfig,
     DiskConfig,
+    FsConfig,
     ImageType,
     NetConfig,
     PayloadConfig,
@@ -31,6 +32,7 @@ from pyvmm.config import (
     cpus_from_options,
     device_from_options,
     disk_from_options,
+    fs_from_options,
     memory_from_options,
     net_from_options,
     pci_segment_from_options,
@@ -82,6 +84,7 @@ _CONSOLE = _keys("file", "socket") | _PCI_KEYS
 _SERIAL = _keys("file", "socket")
 _RNG = _keys("src", "iommu", id=None, pci_segment=None, pci_device_id=None)
 _VSOCK = _keys("cid", "socket") | _PCI_KEYS
+_FS = _keys("tag", "socket", "num_queues", "queue_size") | _PCI_KEYS
 _PLATFORM = _keys("num_pci_segments", "iommu_segments", "vfio_p2p_dma", "iommufd", "tdx", "sev_snp",
                   "system_manufacturer", "system_product_name", "system_version", "system_serial_number",
                   "system_uuid", "system_sku_number", "system_family", "chassis_asset_tag", "oem_strings",
@@ -94,7 +97,6 @@ _PAYLOAD_UNSUPPORTED = ("firmware", "igvm", "host_data")
 # Whole devices and features CH has and pyvmm does not: refused unless absent, null, empty or false.
 _SECTIONS_UNSUPPORTED = (
     "balloon",
-    "fs",
     "pmem",
     "user_devices",
     "vdpa",
@@ -262,6 +264,10 @@ def vm_config_from_json(document: Any, verbosity: int = 0) -> VmConfig:
             for i, d in enumerate(_list("devices", top.get("devices")))
         ),
         nets=tuple(net_config_from_json(n, f"net[{i}]") for i, n in enumerate(_list("net", top.get("net")))),
+        fs=tuple(
+            _build(f"fs[{i}]", fs_from_options, _options(f"fs[{i}]", _object(f"fs[{i}]", f), _FS))
+            for i, f in enumerate(_list("fs", top.get("fs")))
+        ),
         platform=_section(top, "platform", _PLATFORM, platform_from_options, defaults.platform),
         pci_segments=tuple(
             _build(
@@ -412,6 +418,21 @@ def net_json(net: NetConfig, ident: str | None = None) -> dict[str, Any]:
     )
 
 
+def fs_json(fs: FsConfig) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "tag": fs.tag,
+            "socket": str(fs.socket),
+            "num_queues": fs.num_queues,
+            "queue_size": fs.queue_size,
+            "id": fs.id,
+            "iommu": False,
+            "pci_segment": fs.pci_segment,
+            "pci_device_id": fs.pci_device_id,
+        }
+    )
+
+
 def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) -> dict[str, Any]:
     """vm.info's `config`. `ids` names the disks and devices by their index in disks + devices (once booted,
     the generated names)."""
@@ -484,6 +505,8 @@ def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) ->
         out["disks"] = [disk_json(d, ids.get(i)) for i, d in enumerate(config.disks)]
     if config.nets:
         out["net"] = [net_json(n) for n in config.nets]
+    if config.fs:
+        out["fs"] = [fs_json(f) for f in config.fs]
     if config.devices:
         base = len(config.disks)
         out["devices"] = [device_json(d, ids.get(base + i)) for i, d in enumerate(config.devices)]

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pyvmm.api.http import Request, Response, error_response
 from pyvmm.config import DiskConfig, NetConfig, VmConfig, check_paths
@@ -258,10 +259,25 @@ class ApiVmm:
     def shutdown(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not shutdown", NOT_RUNNING)
-        # the config keeps what the VM had (as for vm.reboot): a NIC the guest ejected, whose tap fds are
-        # closed already, must not come back at the next vm.boot
+        # What vm.boot boots next: the VM as it was, hot-plugged devices in, ejected ones out (as in CH);
+        # a NIC the guest ejected, its tap fds closed already, does not come back.
         self.set_config(self.current_config())
         self._stop_vm()
+
+    def remove_from_config(self, ident: str) -> None:
+        """vm.remove-device before boot: the device with that id leaves the stored config, as in CH (only
+        ids in the config count: ones the user gave, or ones a VM that ran filled in)."""
+        context = "The device could not be removed from the VM"
+        if self.config is None:
+            raise ApiCallError(500, context, NOT_CREATED)
+        changes: dict[str, Any] = {}
+        for item in dataclasses.fields(self.config):
+            value = getattr(self.config, item.name)
+            if isinstance(value, tuple) and any(getattr(v, "id", None) == ident for v in value):
+                changes[item.name] = tuple(v for v in value if getattr(v, "id", None) != ident)
+        if not changes:
+            raise ApiCallError(500, context, f"no device with id {ident!r} in the VM's configuration")
+        self.set_config(dataclasses.replace(self.config, **changes))  # a NIC's tap fds are closed
 
     def current_config(self) -> VmConfig | None:
         """The stored config with its disks and devices as the running VM has them: boot-time ones the

@@ -12,10 +12,12 @@ import array
 import fcntl
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,8 +39,15 @@ NET_CMD = (
     "i=0; while [ -e /sys/class/net/eth0 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done; "
     "echo NET0-GO''NE; "
 )
-GUEST_CMD = ("echo KATA-GUEST-UP; dmesg | grep 'PCI Root Bridge'; " + NET_CMD
-             + "while true; do echo TICK; sleep 1; done")
+# Kata's shared directory: a virtio-fs on PCI segment 1, served by QEMU's virtiofsd (docs/virtio-fs.md)
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+FS_SOCK = WORK / "virtiofsd.sock"
+FS_NOTE = "shared-by-the-lab-through-virtiofsd"
+# disks=: how many virtio-blk disks the guest found at boot (the reboot steps); on a boot after the NICs'
+# removal the NIC part finds no eth0 and waits for eth1 in vain, which costs that guest nothing it is asked.
+GUEST_CMD = ("mkdir -p /mnt; mount -t virtiofs kataShared /mnt && echo KATA-FS=$(cat /mnt/note); "
+             "echo KATA-GUEST-UP disks=$(ls /sys/block | grep -c vd); dmesg | grep 'PCI Root Bridge'; "
+             + NET_CMD + "while true; do echo TICK; sleep 1; done")
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 
@@ -156,6 +165,17 @@ def wait_for(text: str, seconds: float) -> bool:
     return False
 
 
+def wait_count(text: str, count: int, seconds: float) -> list[str]:
+    """Wait until the guest's log has `count` lines starting with `text` (the kernel echoes its command
+    line, which holds it too); those lines."""
+    end = time.monotonic() + seconds
+    while True:
+        lines = [line for line in LOG.read_text(errors="replace").splitlines() if line.startswith(text)]
+        if len(lines) >= count or time.monotonic() > end:
+            return lines
+        time.sleep(0.2)
+
+
 def thread_names(pid: int) -> list[str]:
     """What Kata reads (/proc/PID/task/*/comm); a thread may end while they are read."""
     names = []
@@ -168,7 +188,8 @@ def thread_names(pid: int) -> list[str]:
 
 
 def kata_config(**changes: object) -> dict:
-    """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload, no virtio-fs/vsock/net."""
+    """Kata's VmConfig shape (clh.go CreateVM), kernel + initramfs payload, no vsock/net (virtio-fs: the
+    `kata_fs` changes)."""
     config = {
         "payload": {
             "kernel": os.environ["PYVMM_GUEST_KERNEL"],
@@ -202,6 +223,57 @@ def kata_config(**changes: object) -> dict:
     }
     config.update(changes)
     return config
+
+
+def kata_fs() -> dict:
+    """What Kata adds for its shared directory: `memory.shared` and one `fs` on segment 1 (spec §B.2)."""
+    memory = dict(kata_config()["memory"], shared=True)
+    fs = [{"tag": "kataShared", "socket": str(FS_SOCK), "num_queues": 1, "queue_size": 1024, "pci_segment": 1,
+           "iommu": False}]
+    return {"memory": memory, "fs": fs}
+
+
+class Virtiofsd:
+    """virtiofsd for every boot of the VM: QEMU's serves one connection and exits, and holds a lock on its
+    socket path while it runs. So the socket is this object's, kept listening, and a new virtiofsd takes it
+    (`--fd=`) each time the last one has ended: a VM booted again (vm.reboot, vm.shutdown + vm.boot)
+    connects at once and is served as soon as the next one accepts (docs/virtio-fs.md)."""
+
+    def __init__(self) -> None:
+        self.share = WORK / "share"
+        self.share.mkdir(exist_ok=True)
+        (self.share / "note").write_text(FS_NOTE + "\n")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(FS_SOCK))
+        self.listener.listen(4)
+        self.log = (WORK / "virtiofsd.log").open("w")
+        self.served: list[int] = []  # exit status of each virtiofsd that has ended
+        self.stopping = False
+        self.proc: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        fd = self.listener.fileno()
+        while not self.stopping:
+            self.proc = subprocess.Popen(
+                [VIRTIOFSD, f"--fd={fd}", "-o", f"source={self.share}", "-o", "cache=none"],
+                pass_fds=[fd], stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+            self.served.append(self.proc.wait())
+
+    def close(self, boots: int) -> list[int]:
+        """Stop serving once `boots` virtiofsd have ended (their VMs gone); their exit statuses."""
+        end = time.monotonic() + 30
+        while len(self.served) < boots and time.monotonic() < end:
+            time.sleep(0.1)
+        self.stopping = True
+        while self.thread.is_alive():  # the next one waits for a connection that will not come
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+            self.thread.join(0.2)
+        self.listener.close()
+        return self.served[:boots]
 
 
 def sd_reader() -> str:
@@ -332,11 +404,15 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     step("unbound-device", status=refused.status, message=json.dumps(message))
 
     # Kata's start: vm.create, vm.info = Created, vm.boot, vm.info = Running
-    created = conn.call("PUT", "vm.create", json.dumps(kata_config()).encode())
+    virtiofsd = Virtiofsd()
+    created = conn.call("PUT", "vm.create", json.dumps(kata_config(**kata_fs())).encode())
     assert created.status == 204, created
     info = json.loads(conn.call("GET", "vm.info").body)
     assert info["state"] == "Created", info
     assert info["config"]["platform"]["num_pci_segments"] == 2 and info["config"]["cpus"]["boot_vcpus"] == 1
+    shown = info["config"]["fs"]
+    assert [(f["tag"], f["socket"], f["pci_segment"]) for f in shown] == [("kataShared", str(FS_SOCK), 1)], \
+        shown
     # Kata's NIC before boot: first a pipe and a wrong queue count (400, the fds closed), then its request
     subprocess.run(["modprobe", "-a", "tun", "vhost_net"], check=True)
     tap0, tap1 = lab_tap("pyvmmk0", "192.168.251.1/24"), lab_tap("pyvmmk1", "192.168.252.1/24")
@@ -376,6 +452,7 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert remote_info.returncode == 0 and json.loads(remote_info.stdout)["state"] == "Running", remote_info
     assert remote("ping").returncode == 0
     assert wait_for("KATA-GUEST-UP", 300), "the guest did not run its command"
+    assert wait_for(f"KATA-FS={FS_NOTE}", 10), "the guest did not read the shared directory"
     assert wait_for("(domain 0001 [bus 00])", 60), "the guest has no second PCI segment"
     step("guest-ran", segment1=True)
     nics(vmm, conn, tap1, {"tun": base["tun"], "vhost": base["vhost"]})
@@ -401,6 +478,27 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     again = conn.call("PUT", "vm.boot")
     assert again.status == 500 and json.loads(conn.call("GET", "vm.info").body)["state"] == "Running"
 
+    # vm.reboot, then vm.shutdown and vm.boot: each boots the VM as it was, a disk hot-plugged before them
+    # included (the guest sees it at boot: virtio_blk loaded by modalias, /sys/block/vda), as in CH
+    image = WORK / "kdisk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    plugged = conn.call("PUT", "vm.add-disk", json.dumps({"path": str(image), "id": "kdisk"}).encode())
+    assert plugged.status == 200 and json.loads(plugged.body)["id"] == "kdisk", plugged
+    rebooted = conn.call("PUT", "vm.reboot")
+    assert rebooted.status == 204, rebooted
+    ups = wait_count("KATA-GUEST-UP", 2, 300)
+    assert ups[1:] == ["KATA-GUEST-UP disks=1"], ups
+    assert json.loads(conn.call("GET", "vm.info").body)["state"] == "Running"
+    shut = conn.call("PUT", "vm.shutdown")
+    assert shut.status == 204, shut
+    info = json.loads(conn.call("GET", "vm.info").body)
+    assert info["state"] == "Created" and [d["id"] for d in info["config"]["disks"]] == ["kdisk"], info
+    assert conn.call("PUT", "vm.boot").status == 204
+    ups = wait_count("KATA-GUEST-UP", 3, 300)
+    assert ups[2:] == ["KATA-GUEST-UP disks=1"], ups
+    assert "vcpu0" in thread_names(vmm.pid)
+    step("reboot", boots=len(ups), disks_at_boot=ups[-1].split("=")[-1])
+
     # Kata's stop: vmm.shutdown (3 s context), then the process must be gone within 3 s
     sent = time.monotonic()
     down = conn.call("PUT", "vmm.shutdown")
@@ -412,6 +510,10 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert not SOCK.exists()
     step("kata-stop", answered=f"{answered:.2f}", exited=f"{exited:.2f}", rc=rc)
     conn.close()
+    # every boot of the VM (start, vm.reboot, vm.shutdown + vm.boot) mounted the directory and read the file
+    reads = re.findall(r"^KATA-FS=(\S*)", LOG.read_text(errors="replace"), re.MULTILINE)
+    served = virtiofsd.close(boots=len(ups))
+    step("kata-fs", reads=",".join(reads) or "none", served=",".join(map(str, served)))
 
 
 if __name__ == "__main__":
