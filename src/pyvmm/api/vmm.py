@@ -259,8 +259,9 @@ class ApiVmm:
     def shutdown(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not shutdown", NOT_RUNNING)
-        # What vm.boot boots next: the VM as it was, hot-plugged devices in, ejected ones out (as in CH).
-        self.config = self.current_config()
+        # What vm.boot boots next: the VM as it was, hot-plugged devices in, ejected ones out (as in CH);
+        # a NIC the guest ejected, its tap fds closed already, does not come back.
+        self.set_config(self.current_config())
         self._stop_vm()
 
     def remove_from_config(self, ident: str) -> None:
@@ -276,7 +277,7 @@ class ApiVmm:
                 changes[item.name] = tuple(v for v in value if getattr(v, "id", None) != ident)
         if not changes:
             raise ApiCallError(500, context, f"no device with id {ident!r} in the VM's configuration")
-        self.config = dataclasses.replace(self.config, **changes)
+        self.set_config(dataclasses.replace(self.config, **changes))  # a NIC's tap fds are closed
 
     def current_config(self) -> VmConfig | None:
         """The stored config with its disks and devices as the running VM has them: boot-time ones the
