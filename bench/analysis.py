@@ -260,7 +260,8 @@ def status_kib(status_text: str, key: str) -> int:
 
 
 def guest_ram_rss_kib(smaps_text: str, ram_bytes: int) -> int:
-    """Resident KiB of the anonymous mappings big enough to be guest RAM (at least half of it)."""
+    """Resident KiB of the anonymous or memfd mappings big enough to be guest RAM (at least half of it):
+    with shared memory (vhost-user) a VMM maps guest RAM from a memfd."""
     total = 0
     size = rss = 0
     anonymous = False
@@ -274,7 +275,7 @@ def guest_ram_rss_kib(smaps_text: str, ram_bytes: int) -> int:
         if match:
             total += flush()
             inode, name = match.groups()
-            anonymous = inode == "0" and not name.startswith("/")
+            anonymous = (inode == "0" and not name.startswith("/")) or name.startswith("/memfd:")
             size = rss = 0
         elif line.startswith("Size:"):
             size = int(line.split()[1])

@@ -88,6 +88,9 @@ class Settings:
     vm_timeout: float = 300.0
     only: frozenset[str] = PARTS  # which parts to run (a subset while working on one of them)
     first_rep: int = 1  # a lab that continues a stalled run starts at the repetition that stalled
+    # --smoke: the data-plane devices join the virtio-blk run's boot (two boots fewer per repetition; the
+    # suite's time). Its figures are not compared, and the command lines and helpers are the same.
+    one_boot: bool = False
 
 
 @dataclass
@@ -398,12 +401,28 @@ class Bench:
         say(f"{label}: " + ", ".join(parts))
 
     # virtio-blk: I/O, then idle with CPU/RSS probes
-    def virtio(self, vmm: str, rep: int, disk: str) -> None:
+    def virtio(self, vmm: str, rep: int, disk: str, dataplane: bool = False) -> None:
+        """`dataplane`: the data-plane run's devices and work in this boot too (Settings.one_boot), with the
+        vhost-user disk second (vdb) on its own copy of the image."""
         cmd = f"sh /bench/virtio.sh {self.s.span} {self.s.io_seconds:g} {self.s.idle_seconds:g}"
-        argv = pyvmm_argv(self.s, cmd, disk=disk) if vmm == an.PYVMM else qemu_argv(self.s, cmd, disk=disk)
-        label = f"rep {rep} virtio-blk {vmm}"
-        result = self.run(label, argv, probe=idle_probe)
+        label = f"rep {rep} virtio-blk{'+data-plane' if dataplane else ''} {vmm}"
+        plane = DataPlane(self, label, disk + ".vu", second_disk=True) if dataplane else None
+        if plane is not None and not plane.start():
+            return
+        if plane is not None:
+            argv = plane.argv(vmm, " && ".join([*plane.steps, cmd]), disk)
+        elif vmm == an.PYVMM:
+            argv = pyvmm_argv(self.s, cmd, disk=disk)
+        else:
+            argv = qemu_argv(self.s, cmd, disk=disk)
+        try:
+            result = self.run(label, argv, probe=plane.probe if plane else idle_probe)
+        finally:
+            if plane is not None:
+                plane.stop()
         spans = self._guest_spans(label, result)
+        if plane is not None:
+            plane.finish(vmm, spans)
         if spans is None:
             return
         self._io(
@@ -435,43 +454,17 @@ class Bench:
         """One boot per VMM for the net and vhost parts (whichever run): the guest serves the lab's network
         measurements first (guest/net.sh), then runs the virtio-blk workload on its vhost-user disk. Both
         VMMs' guests have their RAM in a shared memfd, which vhost-user needs."""
-        net, vhost = "net" in self.s.only, "vhost" in self.s.only
-        secs = f"{self.s.io_seconds:g}"
-        steps = []
-        if net:
-            serve_for = int(120 + 3 * self.s.io_seconds)  # the guest's server gives up after this
-            steps.append(f"sh /bench/net.sh {GUEST_IP}/24 {LAB_IP} {NET_PORT} {serve_for}")
-        if vhost:
-            steps.append(f"sh /bench/virtio.sh {self.s.span} {secs} 0")
-        label = f"rep {rep} {'+'.join(p for p, on in (('net', net), ('vhost-user-blk', vhost)) if on)} {vmm}"
-        sock = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-vu.sock")
-        daemon = None
-        if vhost:
-            daemon = self.start_daemon(label, disk, sock)
-            if daemon is None:
-                return
-        cmd = " && ".join(steps)
-        socket = sock if vhost else None
-        argv = (
-            pyvmm_argv(self.s, cmd, shared=True, net=net, vhost_socket=socket)
-            if vmm == an.PYVMM
-            else qemu_argv(self.s, cmd, shared=True, net=net, vhost_socket=socket)
-        )
-        lab_side = NetClient(Path(self.s.helpers) / "bench-net", self.s.io_seconds) if net else None
+        only = self.s.only
+        parts = [p for p, on in (("net", "net" in only), ("vhost-user-blk", "vhost" in only)) if on]
+        label = f"rep {rep} {'+'.join(parts)} {vmm}"
+        plane = DataPlane(self, label, disk, second_disk=False)
+        if not plane.start():
+            return
         try:
-            result = self.run(label, argv, probe=lab_side.probe if lab_side else None)
+            result = self.run(label, plane.argv(vmm, " && ".join(plane.steps)), probe=plane.probe)
         finally:
-            if daemon is not None:
-                self.stop_daemon(daemon)
-        spans = self._guest_spans(label, result)
-        if lab_side is not None:
-            lab_side.join()
-            for error in lab_side.errors:
-                self.fail(label, None, f"lab side of the network rows: {error}")
-            if spans is not None:
-                self._net(label, vmm, lab_side.stats)
-        if vhost and spans is not None:
-            self._io(label, vmm, spans, VHOST_TAGS)
+            plane.stop()
+        plane.finish(vmm, self._guest_spans(label, result))
 
     def _net(self, label: str, vmm: str, stats: dict[str, dict[str, int]]) -> None:
         parts = []
@@ -640,10 +633,11 @@ class Bench:
         if "boot" in s.only:
             for vmm in boots:
                 self.boot(vmm, rep)
+        merged = s.one_boot and "virtio" in s.only and bool(s.only & {"net", "vhost"})
         if "virtio" in s.only:
             for vmm in pair:
-                self.virtio(vmm, rep, disk)
-        if s.only & {"net", "vhost"}:
+                self.virtio(vmm, rep, disk, dataplane=merged)
+        if s.only & {"net", "vhost"} and not merged:
             for vmm in pair:
                 self.dataplane(vmm, rep, disk)
         if "passthrough" not in s.only:
@@ -664,6 +658,63 @@ class Bench:
             "runs": self.timings,
             "reps_done": self.reps_done,
         }
+
+
+class DataPlane:
+    """What a run with the data-plane devices adds, for one VMM: the guest's steps (guest/net.sh, then
+    guest/virtio.sh on the vhost-user disk), the qemu-storage-daemon serving `disk` (a fresh one per run),
+    the lab's side of the network rows, and their figures. `second_disk`: the vhost-user disk is the
+    guest's second (vdb, tags `vu-blk-...`), after the run's own --disk."""
+
+    def __init__(self, bench: Bench, label: str, disk: str, second_disk: bool) -> None:
+        s = bench.s
+        self.bench, self.label, self.disk = bench, label, disk
+        self.net, self.vhost = "net" in s.only, "vhost" in s.only
+        self.prefix = "vu-" if second_disk else ""
+        self.steps: list[str] = []
+        if self.net:
+            serve_for = int(120 + 3 * s.io_seconds)  # the guest's server gives up after this
+            self.steps.append(f"sh /bench/net.sh {GUEST_IP}/24 {LAB_IP} {NET_PORT} {serve_for}")
+        if self.vhost:
+            device = "vdb" if second_disk else "vda"
+            self.steps.append(f"sh /bench/virtio.sh {s.span} {s.io_seconds:g} 0 {device} {self.prefix}")
+        self.socket = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-vu.sock") if self.vhost else None
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.client = NetClient(Path(s.helpers) / "bench-net", s.io_seconds) if self.net else None
+        self.probes_idle = second_disk  # the run's own idle stretch is measured too
+
+    def start(self) -> bool:
+        if self.socket is None:
+            return True
+        if self.prefix and not os.path.exists(self.disk):  # its own copy: two disks, two writers
+            shutil.copyfile(self.bench.s.disk, self.disk)
+        self.daemon = self.bench.start_daemon(self.label, self.disk, self.socket)
+        return self.daemon is not None
+
+    def argv(self, vmm: str, cmd: str, disk: str | None = None) -> list[str]:
+        build = pyvmm_argv if vmm == an.PYVMM else qemu_argv
+        return build(self.bench.s, cmd, disk=disk, shared=True, net=self.net, vhost_socket=self.socket)
+
+    def probe(self, pid: int, line: str, probes: dict[str, float]) -> None:
+        if self.client is not None:
+            self.client.probe(pid, line, probes)
+        if self.probes_idle:
+            idle_probe(pid, line, probes)
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.bench.stop_daemon(self.daemon)
+
+    def finish(self, vmm: str, spans: dict[str, an.Span] | None) -> None:
+        if self.client is not None:
+            self.client.join()
+            for error in self.client.errors:
+                self.bench.fail(self.label, None, f"lab side of the network rows: {error}")
+            if spans is not None:
+                self.bench._net(self.label, vmm, self.client.stats)
+        if self.vhost and spans is not None:
+            tags = {self.prefix + tag: key for tag, key in VHOST_TAGS.items()}
+            self.bench._io(self.label, vmm, spans, tags)
 
 
 class NetClient:
@@ -755,6 +806,7 @@ def main() -> int:
     p.add_argument("--helpers", required=True)
     p.add_argument("--vm-timeout", type=float, default=300)
     p.add_argument("--first-rep", type=int, default=1, help="number the repetitions from this one")
+    p.add_argument("--one-boot", action="store_true", help="virtio, net and vhost in one boot per VMM")
     p.add_argument("--only", default=",".join(sorted(PARTS)), help="comma-separated parts to run")
     a = p.parse_args()
     env = os.environ
@@ -771,6 +823,7 @@ def main() -> int:
         a.vm_timeout,
         frozenset(a.only.split(",")),
         a.first_rep,
+        a.one_boot,
     )
     bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         str(helpers),
         "--only",
         ",".join(parts),
+        *(["--one-boot"] if a.smoke else []),  # the data-plane devices in the virtio-blk boot
     ]
     lab = [
         sys.executable,

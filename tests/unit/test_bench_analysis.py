@@ -83,6 +83,14 @@ def test_proc_parsing() -> None:
         ]
     )
     assert an.guest_ram_rss_kib(smaps, 512 << 20) == 131072 + 100
+    shared = "\n".join(  # guest RAM from a memfd (--memory shared=on; QEMU's memory-backend-memfd)
+        [
+            "7f3000000000-7f3020000000 rw-s 00000000 00:01 4321                       /memfd:mem0 (deleted)",
+            "Size:             524288 kB",
+            "Rss:               65536 kB",
+        ]
+    )
+    assert an.guest_ram_rss_kib(shared, 512 << 20) == 65536
 
 
 def test_summary_ratio_goal() -> None:
