@@ -16,7 +16,6 @@ class VirtioDeviceType(IntEnum):
     CONSOLE = 3
     RNG = 4
     VSOCK = 19
-    FS = 26
 
 
 class DeviceStatus(IntFlag):
