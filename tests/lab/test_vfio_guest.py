@@ -34,14 +34,17 @@ D3HOT = (
     "D=$(echo $B | cut -d: -f3 | cut -d. -f1); F=$(echo $B | cut -d. -f2); "
     "pm() { devmem $((0x$E + (0x$D << 15) + (F << 12) + P + 4)) 16 $1; }; "
     "set -- $(head -1 /sys/bus/pci/devices/$B/resource); A=$1; "
-    "echo GUEST-PM-CAP=$P GUEST-ECAM=$E; "
-    "echo GUEST-HEAD-BEFORE=$(head -c 1048576 /dev/nvme0n1 | sha256sum); "
-    "echo $B > /sys/bus/pci/drivers/nvme/unbind; echo GUEST-CMD-MEM=$(( 0x$(cfg 4) & 2 )); "
-    "echo GUEST-BAR-D0=$(devmem $A 32); pm 3; echo GUEST-PM-D3=$(( 0x$(cfg $((P + 4))) & 3 )); "
-    "echo GUEST-BAR-D3=$(devmem $A 32); pm 0; sleep 0.1; echo GUEST-PM-D0=$(( 0x$(cfg $((P + 4))) & 3 )); "
-    "echo GUEST-BAR-D0-AGAIN=$(devmem $A 32); echo $B > /sys/bus/pci/drivers/nvme/bind; "
+    "H0=$(head -c 1048576 /dev/nvme0n1 | sha256sum); "
+    "echo $B > /sys/bus/pci/drivers/nvme/unbind; M=$(( 0x$(cfg 4) & 2 )); "
+    "V0=$(devmem $A 32); pm 3; S3=$(( 0x$(cfg $((P + 4))) & 3 )); "
+    "V3=$(devmem $A 32); pm 0; sleep 0.1; S0=$(( 0x$(cfg $((P + 4))) & 3 )); "
+    "V1=$(devmem $A 32); echo $B > /sys/bus/pci/drivers/nvme/bind; "
     "i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
-    "echo GUEST-HEAD-AFTER=$(head -c 1048576 /dev/nvme0n1 | sha256sum)"
+    "H1=$(head -c 1048576 /dev/nvme0n1 | sha256sum); "
+    # printed once the driver's probe messages are out: the kernel's console lines would split ours
+    "sleep 1; echo GUEST-PM-CAP=$P GUEST-ECAM=$E; echo GUEST-HEAD-BEFORE=$H0; echo GUEST-CMD-MEM=$M; "
+    "echo GUEST-BAR-D0=$V0; echo GUEST-PM-D3=$S3; echo GUEST-BAR-D3=$V3; echo GUEST-PM-D0=$S0; "
+    "echo GUEST-BAR-D0-AGAIN=$V1; echo GUEST-HEAD-AFTER=$H1"
 )
 
 GUEST = (
