@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers.lab_script import lab_script, sections
+from helpers.lab_script import ORDINARY_USER, lab_script, sections
 
 pytestmark = pytest.mark.lab
 
@@ -25,15 +25,7 @@ GUEST_SD = (
     "echo GUEST-SD=$(sha256sum /dev/mmcblk0); head -c 64 /dev/hwrng | wc -c; sleep 2"
 )
 
-SCRIPT = r"""
-U=pyvmm-user
-getent group kvm >/dev/null || groupadd -r kvm
-useradd -M -G kvm $U
-chgrp kvm /dev/kvm && chmod 660 /dev/kvm  # what udev does on a real host
-chmod o+x /root  # the lab's Python and pyvmm's assets live under /root (0700 on the host)
-mkdir -p $TMPDIR/u && install -m 644 "$PYVMM_GUEST_KERNEL" $TMPDIR/u/kernel
-install -m 644 "$PYVMM_GUEST_INITRAMFS" $TMPDIR/u/initrd && chmod 755 $TMPDIR $TMPDIR/u
-GROUP=$(basename $(readlink /sys/bus/pci/devices/$SD/iommu_group))
+SCRIPT = ORDINARY_USER + r"""GROUP=$(basename $(readlink /sys/bus/pci/devices/$SD/iommu_group))
 PYVMM=$(command -v pyvmm)
 PY=$(dirname "$PYVMM")/python
 ARGS="--kernel $TMPDIR/u/kernel --initramfs $TMPDIR/u/initrd --serial tty --console off"

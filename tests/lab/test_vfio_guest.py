@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from helpers.lab_script import ORDINARY_USER
 
 pytestmark = pytest.mark.lab
 
@@ -63,14 +64,7 @@ drv() { l=$(readlink "/sys/bus/pci/devices/$1/driver") && basename "$l" || echo 
 wait_dev() { i=0; while [ ! -b $1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; }
 wait_dev /dev/nvme0n1; head -c 66060288 /dev/nvme0n1 > $TMPDIR/nv-head
 # An ordinary user, as README.md sets up a real host: in the kvm group, a memlock limit from pam_limits.
-U=pyvmm-user
-getent group kvm >/dev/null || groupadd -r kvm
-useradd -M -G kvm $U
-chgrp kvm /dev/kvm && chmod 660 /dev/kvm  # what udev does on a real host
-chmod o+x /root  # the lab's Python and pyvmm's assets live under /root (0700 on the host)
-mkdir -p $TMPDIR/u && install -m 644 "$PYVMM_GUEST_KERNEL" $TMPDIR/u/kernel
-install -m 644 "$PYVMM_GUEST_INITRAMFS" $TMPDIR/u/initrd && chmod 755 $TMPDIR $TMPDIR/u
-echo "$U - memlock 1048576" > /etc/security/limits.d/pyvmm-user.conf
+@ORDINARY_USER@echo "$U - memlock 1048576" > /etc/security/limits.d/pyvmm-user.conf
 pyvmm-host bind 0000:00:03.0 --owner $U >/dev/null; pyvmm-host bind 0000:00:04.0 --owner $U >/dev/null
 for d in 03 04; do echo "RESET-METHOD-$d=[$(cat /sys/bus/pci/devices/0000:00:$d.0/reset_method 2>&1)]"; done
 SHORT="pyvmm --kernel $PYVMM_GUEST_KERNEL --initramfs $PYVMM_GUEST_INITRAMFS --memory size=128M --console off"
@@ -116,7 +110,7 @@ echo "HOST-NVME=$(sha256sum /dev/nvme0n1)"
 echo "WANT-NVME-AFTER=$(cat $TMPDIR/nv-head $TMPDIR/p | sha256sum)"
 echo "HOST-NVME-TAIL=$(dd if=/dev/nvme0n1 bs=1048576 skip=63 count=1 2>/dev/null | sha256sum)"
 echo "WANT-NVME-TAIL=$(sha256sum < $TMPDIR/p)"
-""".replace("@GUEST_CMD@", GUEST)
+""".replace("@GUEST_CMD@", GUEST).replace("@ORDINARY_USER@", ORDINARY_USER.lstrip("\n"))
 
 
 def value(out: str, key: str) -> str:

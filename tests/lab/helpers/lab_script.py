@@ -11,9 +11,23 @@ given variables:
     wait_blk DEV    waits (up to 10 s) for block device DEV to appear; `sha_of DEV` also prints its SHA-256
     release_fbcon   unbinds fbcon from the virtual terminals: while it draws the console on a display's
                     framebuffer, pyvmm-host refuses that display as in use (issue 19)
+
+`ORDINARY_USER` sets up the user the unprivileged tests run pyvmm as (README.md's real-host setup): `$U`
+(pyvmm-user, in the kvm group), /dev/kvm as udev leaves it, and the guest kernel and initramfs readable by
+it in `$TMPDIR/u/kernel` and `$TMPDIR/u/initrd`.
 """
 
 from __future__ import annotations
+
+ORDINARY_USER = r"""
+U=pyvmm-user
+getent group kvm >/dev/null || groupadd -r kvm
+useradd -M -G kvm $U
+chgrp kvm /dev/kvm && chmod 660 /dev/kvm  # what udev does on a real host
+chmod o+x /root  # the lab's Python and pyvmm's assets live under /root (0700 on the host)
+mkdir -p $TMPDIR/u && install -m 644 "$PYVMM_GUEST_KERNEL" $TMPDIR/u/kernel
+install -m 644 "$PYVMM_GUEST_INITRAMFS" $TMPDIR/u/initrd && chmod 755 $TMPDIR $TMPDIR/u
+"""
 
 PRELUDE = r"""
 sec() { echo "=== $1"; }
