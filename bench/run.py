@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         # stalled lab, which then shows its backtraces and ends, instead of hanging until the timeout.
         "--stall-timeout",
         str(a.stall_timeout),
+        # A lab that stops answering its pulse ends with 124 like a silent one; this script, not pyvmm-lab,
+        # starts the next lab, from the repetition that stalled.
+        "--restarts",
+        "0",
         "--",
     ]
     started = dt.datetime.now(dt.UTC)

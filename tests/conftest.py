@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pyvmm.lab.runner import RESTART_MARKER
+
 REPO = Path(__file__).resolve().parent.parent
 
 LabRun = Callable[..., subprocess.CompletedProcess]
@@ -68,12 +70,14 @@ def _lab_run(
     check: bool = False,
     stall: float | None = None,
     alone: bool = False,
+    pulse: float | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `command` (a shell string, or an argv list) as root inside a freshly booted lab.
 
     Output (stdout and stderr merged) is returned as text in `.stdout`; the lab's own boot messages are
     not included. The exit status is the command's. `alone=True` keeps other labs off the host meanwhile
-    (for tests that measure).
+    (for tests that measure). When the lab stalled and the command ran again in a new lab, `.stdout` is the
+    last run's output and `.before_restart` what came before it (printed, so a failure shows it).
     """
     argv = [sys.executable, "-m", "pyvmm.lab", "run", "--timeout", str(int(timeout))]
     if devices is not None:
@@ -85,6 +89,8 @@ def _lab_run(
     argv += ["--cpus", str(cpus if cpus is not None else 1)]
     if stall is not None:
         argv += ["--stall-timeout", str(stall)]
+    if pulse is not None:
+        argv += ["--pulse-timeout", str(pulse)]
     argv.append("--")
     argv += ["sh", "-c", command] if isinstance(command, str) else list(command)
     with lab_slots(LAB_SLOTS if alone else (cpus or 1)):
@@ -96,9 +102,16 @@ def _lab_run(
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            timeout=timeout + 120,
+            timeout=2 * timeout + 300,  # a stalled lab's run, its backtraces, and the new lab's run
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    proc.before_restart = ""  # type: ignore[attr-defined]
+    lines = proc.stdout.splitlines(keepends=True)
+    restarts = [i for i, line in enumerate(lines) if line.rstrip("\n") == RESTART_MARKER]
+    if restarts:
+        print(proc.stdout)
+        proc.before_restart = "".join(lines[: restarts[-1]])  # type: ignore[attr-defined]
+        proc.stdout = "".join(lines[restarts[-1] + 1 :])
     if check and proc.returncode != 0:
         raise AssertionError(f"lab command failed ({proc.returncode}):\n{proc.stdout}")
     return proc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,14 +81,32 @@ def test_exit_status_is_the_commands(lab) -> None:
     assert lab("exit 7", devices="none").returncode == 7
 
 
-def test_a_stalled_command_gets_the_labs_backtraces(lab) -> None:
-    """--stall-timeout: a command silent for too long ends the lab, after the lab kernel printed its CPUs'
-    backtraces and every task's stack (magic SysRq over the serial line)."""
-    proc = lab("echo started; sleep 600; echo never", devices="none", stall=10)
-    out = proc.stdout
+def test_a_stalled_lab_is_replaced_and_a_stalled_command_gets_the_labs_backtraces(lab) -> None:
+    """The pulse (pyvmm/lab/pulse.py) and --stall-timeout. In the first lab the command stops the process
+    that answers the pulse, as a stalled emulated host would: after --pulse-timeout the lab shows its
+    backtraces and the command runs again in a new lab (PYVMM_LAB_ATTEMPT=2). There the pulse's bytes
+    interrupt the lab every second; then the command goes silent and --stall-timeout ends the lab, after its
+    kernel printed its CPUs' backtraces and every task's stack (magic SysRq over the serial line)."""
+    script = (
+        'echo "ATTEMPT $PYVMM_LAB_ATTEMPT"; '
+        'if [ "$PYVMM_LAB_ATTEMPT" = 1 ]; then kill -STOP "$(cat /run/pyvmm-lab-pulse.pid)"; fi; '
+        "irqs() { grep ttyS1 /proc/interrupts | awk '{print $2}'; }; "
+        'a=$(irqs); sleep 4; echo "PULSE-IRQS $a $(irqs)"; '
+        "echo started; sleep 600; echo never"
+    )
+    proc = lab(script, devices="none", stall=20, pulse=10)
+    first, out = proc.before_restart, proc.stdout
+    assert "ATTEMPT 1" in first and "ATTEMPT 1" not in out, first
+    assert "the lab stalled: it answered no pulse for 10 s" in first, first
+    assert "NMI backtrace for cpu 0" in first, first
+    assert "running the command again in a new lab (attempt 2)" in first, first
     assert proc.returncode == 124, out
-    assert "started" in out and "never" not in out
-    assert "printed nothing for 10 s" in out
+    assert "ATTEMPT 2" in out and "started" in out and "never" not in out, out
+    irqs = re.search(r"^PULSE-IRQS (\d+) (\d+)$", out, re.M)
+    assert irqs, out
+    before, after = int(irqs[1]), int(irqs[2])
+    assert after - before >= 3, out  # a byte a second, each an interrupt (and the answer's own)
+    assert "printed nothing for 20 s" in out and "no pulse" not in out
     assert "NMI backtrace for cpu 0" in out and "sysrq: Show State" in out and "task:sleep" in out, out
     assert "CPU#0" in out and "RIP=" in out  # and, from QEMU's monitor, where each lab CPU is
 

@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     lab_options(run)
     run.add_argument("--stall-timeout", type=float, metavar="S",
                      help="give up when the command prints nothing for S seconds (off)")
+    run.add_argument("--pulse-timeout", type=float, default=LabOptions.pulse_timeout, metavar="S",
+                     help=f"the lab has stalled when it answers no pulse for S seconds "
+                     f"({LabOptions.pulse_timeout:.0f})")
+    run.add_argument("--restarts", type=int, default=LabOptions.restarts, metavar="N",
+                     help=f"run the command again in up to N new labs when its lab stalls "
+                     f"({LabOptions.restarts})")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     shell = sub.add_parser("shell", help="boot the lab with an interactive shell")
     lab_options(shell)
@@ -57,8 +63,15 @@ def _options(args: argparse.Namespace) -> LabOptions:
     stall = getattr(args, "stall_timeout", None)
     if stall is not None and stall <= 0:
         raise DeviceSpecError("--stall-timeout: give a number of seconds above 0")
+    pulse = getattr(args, "pulse_timeout", LabOptions.pulse_timeout)
+    if pulse <= 0:
+        raise DeviceSpecError("--pulse-timeout: give a number of seconds above 0")
+    restarts = getattr(args, "restarts", LabOptions.restarts)
+    if restarts < 0:
+        raise DeviceSpecError("--restarts: give 0 or more")
     return LabOptions(devices=parse_device_spec(args.devices), memory_mib=args.memory, cpus=args.cpus,
-                      timeout=args.timeout, stall_timeout=stall, verbose=args.verbose)
+                      timeout=args.timeout, stall_timeout=stall, pulse_timeout=pulse, restarts=restarts,
+                      verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from pyvmm.errors import PyvmmError
 from pyvmm.lab.assets import Manifest, load_manifest
 from pyvmm.lab.devices import NINEP_SLOT, parse_device_spec, qemu_device_args
 from pyvmm.lab.paths import AssetPaths
+from pyvmm.lab.pulse import Pulse
 
 READY_MARKER = "PYVMM-LAB-READY"
 EXIT_MARKER = "PYVMM-LAB-EXIT="
@@ -29,8 +30,12 @@ FAIL_MARKER = "PYVMM-LAB-FAIL:"
 
 EXIT_TIMEOUT = 124
 EXIT_LAB_FAILED = 125
+EXIT_LAB_STALLED = 126  # internal: the lab stopped answering its pulse (a new lab may run the command)
+# Printed on stdout before a command runs again in a new lab: what came before it is the stalled lab's.
+RESTART_MARKER = "PYVMM-LAB-RESTART"
 
 QMP_SOCKET = "qmp.sock"
+PULSE_SOCKET = "pulse.sock"
 QEMU_LOG = "qemu.log"
 # QMP's SHUTDOWN reasons, as a lab failure says them
 _SHUTDOWN_REASONS = {
@@ -64,6 +69,10 @@ class LabOptions:
     cpus: int = field(default_factory=default_lab_cpus)
     timeout: float = 900.0
     stall_timeout: float | None = None  # give up when the command prints nothing for this long
+    # The lab itself has stalled when it answers no pulse for this long (pyvmm/lab/pulse.py); a healthy lab
+    # answers within a second or two even with a nested guest keeping its CPUs busy.
+    pulse_timeout: float = 120.0
+    restarts: int = 1  # new labs for a command whose lab stalled
     verbose: bool = False
 
 
@@ -116,8 +125,9 @@ class Lab:
                 env[key] = value
         return env
 
-    def _prepare(self, run_dir: Path, command: list[str] | None) -> None:
+    def _prepare(self, run_dir: Path, command: list[str] | None, attempt: int = 1) -> None:
         env = self.environment()
+        env["PYVMM_LAB_ATTEMPT"] = str(attempt)  # 2 when the command runs again after its lab stalled
         lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
         (run_dir / "env.sh").write_text("\n".join(lines) + "\n")
         setup = resources.files("pyvmm.lab").joinpath("data", "lab-setup.sh").read_bytes()
@@ -166,6 +176,9 @@ class Lab:
             # off), and QEMU's log records triple faults and what the emulated hardware refused.
             argv += ["-qmp", f"unix:{run_dir / QMP_SOCKET},server=on,wait=off",
                      "-d", "cpu_reset,guest_errors", "-D", str(run_dir / QEMU_LOG)]
+        # ttyS1 (after the console's port): the pulse (pyvmm/lab/pulse.py)
+        argv += ["-chardev", f"socket,id=pulse,path={run_dir / PULSE_SOCKET},server=on,wait=off",
+                 "-serial", "chardev:pulse"]
         return argv + devices.args
 
     def run(self, command: list[str], options: LabOptions) -> int:
@@ -181,7 +194,17 @@ class Lab:
                 # The lab never reached the command (a boot-time flake of the emulated host): one more try.
                 print("pyvmm-lab: booting the lab again", file=sys.stderr)
                 status, ready = _supervise(argv, options, run_dir)
-            return status
+            attempt = 1
+            while status == EXIT_LAB_STALLED and attempt <= options.restarts:
+                # The emulated host stalled under the command (not the command's doing: a process of the
+                # lab's own stopped running); the lab keeps nothing between runs, so a new one starts over.
+                attempt += 1
+                print(f"pyvmm-lab: running the command again in a new lab (attempt {attempt})",
+                      file=sys.stderr, flush=True)
+                print(RESTART_MARKER, flush=True)
+                self._prepare(run_dir, command, attempt)
+                status, ready = _supervise(argv, options, run_dir)
+            return EXIT_TIMEOUT if status == EXIT_LAB_STALLED else status
 
     def shell(self, options: LabOptions) -> int:
         compile_pyvmm()
@@ -191,7 +214,13 @@ class Lab:
             self._prepare(run_dir, None)
             argv = self.qemu_argv(run_dir, options, interactive=True)
             print("pyvmm-lab: booting the lab; leave the shell with `exit` or Ctrl-D", file=sys.stderr)
-            proc = subprocess.run(argv)
+            (run_dir / PULSE_SOCKET).unlink(missing_ok=True)
+            pulse = Pulse(run_dir / PULSE_SOCKET)
+            pulse.start()
+            try:
+                proc = subprocess.run(argv)
+            finally:
+                pulse.stop()
             return 0 if proc.returncode == 0 else EXIT_LAB_FAILED
 
 
@@ -316,14 +345,19 @@ def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int
     got as far as starting the command."""
     start = time.monotonic()
     (run_dir / QMP_SOCKET).unlink(missing_ok=True)
+    (run_dir / PULSE_SOCKET).unlink(missing_ok=True)
     qemu_log = run_dir / QEMU_LOG
     qemu_log.unlink(missing_ok=True)
     log_at_ready = [0]  # QEMU's log up to the READY marker is the lab's own boot
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shutdown = ShutdownWatch(run_dir / QMP_SOCKET)
     shutdown.start()
+    pulse = Pulse(run_dir / PULSE_SOCKET)
+    pulse.start()
     timed_out = threading.Event()
     stalled = threading.Event()
+    lab_stalled = threading.Event()
+    ready_at = [start]
     done = threading.Event()
     last_output = [start]  # when the command last printed (the watchdog reads it)
     ready = threading.Event()  # the lab reached the command (set by the reader, read by the watchdog)
@@ -333,6 +367,8 @@ def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int
             now = time.monotonic()
             if now - start > options.timeout:
                 timed_out.set()
+            elif ready.is_set() and pulse.silent_for(ready_at[0], now) > options.pulse_timeout:
+                lab_stalled.set()
             elif (options.stall_timeout is not None and ready.is_set()
                   and now - last_output[0] > options.stall_timeout):
                 stalled.set()
@@ -358,7 +394,7 @@ def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int
                 if options.verbose:
                     print(line, file=sys.stderr, flush=True)
                 if line.startswith(READY_MARKER):
-                    last_output[0] = time.monotonic()
+                    last_output[0] = ready_at[0] = time.monotonic()
                     log_at_ready[0] = _log_size(qemu_log)
                     ready.set()
                     if options.verbose:
@@ -386,6 +422,7 @@ def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int
             out.flush()
     finally:
         done.set()
+        pulse.stop()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -394,6 +431,10 @@ def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int
     if timed_out.is_set():
         print(f"pyvmm-lab: the lab timed out after {options.timeout:.0f} s", file=sys.stderr)
         return EXIT_TIMEOUT, ready.is_set()
+    if lab_stalled.is_set():
+        print(f"pyvmm-lab: the lab stalled: it answered no pulse for {options.pulse_timeout:.0f} s (the "
+              "emulated host stopped running its own processes; its backtraces are above)", file=sys.stderr)
+        return EXIT_LAB_STALLED, ready.is_set()
     if stalled.is_set():
         print(f"pyvmm-lab: the command printed nothing for {options.stall_timeout:.0f} s: gave up "
               "(the lab's backtraces are above)", file=sys.stderr)

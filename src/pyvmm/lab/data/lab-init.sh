@@ -30,6 +30,21 @@ release=$(uname -r)
 # The lab kernel's module tree, where modprobe looks for it.
 mkdir -p "/host/lib/modules/$release"
 mount --bind "/host$kroot/lib/modules/$release" "/host/lib/modules/$release" || fail "bind modules"
+# The pulse (pyvmm/lab/pulse.py): answer every byte the supervisor sends on ttyS1. Each byte is an
+# interrupt, which wakes a lab CPU whose timer interrupt got lost in the emulation; the answers show that
+# the lab still runs its processes. With several CPUs the port's interrupt moves on to the next CPU after
+# each byte, so that every CPU is woken in turn.
+ncpu=$(grep -c ^processor /proc/cpuinfo)
+(
+  stty raw -echo 2>/dev/null
+  i=0
+  while read -r _; do
+    echo PULSE
+    if [ "$ncpu" -gt 1 ]; then echo $((i % ncpu)) 2>/dev/null > /proc/irq/3/smp_affinity_list; fi
+    i=$((i + 1))
+  done
+) <>/dev/ttyS1 >&0 2>/dev/null &
+echo $! > /host/run/pyvmm-lab-pulse.pid
 chroot /host /bin/sh "$run/setup.sh" || fail "host setup"
 # khugepaged, collapsing the VMMs' guest RAM into huge pages while the guests run, has held a lab CPU for
 # minutes (soft lockups during `make bench`). Guest RAM still gets huge pages at fault time (it is madvised).
