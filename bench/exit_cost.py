@@ -189,7 +189,7 @@ def measure(row: str, count: int, coalesce: bool = True) -> float:
         ring = open_coalesced_ring(vm, vcpu, pio_bus, mmio_bus) if coalesce else None
         if ring is not None:  # as the builder registers them
             ring.register_ports(vm, layout.PCI_CONFIG_IO_PORT, 4)
-            ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1)
+            ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1, burst=serial.write_thr_bytes)
             serial.batch_output = True
             ring.after_drain.append(serial.flush_output)
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus, coalesced=ring)

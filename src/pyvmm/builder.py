@@ -202,7 +202,7 @@ def _coalesce_writes(vm: Vm, vcpu: Vcpu, pio_bus: IoBus, mmio_bus: IoBus,
     ring.register_ports(vm, layout.PCI_CONFIG_IO_PORT, 4)
     if serial is not None:
         # Byte writes to COM1's THR (DLL while DLAB is set): the console's bytes, up to 16 per LSR poll.
-        ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1)
+        ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1, burst=serial.write_thr_bytes)
         serial.batch_output = True
         ring.after_drain.append(serial.flush_output)
     return ring

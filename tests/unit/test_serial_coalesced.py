@@ -128,7 +128,15 @@ def kick_handler() -> None:
     install_kick_handler()
 
 
-def run_script(steps: list[Step]) -> tuple[ScriptedVcpu, Serial16550, Output, Line, CoalescedRing]:
+@pytest.fixture(params=[True, False], ids=["burst", "per-byte"])
+def burst(request: pytest.FixtureRequest) -> bool:
+    """Each script runs twice: with the THR bytes of a run replayed in one call, as the builder wires it,
+    and each through the bus; the guest must not see a difference."""
+    return bool(request.param)
+
+
+def run_script(steps: list[Step], burst: bool) -> tuple[ScriptedVcpu, Serial16550, Output, Line,
+                                                        CoalescedRing]:
     """Wire a UART the way the builder does when KVM can queue THR writes, and run the script to its HLT."""
     line, output = Line(), Output()
     uart = Serial16550(line, output)
@@ -139,23 +147,25 @@ def run_script(steps: list[Step]) -> tuple[ScriptedVcpu, Serial16550, Output, Li
     vcpu.ring = ring
     uart.batch_output = True
     ring.after_drain.append(uart.flush_output)
+    if burst:
+        ring.add_burst(COM1, uart.write_thr_bytes)
     result = VcpuLoop(vcpu, pio, mmio, coalesced=ring).run()
     assert result.reason is StopReason.HALTED, result.describe()
     return vcpu, uart, output, line, ring
 
 
-def test_a_polled_console_burst_is_one_write_and_comes_out_before_the_next_lsr_answer() -> None:
+def test_a_polled_console_burst_is_one_write_and_comes_out_before_the_next_lsr_answer(burst: bool) -> None:
     # Linux's console: LSR once, up to 16 bytes to THR, LSR again; at the end it waits for TEMT.
     line1, line2 = b"[    0.000000] L", b"inux version 6.1"
     steps = [inb(LSR), queued(*line1), inb(LSR), queued(*line2), inb(LSR), halt]
-    vcpu, _, output, line, ring = run_script(steps)
+    vcpu, _, output, line, ring = run_script(steps, burst)
     assert vcpu.answers == [LSR_THRE_TEMT] * 3
     assert output.chunks == [line1, line2]  # one write per burst, none per byte
     assert ring.replayed == 32 and not ring.pending()
     assert not any(line.history)  # IER is 0 while the console writes: no interrupt
 
 
-def test_bytes_queued_before_dlab_is_set_are_thr_bytes_and_after_it_the_divisor() -> None:
+def test_bytes_queued_before_dlab_is_set_are_thr_bytes_and_after_it_the_divisor(burst: bool) -> None:
     # The LCR writes trap, and the ring is replayed before them: each queued byte meets the LCR it was
     # written under.
     steps = [
@@ -165,12 +175,14 @@ def test_bytes_queued_before_dlab_is_set_are_thr_bytes_and_after_it_the_divisor(
         outb(LCR, LCR_DLAB | LCR_8N1), inb(THR), inb(IER),  # the divisor read back
         outb(LCR, LCR_8N1), halt,
     ]  # fmt: skip
-    vcpu, _, output, _, _ = run_script(steps)
+    vcpu, _, output, _, _ = run_script(steps, burst)
     assert output.data == b"ok!"
     assert vcpu.answers == [0x01, 0x00]
 
 
-def test_the_thre_interrupt_for_a_queued_fifo_load_is_raised_at_the_handlers_next_iir_read() -> None:
+def test_the_thre_interrupt_for_a_queued_fifo_load_is_raised_at_the_handlers_next_iir_read(
+    burst: bool,
+) -> None:
     # Linux's interrupt-driven transmit: enable THRI (its THRE interrupt comes at once), the handler reads
     # IIR, fills the FIFO (queued), and reads IIR again: that read must see the new THRE interrupt.
     steps = [
@@ -179,24 +191,24 @@ def test_the_thre_interrupt_for_a_queued_fifo_load_is_raised_at_the_handlers_nex
         inb(IIR), inb(LSR), outb(IER, 0),  # nothing left to send: THRI off
         inb(IIR), halt,
     ]  # fmt: skip
-    vcpu, _, output, line, _ = run_script(steps)
+    vcpu, _, output, line, _ = run_script(steps, burst)
     iir = [a & 0x0F for a in vcpu.answers[0::2]]
     assert iir == [IIR_THRI, IIR_THRI, IIR_THRI, IIR_NO_INT]
     assert output.chunks == [b"0123456789abcdef", b"tail"]
     assert line.history == [True, False, True, False, True, False]  # a rising edge per FIFO load
 
 
-def test_disabling_thri_after_queued_bytes_leaves_no_interrupt_pending() -> None:
+def test_disabling_thri_after_queued_bytes_leaves_no_interrupt_pending(burst: bool) -> None:
     # Bytes queued while THRI is on, then IER = 0 (trapped): replayed first, so IER = 0 is the last word.
     steps = [outb(IER, IER_THRI), inb(IIR), queued(*b"xy"), outb(IER, 0), inb(IIR), halt]
-    vcpu, _, output, line, _ = run_script(steps)
+    vcpu, _, output, line, _ = run_script(steps, burst)
     assert [a & 0x0F for a in vcpu.answers] == [IIR_THRI, IIR_NO_INT]
     assert line.history[-1] is False and output.data == b"xy"
 
 
-def test_bytes_still_queued_when_the_vcpu_stops_are_written_out() -> None:
+def test_bytes_still_queued_when_the_vcpu_stops_are_written_out(burst: bool) -> None:
     steps = [inb(LSR), queued(*b"reboot: Power down\n", port=COM1), halt]
-    _, _, output, _, ring = run_script(steps)
+    _, _, output, _, ring = run_script(steps, burst)
     assert output.data == b"reboot: Power down\n" and not ring.pending()
 
 

@@ -173,6 +173,22 @@ class Serial16550:
                 return
         self.flush_output()
 
+    def write_thr_bytes(self, data: bytes) -> None:
+        """Byte writes to THR (offset 0) in a row, replayed from KVM's coalesced ring: the same as `write`
+        for each, in one call (the console's 16-byte bursts are the common case on the exit path)."""
+        with self._lock:
+            if self._lcr & _LCR_DLAB or self._mcr & _MCR_LOOP or self._output is None:
+                for value in data:  # not transmitted bytes: each goes through the register logic
+                    self._write(_RBR_THR_DLL, value)
+            elif data:
+                self._thr_pending = True  # each byte leaves at once: THR is empty after the last one
+                self._tx += data
+            if self._ier & _IER_THRE or self._mcr & _MCR_LOOP:
+                self._update_irq()
+            if not self._tx or (self.batch_output and len(self._tx) < _TX_BATCH_LIMIT):
+                return
+        self.flush_output()
+
     def flush_output(self) -> None:
         """Give the transmitted bytes to `output` in one call (outside the device lock)."""
         with self._output_lock:

@@ -6,7 +6,9 @@ still exit. Whoever handles an exit first replays the queued writes, so a device
 accesses in program order: a vCPU's queued write precedes its own later exit in the ring, and guests
 serialise the shared registers we coalesce (Linux holds pci_config_lock around each 0xCF8/0xCFC pair).
 Devices that want to act once per replayed run (the UART writes its transmitted bytes out in one go) are
-told after each drain that replayed something (`after_drain`).
+told after each drain that replayed something (`after_drain`). A port registered with a `burst` handler
+gets a run of consecutive byte writes to it in one call (the console's 16 bytes per LSR poll), instead of
+one bus dispatch per byte.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class CoalescedRing:
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
         self.after_drain: list[Callable[[], object]] = []  # called (under the ring's lock) after a replay
+        self._bursts: dict[int, Callable[[bytes], object]] = {}  # port -> handler of a run of byte writes
         self._lock = threading.Lock()
         self.replayed = 0  # writes replayed so far
 
@@ -58,7 +61,7 @@ class CoalescedRing:
         done = 0
         with self._lock:
             first, capacity, page = header.first, self.capacity, self._page
-            pio_bus, mmio_bus = self.pio_bus, self.mmio_bus
+            pio_bus, mmio_bus, bursts = self.pio_bus, self.mmio_bus, self._bursts
             unpack_entry = _ENTRY.unpack_from
             # KVM may append while we replay: take what is there, hand the slots back, look again.
             while (last := header.last) != first:
@@ -67,20 +70,40 @@ class CoalescedRing:
                     break
                 while first != last:
                     addr, length, pio, data = unpack_entry(page, _HEADER_SIZE + first * _ENTRY_SIZE)
-                    value = int.from_bytes(data, "little") & _MASKS[length if length < 8 else 8]
-                    (pio_bus if pio else mmio_bus).write(addr, length if length < 8 else 8, value)
                     first = first + 1 if first + 1 < capacity else 0
                     done += 1
+                    burst = bursts.get(addr) if pio and length == 1 and bursts else None
+                    if burst is None:
+                        value = int.from_bytes(data, "little") & _MASKS[length if length < 8 else 8]
+                        (pio_bus if pio else mmio_bus).write(addr, length if length < 8 else 8, value)
+                        continue
+                    run = bytearray(data[:1])
+                    while first != last:  # the byte writes to the same port that follow it
+                        addr2, length2, pio2, data2 = unpack_entry(page, _HEADER_SIZE + first * _ENTRY_SIZE)
+                        if addr2 != addr or length2 != 1 or not pio2:
+                            break
+                        run += data2[:1]
+                        first = first + 1 if first + 1 < capacity else 0
+                        done += 1
+                    burst(bytes(run))
                 header.first = first
             self.replayed += done
             for hook in self.after_drain:
                 hook()
         return done
 
-    def register_ports(self, vm: Vm, port: int, size: int) -> None:
+    def register_ports(self, vm: Vm, port: int, size: int,
+                       burst: Callable[[bytes], object] | None = None) -> None:
         """Have KVM queue guest writes to ports [port, port+size) here (an access must lie wholly inside
-        the zone to be queued; reads still exit)."""
+        the zone to be queued; reads still exit). With `burst`, consecutive byte writes to `port` are
+        replayed as one call of it with their bytes, in order, instead of through the bus."""
         vm.register_coalesced_zone(port, size, pio=True)
+        if burst is not None:
+            self.add_burst(port, burst)
+
+    def add_burst(self, port: int, burst: Callable[[bytes], object]) -> None:
+        """Replay consecutive queued byte writes to `port` as one call of `burst` with their bytes."""
+        self._bursts[port] = burst
 
 
 def open_coalesced_ring(vm: Vm, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus) -> CoalescedRing | None:

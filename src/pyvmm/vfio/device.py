@@ -230,6 +230,17 @@ class VfioDevice:
         value = self.read_int(VfioPciRegion.VFIO_PCI_CONFIG_REGION_INDEX, offset, size)
         return (1 << (8 * size)) - 1 if value is None else value
 
+    def config_dword(self, offset: int) -> int:
+        """`read_config(offset, 4)` in one pread: the dword reads a guest's config-space exits make."""
+        region = self.regions.get(VfioPciRegion.VFIO_PCI_CONFIG_REGION_INDEX)
+        if region is None or offset < 0 or offset + 4 > region.size:
+            return 0xFFFF_FFFF
+        try:
+            data = os.pread(self.fd, 4, region.offset + offset)
+        except OSError:
+            return 0xFFFF_FFFF
+        return int.from_bytes(data, "little") if len(data) == 4 else 0xFFFF_FFFF
+
     def write_config(self, offset: int, size: int, value: int) -> bool:
         return self.write_int(VfioPciRegion.VFIO_PCI_CONFIG_REGION_INDEX, offset, size, value)
 

@@ -240,6 +240,7 @@ class VfioPciDevice(PciDevice):
         self._msix_phys_pba = 0
         self._msix_phys_table = 0
         self._msix_given: set[int] = set()  # MSI-X vectors whose eventfd VFIO has (guest unmasked them once)
+        self._emulated: frozenset[int] | None = None  # see _emulated_dwords
         self._msix_warned = False
         try:
             # The device was reset before the model exists (VfioPassthrough.reset): MSI/MSI-X control words
@@ -267,6 +268,7 @@ class VfioPciDevice(PciDevice):
     def add_patch(self, patch: caps.ConfigPatch) -> None:
         """Make bits of a config dword read as something else (for capability add-ons like the clique)."""
         self._patches.setdefault(patch.offset & ~3, []).append(patch)
+        self._emulated = None
 
     def _vectors(self, count: int) -> IrqfdMsiVectors:
         return IrqfdMsiVectors(self._router, self._irqfds, count, self.name)
@@ -644,7 +646,20 @@ class VfioPciDevice(PciDevice):
             return 0xFFFF_FFFF
         return self.device.read_config(offset, 4)
 
+    def _emulated_dwords(self) -> frozenset[int]:
+        """The config dwords a guest does not read straight from the device: the BARs, the header and
+        interrupt dwords, the MSI/MSI-X capabilities' emulated words and patched dwords. Every other dword is
+        one pread on the exit path (docs/vfio.md#config-reads)."""
+        if self._emulated is None:
+            dwords = set(_BAR_DWORDS) | {_HEADER_DWORD, _INTERRUPT_DWORD} | set(self._patches)
+            for start, handler in self._handlers():
+                dwords.update(range((start + 2) & ~3, start + handler.length, 4))
+            self._emulated = frozenset(dwords)
+        return self._emulated
+
     def _read_dword(self, offset: int) -> int:
+        if offset not in self._emulated_dwords():
+            return self.device.config_dword(offset)
         if offset in _BAR_DWORDS:
             return self.shadow.read(offset, 4)
         value = self._device_dword(offset)
