@@ -1,5 +1,6 @@
 """Issue 8's benchmark, one short repetition (`bench/run.py --smoke`): every metric gets a positive
-figure for every VMM. No time is asserted; `make bench` runs the real comparison."""
+figure for every VMM, issue 20's network rows (vhost-net vs QEMU vhost=on) and vhost-user-blk rows
+(qemu-storage-daemon for both) included. No time is asserted; `make bench` runs the real comparison."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def test_bench_smoke(tmp_path, slots) -> None:
     assert proc.returncode == 0 and len(results) == 1, out
     data = json.loads(results[0].read_text())
     assert data["errors"] == [], out
+    keys = {m.key for m in analysis.METRICS}
+    assert {"net_guest_to_lab", "net_lab_to_guest", "net_rr", "vu_seq_read_pages", "vu_randread_qd32"} <= keys
     for metric in analysis.METRICS:
         for vmm in metric.vmms:
             values = data["samples"][metric.key][vmm]
