@@ -2,7 +2,9 @@
 disk image and NVMe drive, interleaved, timed by the lab's clock as console lines arrive.
 
 Per repetition: three boots (pyvmm, QEMU q35, QEMU microvm), a virtio-blk run per VMM (I/O, then the
-guest idles while the VMM's CPU time and memory are read from /proc), the NVMe drive measured on the
+guest idles while the VMM's CPU time and memory are read from /proc), a data-plane run per VMM (network
+rows against the lab on a vhost-net NIC, then the virtio-blk workload on a vhost-user-blk disk served by
+qemu-storage-daemon), the NVMe drive measured on the
 lab's own nvme driver, then bound to vfio-pci and a passthrough run per VMM (NVMe I/O, then trapped
 config-space reads and MSI-X table writes), then the drive back on its driver. The order of the VMMs
 alternates between repetitions. The last output line is `BENCH-JSON {...}` with every sample."""
@@ -35,6 +37,27 @@ VIRTIO_TAGS = {
     "blk-rand32": "blk_randread_qd32",
 }
 
+# the same workload on a vhost-user-blk disk (guest/virtio.sh again, on the daemon's disk)
+VHOST_TAGS = {tag: "vu_" + key.removeprefix("blk_") for tag, key in VIRTIO_TAGS.items()}
+# bench-net's modes (guest/bench-net.c) and their metric keys, in the order they are measured
+NET_MODES = {"T": "net_guest_to_lab", "R": "net_lab_to_guest", "P": "net_rr"}
+
+# The network rows' tap, inside the lab only: the lab is 192.168.249.1 on it, the guest .2 (no route
+# leads anywhere else). One persistent tap that both VMMs open in turn, with the same guest MAC, so each
+# sees the same interface and the lab's neighbour entry stays right.
+TAP = "benchtap0"
+LAB_IP = "192.168.249.1"
+GUEST_IP = "192.168.249.2"
+NET_MASK = "255.255.255.0"
+NET_PORT = 5201
+GUEST_MAC = "52:54:00:62:65:01"
+
+# qemu-storage-daemon as docs/virtio-blk.md found fastest in the lab: an iothread that polls for 400 us,
+# and io_uring; through the lab's page cache (no cache.direct), as the default --disk and QEMU's
+# virtio-blk-pci are.
+QSD_IOTHREAD = "iothread,id=iot0,poll-max-ns=400000"
+QSD_AIO = "io_uring"
+
 NVME_BDF = "0000:00:03.0"  # the lab's only device (pyvmm-lab run --devices nvme)
 GUEST_RAM = 512 << 20
 # hugepages: bench-io's BENCH_IO_BUFFER=huge|pages buffers, which fix how many segments a request has
@@ -47,7 +70,8 @@ CMDLINE = "console=ttyS0 quiet panic=-1 hugepages=4"
 # so it runs normally there.
 STALL_IN_REP = int(os.environ.get("PYVMM_BENCH_STALL_IN_REP", "0"))
 
-PARTS = frozenset({"boot", "virtio", "passthrough"})  # passthrough includes the lab-native and trap runs
+# passthrough includes the lab-native and trap runs; net and vhost share one boot per VMM when both run
+PARTS = frozenset({"boot", "virtio", "vhost", "net", "passthrough"})
 
 
 @dataclass
@@ -64,6 +88,9 @@ class Settings:
     vm_timeout: float = 300.0
     only: frozenset[str] = PARTS  # which parts to run (a subset while working on one of them)
     first_rep: int = 1  # a lab that continues a stalled run starts at the repetition that stalled
+    # --smoke: the data-plane devices join the virtio-blk run's boot (two boots fewer per repetition; the
+    # suite's time). Its figures are not compared, and the command lines and helpers are the same.
+    one_boot: bool = False
 
 
 @dataclass
@@ -188,7 +215,17 @@ def show_kernel_log(levels: str = "emerg,alert,crit,err,warn") -> None:
 
 
 # -- the VMM command lines -------------------------------------------------------------------------------
-def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | None = None) -> list[str]:
+def pyvmm_argv(
+    s: Settings,
+    cmd: str,
+    disk: str | None = None,
+    device: str | None = None,
+    shared: bool = False,
+    net: bool = False,
+    vhost_socket: str | None = None,
+) -> list[str]:
+    """`shared`: guest RAM in a memfd (what vhost-user needs); `net`: a NIC on TAP; `vhost_socket`: a
+    vhost-user-blk disk served there."""
     argv = [
         "pyvmm",
         "--kernel",
@@ -198,7 +235,7 @@ def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | Non
         "--cpus",
         "boot=1",
         "--memory",
-        f"size={GUEST_RAM >> 20}M",
+        f"size={GUEST_RAM >> 20}M" + (",shared=on" if shared else ""),
         "--serial",
         "tty",
         "--console",
@@ -208,19 +245,31 @@ def pyvmm_argv(s: Settings, cmd: str, disk: str | None = None, device: str | Non
     ]
     if disk:
         argv += ["--disk", f"path={disk}"]
+    if vhost_socket:
+        argv += ["--disk", f"vhost_user=on,socket={vhost_socket}"]
+    if net:
+        argv += ["--net", f"tap={TAP},ip={LAB_IP},mask={NET_MASK},mac={GUEST_MAC}"]
     if device:
         argv += ["--device", f"path=/sys/bus/pci/devices/{device}/"]
     return argv
 
 
 def qemu_argv(
-    s: Settings, cmd: str, machine: str = "q35", disk: str | None = None, device: str | None = None
+    s: Settings,
+    cmd: str,
+    machine: str = "q35",
+    disk: str | None = None,
+    device: str | None = None,
+    shared: bool = False,
+    net: bool = False,
+    vhost_socket: str | None = None,
 ) -> list[str]:
+    """As pyvmm_argv; `shared` is a memfd memory backend with share=on, as vhost-user-blk-pci needs."""
     argv = [
         "qemu-system-x86_64",
         "-enable-kvm",
         "-M",
-        machine,
+        machine + (",memory-backend=mem0" if shared else ""),
         "-cpu",
         "host",
         "-m",
@@ -244,6 +293,22 @@ def qemu_argv(
     argv += ["-device", "virtio-rng-device" if machine == "microvm" else "virtio-rng-pci"]
     if disk:
         argv += ["-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0"]
+    if shared:
+        argv += ["-object", f"memory-backend-memfd,id=mem0,size={GUEST_RAM >> 20}M,share=on"]
+    if vhost_socket:
+        argv += [
+            "-chardev",
+            f"socket,id=vu0,path={vhost_socket}",
+            "-device",
+            "vhost-user-blk-pci,chardev=vu0,num-queues=1",
+        ]
+    if net:
+        argv += [
+            "-netdev",
+            f"tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=on",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={GUEST_MAC},romfile=",  # no iPXE: the guest boots its kernel
+        ]
     if device:
         argv += ["-device", f"vfio-pci,host={device}"]
     return argv
@@ -336,12 +401,28 @@ class Bench:
         say(f"{label}: " + ", ".join(parts))
 
     # virtio-blk: I/O, then idle with CPU/RSS probes
-    def virtio(self, vmm: str, rep: int, disk: str) -> None:
+    def virtio(self, vmm: str, rep: int, disk: str, dataplane: bool = False) -> None:
+        """`dataplane`: the data-plane run's devices and work in this boot too (Settings.one_boot), with the
+        vhost-user disk second (vdb) on its own copy of the image."""
         cmd = f"sh /bench/virtio.sh {self.s.span} {self.s.io_seconds:g} {self.s.idle_seconds:g}"
-        argv = pyvmm_argv(self.s, cmd, disk=disk) if vmm == an.PYVMM else qemu_argv(self.s, cmd, disk=disk)
-        label = f"rep {rep} virtio-blk {vmm}"
-        result = self.run(label, argv, probe=idle_probe)
+        label = f"rep {rep} virtio-blk{'+data-plane' if dataplane else ''} {vmm}"
+        plane = DataPlane(self, label, disk + ".vu", second_disk=True) if dataplane else None
+        if plane is not None and not plane.start():
+            return
+        if plane is not None:
+            argv = plane.argv(vmm, " && ".join([*plane.steps, cmd]), disk)
+        elif vmm == an.PYVMM:
+            argv = pyvmm_argv(self.s, cmd, disk=disk)
+        else:
+            argv = qemu_argv(self.s, cmd, disk=disk)
+        try:
+            result = self.run(label, argv, probe=plane.probe if plane else idle_probe)
+        finally:
+            if plane is not None:
+                plane.stop()
         spans = self._guest_spans(label, result)
+        if plane is not None:
+            plane.finish(vmm, spans)
         if spans is None:
             return
         self._io(
@@ -367,6 +448,89 @@ class Bench:
             f"{label}: idle CPU {cpu:.2f} s over {p['t1'] - p['t0']:.1f} s, "
             f"VmHWM {p['hwm_kib'] / 1024:.0f} MiB - guest RAM {p['ram_kib'] / 1024:.0f} MiB = {rss:.0f} MiB"
         )
+
+    # network and vhost-user-blk: the data planes pyvmm hands to the kernel (vhost-net) or to a daemon
+    def dataplane(self, vmm: str, rep: int, disk: str) -> None:
+        """One boot per VMM for the net and vhost parts (whichever run): the guest serves the lab's network
+        measurements first (guest/net.sh), then runs the virtio-blk workload on its vhost-user disk. Both
+        VMMs' guests have their RAM in a shared memfd, which vhost-user needs."""
+        only = self.s.only
+        parts = [p for p, on in (("net", "net" in only), ("vhost-user-blk", "vhost" in only)) if on]
+        label = f"rep {rep} {'+'.join(parts)} {vmm}"
+        plane = DataPlane(self, label, disk, second_disk=False)
+        if not plane.start():
+            return
+        try:
+            result = self.run(label, plane.argv(vmm, " && ".join(plane.steps)), probe=plane.probe)
+        finally:
+            plane.stop()
+        plane.finish(vmm, self._guest_spans(label, result))
+
+    def _net(self, label: str, vmm: str, stats: dict[str, dict[str, int]]) -> None:
+        parts = []
+        for mode, key in NET_MODES.items():
+            st = stats.get(mode)
+            if not st or not st.get("ns") or not st.get("ios"):
+                self.fail(label, None, f"no complete {key} measurement")
+                continue
+            seconds = st["ns"] / 1e9
+            unit = an.METRICS_BY_KEY[key].unit
+            value = st["bytes"] / seconds / 1e6 if unit == "MB/s" else st["ios"] / seconds
+            self.add(key, vmm, value)
+            parts.append(f"{key} {value:,.1f} {unit}")
+        say(f"{label}: " + ", ".join(parts))
+
+    def start_daemon(self, label: str, disk: str, sock: str) -> subprocess.Popen[bytes] | None:
+        """qemu-storage-daemon serving `disk` on `sock` (a fresh one for each VMM's run), once listening."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        log = open(sock + ".log", "wb")  # noqa: SIM115 - the daemon writes it; closed with the process
+        daemon = subprocess.Popen(
+            [
+                "qemu-storage-daemon",
+                "--object",
+                QSD_IOTHREAD,
+                "--blockdev",
+                f"driver=file,node-name=disk0,filename={disk},aio={QSD_AIO}",
+                "--export",
+                "type=vhost-user-blk,id=export0,node-name=disk0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues=1,iothread=iot0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait_for(lambda: os.path.exists(sock) or daemon.poll() is not None, 30) and daemon.poll() is None:
+            return daemon
+        daemon.kill()
+        daemon.wait()
+        tail = Path(sock + ".log").read_text(errors="replace")[-500:]
+        self.fail(label, None, f"qemu-storage-daemon did not listen on {sock}: {tail}")
+        return None
+
+    def stop_daemon(self, daemon: subprocess.Popen[bytes]) -> None:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+    def setup_tap(self) -> bool:
+        """The persistent tap both VMMs open, configured once: the lab's address on it, up."""
+        steps = [
+            ["modprobe", "-a", "tun", "vhost_net"],
+            ["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"],
+            ["ip", "addr", "add", f"{LAB_IP}/24", "dev", TAP],
+            ["ip", "link", "set", TAP, "up"],
+        ]
+        for step in steps:
+            proc = subprocess.run(step, capture_output=True, text=True)
+            if proc.returncode != 0:
+                self.fail(" ".join(step), None, (proc.stderr or proc.stdout).strip())
+                return False
+        return True
 
     # NVMe on the lab's own driver: the ceiling
     def native(self, rep: int) -> None:
@@ -447,6 +611,8 @@ class Bench:
         s = self.s
         disk = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-disk.raw")
         shutil.copyfile(s.disk, disk)
+        if "net" in s.only and not self.setup_tap():
+            s.only = s.only - {"net"}  # the failure is recorded; the other parts go on
         last = s.first_rep + s.reps - 1
         for rep in range(s.first_rep, last + 1):
             say(f"== repetition {rep}/{last}")
@@ -467,9 +633,13 @@ class Bench:
         if "boot" in s.only:
             for vmm in boots:
                 self.boot(vmm, rep)
+        merged = s.one_boot and "virtio" in s.only and bool(s.only & {"net", "vhost"})
         if "virtio" in s.only:
             for vmm in pair:
-                self.virtio(vmm, rep, disk)
+                self.virtio(vmm, rep, disk, dataplane=merged)
+        if s.only & {"net", "vhost"} and not merged:
+            for vmm in pair:
+                self.dataplane(vmm, rep, disk)
         if "passthrough" not in s.only:
             return
         self.native(rep)
@@ -488,6 +658,105 @@ class Bench:
             "runs": self.timings,
             "reps_done": self.reps_done,
         }
+
+
+class DataPlane:
+    """What a run with the data-plane devices adds, for one VMM: the guest's steps (guest/net.sh, then
+    guest/virtio.sh on the vhost-user disk), the qemu-storage-daemon serving `disk` (a fresh one per run),
+    the lab's side of the network rows, and their figures. `second_disk`: the vhost-user disk is the
+    guest's second (vdb, tags `vu-blk-...`), after the run's own --disk."""
+
+    def __init__(self, bench: Bench, label: str, disk: str, second_disk: bool) -> None:
+        s = bench.s
+        self.bench, self.label, self.disk = bench, label, disk
+        self.net, self.vhost = "net" in s.only, "vhost" in s.only
+        self.prefix = "vu-" if second_disk else ""
+        self.steps: list[str] = []
+        if self.net:
+            serve_for = int(120 + 3 * s.io_seconds)  # the guest's server gives up after this
+            self.steps.append(f"sh /bench/net.sh {GUEST_IP}/24 {LAB_IP} {NET_PORT} {serve_for}")
+        if self.vhost:
+            device = "vdb" if second_disk else "vda"
+            self.steps.append(f"sh /bench/virtio.sh {s.span} {s.io_seconds:g} 0 {device} {self.prefix}")
+        self.socket = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-vu.sock") if self.vhost else None
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.client = NetClient(Path(s.helpers) / "bench-net", s.io_seconds) if self.net else None
+        self.probes_idle = second_disk  # the run's own idle stretch is measured too
+
+    def start(self) -> bool:
+        if self.socket is None:
+            return True
+        if self.prefix and not os.path.exists(self.disk):  # its own copy: two disks, two writers
+            shutil.copyfile(self.bench.s.disk, self.disk)
+        self.daemon = self.bench.start_daemon(self.label, self.disk, self.socket)
+        return self.daemon is not None
+
+    def argv(self, vmm: str, cmd: str, disk: str | None = None) -> list[str]:
+        build = pyvmm_argv if vmm == an.PYVMM else qemu_argv
+        return build(self.bench.s, cmd, disk=disk, shared=True, net=self.net, vhost_socket=self.socket)
+
+    def probe(self, pid: int, line: str, probes: dict[str, float]) -> None:
+        if self.client is not None:
+            self.client.probe(pid, line, probes)
+        if self.probes_idle:
+            idle_probe(pid, line, probes)
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.bench.stop_daemon(self.daemon)
+
+    def finish(self, vmm: str, spans: dict[str, an.Span] | None) -> None:
+        if self.client is not None:
+            self.client.join()
+            for error in self.client.errors:
+                self.bench.fail(self.label, None, f"lab side of the network rows: {error}")
+            if spans is not None:
+                self.bench._net(self.label, vmm, self.client.stats)
+        if self.vhost and spans is not None:
+            tags = {self.prefix + tag: key for tag, key in VHOST_TAGS.items()}
+            self.bench._io(self.label, vmm, spans, tags)
+
+
+class NetClient:
+    """The lab's side of the network rows: when the guest says `BENCH net READY`, a thread runs bench-net
+    against it once per mode (guest/bench-net.c), each for `seconds` of the lab's clock, then tells the
+    guest's server to quit. `stats` has each mode's `STATS` figures."""
+
+    def __init__(self, binary: Path, seconds: float) -> None:
+        self.binary = binary
+        self.seconds = seconds
+        self.stats: dict[str, dict[str, int]] = {}
+        self.errors: list[str] = []
+        self.thread: threading.Thread | None = None
+
+    def probe(self, pid: int, line: str, probes: dict[str, float]) -> None:
+        if "BENCH net READY" in line and self.thread is None:
+            self.thread = threading.Thread(target=self._measure, name="bench-net", daemon=True)
+            self.thread.start()
+
+    def _bench_net(self, mode: str) -> str:
+        tag = f"net-{mode}"
+        argv = [str(self.binary), tag, GUEST_IP, str(NET_PORT), mode, f"{self.seconds:g}"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.seconds + 60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[1:])}: {(proc.stdout + proc.stderr).strip()}")
+        return proc.stdout
+
+    def _measure(self) -> None:
+        try:
+            for mode in NET_MODES:
+                self.stats[mode] = an.stats(self._bench_net(mode), f"net-{mode}")
+        except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+            self.errors.append(str(exc))
+        finally:
+            with contextlib.suppress(OSError, RuntimeError, subprocess.TimeoutExpired):
+                self._bench_net("Q")  # the guest goes on (or powers off) in any case
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        elif not self.errors:
+            self.errors.append("the guest never said it was ready")
 
 
 def idle_probe(pid: int, line: str, probes: dict[str, float]) -> None:
@@ -537,6 +806,7 @@ def main() -> int:
     p.add_argument("--helpers", required=True)
     p.add_argument("--vm-timeout", type=float, default=300)
     p.add_argument("--first-rep", type=int, default=1, help="number the repetitions from this one")
+    p.add_argument("--one-boot", action="store_true", help="virtio, net and vhost in one boot per VMM")
     p.add_argument("--only", default=",".join(sorted(PARTS)), help="comma-separated parts to run")
     a = p.parse_args()
     env = os.environ
@@ -553,6 +823,7 @@ def main() -> int:
         a.vm_timeout,
         frozenset(a.only.split(",")),
         a.first_rep,
+        a.one_boot,
     )
     bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()

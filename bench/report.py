@@ -68,6 +68,8 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
     ]
     if data.get("smoke"):
         lines += ["", "**Smoke run**: shortened measurements; do not compare these figures."]
+    if data.get("note"):
+        lines += ["", f"**Note**: {data['note']}"]
     lines += [
         "",
         "| metric | unit | pyvmm | QEMU | QEMU microvm / lab native | pyvmm / QEMU | pyvmm / 3rd | goal |",

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"new labs after stalled ones, per run ({MAX_RESTARTS})")
     p.add_argument("--stall-timeout", type=float, default=STALL_SECONDS,
                    help=f"a lab silent this long has stalled ({STALL_SECONDS} s)")
+    p.add_argument("--note", help="a sentence for the report (e.g. what else ran on the host)")
     a = p.parse_args(argv)
     if a.reps < 1:
         p.error("--reps: at least 1")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if a.smoke else FULL
     initramfs = guest_build.build()
     helpers = guest_build.bench_dir()
-    per_rep = 200 if a.smoke else 360
+    per_rep = (200 if a.smoke else 360) + (60 if a.smoke else 160) * bool({"net", "vhost"} & set(parts))
     timeout = 600 + per_rep * a.reps
     command = [
         sys.executable,
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         str(helpers),
         "--only",
         ",".join(parts),
+        *(["--one-boot"] if a.smoke else []),  # the data-plane devices in the virtio-blk boot
     ]
     lab = [
         sys.executable,
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             },
             "wall_seconds": round(wall, 1),
+            "note": a.note or "",
             "pyvmm_source": _source_state(),
         }
     )

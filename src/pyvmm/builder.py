@@ -1,7 +1,7 @@
 """The VM builder: the one place that turns a validated VmConfig into a VirtualMachine ready to run.
 
 Order matters and follows what KVM expects: VM → TSS/identity map → in-kernel irqchip and PIT → RAM slots
-→ legacy devices → PCI platform (planned first) → virtio-console, disks, nets, virtio-rng, vsock →
+→ legacy devices → PCI platform (planned first) → virtio-console, disks, nets, virtio-rng, fs, vsock →
 passed-through devices → ACPI tables → kernel → vCPUs (CPUID, MSRs, boot state). Everything is built in
 locals and registered for closing as it is opened; when a step fails, what was opened is closed again
 before the error propagates (one line, its own exit status: see pyvmm.errors).
@@ -53,6 +53,7 @@ from pyvmm.pci.platform import PciAddress, PciPlatform
 from pyvmm.vmplan import vm_plan
 
 if TYPE_CHECKING:
+    from pyvmm.devices.virtio.pci import VirtioPciDevice
     from pyvmm.vfio.passthrough import VfioPassthrough
 
 log = logging.getLogger("pyvmm")
@@ -137,9 +138,10 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
     services += _add_console(config, memory, platform, router, vm, stack)
     disks = _add_disks(config, memory, platform, router, vm, stack)
-    services += _watch_vhost_user_backends(disks, latch, stack)
-    _add_nets(config, memory, platform, router, vm, stack)
+    nets = _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
+    fses = _add_fs(config, memory, platform, router, vm, stack)
+    services += _watch_vhost_user_backends([d.transport for d in disks] + fses, latch, stack)
     services += _add_vsock(config, memory, platform, router, vm, stack)
 
     def host_request(name: str, message: str) -> None:
@@ -151,7 +153,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
 
     hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request)
     vfio = _add_vfio_devices(config, memory, platform, router, vm, stack, host_request)
-    hotplug.adopt(vfio, config.devices, disks)
+    hotplug.adopt(vfio, config.devices, disks, nets)
     _closing(stack, hotplug)  # before the boot-time VFIO side: hot-plugged functions may be in its container
     _check_plan(plan, platform)
 
@@ -319,33 +321,54 @@ def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
             for disk, (transport, address) in zip(config.disks, attached, strict=True)]
 
 
-def _watch_vhost_user_backends(disks: list[BootDisk], latch: ExitLatch, stack: contextlib.ExitStack
-                               ) -> list[Service]:
-    """A vhost-user backend that hangs up stops the VM with one line naming the disk
-    (docs/virtio-blk.md#a-dead-backend)."""
-    if not any(disk.transport.device.external_queues for disk in disks):
+def _add_fs(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+            stack: contextlib.ExitStack) -> list[VirtioPciDevice]:
+    """One virtio-fs per --fs, its queues served by the vhost-user backend on its socket
+    (docs/virtio-fs.md); after the rng, as cloud-hypervisor orders them."""
+    if not config.fs:
         return []
+    from pyvmm.devices.virtio.attach import attach_fs
+
+    attached = attach_fs(config.fs, memory=memory, platform=platform, router=router, irqfds=vm, ioeventfds=vm)
+    for transport in attached:
+        _closing(stack, transport)
+    return attached
+
+
+def _watch_vhost_user_backends(transports: list[VirtioPciDevice], latch: ExitLatch,
+                               stack: contextlib.ExitStack) -> list[Service]:
+    """A vhost-user backend that hangs up stops the VM with one line naming the disk or file system
+    (docs/virtio-blk.md#a-dead-backend)."""
+    if not any(transport.device.external_queues for transport in transports):
+        return []  # nothing to watch: the vhost-user modules stay unloaded
     from pyvmm.devices.virtio.attach import vhost_user_sockets
     from pyvmm.vhost.hangup import HangupWatch
+
+    sockets = vhost_user_sockets(transports)
 
     def stop(label: str) -> None:
         latch.request(ExitKind.ERROR, f"{label}: the vhost-user backend closed the connection; the VM stops")
 
-    watch = HangupWatch(vhost_user_sockets([disk.transport for disk in disks]), stop)
+    watch = HangupWatch(sockets, stop)
     _closing(stack, watch)  # also when the build fails before the VM runs
     return [watch]
 
 
 def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
-              stack: contextlib.ExitStack) -> None:
-    """One virtio-net per --net, its queues served by vhost-net on a tap (docs/net.md)."""
+              stack: contextlib.ExitStack) -> list[BootDisk]:
+    """One virtio-net per --net, its queues served by vhost-net on a tap (docs/net.md); like the disks,
+    removable by the guest's eject (hotplug.py)."""
     if not config.nets:
-        return
+        return []
     from pyvmm.devices.virtio.attach import attach_nets
 
-    for net in attach_nets(config.nets, memory=memory, platform=platform, router=router, irqfds=vm,
-                           ioeventfds=vm):
-        _closing(stack, net)
+    nets = []
+    for net, (transport, address) in zip(config.nets, attach_nets(config.nets, memory=memory,
+                                                                  platform=platform, router=router,
+                                                                  irqfds=vm, ioeventfds=vm), strict=True):
+        _closing(stack, transport)
+        nets.append(BootDisk(net.id, transport, address))
+    return nets
 
 
 def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,

@@ -156,6 +156,30 @@ class VsockConfig:
     pci_device_id: int | None = None
 
 
+VIRTIO_FS_TAG_MAX = 36  # the tag[36] of struct virtio_fs_config (<linux/virtio_fs.h>)
+FS_DEFAULT_NUM_QUEUES = 1  # request queues, as cloud-hypervisor's default
+FS_DEFAULT_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    """`--fs`: a virtio-fs device whose queues a vhost-user backend (virtiofsd) serves on `socket`
+    (docs/virtio-fs.md)."""
+
+    tag: str  # what the guest mounts: mount -t virtiofs <tag> <dir>
+    socket: Path
+    num_queues: int = FS_DEFAULT_NUM_QUEUES  # request queues; the device has one more, the hiprio queue
+    queue_size: int = FS_DEFAULT_QUEUE_SIZE
+    id: str | None = None
+    pci_segment: int = 0
+    pci_device_id: int | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name this device."""
+        return f"--fs tag={self.tag},socket={self.socket}"
+
+
 @dataclass(frozen=True)
 class DiskConfig:
     path: Path | None  # the image; None for a vhost-user disk, whose backend has it
@@ -192,7 +216,7 @@ class DiskConfig:
 class NetConfig:
     """`--net`: a virtio-net on a tap served by vhost-net (docs/net.md)."""
 
-    tap: str | None = None  # None: a new vmtapN
+    tap: str | None = None  # None: a new vmtapN (or the tap of `fds`)
     ip: ipaddress.IPv4Address | None = None  # None: cloud-hypervisor's default, on a tap pyvmm creates
     mask: ipaddress.IPv4Address | None = None
     mac: bytes = b""  # the guest's MAC; parse_net fills in a random locally administered one
@@ -206,6 +230,9 @@ class NetConfig:
     offload_tso: bool = True
     offload_ufo: bool = True
     offload_csum: bool = True
+    # fd=[...]: queue files of a tap someone else opened, one per queue pair, numbers in this process,
+    # checked by check_paths before anything is opened (docs/net.md#taps-opened-by-someone-else)
+    fds: tuple[int, ...] = ()
 
     @property
     def queue_pairs(self) -> int:
@@ -260,6 +287,7 @@ class VmConfig:
     nets: tuple[NetConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     vsock: VsockConfig | None = None
+    fs: tuple[FsConfig, ...] = ()
     platform: PlatformConfig = field(default_factory=PlatformConfig)
     pci_segments: tuple[PciSegmentConfig, ...] = ()
     seccomp: SeccompMode = SeccompMode.TRUE  # docs/seccomp.md
@@ -331,7 +359,6 @@ _DISK_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     "lock_granularity": frozenset(),
 }
 _NET_UNSUPPORTED: Mapping[str, frozenset[str]] = {
-    "fd": frozenset(),
     "vhost_user": frozenset({"off"}),
     "socket": frozenset(),
     "vhost_mode": frozenset({"client"}),
@@ -346,6 +373,7 @@ _DEVICE_UNSUPPORTED: Mapping[str, frozenset[str]] = {
 _CONSOLE_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _RNG_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _VSOCK_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
+_FS_UNSUPPORTED: Mapping[str, frozenset[str]] = {"iommu": frozenset({"off"})}
 _PLATFORM_UNSUPPORTED: Mapping[str, frozenset[str]] = {
     # the guest address width a virtio-iommu offers; 64 (the default) is what a guest without one has
     "iommu_address_width": frozenset({"64"}),
@@ -383,7 +411,6 @@ _UNSUPPORTED_HINTS = {
     "vhost_mode": "pyvmm serves --net with the kernel's vhost-net on a tap (tap=)",
 }
 _NET_HINTS = {
-    "fd": "name the tap with tap= and pyvmm opens it",
     **{key: "rate limiting is not implemented" for key in ("bw_size", "bw_one_time_burst", "bw_refill_time",
                                                          "ops_size", "ops_one_time_burst", "ops_refill_time",
                                                          "rate_limit_group")},
@@ -693,7 +720,7 @@ def disk_from_options(opts: Options, vhost_user_allowed: bool = False) -> DiskCo
 
 _NET_KEYS = frozenset({
     "tap", "ip", "mask", "mac", "host_mac", "mtu", "num_queues", "queue_size", "id", "pci_segment",
-    "pci_device_id", "offload_tso", "offload_ufo", "offload_csum",
+    "pci_device_id", "offload_tso", "offload_ufo", "offload_csum", "fd",
 })  # fmt: skip
 NET_DEFAULT_IP = ipaddress.IPv4Address("192.168.249.1")  # cloud-hypervisor's, for a tap it creates
 NET_DEFAULT_MASK = ipaddress.IPv4Address("255.255.255.0")
@@ -752,15 +779,21 @@ def net_from_options(opts: Options) -> NetConfig:
     mtu = opts.integer("mtu", None, bits=32)
     if mtu is not None and not NET_MIN_MTU <= mtu <= NET_MAX_MTU:
         raise OptionError(f"mtu={mtu} is out of range {NET_MIN_MTU}..{NET_MAX_MTU}")
-    num_queues = _required_int(opts, "num_queues", 2, bits=16)
+    fds = _tap_fds(opts, tap)
+    num_queues = _required_int(opts, "num_queues", 2 * len(fds) or 2, bits=16)
     if num_queues < 2 or num_queues % 2:
         raise OptionError(f"num_queues={num_queues}: give an even number of at least 2 "
                           "(one receive and one transmit queue per pair)")
+    if fds and num_queues != 2 * len(fds):
+        # cloud-hypervisor's rule: every tap queue file serves one receive + transmit pair
+        raise OptionError(f"fd=[{','.join(map(str, fds))}] is {len(fds)} tap queue file(s), so num_queues is "
+                          f"{2 * len(fds)}, not {num_queues}; leave num_queues out or give one file per pair")
     queue_size = _required_int(opts, "queue_size", 256, bits=16)
     if queue_size < 2 or queue_size & (queue_size - 1):
         raise OptionError(f"Queue size must be a power of 2 of at least 2, e.g. 256, not {queue_size}")
     segment, slot = _pci_placement(opts)
     return NetConfig(
+        fds=fds,
         tap=tap,
         ip=_ipv4(opts, "ip"),
         mask=mask,
@@ -778,7 +811,32 @@ def net_from_options(opts: Options) -> NetConfig:
     )
 
 
+def _tap_fds(opts: Options, tap: str | None) -> tuple[int, ...]:
+    """fd=[3,4]: the tap's queue files, inherited from whoever started pyvmm (checked open and a tap's by
+    check_paths)."""
+    if opts.get("fd") is None:
+        return ()
+    fds = opts.int_list("fd")
+    if not fds:
+        raise OptionError("fd=[] names no file: give the tap's queue files, e.g. fd=[3,4]")
+    if tap is not None:
+        raise OptionError(f"fd= and tap={tap} both name the tap: give one of them")
+    low = [fd for fd in fds if fd <= 2]
+    if low:
+        raise OptionError(f"fd={low[0]} is standard input, output or error, not a tap's queue file")
+    twice = sorted({fd for fd in fds if fds.count(fd) > 1})
+    if twice:
+        raise OptionError(f"fd={twice[0]} is given twice: each queue file once")
+    return tuple(fds)
+
+
+def net_fds_text(fds: Sequence[int]) -> str:
+    return "fd=[" + ",".join(str(fd) for fd in fds) + "]"
+
+
 def net_label(net: NetConfig) -> str:
+    if net.fds:
+        return f"--net {net_fds_text(net.fds)}"
     return f"--net tap={net.tap}" if net.tap is not None else "--net"
 
 
@@ -921,6 +979,43 @@ def vsock_from_options(opts: Options) -> VsockConfig:
                        pci_device_id=slot)
 
 
+_FS_KEYS = frozenset({"tag", "socket", "num_queues", "queue_size", "id", "pci_segment", "pci_device_id"})
+
+
+def parse_fs(text: str) -> FsConfig:
+    """`--fs tag=<tag>,socket=<path>[,num_queues=,queue_size=,id=,pci_segment=,pci_device_id=]`
+    (cloud-hypervisor's keys and defaults; docs/virtio-fs.md)."""
+    return fs_from_options(parse_options(text, _FS_KEYS, hidden=_FS_UNSUPPORTED))
+
+
+def fs_from_options(opts: Options) -> FsConfig:
+    _refuse_unsupported(opts, _FS_UNSUPPORTED)
+    tag = opts.get("tag")
+    if not tag:
+        raise OptionError("tag= is required: the name the guest mounts (mount -t virtiofs <tag> <dir>), "
+                          "e.g. tag=myfs")
+    size = len(tag.encode())
+    if size > VIRTIO_FS_TAG_MAX:
+        raise OptionError(f"tag={tag} is {size} bytes: the virtio-fs tag has at most {VIRTIO_FS_TAG_MAX}; "
+                          "use a shorter one")
+    # The guest reads the tag up to its first NUL; newer Linux refuses a tag with a newline (sysfs shows it).
+    if "\0" in tag or "\n" in tag:
+        raise OptionError("the tag must not contain a NUL or a newline")
+    socket = opts.get("socket")
+    if not socket:
+        raise OptionError("socket= is required: the Unix socket the vhost-user backend (virtiofsd "
+                          "--socket-path=) listens on")
+    num_queues = _required_int(opts, "num_queues", FS_DEFAULT_NUM_QUEUES, bits=16)
+    if num_queues == 0:
+        raise OptionError("num_queues must be at least 1 (request queues; the guest driver needs one)")
+    queue_size = _required_int(opts, "queue_size", FS_DEFAULT_QUEUE_SIZE, bits=16)
+    if queue_size & (queue_size - 1) or queue_size < 2:
+        raise OptionError(f"Queue size must be a power of 2 of at least 2, e.g. 1024, not {queue_size}")
+    segment, slot = _pci_placement(opts)
+    return FsConfig(tag=tag, socket=Path(socket), num_queues=num_queues, queue_size=queue_size,
+                    id=_check_id(opts), pci_segment=segment, pci_device_id=slot)
+
+
 def _normalised(path: Path) -> str:
     return os.path.realpath(path)  # also resolves /sys/bus/pci/devices/<BDF> symlinks
 
@@ -971,10 +1066,19 @@ def validate(config: VmConfig) -> None:
             # the backend maps guest RAM from its memfd: private memory has none to hand over
             raise ConfigError(label, "Using vhost-user requires using shared memory or huge pages: add "
                                      "--memory shared=on (or hugepages=on)")
+    for fs in config.fs:
+        claim(fs.label, fs.id, fs.pci_segment, fs.pci_device_id)
+        if fs.num_queues > boot:  # cloud-hypervisor's rule, as for disks
+            raise ConfigError(fs.label, f"Queue count ({fs.num_queues}) must not exceed boot vCPUs ({boot})")
+        if not (config.memory.shared or config.memory.hugepages):
+            # virtiofsd maps guest RAM from its memfd: private memory has none to hand over
+            raise ConfigError(fs.label, "Using vhost-user requires using shared memory or huge pages: add "
+                                        "--memory shared=on (or hugepages=on)")
     if config.vsock is not None:
         vsock = config.vsock
         claim(f"--vsock socket={vsock.socket}", vsock.id, vsock.pci_segment, vsock.pci_device_id)
     taps: set[str] = set()
+    fds: set[int] = set()
     for net in config.nets:
         label = net_label(net)
         claim(label, net.id, net.pci_segment, net.pci_device_id)
@@ -985,6 +1089,10 @@ def validate(config: VmConfig) -> None:
             if net.tap in taps:
                 raise ConfigError(label, f"tap {net.tap} is given to two --net devices")
             taps.add(net.tap)
+        for fd in net.fds:
+            if fd in fds:
+                raise ConfigError(label, f"fd={fd} is given to two --net devices")
+            fds.add(fd)
     seen_paths: dict[str, Path] = {}
     for dev in config.devices:
         label = _device_label("--device", dev.path)
@@ -1013,6 +1121,16 @@ def validate(config: VmConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Files and PCI functions (kept apart so that grammar tests need no files).
+
+
+def _check_tap_fds(net: NetConfig) -> None:
+    """--net fd=[...]: each an open queue file of one tap with the flags virtio-net needs (host/tap.py)."""
+    from pyvmm.host.tap import TapError, check_tap_fds
+
+    try:
+        check_tap_fds(net.fds)
+    except TapError as exc:
+        raise ConfigError(net_label(net), str(exc)) from None
 
 
 def _check_readable_file(label: str, path: Path, what: str) -> None:
@@ -1053,6 +1171,9 @@ def check_paths(config: VmConfig) -> None:
                 f"{dev.path} is not a PCI function (no config/vendor files); "
                 "expected a directory like /sys/bus/pci/devices/0000:01:00.0/",
             )
+    for net in config.nets:
+        if net.fds:
+            _check_tap_fds(net)
     _check_rng_source(config.rng.src)
     if config.vsock is not None:
         sock = config.vsock.socket
@@ -1155,6 +1276,16 @@ _HELP = {
                         "CONNECT <port>\\n"; the guest connecting to host
                         port P reaches <path>_P
   id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
+    "--fs": f"""virtio-fs PCI device served by a vhost-user backend (virtiofsd); each
+CONFIG is one file system, the option may be repeated; needs --memory
+shared=on or hugepages=on (docs/virtio-fs.md):
+  tag=<tag>             what the guest mounts (mount -t virtiofs <tag>
+                        <dir>), 1-{VIRTIO_FS_TAG_MAX} bytes (required)
+  socket=<path>         the backend's Unix socket (virtiofsd --socket-path=)
+                        (required; it must be listening when pyvmm starts)
+  num_queues=<n>        request queues, at most boot vCPUs (default {FS_DEFAULT_NUM_QUEUES})
+  queue_size=<n>        power of 2 (default {FS_DEFAULT_QUEUE_SIZE})
+  id=<name>, pci_segment=<n>, pci_device_id=<slot 1-31>""",
     "--disk": """virtio-blk disks; each CONFIG is one disk, the option may be repeated:
   path=<file>           raw disk image (required)
   readonly=on|off       (default off)
@@ -1168,6 +1299,9 @@ _HELP = {
 CONFIG is one NIC, the option may be repeated (docs/net.md):
   tap=<name>            the host tap (created if missing, removed at exit;
                         default: a new vmtapN)
+  fd=[<n>,...]          instead of tap=: queue files of a tap opened by the
+                        process that started pyvmm, left open across exec;
+                        one per queue pair (num_queues = 2 x their number)
   ip=<a.b.c.d>          the tap's address (default 192.168.249.1 on a
                         tap pyvmm creates)
   mask=<a.b.c.d>        the tap's netmask (default 255.255.255.0 likewise)
@@ -1287,7 +1421,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ("--seccomp", "true|false|log"),
     ):
         parser.add_argument(flag, action=_Once, metavar=metavar, help=_HELP[flag])
-    for flag in ("--disk", "--net", "--device", "--pci-segment"):
+    for flag in ("--disk", "--net", "--fs", "--device", "--pci-segment"):
         parser.add_argument(flag, action="extend", nargs="+", default=[], metavar="CONFIG", help=_HELP[flag])
     parser.add_argument(
         "-v",
@@ -1369,7 +1503,7 @@ def parse_event_monitor(text: str) -> EventMonitorConfig:
 
 
 _VM_FLAGS = ("kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "console", "rng", "platform",
-             "disk", "net", "device", "pci_segment", "vsock")
+             "disk", "net", "fs", "device", "pci_segment", "vsock")
 
 
 def parse_command_line(argv: Sequence[str]) -> CommandLine:
@@ -1419,6 +1553,7 @@ def _vm_config(ns: argparse.Namespace) -> VmConfig:
         nets=tuple(_parse_each("--net", ns.net, parse_net)),
         devices=tuple(_parse_each("--device", ns.device, parse_device)),
         vsock=_parse_one("--vsock", ns.vsock, parse_vsock, None),
+        fs=tuple(_parse_each("--fs", ns.fs, parse_fs)),
         platform=_parse_one("--platform", ns.platform, parse_platform, PlatformConfig()),
         pci_segments=tuple(_parse_each("--pci-segment", ns.pci_segment, parse_pci_segment)),
         seccomp=_parse_seccomp(ns.seccomp),

@@ -2,9 +2,10 @@
 (docs/api.md#endpoints).
 
 As cloud-hypervisor names them: a device without `id=` gets its kind's prefix and the next number of one
-VM-wide counter (`_disk0`, `_vfio1`, `_disk2`, ...), skipping names that are taken; a user's `id=` is used
-as given (it must be new and must not start with `__`, which the VMM keeps for its own devices: `__rng`,
-`__console`). An id leaves the space when its device leaves the VM; numbers are not handed out again.
+VM-wide counter (`_disk0`, `_net1`, `_vfio2`, `_disk3`, ...), skipping names that are taken; a user's
+`id=` is used as given (it must be new and must not start with `__`, which the VMM keeps for its own
+devices: `__rng`, `__console`). An id leaves the space when its device leaves the VM; numbers are not
+handed out again.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from pyvmm.errors import UsageError
 
 DISK_PREFIX = "_disk"
+NET_PREFIX = "_net"
 VFIO_PREFIX = "_vfio"
 RESERVED_PREFIX = "__"
 
@@ -68,15 +70,15 @@ class DeviceIds:
         self._taken = set(taken)
 
 
-def boot_ids(disk_ids: Iterable[str | None], device_ids: Iterable[str | None]) -> tuple[DeviceIds, list[str]]:
-    """The id space of a VM at boot and the names of its --disks, then --devices: given ids kept, the others
-    numbered in that order, as cloud-hypervisor creates them. Generated names skip every given id, whichever
-    device comes first."""
-    disks, devices = list(disk_ids), list(device_ids)
+def boot_ids(disk_ids: Iterable[str | None], device_ids: Iterable[str | None],
+             net_ids: Iterable[str | None] = ()) -> tuple[DeviceIds, list[str]]:
+    """The id space of a VM at boot and the names of its --disks, then --devices, then --nets: given ids
+    kept, the others numbered in cloud-hypervisor's creation order (disks, nets, devices). Generated names
+    skip every given id, whichever device comes first."""
+    disks, devices, nets = list(disk_ids), list(device_ids), list(net_ids)
     ids = DeviceIds()
-    ids._taken.update(i for i in disks + devices if i is not None)  # CH's boot id list
-    names = []
-    for prefix, items in ((DISK_PREFIX, disks), (VFIO_PREFIX, devices)):
-        for ident in items:
-            names.append(ident if ident is not None else ids.new(prefix))
-    return ids, names
+    ids._taken.update(i for i in disks + nets + devices if i is not None)  # CH's boot id list
+    named: dict[str, list[str]] = {}
+    for prefix, items in ((DISK_PREFIX, disks), (NET_PREFIX, nets), (VFIO_PREFIX, devices)):
+        named[prefix] = [ident if ident is not None else ids.new(prefix) for ident in items]
+    return ids, named[DISK_PREFIX] + named[VFIO_PREFIX] + named[NET_PREFIX]

@@ -1,5 +1,5 @@
-"""PCI hot-plug of passed-through functions and virtio-blk disks into a running VM, and their removal
-(docs/hotplug.md).
+"""PCI hot-plug of passed-through functions, virtio-blk disks and virtio-net NICs into a running VM, and
+their removal (docs/hotplug.md).
 
 `PciHotplug` is built by the builder for every VM and exposed as `VirtualMachine.hotplug`. Another thread (the
 API server) calls `add_vfio_device` / `add_disk` / `remove_device` while the vCPUs run. It also keeps the
@@ -15,7 +15,8 @@ VM's one id space (pyvmm.device_ids) for the disks and functions added at boot a
   by a thread started when the group was plugged (on the calling thread, not on a vCPU thread), which
   waits for the last of its devices to leave: the guest need not wait for the host's driver probes, and
   the vCPU threads' seccomp filter need not allow sysfs writes (docs/seccomp.md#hot-plug). A disk leaves
-  the platform and its transport closes (worker thread, ioeventfds, irqfds, image file) on the vCPU thread.
+  the platform and its transport closes (worker thread, ioeventfds, irqfds, image file) on the vCPU thread;
+  a NIC the same way (vhost-net instances, its tap files, ioeventfds, irqfds and routes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyvmm import memlock, pci_sysfs
-from pyvmm.device_ids import DISK_PREFIX, VFIO_PREFIX, DeviceIdError, DeviceIds, boot_ids
+from pyvmm.device_ids import DISK_PREFIX, NET_PREFIX, VFIO_PREFIX, DeviceIdError, DeviceIds, boot_ids
 from pyvmm.devices.acpi_hotplug import AcpiGed, AcpiNotification, PciHotplugController
 from pyvmm.errors import UsageError
 from pyvmm.hypervisor import Ioeventfds, Irqfds, VfioGroupRegistry
@@ -40,7 +41,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
 
 if TYPE_CHECKING:
-    from pyvmm.config import DiskConfig
+    from pyvmm.config import DiskConfig, NetConfig
     from pyvmm.devices.virtio.pci import VirtioPciDevice
     from pyvmm.vfio.passthrough import DeviceLike, VfioPassthrough
 
@@ -72,7 +73,7 @@ class _Plugged:
     address: PciAddress
     batch: _Batch | None  # None: a boot-time --device (its managed binding is vmm.run_vm's), or a disk
     removing: bool = False
-    disk: VirtioPciDevice | None = None  # a virtio-blk disk's transport (it owns the image)
+    virtio: VirtioPciDevice | None = None  # a disk's or NIC's transport (it owns the image, or tap + vhost)
     boot: bool = False  # added by the builder (which closes a boot disk's transport with the VM)
     config: Any = None  # a hot-plugged device's DeviceLike / DiskConfig, its `id` filled in (vm.info, reboot)
 
@@ -133,19 +134,22 @@ class PciHotplug:
     # ---- boot-time devices -------------------------------------------------------------------------------
 
     def adopt(self, vfio: VfioPassthrough | None, devices: Sequence[DeviceLike],
-              disks: Sequence[BootDisk] = ()) -> None:
-        """The builder's devices: its --disks and its VFIO side (None without --device), whose `devices`
-        are the --device configs in order. They get their ids (one space with what is hot-plugged later:
-        pyvmm.device_ids) and can be removed like hot-plugged ones; hot-plugged functions join the VFIO
-        side's container."""
-        self._ids, names = boot_ids([d.id for d in disks], [c.id for c in devices])
-        for disk, ident in zip(disks, names, strict=False):
-            self._devices[ident] = _Plugged(ident, disk.transport.name, disk.address, None,
-                                            disk=disk.transport, boot=True)
+              disks: Sequence[BootDisk] = (), nets: Sequence[BootDisk] = ()) -> None:
+        """The builder's devices: its --disks, --nets and its VFIO side (None without --device), whose
+        `devices` are the --device configs in order. They get their ids (one space with what is hot-plugged
+        later: pyvmm.device_ids) and can be removed like hot-plugged ones; hot-plugged functions join the
+        VFIO side's container."""
+        self._ids, names = boot_ids([d.id for d in disks], [c.id for c in devices], [n.id for n in nets])
+        virtio = list(zip(disks, names, strict=False)) + list(zip(nets, names[len(names) - len(nets):],
+                                                                  strict=True))
+        for boot, ident in virtio:
+            self._devices[ident] = _Plugged(ident, boot.transport.name, boot.address, None,
+                                            virtio=boot.transport, boot=True)
         if vfio is None:
             return
         self._vfio = vfio
-        for ident, (model, address) in zip(names[len(disks):], vfio.plugged(), strict=True):
+        for ident, (model, address) in zip(names[len(disks):len(names) - len(nets)], vfio.plugged(),
+                                           strict=True):
             self._devices[ident] = _Plugged(ident, model.device.name, address, None, boot=True)
 
     def host_asked_back(self, name: str) -> None:
@@ -339,17 +343,53 @@ class PciHotplug:
             except BaseException:
                 self._ids.rollback(mark)
                 raise
-            self._devices[ident] = _Plugged(ident, str(config.path), address, None, disk=transport,
+            self._devices[ident] = _Plugged(ident, str(config.path), address, None, virtio=transport,
                                             config=_with_id(config, ident))
             self.registers.device_added(address.segment, address.slot)
             log.info("%s: disk %s hot-plugged at %s", ident, config.path, address)
         self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
         return ident, address
 
+    def add_net(self, config: NetConfig) -> tuple[str, PciAddress]:
+        """Plug a virtio-net NIC on vhost-net (its tap opened, created or adopted from `config.fds` as for
+        --net) into the running guest; its id and address. The tap files are duplicated: the caller keeps
+        its own. Raises a PyvmmError (one line) and changes nothing when it cannot."""
+        from pyvmm.config import net_label
+        from pyvmm.devices.virtio.attach import open_net
+
+        label = net_label(config).replace("--net", "add-net", 1)
+        with self._lock:
+            if not 0 <= config.pci_segment < len(self.platform.segments):
+                raise HotplugError(f"{label}: PCI segment {config.pci_segment} does not exist (this VM has "
+                                   f"{len(self.platform.segments)}: --platform num_pci_segments=N)")
+            mark = self._ids.mark()
+            try:
+                try:
+                    ident = self._ids.assign(NET_PREFIX, config.id)
+                except DeviceIdError as exc:
+                    raise HotplugError(f"{label}: {exc}") from None
+                transport = open_net(config, name=f"virtio-net-{ident}", memory=self._memory,
+                                     router=self._router, irqfds=self._irqfds, ioeventfds=self._ioeventfds)
+                try:
+                    address = self.platform.attach(transport, config.pci_segment, config.pci_device_id)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        transport.close()
+                    raise
+            except BaseException:
+                self._ids.rollback(mark)
+                raise
+            self._devices[ident] = _Plugged(ident, transport.name, address, None, virtio=transport,
+                                            config=_with_id(config, ident))
+            self.registers.device_added(address.segment, address.slot)
+            log.info("%s: NIC hot-plugged at %s", ident, address)
+        self.ged.notify(AcpiNotification.PCI_DEVICES_CHANGED)
+        return ident, address
+
     def counters(self) -> dict[str, dict[str, int]]:
         """Each disk's I/O counters by id (vm.counters): the devices that keep any."""
         with self._lock:
-            disks = [(p.id, p.disk) for p in self._devices.values() if p.disk is not None]
+            disks = [(p.id, p.virtio) for p in self._devices.values() if p.virtio is not None]
         out = {}
         for ident, transport in sorted(disks, key=lambda item: item[0]):
             counters = getattr(transport.device, "counters", None)
@@ -378,13 +418,14 @@ class PciHotplug:
         address = PciAddress(segment, slot)
         with self._lock:
             plugged = next((p for p in self._devices.values() if p.address == address), None)
-            if plugged is None or (plugged.disk is None and self._vfio is None):
+            if plugged is None or (plugged.virtio is None and self._vfio is None):
                 # guest-controlled (any slot, any number of times): not worth more than a debug line
                 log.debug("the guest ejected PCI slot %s: nothing removable there, ignored", address)
                 return
-            if plugged.disk is not None:
+            if plugged.virtio is not None:
                 self.platform.detach(address)
-                plugged.disk.close()  # worker thread, ioeventfds, irqfds and routes, the image file
+                # worker thread, ioeventfds, irqfds and routes; the image file, or vhost-net and the tap files
+                plugged.virtio.close()
             else:
                 assert self._vfio is not None
                 self._vfio.release(plugged.function)
@@ -417,9 +458,9 @@ class PciHotplug:
         back; the boot-time VFIO side is closed by its owner."""
         with self._lock:
             for plugged in list(self._devices.values()):
-                if plugged.disk is not None and not plugged.boot:
+                if plugged.virtio is not None and not plugged.boot:
                     with contextlib.suppress(Exception):
-                        plugged.disk.close()
+                        plugged.virtio.close()
                     del self._devices[plugged.id]
                     continue
                 if plugged.batch is None:

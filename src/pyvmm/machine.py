@@ -20,7 +20,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.pci.platform import PciAddress, PciPlatform
 
 if TYPE_CHECKING:
-    from pyvmm.config import DeviceConfig, DiskConfig
+    from pyvmm.config import DeviceConfig, DiskConfig, NetConfig
     from pyvmm.hotplug import PciHotplug
 
 log = logging.getLogger("pyvmm")
@@ -174,6 +174,11 @@ class VirtualMachine:
     def add_disk(self, disk: DiskConfig) -> dict[str, str]:
         """vm.add-disk: plug a virtio-blk disk into the running guest; CH's answer, {"id", "bdf"}."""
         ident, address = self.hotplug.add_disk(disk)
+        return {"id": ident, "bdf": str(address)}
+
+    def add_net(self, net: NetConfig) -> dict[str, str]:
+        """vm.add-net: plug a virtio-net NIC into the running guest; CH's answer, {"id", "bdf"}."""
+        ident, address = self.hotplug.add_net(net)
         return {"id": ident, "bdf": str(address)}
 
     def counters(self) -> dict[str, dict[str, int]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,26 @@ def _add_disk_body(args: argparse.Namespace) -> bytes:
     return json.dumps(disk_json(disk)).encode()
 
 
+def _add_net(args: argparse.Namespace) -> tuple[bytes, list[int]]:
+    """add-net with --net's syntax: the NetConfig JSON, and the fds of `fd=[...]` (this process's own,
+    left open by whoever started pyvmm-remote) sent with the request, as ch-remote sends them."""
+    from pyvmm.api.vmconfig import net_json
+    from pyvmm.config import parse_net
+    from pyvmm.options import OptionError
+
+    try:
+        net = parse_net(args.config)
+    except OptionError as exc:
+        raise _Usage(f"add-net {args.config}: {exc}") from None
+    for fd in net.fds:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise _Usage(f"add-net {args.config}: fd {fd} is not open in pyvmm-remote ({exc.strerror})") \
+                from None
+    return json.dumps(net_json(net)).encode(), list(net.fds)
+
+
 def _remove_device_body(args: argparse.Namespace) -> bytes:
     return json.dumps({"id": args.id}).encode()
 
@@ -95,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "config"
     )
     sub.add_parser("add-disk", help="vm.add-disk path=<image>[,...] (--disk syntax)").add_argument("config")
+    sub.add_parser("add-net", help="vm.add-net tap=<name>|fd=[<n>,...][,...] (--net syntax; fd= sends "
+                                   "those fds of this process)").add_argument("config")
     sub.add_parser("remove-device", help="vm.remove-device <id>").add_argument("id")
     return parser
 
@@ -102,18 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        fds: list[int] = []
         if args.command in _SIMPLE:
             method, endpoint = _SIMPLE[args.command]
             body = None
         else:
-            endpoint, make_body = _WITH_BODY[args.command]
-            method, body = "PUT", make_body(args)
+            if args.command == "add-net":
+                endpoint, method = "vm.add-net", "PUT"
+                body, fds = _add_net(args)
+            else:
+                endpoint, make_body = _WITH_BODY[args.command]
+                method, body = "PUT", make_body(args)
     except _Usage as exc:
         print(f"pyvmm-remote: {exc}", file=sys.stderr)
         return 2
     try:
         with ApiClient(args.api_socket) as client:
-            response = client.request(method, endpoint, body)
+            response = client.request(method, endpoint, body, fds)
     except (OSError, ApiClientError) as exc:
         print(f"pyvmm-remote: {args.api_socket}: {exc}", file=sys.stderr)
         return 1

@@ -28,8 +28,8 @@ RNG_LABEL = "--rng"
 
 def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
     """The builder's order, as cloud-hypervisor's (docs/pci.md#slot-assignment): the virtio-console (unless
-    --console off), disks, nets, the virtio-rng, the virtio-vsock (--vsock), then devices in command-line
-    order, with the BARs each asks for.
+    --console off), disks, nets, the virtio-rng, the virtio-fs devices (--fs), the virtio-vsock (--vsock),
+    then devices in command-line order, with the BARs each asks for.
 
     A device whose sysfs files cannot be read, or whose config space has no room for the GPUDirect clique
     capability it asks for, is a PlanError.
@@ -51,6 +51,8 @@ def plan_items(config: VmConfig) -> tuple[list[PlanItem], list[SysfsFunction]]:
         for n in config.nets
     ]
     items.append(PlanItem(RNG_LABEL, 0, None, tuple(virtio_bars()), "virtio-rng"))
+    items += [PlanItem(f.label, f.pci_segment, f.pci_device_id, tuple(virtio_bars()), "virtio-fs")
+              for f in config.fs]
     if config.vsock is not None:
         vsock = config.vsock
         items.append(PlanItem(f"--vsock socket={vsock.socket}", vsock.pci_segment, vsock.pci_device_id,

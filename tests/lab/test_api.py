@@ -1,5 +1,6 @@
-"""The REST API on --api-socket (issue 18, part 1): Kata Containers' start and stop replayed against pyvmm
-in one lab boot and one guest boot, the API's error cases and pyvmm-remote (tests/lab/helpers/kata_api.py)."""
+"""The REST API on --api-socket (issue 18): Kata Containers' start and stop replayed against pyvmm in one
+lab boot and one guest boot, with its NIC (vm.add-net with a tap fd) and one hot-plugged by pyvmm-remote,
+the API's error cases and pyvmm-remote (tests/lab/helpers/kata_api.py)."""
 
 from __future__ import annotations
 
@@ -31,14 +32,26 @@ def test_kata_start_stop_errors_and_remote(lab) -> None:
     assert re.search(r"^seccomp-records: $", out, re.MULTILINE), out
     assert "Traceback" not in out, out
     steps = {m.group(1): m.group(2) for m in re.finditer(r"^STEP (\S+) ?(.*)$", out, re.MULTILINE)}
+    print("\n".join(f"{name}: {facts}" for name, facts in steps.items()))
     assert "bad_json=400 unknown=404 boot_before_create=500" in steps["errors"], steps
     assert "status=500" in steps["unbound-device"] and "vfio-pci" in steps["unbound-device"], steps
     assert "state=Running" in steps["kata-start"] and "vcpu0" in steps["kata-start"], steps
+    # issue 18 part 2: Kata's add-net before boot (a pipe, a wrong count and one file twice refused first),
+    # a NIC hot-plugged by pyvmm-remote, both pinged through and removed, pyvmm's tap files and vhost-nets
+    # counted
+    assert "refused=400,400,400 added=204" in steps["kata-add-net"], steps
+    assert '"bdf": "0000:00:' in steps["nics"] and '"id": "_net1"' in steps["nics"], steps
     assert "ticks_while_paused=0" in steps["pause-resume"], steps
-    assert steps["reboot"] == "boots=3 disks_at_boot=1", steps
+    # three boots of the VM (start, vm.reboot, vm.shutdown + vm.boot), the guest waited for at the first and
+    # the last, which saw the disk hot-plugged before vm.reboot
+    assert steps["reboot"] == "boots=3 guest_ups=2 disks_at_boot=1", steps
     stop = dict(item.split("=") for item in steps["kata-stop"].split())
     assert float(stop["exited"]) < KATA_EXIT_SECONDS, steps["kata-stop"]
     assert stop["rc"] == "0"
+    # Kata's virtio-fs (vm.create's fs, memory.shared): each of the three VMs had its own virtiofsd, which
+    # ended with it; the two guests waited for mounted it and read the lab's file
+    note = "shared-by-the-lab-through-virtiofsd"
+    assert steps["kata-fs"] == f"reads={note},{note} served=0,0,0", steps
 
 
 # Hot-plug through the API, as Kata drives it (vm.add-device / vm.remove-device), with pyvmm-remote's

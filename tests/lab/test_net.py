@@ -179,6 +179,42 @@ with seen:
 print(f"{TAG} PYVMM-STATUS={status} TAP-GONE={not os.path.exists('/sys/class/net/pyvmmtap0')}", flush=True)
 '''
 
+# (c) `--net fd=[N]`: a launcher opens a tap (pyvmmfd0) and configures it itself, as Kata does, then starts
+# pyvmm with the queue file inherited. pyvmm first refuses a pipe and a closed number (exit 2, one line);
+# then the guest pings the launcher's side; after pyvmm exits the tap is still there, as the launcher left
+# it. Its own addresses (192.168.250.0/24), lab-only as the rest.
+FD_GUEST_CMD = ("ip link set eth0 up; ip addr add 192.168.250.2/24 dev eth0; "
+                "ping -c 3 -W 10 192.168.250.1 >/dev/null && echo FD-PING-OK")
+FD_LAUNCHER = r'''
+import fcntl, json, os, struct, subprocess, sys, time
+start = time.monotonic()
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+argv = sys.argv[1:]
+tap = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+fcntl.ioctl(tap, TUNSETIFF, struct.pack("16sH", b"pyvmmfd0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+subprocess.run(["ip", "addr", "add", "192.168.250.1/24", "dev", "pyvmmfd0"], check=True)
+subprocess.run(["ip", "link", "set", "pyvmmfd0", "up"], check=True)
+def pyvmm(fd, pass_fds):
+    return subprocess.run(argv + ["--net", f"fd=[{fd}]"], pass_fds=pass_fds, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600)
+r, w = os.pipe()
+p = pyvmm(r, [r])
+print(f"FD-PIPE status={p.returncode} stderr={json.dumps(p.stderr)} at={time.monotonic() - start:.1f}",
+      flush=True)
+os.close(r); os.close(w)
+p = pyvmm(99, [])
+print(f"FD-CLOSED status={p.returncode} stderr={json.dumps(p.stderr)} at={time.monotonic() - start:.1f}",
+      flush=True)
+os.set_inheritable(tap, True)
+p = pyvmm(tap, [tap])
+for line in p.stdout.splitlines() + p.stderr.splitlines():
+    print(f"FD-GUEST | {line}", flush=True)
+addr = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "pyvmmfd0"], capture_output=True, text=True)
+print(f"FD-STATUS={p.returncode} FD-TAP-THERE={os.path.exists('/sys/class/net/pyvmmfd0')} "
+      f"FD-ADDR={'192.168.250.1/24' in addr.stdout} FD-SECONDS={time.monotonic() - start:.1f}", flush=True)
+'''
+
 # 1 GiB: the guest's /tmp (half its RAM) holds the 256 MiB it sends
 GUEST = ('pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --memory size=1G '
          "--serial tty --console off")
@@ -189,6 +225,13 @@ def _run(tag: str, cpus: int, net: str) -> str:
             f"--cpus boot={cpus} --net {net}\n")
 
 
+FD_SCRIPT = (
+    f"cat > $TMPDIR/fd_launcher.py <<'EOF'\n{FD_LAUNCHER}\nEOF\n"
+    f'"$PY" $TMPDIR/fd_launcher.py pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" '
+    f"--memory size=256M --serial tty --console off "
+    f"--cmdline 'console=ttyS0 quiet pyvmm.cmd=\"{FD_GUEST_CMD}\"'\n"
+)
+
 SCRIPT = (
     'PY="$(dirname "$(command -v pyvmm)")/python"\n'
     "modprobe -a tun vhost_net || exit 1\n"
@@ -196,6 +239,7 @@ SCRIPT = (
     f"cat > $TMPDIR/guest_cmd <<'EOF'\n{GUEST_CMD}\nEOF\n"
     + _run("A", 1, "tap=pyvmmtap0,ip=192.168.249.1,mask=255.255.255.0")
     + _run("B", 2, "tap=pyvmmtap0,ip=192.168.249.1,mask=255.255.255.0,num_queues=4")
+    + FD_SCRIPT
     # both ran with --seccomp true (the default): the kernel's records of a call a filter refused, by
     # thread name and system call number (DRIVER_OK, VQ_PAIRS_SET and teardown under the filters)
     + "echo \"SECCOMP-RECORDS:$(dmesg | grep 'type=1326' "
@@ -276,4 +320,19 @@ def test_net_vhost_ping_tcp_both_ways_and_multiqueue(lab) -> None:
     # (b): the guest has two queue pairs and asked for both (VQ_PAIRS_SET), so the tap steers to both.
     assert _value(runs["B"], "GUEST-QUEUES") == "rx-0,rx-1,tx-0,tx-1,", runs["B"]
     assert _value(runs["B"], "TAP-QUEUES") == "rx-0,rx-1,tx-0,tx-1", runs["B"]
+    _check_fd_run(out)
     assert re.search(r"^SECCOMP-RECORDS:$", out, re.MULTILINE), out  # no call refused (docs/seccomp.md)
+
+
+def _check_fd_run(out: str) -> None:
+    """(c): the refusals' exact lines, then a guest on the launcher's tap, which outlives pyvmm."""
+    m = re.search(r'^FD-PIPE status=(\d+) stderr="(.*)" at=', out, re.M)
+    assert m and m.group(1) == "2", out
+    assert re.fullmatch(r"pyvmm: --net fd=\[(\d+)\]: fd \1 is not a tun/tap queue file \(not /dev/net/tun\)"
+                        r"\\n", m.group(2)), out
+    assert ('FD-CLOSED status=2 stderr="pyvmm: --net fd=[99]: fd 99 is not open (Bad file descriptor): the '
+            "process that starts pyvmm must leave the tap's queue files open across exec\\n\" at=") in out, \
+        out
+    assert "FD-GUEST | FD-PING-OK" in out, out
+    assert "FD-GUEST | PYVMM-GUEST-EXIT=0" in out, out
+    assert "FD-STATUS=0 FD-TAP-THERE=True FD-ADDR=True" in out, out

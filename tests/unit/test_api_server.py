@@ -90,6 +90,7 @@ def test_kata_sequence_up_to_boot(api) -> None:
         ("PUT", "vm.nmi", None, 404, ["Not Found"]),
         ("GET", "vm.nosuch", None, 404, ["Not Found"]),
         ("PUT", "vm.snapshot", b"{}", 404, ["Not Found"]),
+        ("PUT", "vm.add-fs", b'{"tag": "myfs", "socket": "/s"}', 404, ["Not Found"]),  # vm.create has fs
         ("GET", "vmm.ping/x", None, 404, ["Not Found"]),
         ("DELETE", "vmm.ping", None, 400, ["Bad Request"]),
     ],

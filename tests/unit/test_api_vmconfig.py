@@ -157,7 +157,8 @@ def test_disks_and_devices() -> None:
         ({"payload": {"kernel": "/k"}, "console": {"mode": "File"}}, "console.file"),
         ({"payload": {"kernel": "/k"}, "vsock": {"cid": 2, "socket": "/s"}}, "vsock"),
         ({"payload": {"kernel": "/k"}, "vsock": {"cid": 3, "socket": "/s", "iommu": True}}, "vsock"),
-        ({"payload": {"kernel": "/k"}, "net": [{"tap": "t0"}]}, "net"),
+        ({"payload": {"kernel": "/k"}, "net": [{"tap": "t0", "vhost_user": True}]}, "net[0]"),
+        ({"payload": {"kernel": "/k"}, "net": {"tap": "t0"}}, "net"),
         ({"payload": {"kernel": "/k"}, "iommu": True}, "iommu"),
         ({"payload": {"kernel": "/k"}, "platform": {"num_pci_segments": 100}}, "platform"),
         ({"payload": {"kernel": "/k"}, "platform": {"iommufd": True}}, "platform"),
@@ -260,3 +261,56 @@ def test_vm_shutdown_keeps_the_vm_as_it_was_for_the_next_boot(tmp_path: Path) ->
     vmm.shutdown()
     assert stopped == [ExitKind.REQUESTED] and vmm.machine is None
     assert vmm.config is not None and [(d.path, d.id) for d in vmm.config.disks] == [(images[1], "hp")]
+
+
+def test_the_vmm_holds_tap_fds_while_a_config_has_their_nic(tmp_path: Path) -> None:
+    """The fds of --net fd=[...] / vm.add-net stay open while the config (or the running VM) has the NIC:
+    an ejected NIC's are closed, vm.shutdown keeps what the VM had, vm.delete closes the rest. Pipes stand
+    in for tap queue files (ApiVmm only holds them)."""
+    import contextlib
+    import os
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pyvmm.api.vmm import ApiVmm
+
+    def is_open(fd: int) -> bool:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return False
+        return True
+
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"")
+    boot_r, boot_w = os.pipe()
+    hot_r, hot_w = os.pipe()
+    try:
+        config = parse_vm_config(["--kernel", str(kernel), "--cpus", "boot=2", "--net", f"fd=[{boot_r}]",
+                                  "tap=t0"])
+        hot = replace(config.nets[0], fds=(hot_r,), id="_net2")
+        vmm = ApiVmm()
+        vmm.set_config(config)
+        present = {"_net1": None, "_net2": None}  # _net0 (the fd NIC) was ejected by the guest
+        hotplug = SimpleNamespace(devices=lambda: present, hot_plugged=lambda: [("_net2", hot)])
+        vmm.machine = SimpleNamespace(hotplug=hotplug, request_stop=lambda kind: None,  # type: ignore[assignment]
+                                      latch=SimpleNamespace(exit=None))
+        vmm._teardown = contextlib.ExitStack()
+        vmm.keep_fds([hot_r])
+        assert is_open(boot_r) and is_open(hot_r)
+        vmm._release_fds()  # what the VMM's loop does after every call
+        assert not is_open(boot_r) and is_open(hot_r)
+        boot_r = -1  # closed by the VMM
+        now = vmm.current_config()
+        assert now is not None and [(n.tap, n.id, n.fds) for n in now.nets] == [("t0", "_net1", ()),
+                                                                                (None, "_net2", (hot_r,))]
+        vmm.shutdown()
+        assert vmm.machine is None and vmm.config is not None
+        assert [n.id for n in vmm.config.nets] == ["_net1", "_net2"] and is_open(hot_r)
+        vmm.delete()
+        assert not is_open(hot_r)
+        hot_r = -1
+    finally:
+        for fd in (boot_r, boot_w, hot_r, hot_w):
+            if fd >= 0:
+                os.close(fd)

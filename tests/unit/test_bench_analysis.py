@@ -83,6 +83,14 @@ def test_proc_parsing() -> None:
         ]
     )
     assert an.guest_ram_rss_kib(smaps, 512 << 20) == 131072 + 100
+    shared = "\n".join(  # guest RAM from a memfd (--memory shared=on; QEMU's memory-backend-memfd)
+        [
+            "7f3000000000-7f3020000000 rw-s 00000000 00:01 4321                       /memfd:mem0 (deleted)",
+            "Size:             524288 kB",
+            "Rss:               65536 kB",
+        ]
+    )
+    assert an.guest_ram_rss_kib(shared, 512 << 20) == 65536
 
 
 def test_summary_ratio_goal() -> None:
@@ -110,7 +118,8 @@ def test_report_markdown_without_png(tmp_path, monkeypatch) -> None:
     samples = {m.key: {v: [1.0 + i for i in range(3)] for v in m.vmms} for m in an.METRICS}
     samples["boot_init"][an.PYVMM] = [1.0, 1.0, 1.0]
     samples["boot_init"][an.QEMU_Q35] = [4.0, 4.0, 4.0]
-    data = {"samples": samples, "reps": 3, "date": "2026-01-01T00:00:00Z", "errors": ["one failed"]}
+    data = {"samples": samples, "reps": 3, "date": "2026-01-01T00:00:00Z", "errors": ["one failed"],
+            "note": "a busy host"}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     monkeypatch.setattr(report, "chart", lambda data, png: False)
@@ -121,6 +130,7 @@ def test_report_markdown_without_png(tmp_path, monkeypatch) -> None:
     assert "0.25x" in row and "≤ 0.5x QEMU q35 ✅" in row
     assert "**2.00** (1.00-3.00)" in text
     assert "- one failed" in text and ".png" not in text
+    assert "**Note**: a busy host" in text
 
 
 def test_kernel_log_stamp() -> None:
@@ -180,3 +190,46 @@ def test_results_of_a_restarted_lab_are_joined() -> None:
     assert out["errors"] == ["e"] and out["reps_done"] == [1, 2, 3] and len(out["runs"]) == 2
     assert out["lab_seconds"] == 14.0 and out["lab"] == {"kernel": "k"}
     assert first["samples"]["boot"]["pyvmm"] == [1.0]  # the inputs are left as they were
+
+
+def test_stats_of_a_lab_side_helper() -> None:
+    out = "noise\nBENCH net-T STATS ios=12 bytes=3145728 ns=1000000000\n"
+    assert an.stats(out, "net-T") == {"ios": 12, "bytes": 3145728, "ns": 1000000000}
+    with pytest.raises(an.MarkerError, match="no STATS line"):
+        an.stats(out, "net-R")  # another tag's line does not count
+    with pytest.raises(an.MarkerError, match="connect: Connection refused"):
+        an.stats("BENCH net-P ERROR connect: Connection refused\n", "net-P")
+
+
+def test_data_plane_rows_and_their_goals() -> None:
+    import harness
+
+    blk = [m for m in an.METRICS if m.key.startswith("blk_")]
+    vu = [m for m in an.METRICS if m.key.startswith("vu_")]
+    net = [m for m in an.METRICS if m.key.startswith("net_")]
+    # every virtio-blk row again on vhost-user, 256-segment and QD32 rows included; the network rows
+    assert [m.key.removeprefix("vu_") for m in vu] == [m.key.removeprefix("blk_") for m in blk]
+    assert sorted(harness.VHOST_TAGS.values()) == sorted(m.key for m in vu)
+    assert sorted(harness.NET_MODES.values()) == sorted(m.key for m in net) == sorted(
+        ["net_guest_to_lab", "net_lab_to_guest", "net_rr"]
+    )
+    for metric in (*blk, *vu, *net):  # the issue's goal: 0.95x QEMU on each
+        assert metric.vmms == an.VM_PAIR and metric.goals == (an.Goal(an.QEMU, 0.95),)
+
+
+def test_data_plane_command_lines() -> None:
+    import harness
+
+    s = harness.Settings(1, "8M", 0.5, 0.3, 0, "K", "I", "D", "H")
+    pyvmm = " ".join(harness.pyvmm_argv(s, "c", shared=True, net=True, vhost_socket="/t/vu.sock"))
+    assert "--memory size=512M,shared=on" in pyvmm
+    assert "--disk vhost_user=on,socket=/t/vu.sock" in pyvmm
+    assert f"--net tap={harness.TAP},ip=192.168.249.1,mask=255.255.255.0,mac={harness.GUEST_MAC}" in pyvmm
+    qemu = " ".join(harness.qemu_argv(s, "c", shared=True, net=True, vhost_socket="/t/vu.sock"))
+    assert "-M q35,memory-backend=mem0" in qemu and "memory-backend-memfd,id=mem0,size=512M,share=on" in qemu
+    assert "socket,id=vu0,path=/t/vu.sock -device vhost-user-blk-pci,chardev=vu0,num-queues=1" in qemu
+    assert f"tap,id=net0,ifname={harness.TAP},script=no,downscript=no,vhost=on" in qemu
+    assert f"virtio-net-pci,netdev=net0,mac={harness.GUEST_MAC}" in qemu
+    # without the options, the other rows' command lines are as before
+    assert "shared" not in " ".join(harness.pyvmm_argv(s, "c", disk="/d"))
+    assert "memory-backend" not in " ".join(harness.qemu_argv(s, "c", disk="/d"))

@@ -55,7 +55,7 @@ def test_parse_net_defaults_are_chs() -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("tap=t0,fd=[3,4]", "fd is not supported"),
+    ("tap=t0,fd=[3,4]", "fd= and tap=t0 both name the tap"),
     ("tap=t0,vhost_user=on,socket=/tmp/s", "vhost_user=on is not supported"),
     ("tap=t0,bw_size=1000", "rate limiting"),
     ("tap=t0,ops_refill_time=10", "rate limiting"),
@@ -91,7 +91,7 @@ def test_vm_config_net_checks() -> None:
         parse_vm_config([*base, "--net", "tap=t0", "tap=t0"])
     with pytest.raises(ConfigError, match="not unique"):
         parse_vm_config([*base, "--net", "tap=t0,id=x", "--disk", "path=d,id=x"])
-    with pytest.raises(ConfigError, match=r"^--net tap=t0,fd=\[3\]: fd is not supported"):
+    with pytest.raises(ConfigError, match=r"^--net tap=t0,fd=\[3\]: fd= and tap=t0 both name the tap"):
         parse_vm_config([*base, "--net", "tap=t0,fd=[3]"])
 
 

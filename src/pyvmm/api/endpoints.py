@@ -3,7 +3,8 @@ cloud-hypervisor gives them (docs/api.md#endpoints). Runs on the main thread (py
 
 Endpoints pyvmm does not serve are answered as an unknown path is (404 ["Not Found"]), which is how
 cloud-hypervisor answers an endpoint its build leaves out. Hot-plug (vm.add-device, vm.add-disk,
-vm.remove-device), vm.power-button and vm.counters are carried out by the running VirtualMachine.
+vm.add-net, vm.remove-device), vm.power-button and vm.counters are carried out by the running
+VirtualMachine.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from pyvmm.api.vmconfig import (
     VmConfigError,
     device_config_from_json,
     disk_config_from_json,
+    net_config_from_json,
     vm_config_from_json,
     vm_config_to_json,
     with_device,
 )
 from pyvmm.api.vmm import NOT_CREATED, NOT_RUNNING, ApiCallError, ApiVmm
-from pyvmm.config import ConsoleMode, DeviceConfig, DiskConfig, VmConfig
+from pyvmm.config import ConsoleMode, DeviceConfig, DiskConfig, NetConfig, VmConfig
 from pyvmm.device_ids import boot_ids
 from pyvmm.errors import PyvmmError
 from pyvmm.pci.bar import BarKind
@@ -143,11 +145,12 @@ def device_tree(config: VmConfig, machine: Any) -> dict[str, Any]:
     Passed-through functions as the VM has them now (hot-plugged ones in, ejected ones out), by the ids
     vm.remove-device takes."""
     console, rng, _names = device_ids(config)
-    # the builder plugs the console, the disks and the rng first, then the boot-time --devices; disks and
-    # devices as the VM has them now (hot-plugged in, ejected out) come from its hot-plug side
+    # the builder plugs the console, the disks, the nets and the rng first, then the boot-time --devices;
+    # disks, nets and devices as the VM has them now (hot-plugged in, ejected out) come from its hot-plug
+    # side
     addresses = machine.pci_addresses
     placed = [] if console is None else [(console, addresses[0])]
-    placed.append((rng, addresses[len(placed) + len(config.disks)]))
+    placed.append((rng, addresses[len(placed) + len(config.disks) + len(config.nets)]))
     placed += sorted(machine.hotplug.devices().items(), key=lambda item: (item[1].segment, item[1].slot))
     tree: dict[str, Any] = {}
     for name, address in placed:
@@ -202,6 +205,56 @@ def _add(kind: str, parse: Callable[[Any], DeviceConfig | DiskConfig]) -> Callab
     return handle
 
 
+def _add_net(vmm: ApiVmm, request: Request) -> Response:
+    """vm.add-net: a NetConfig with the tap's queue files attached (SCM_RIGHTS, as Kata sends them) or a
+    `tap` name. Before boot the NIC joins the config (204), after boot it is hot-plugged (200
+    PciDeviceInfo). The received fds are this call's: refused, they are closed; accepted, the VMM keeps
+    them while a config has the NIC (docs/api.md#vmadd-net)."""
+    context = "The net could not be added to the VM"
+    fds, request.fds = list(request.fds), []  # ours now, not the server's to close
+    try:
+        net = _net_request(vmm, request, fds, context)
+        machine: Any = vmm.machine
+        if machine is None:
+            if vmm.config is None:
+                raise ApiCallError(Status.INTERNAL_SERVER_ERROR, context, NOT_CREATED)
+            try:
+                config = with_device(vmm.config, net)
+            except VmConfigError as exc:
+                raise ApiCallError(Status.BAD_REQUEST, context, str(exc)) from None
+            vmm.set_config(config)  # takes the fds
+            return NO_CONTENT
+        try:
+            info = machine.add_net(net)
+        except PyvmmError as exc:  # refused (no free slot, a taken id, vhost-net missing): the guest goes on
+            status = Status.BAD_REQUEST if exc.exit_status == 2 else Status.INTERNAL_SERVER_ERROR
+            raise ApiCallError(status, context, str(exc)) from None
+        vmm.keep_fds(fds)  # the running VM has the NIC: vm.info shows it and vm.reboot reopens the tap
+        return json_response(Status.OK, info)
+    except BaseException:
+        vmm.close_unowned(fds)
+        raise
+
+
+def _net_request(vmm: ApiVmm, request: Request, fds: list[int], context: str) -> NetConfig:
+    """The NetConfig of an add-net request, its fds checked as --net fd=[...] (check_tap_fds)."""
+    from pyvmm.host.tap import TapError, check_tap_fds
+
+    try:
+        net = net_config_from_json(_json_body(request), fds=tuple(fds))
+    except VmConfigError as exc:
+        raise ApiCallError(Status.BAD_REQUEST, context, str(exc)) from None
+    if net.tap is None and not net.fds:
+        raise ApiCallError(Status.BAD_REQUEST, context, "give the tap's queue files with the request "
+                                                        "(SCM_RIGHTS) or name it with tap")
+    if fds:
+        try:
+            check_tap_fds(fds)
+        except TapError as exc:
+            raise ApiCallError(Status.BAD_REQUEST, context, str(exc)) from None
+    return net
+
+
 def _running(vmm: ApiVmm, context: str) -> Any:
     if vmm.machine is None:
         raise ApiCallError(Status.INTERNAL_SERVER_ERROR, context, NOT_RUNNING)
@@ -251,5 +304,6 @@ ROUTES: dict[str, Route] = {
     "vm.counters": Route("GET", Body.NONE, _counters),
     "vm.add-device": Route("PUT", Body.REQUIRED, _add("device", device_config_from_json)),
     "vm.add-disk": Route("PUT", Body.REQUIRED, _add("disk", disk_config_from_json)),
+    "vm.add-net": Route("PUT", Body.REQUIRED, _add_net),
     "vm.remove-device": Route("PUT", Body.REQUIRED, _remove_device),
 }

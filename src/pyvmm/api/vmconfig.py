@@ -16,19 +16,25 @@ from typing import Any, TypeVar
 
 from pyvmm import layout
 from pyvmm.config import (
+    NET_DEFAULT_IP,
+    NET_DEFAULT_MASK,
     ConfigError,
     ConsoleConfig,
     ConsoleMode,
     DeviceConfig,
     DiskConfig,
+    FsConfig,
     ImageType,
+    NetConfig,
     PayloadConfig,
     VmConfig,
     console_from_options,
     cpus_from_options,
     device_from_options,
     disk_from_options,
+    fs_from_options,
     memory_from_options,
+    net_from_options,
     pci_segment_from_options,
     platform_from_options,
     rng_from_options,
@@ -69,10 +75,16 @@ _DISK = _keys("path", "readonly", "direct", "num_queues", "queue_size", "serial"
 # x_allow_no_reset and x_msix_relocation are pyvmm's own keys, as on the command line.
 _DEVICE = _keys("path", "x_nv_gpudirect_clique", "x_exclude_mmap_bars", "managed",
                 "x_allow_no_reset", "x_msix_relocation") | _PCI_KEYS
+# `fds` is never taken from JSON (tap fds come with the request, SCM_RIGHTS: vm.add-net); vhost_user and
+# vhost_mode go to the flag's checks, which refuse a vhost-user backend with their message.
+_NET = _keys("tap", "ip", "mask", "mac", "host_mac", "mtu", "num_queues", "queue_size", "vhost_user",
+             "vhost_mode", "offload_tso", "offload_ufo", "offload_csum", "rate_limit_group",
+             vhost_socket="socket", rate_limiter_config=None) | _PCI_KEYS
 _CONSOLE = _keys("file", "socket") | _PCI_KEYS
 _SERIAL = _keys("file", "socket")
 _RNG = _keys("src", "iommu", id=None, pci_segment=None, pci_device_id=None)
 _VSOCK = _keys("cid", "socket") | _PCI_KEYS
+_FS = _keys("tag", "socket", "num_queues", "queue_size") | _PCI_KEYS
 _PLATFORM = _keys("num_pci_segments", "iommu_segments", "vfio_p2p_dma", "iommufd", "tdx", "sev_snp",
                   "system_manufacturer", "system_product_name", "system_version", "system_serial_number",
                   "system_uuid", "system_sku_number", "system_family", "chassis_asset_tag", "oem_strings",
@@ -84,9 +96,7 @@ _PAYLOAD_KEYS = ("kernel", "initramfs", "cmdline")
 _PAYLOAD_UNSUPPORTED = ("firmware", "igvm", "host_data")
 # Whole devices and features CH has and pyvmm does not: refused unless absent, null, empty or false.
 _SECTIONS_UNSUPPORTED = (
-    "net",
     "balloon",
-    "fs",
     "pmem",
     "user_devices",
     "vdpa",
@@ -253,6 +263,11 @@ def vm_config_from_json(document: Any, verbosity: int = 0) -> VmConfig:
             device_config_from_json(d, f"devices[{i}]")
             for i, d in enumerate(_list("devices", top.get("devices")))
         ),
+        nets=tuple(net_config_from_json(n, f"net[{i}]") for i, n in enumerate(_list("net", top.get("net")))),
+        fs=tuple(
+            _build(f"fs[{i}]", fs_from_options, _options(f"fs[{i}]", _object(f"fs[{i}]", f), _FS))
+            for i, f in enumerate(_list("fs", top.get("fs")))
+        ),
         platform=_section(top, "platform", _PLATFORM, platform_from_options, defaults.platform),
         pci_segments=tuple(
             _build(
@@ -281,6 +296,21 @@ def device_config_from_json(document: Any, where: str = "DeviceConfig") -> Devic
 def disk_config_from_json(document: Any, where: str = "DiskConfig") -> DiskConfig:
     """A DiskConfig body (vm.add-disk, or one of VmConfig's disks)."""
     return _build(where, disk_from_options, _options(where, _object(where, document), _DISK))
+
+
+def net_config_from_json(document: Any, where: str = "NetConfig", fds: tuple[int, ...] = ()) -> NetConfig:
+    """A NetConfig body (vm.add-net, with the tap fds received with it), or one of VmConfig's nets (no
+    fds: vm.create's are not used). Through --net's own checks, `fds` as its fd=[...]. CH's defaults for
+    `ip` and `mask`, which Kata's generated client sends in every NetConfig, count as not given: a tap
+    pyvmm creates gets them anyway, and one it did not create is left as it is (docs/api.md#vmadd-net)."""
+    obj = dict(_object(where, document))
+    for key, default in (("ip", NET_DEFAULT_IP), ("mask", NET_DEFAULT_MASK)):
+        if obj.get(key) == str(default):
+            del obj[key]
+    opts = _options(where, obj, _NET)
+    if fds:
+        opts = Options(values={**opts.values, "fd": "[" + ",".join(map(str, fds)) + "]"}, flags=opts.flags)
+    return _build(where, net_from_options, opts)
 
 
 def _section(top: dict[str, Any], key: str, keys: _Keys, build: Callable[[Options], T], default: T) -> T:
@@ -362,6 +392,47 @@ def device_json(device: DeviceConfig, ident: str | None = None) -> dict[str, Any
     )
 
 
+def net_json(net: NetConfig, ident: str | None = None) -> dict[str, Any]:
+    """One of vm.info's `net` (CH's NetConfig; the tap fds are not shown), and pyvmm-remote's add-net body
+    (its fd=[...] go with the request)."""
+    return _drop_none(
+        {
+            "tap": net.tap,
+            "ip": str(net.ip or NET_DEFAULT_IP),
+            "mask": str(net.mask or NET_DEFAULT_MASK),
+            "mac": ":".join(f"{b:02x}" for b in net.mac),
+            "host_mac": None if net.host_mac is None else ":".join(f"{b:02x}" for b in net.host_mac),
+            "mtu": net.mtu,
+            "iommu": False,
+            "num_queues": net.num_queues,
+            "queue_size": net.queue_size,
+            "vhost_user": False,
+            "vhost_mode": "Client",
+            "id": ident or net.id,
+            "pci_segment": net.pci_segment,
+            "pci_device_id": net.pci_device_id,
+            "offload_tso": net.offload_tso,
+            "offload_ufo": net.offload_ufo,
+            "offload_csum": net.offload_csum,
+        }
+    )
+
+
+def fs_json(fs: FsConfig) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "tag": fs.tag,
+            "socket": str(fs.socket),
+            "num_queues": fs.num_queues,
+            "queue_size": fs.queue_size,
+            "id": fs.id,
+            "iommu": False,
+            "pci_segment": fs.pci_segment,
+            "pci_device_id": fs.pci_device_id,
+        }
+    )
+
+
 def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) -> dict[str, Any]:
     """vm.info's `config`. `ids` names the disks and devices by their index in disks + devices (once booted,
     the generated names)."""
@@ -432,6 +503,10 @@ def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) ->
                                    "pci_device_id": vsock.pci_device_id})
     if config.disks:
         out["disks"] = [disk_json(d, ids.get(i)) for i, d in enumerate(config.disks)]
+    if config.nets:
+        out["net"] = [net_json(n) for n in config.nets]
+    if config.fs:
+        out["fs"] = [fs_json(f) for f in config.fs]
     if config.devices:
         base = len(config.disks)
         out["devices"] = [device_json(d, ids.get(base + i)) for i, d in enumerate(config.devices)]
@@ -447,11 +522,13 @@ def vm_config_to_json(config: VmConfig, ids: Mapping[int, str] | None = None) ->
     return out
 
 
-def with_device(config: VmConfig, device: DeviceConfig | DiskConfig) -> VmConfig:
-    """`config` with `device` (a passed-through function or a disk) added, checked as a whole
-    (vm.add-device, vm.add-disk before boot)."""
+def with_device(config: VmConfig, device: DeviceConfig | DiskConfig | NetConfig) -> VmConfig:
+    """`config` with `device` (a passed-through function, a disk or a NIC) added, checked as a whole
+    (vm.add-device, vm.add-disk, vm.add-net before boot)."""
     if isinstance(device, DiskConfig):
         new = replace(config, disks=(*config.disks, device))
+    elif isinstance(device, NetConfig):
+        new = replace(config, nets=(*config.nets, device))
     else:
         new = replace(config, devices=(*config.devices, device))
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import signal
 import sys
@@ -20,7 +21,7 @@ from enum import Enum
 from typing import Any
 
 from pyvmm.api.http import Request, Response, error_response
-from pyvmm.config import DiskConfig, VmConfig, check_paths
+from pyvmm.config import DiskConfig, NetConfig, VmConfig, check_paths
 from pyvmm.errors import PyvmmError
 from pyvmm.events import EventMonitor
 from pyvmm.machine import ExitKind, VirtualMachine, VmExit
@@ -78,6 +79,9 @@ class ApiVmm:
         self._paused = False
         self._finished = False  # run() has ended: calls are no longer taken
         self._serving = False  # run() is answering calls (its signal handlers are in place)
+        # Tap queue files (--net fd=[...], vm.add-net's SCM_RIGHTS) the VMM holds while a config has their
+        # NIC: a VM works on duplicates, so vm.reboot reopens the same tap (docs/api.md#vmadd-net).
+        self._fds: set[int] = set()
 
     # --- server thread ------------------------------------------------------------------------------------
 
@@ -123,12 +127,15 @@ class ApiVmm:
                     call = None
                 if call is not None:
                     call.reply.put(self._answer(route, call.request))
+                if self._fds:
+                    self._release_fds()  # of NICs the guest has ejected
                 machine = self.machine
                 if machine is not None and machine.latch.wait(0):
                     # the guest powered off or reset, or the VM failed: pyvmm exits, as cloud-hypervisor does
                     self.request_exit(self._stop_vm())
         finally:
             self._stop_vm()
+            self.set_config(None)
             self._serving = False
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -158,12 +165,41 @@ class ApiVmm:
                 return
             call.reply.put(SHUTTING_DOWN)
 
+    # --- the tap fds the VMM holds -------------------------------------------------------------------------
+
+    def set_config(self, config: VmConfig | None) -> None:
+        """Store `config` (None: forget it); the VMM holds its NICs' tap fds from now on, and closes those
+        no config has any more."""
+        self.config = config
+        if config is not None:
+            self._fds.update(fd for net in config.nets for fd in net.fds)
+        self._release_fds()
+
+    def keep_fds(self, fds: list[int]) -> None:
+        """A hot-plugged NIC's tap fds: held while the running VM has it (current_config)."""
+        self._fds.update(fds)
+
+    def close_unowned(self, fds: list[int]) -> None:
+        """Close the fds of a refused call (those the VMM does not hold)."""
+        for fd in fds:
+            if fd not in self._fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _release_fds(self) -> None:
+        config = self.current_config()
+        live = set() if config is None else {fd for net in config.nets for fd in net.fds}
+        for fd in self._fds - live:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds &= live
+
     # --- the calls ----------------------------------------------------------------------------------------
 
     def create(self, config: VmConfig) -> None:
         if self.config is not None:
             raise ApiCallError(500, "The VM could not be created", ALREADY_CREATED)
-        self.config = config
+        self.set_config(config)
 
     def boot(self) -> None:
         """Check, build and start the VM of the stored config (as `pyvmm` does with its command line)."""
@@ -223,8 +259,9 @@ class ApiVmm:
     def shutdown(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not shutdown", NOT_RUNNING)
-        # What vm.boot boots next: the VM as it was, hot-plugged devices in, ejected ones out (as in CH).
-        self.config = self.current_config()
+        # What vm.boot boots next: the VM as it was, hot-plugged devices in, ejected ones out (as in CH);
+        # a NIC the guest ejected, its tap fds closed already, does not come back.
+        self.set_config(self.current_config())
         self._stop_vm()
 
     def remove_from_config(self, ident: str) -> None:
@@ -240,7 +277,7 @@ class ApiVmm:
                 changes[item.name] = tuple(v for v in value if getattr(v, "id", None) != ident)
         if not changes:
             raise ApiCallError(500, context, f"no device with id {ident!r} in the VM's configuration")
-        self.config = dataclasses.replace(self.config, **changes)
+        self.set_config(dataclasses.replace(self.config, **changes))  # a NIC's tap fds are closed
 
     def current_config(self) -> VmConfig | None:
         """The stored config with its disks and devices as the running VM has them: boot-time ones the
@@ -251,21 +288,31 @@ class ApiVmm:
             return config
         from pyvmm.device_ids import boot_ids
 
-        _ids, names = boot_ids([d.id for d in config.disks], [d.id for d in config.devices])
+        _ids, names = boot_ids([d.id for d in config.disks], [d.id for d in config.devices],
+                               [n.id for n in config.nets])
         present = machine.hotplug.devices()
-        disk_names, device_names = names[: len(config.disks)], names[len(config.disks):]
+        n_disks, n_devices = len(config.disks), len(config.devices)
+        disk_names, device_names = names[:n_disks], names[n_disks:n_disks + n_devices]
+        net_names = names[n_disks + n_devices:]
         disks = [dataclasses.replace(d, id=n) for d, n in zip(config.disks, disk_names, strict=True)
                  if n in present]
         devices = [dataclasses.replace(d, id=n) for d, n in zip(config.devices, device_names, strict=True)
                    if n in present]
+        nets = [dataclasses.replace(d, id=n) for d, n in zip(config.nets, net_names, strict=True)
+                if n in present]
         for _ident, added in machine.hotplug.hot_plugged():
-            (disks if isinstance(added, DiskConfig) else devices).append(added)
-        return dataclasses.replace(config, disks=tuple(disks), devices=tuple(devices))
+            if isinstance(added, DiskConfig):
+                disks.append(added)
+            elif isinstance(added, NetConfig):
+                nets.append(added)
+            else:
+                devices.append(added)
+        return dataclasses.replace(config, disks=tuple(disks), devices=tuple(devices), nets=tuple(nets))
 
     def reboot(self) -> None:
         if self.machine is None:
             raise ApiCallError(500, "The VM could not reboot", NOT_RUNNING)
-        self.config = self.current_config()  # hot-plugged devices come back after the reboot, as in CH
+        self.set_config(self.current_config())  # hot-plugged devices come back after the reboot, as in CH
         self.events.emit("vm", "rebooting")
         self._stop_vm()
         self.boot()
@@ -294,7 +341,7 @@ class ApiVmm:
     def delete(self) -> None:
         """Shut the VM down if it runs and forget its configuration (fine when there is none)."""
         self._stop_vm()
-        self.config = None
+        self.set_config(None)
         self.events.emit("vm", "deleted")
 
     def shutdown_vmm(self) -> None:

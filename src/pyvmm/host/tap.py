@@ -5,6 +5,9 @@ cloud-hypervisor does (address, netmask, MAC, MTU, up) through ioctls, no `ip` s
 A tap pyvmm creates is not persistent: the kernel removes it when its last file closes, i.e. when pyvmm
 exits, whichever way. A tap that existed before is left as it was found (only the values given on the
 command line are applied to it).
+
+`--net fd=[...]` hands pyvmm queue files of a tap someone else opened: `check_tap_fds` checks them before
+anything else is opened, `Tap.adopt` takes duplicates of them (docs/net.md#taps-opened-by-someone-else).
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from pathlib import Path
@@ -96,6 +102,11 @@ class SockIoctl(IntEnum):
 
 
 ARPHRD_ETHER = 1
+TUN_MAJOR, TUN_MINOR = 10, 200  # linux/miscdevice.h: /dev/net/tun
+KCMP_FILE = 0  # linux/kcmp.h
+SYS_KCMP = 312  # asm/unistd_64.h (x86-64)
+# what a queue file must have for virtio-net on vhost-net: ethernet frames, no packet info, vnet headers
+TAP_FLAGS_NEEDED = (("IFF_TAP", 0x0002), ("IFF_NO_PI", 0x1000), ("IFF_VNET_HDR", 0x4000))
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,63 @@ def _ifreq(name: str) -> ifreq:
     req = ifreq()
     req.ifr_name = name.encode()
     return req
+
+
+def _kcmp_file(fd1: int, fd2: int) -> bool:
+    """Whether two fds of this process are the same open file (kcmp KCMP_FILE). fstat cannot tell: every
+    queue file's inode is /dev/net/tun's."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.getpid()
+    result = libc.syscall(SYS_KCMP, pid, pid, KCMP_FILE, fd1, fd2)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise TapError(f"cannot compare fd {fd1} and fd {fd2} (kcmp: {os.strerror(err)})")
+    return bool(result == 0)
+
+
+def tap_queue_file(fd: int) -> tuple[str, int]:
+    """The interface and TUNGETIFF flags of `fd`, which must be an open tun/tap queue file attached to
+    an interface; TapUsageError (one line) otherwise."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise TapUsageError(f"fd {fd} is not open ({exc.strerror}): the process that starts pyvmm must "
+                            "leave the tap's queue files open across exec") from None
+    if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (TUN_MAJOR, TUN_MINOR):
+        raise TapUsageError(f"fd {fd} is not a tun/tap queue file (not /dev/net/tun)")
+    req = ifreq()
+    try:
+        ioctl(fd, TunIoctl.TUNGETIFF, req)
+    except IoctlError as exc:
+        raise TapUsageError(f"fd {fd} is a /dev/net/tun file not attached to an interface "
+                            f"({exc.strerror})") from None
+    return req.ifr_name.decode(), int(req.ifr_ifru.ifru_flags) & 0xFFFF
+
+
+def check_tap_fds(fds: Sequence[int]) -> str:
+    """Check that `fds` are queue files of one tap, usable for virtio-net on vhost-net: each open and a
+    tun/tap queue file (TUNGETIFF answers), IFF_TAP, IFF_NO_PI and IFF_VNET_HDR set, all of the same
+    interface, IFF_MULTI_QUEUE with more than one, no open file twice. The interface's name."""
+    names: list[str] = []
+    for fd in fds:
+        name, flags = tap_queue_file(fd)
+        missing = [flag for flag, bit in TAP_FLAGS_NEEDED if not flags & bit]
+        if missing:
+            raise TapUsageError(f"fd {fd} is a queue file of {name} without {' and '.join(missing)}: open it "
+                                "with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR")
+        if names and name != names[0]:
+            raise TapUsageError(f"fd {fd} is a queue file of {name}, fd {fds[0]} of {names[0]}: all must "
+                                "be of one tap")
+        if len(fds) > 1 and not flags & IfReqFlag.IFF_MULTI_QUEUE:
+            raise TapUsageError(f"fd {fd}: {name} is a single-queue tap; {len(fds)} queue files need one "
+                                "opened with IFF_MULTI_QUEUE")
+        names.append(name)
+    for i, fd in enumerate(fds):
+        for other in fds[:i]:
+            if _kcmp_file(other, fd):
+                raise TapUsageError(f"fd {other} and fd {fd} are the same open file: give each queue file "
+                                    "once")
+    return names[0]
 
 
 class Tap:
@@ -141,6 +209,30 @@ class Tap:
                 setup = TapSetup(setup.ip or defaults.ip, setup.mask or defaults.mask,
                                  setup.host_mac or defaults.host_mac, setup.mtu or defaults.mtu)
             tap._configure(setup)
+        except BaseException:
+            tap.close()
+            raise
+        return tap
+
+    @classmethod
+    def adopt(cls, fds: Sequence[int], setup: TapSetup) -> Tap:
+        """The tap whose queue files `fds` are, opened by someone else (--net fd=[...]): checked as
+        check_tap_fds does, then duplicated (the Tap owns and closes its copies; the caller keeps its
+        own). pyvmm did not create it and never deletes it; only `setup`'s explicit values are applied,
+        and the interface is brought up only when one is. The vnet header size is set to what a virtio
+        1.x driver sends."""
+        name = check_tap_fds(fds)
+        tap = cls(name, [], created=False)
+        try:
+            for fd in fds:
+                tap.fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+            for fd in tap.fds:
+                ioctl(fd, TunIoctl.TUNSETVNETHDRSZ, ctypes.c_int(VNET_HDR_SIZE))
+            if setup != TapSetup():
+                tap._configure(setup)
+        except IoctlError as exc:
+            tap.close()
+            raise TapError(f"tap {name}: {exc}") from None
         except BaseException:
             tap.close()
             raise

@@ -31,10 +31,10 @@ BUSYBOX = Path("/bin/busybox")
 # real modprobe from the full module tree once the outside root is mounted.
 LAB_EARLY_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 
-# Guest drivers: virtio (disk, console, entropy, net, vsock), ext4, the lab devices' native drivers.
+# Guest drivers: virtio (disk, console, entropy, net, vsock, fs), ext4, the lab devices' native drivers.
 GUEST_MODULES = [
     "virtio_pci", "virtio_blk", "virtio_console", "virtio-rng", "virtio_net", "vmw_vsock_virtio_transport",
-    "ext4", "crc32c_generic",
+    "virtiofs", "ext4", "crc32c_generic",
     "crc32c_intel", "sdhci-pci", "mmc_block", "nvme", "e1000e", "snd-hda-intel", "vfat", "nls_cp437",
     "nls_iso8859_1",
 ]

@@ -359,8 +359,10 @@ _API_VMM_IOCTLS = (
     *KvmIoctl,  # ApiVmm._boot -> builder.build_vm: KVM_CREATE_VM, KVM_CREATE_VCPU, vCPU setup, irqchip, ...
     *VfioIoctl,  # builder and vm.add-device: groups, container, devices, regions, resets, DMA mappings
     *_HTTP_SERVER_IOCTLS,  # the HTTP server thread's list stacks on this one
-    # `--net` on the command line of `pyvmm --api-socket` (vm.create refuses net): the main thread builds
-    # it under this filter (host/tap.py, vhost/): TUNSETIFF/TUNSETVNETHDRSZ per queue file, the offloads
+    # `--net` on the command line of `pyvmm --api-socket`, and the API's nets (vm.create, vm.add-net,
+    # hot-plugged ones too): the main thread builds
+    # them under this filter (host/tap.py, vhost/): TUNSETIFF/TUNSETVNETHDRSZ per queue file (TUNGETIFF
+    # for the queue files of fd=[...] and of vm.add-net's SCM_RIGHTS fds), the offloads
     # probed, the tap's address, netmask, MAC, MTU and flags through an AF_INET socket, then per queue
     # pair VHOST_SET_OWNER and VHOST_GET_FEATURES on /dev/vhost-net; the rest at DRIVER_OK (_VCPU_IOCTLS).
     *TunIoctl,
@@ -382,6 +384,8 @@ _API_VMM = (
         "through an AF_INET datagram socket (Tap._configure); the queue worker's AF_UNIX connects",
         ArgCheck(0, (AF_UNIX, AF_INET)),
     ),
+    Allowed("kcmp", "vm.boot and vm.add-net: tap fds (--net fd=[...], SCM_RIGHTS), two of them the same "
+                    "open file? (host/tap.check_tap_fds; fstat cannot tell queue files apart)"),
     Allowed("bind", "vm.boot: --vsock's listener bound to PATH"),
     Allowed("listen", "vm.boot: --vsock's listener"),
     Allowed(

@@ -96,6 +96,7 @@ SYSCALLS: dict[str, int] = {
     "prlimit64": 302,
     "setns": 308,
     "process_vm_writev": 311,
+    "kcmp": 312,
     "finit_module": 313,
     "renameat2": 316,
     "seccomp": 317,

@@ -1,6 +1,6 @@
 """A vhost-user frontend: the control messages of the vhost-user protocol over a Unix socket, so that a
-backend in another process (qemu-storage-daemon's vhost-user-blk export) serves the guest's virtqueues
-straight from guest RAM (docs/virtio-blk.md#vhost-user-blk).
+backend in another process (qemu-storage-daemon's vhost-user-blk export, virtiofsd) serves the guest's
+virtqueues straight from guest RAM (docs/virtio-blk.md#vhost-user-blk, docs/virtio-fs.md).
 
 Every message is a 12-byte header (request, flags, payload size; little endian) and a payload; file
 descriptors travel beside it as SCM_RIGHTS. pyvmm sends a message and, when the request has an answer
@@ -170,7 +170,7 @@ class VhostUserFrontend:
             sock.connect(path)
         except OSError as exc:
             sock.close()
-            hint = " (is the backend, e.g. qemu-storage-daemon, serving it?)"
+            hint = " (is the vhost-user backend, e.g. qemu-storage-daemon or virtiofsd, serving it?)"
             raise VhostUserError(f"cannot connect to {path}: {exc.strerror or exc}{hint}") from None
         return cls(sock, path)
 

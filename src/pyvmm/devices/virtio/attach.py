@@ -1,5 +1,6 @@
-"""Plugging virtio devices into a VM: `--disk` (image, virtio-blk), `--net` (tap + vhost-net), `--console`
-and `--rng`; each gets its transport, MSI-X vectors, PCI slot and MMIO range.
+"""Plugging virtio devices into a VM: `--disk` (image, virtio-blk), `--net` (tap + vhost-net), `--fs`
+(vhost-user virtio-fs), `--console` and `--rng`; each gets its transport, MSI-X vectors, PCI slot and MMIO
+range.
 
 Kept here so the VM builder only calls `attach_disks` / `attach_virtio` and closes what they return.
 """
@@ -9,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyvmm.config import NET_DEFAULT_IP, NET_DEFAULT_MASK, DiskConfig, NetConfig, net_label
+from pyvmm.config import NET_DEFAULT_IP, NET_DEFAULT_MASK, DiskConfig, FsConfig, NetConfig, net_label
 from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import (
@@ -25,6 +28,9 @@ from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarInfo, BarKind
 from pyvmm.pci.platform import PciAddress, PciPlatform
+
+if TYPE_CHECKING:
+    from pyvmm.vhost.user import VhostUserFrontend
 
 log = logging.getLogger("pyvmm")
 
@@ -114,16 +120,15 @@ def _open_vhost_user(disk: DiskConfig, memory: GuestMemory) -> VirtioDevice:
     disk."""
     from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlkParams, VhostUserBlock
     from pyvmm.errors import in_context
-    from pyvmm.vhost.user import VhostUserError, VhostUserFrontend
+    from pyvmm.vhost.user import VhostUserError
 
     try:
-        if any(region.fd is None for region in memory.regions):  # config.validate refuses it first
-            raise VhostUserError("guest RAM is not shared memory: add --memory shared=on")
-        frontend = VhostUserFrontend.connect(str(disk.socket))
+        frontend = _connect_vhost_user(disk.socket, memory)
     except VhostUserError as exc:
         raise in_context(disk.label, exc) from None
     try:
-        return VhostUserBlock(frontend, VhostUserBlkParams(disk.num_queues, disk.queue_size))
+        return VhostUserBlock(frontend, VhostUserBlkParams(disk.num_queues, disk.queue_size),
+                              f"--disk socket={disk.socket}")
     except BaseException as exc:
         frontend.close()
         if isinstance(exc, VhostUserError):
@@ -131,12 +136,81 @@ def _open_vhost_user(disk: DiskConfig, memory: GuestMemory) -> VirtioDevice:
         raise
 
 
-def vhost_user_sockets(transports: Sequence[VirtioPciDevice]) -> list[tuple[int, str]]:
-    """(socket fd, the disk's label) of every vhost-user disk among `transports`, for the hang-up watch."""
-    from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlock
+def _connect_vhost_user(socket: Path | None, memory: GuestMemory) -> VhostUserFrontend:
+    """A connection to the backend listening on `socket`, when guest RAM can be handed to it."""
+    from pyvmm.vhost.user import VhostUserError, VhostUserFrontend
 
-    return [(t.device.backend.fileno(), f"--disk socket={t.device.backend.path}")
-            for t in transports if isinstance(t.device, VhostUserBlock)]
+    if any(region.fd is None for region in memory.regions):  # config.validate refuses it first
+        raise VhostUserError("guest RAM is not shared memory: add --memory shared=on")
+    return VhostUserFrontend.connect(str(socket))
+
+
+def open_fs(fs: FsConfig, *, name: str, memory: GuestMemory, router: MsiRouter, irqfds: Irqfds,
+            ioeventfds: Ioeventfds) -> VirtioPciDevice:
+    """Connect to the `--fs` backend (virtiofsd), negotiate (VhostUserError, naming the option) and put a
+    virtio-fs transport over it, not yet plugged; the transport owns the connection (docs/virtio-fs.md)."""
+    from pyvmm.devices.virtio.vhost_user_fs import VhostUserFs, VhostUserFsParams
+    from pyvmm.errors import in_context
+    from pyvmm.vhost.user import VhostUserError
+
+    log.info("%s: served by the vhost-user backend on %s (%d request queue(s) of %d; pyvmm sees no request)",
+             fs.label, fs.socket, fs.num_queues, fs.queue_size)
+    try:
+        frontend = _connect_vhost_user(fs.socket, memory)
+    except VhostUserError as exc:
+        raise in_context(fs.label, exc) from None
+    try:
+        device = VhostUserFs(frontend, VhostUserFsParams(fs.tag, fs.num_queues, fs.queue_size), fs.label)
+    except BaseException as exc:
+        frontend.close()
+        if isinstance(exc, VhostUserError):
+            raise in_context(fs.label, exc) from None
+        raise
+    try:
+        vectors = IrqfdMsiVectors(router, irqfds, vector_count(device), name)
+    except BaseException:
+        device.close()
+        raise
+    try:
+        return VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+    except BaseException:
+        device.close()
+        vectors.close()
+        raise
+
+
+def attach_fs(
+    fses: Sequence[FsConfig],
+    *,
+    memory: GuestMemory,
+    platform: PciPlatform,
+    router: MsiRouter,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds,
+) -> list[VirtioPciDevice]:
+    """Connect to every `--fs` backend and plug one virtio-fs each; on failure everything attached so far is
+    unplugged and closed again."""
+    attached: list[VirtioPciDevice] = []
+    plugged: list[PciAddress] = []
+    try:
+        for n, fs in enumerate(fses):
+            dev = open_fs(fs, name=f"virtio-fs-{fs.id or n}", memory=memory, router=router, irqfds=irqfds,
+                          ioeventfds=ioeventfds)
+            attached.append(dev)
+            plugged.append(platform.attach(dev, fs.pci_segment, fs.pci_device_id))
+    except BaseException:
+        _unplug_and_close(platform, plugged, attached)
+        raise
+    return attached
+
+
+def vhost_user_sockets(transports: Sequence[VirtioPciDevice]) -> list[tuple[int, str]]:
+    """(socket fd, the device's label) of every vhost-user device among `transports` (disks and file
+    systems), for the hang-up watch."""
+    from pyvmm.devices.virtio.vhost_user import VhostUserDevice
+
+    return [(t.device.backend.fileno(), t.device.label)
+            for t in transports if isinstance(t.device, VhostUserDevice)]
 
 
 def attach_disks(
@@ -179,6 +253,60 @@ def _unplug_and_close(platform: PciPlatform, plugged: list[PciAddress],
             dev.close()
 
 
+def open_net(
+    net: NetConfig,
+    *,
+    name: str,
+    memory: GuestMemory,
+    router: MsiRouter,
+    irqfds: Irqfds,
+    ioeventfds: Ioeventfds | None,
+) -> VirtioPciDevice:
+    """Open (or create, or adopt from `net.fds`) the NIC's tap, one /dev/vhost-net per queue pair, and put
+    a virtio-net transport over them, not yet plugged; the transport owns them (closing it closes the tap
+    files pyvmm holds, and a tap pyvmm created disappears). Errors name the NIC."""
+    from pyvmm.devices.virtio.net import NetParams, VirtioNet
+    from pyvmm.errors import in_context
+    from pyvmm.host.tap import Tap, TapError, TapSetup
+    from pyvmm.vhost.backend import VhostError
+    from pyvmm.vhost.net import VhostNet
+
+    setup = TapSetup(net.ip, net.mask, net.host_mac, net.mtu)
+    try:
+        if net.fds:  # someone else's tap: only what was asked for explicitly is applied
+            tap = Tap.adopt(net.fds, setup)
+        else:
+            tap = Tap.open(net.tap, net.queue_pairs, setup, TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
+    except TapError as exc:
+        raise in_context(net_label(net), exc) from exc
+    vhosts: list[VhostNet] = []
+    try:
+        offloads = tap.supported_offloads()
+        for _ in range(net.queue_pairs):
+            vhosts.append(VhostNet.open("/dev/vhost-net"))
+        params = NetParams(net.mac, net.queue_pairs, net.queue_size, net.mtu, net.offload_csum,
+                           net.offload_tso, net.offload_ufo)
+        device = VirtioNet(params, tap, vhosts, offloads)
+    except BaseException as exc:
+        for vhost in vhosts:
+            vhost.close()
+        tap.close()
+        if isinstance(exc, (VhostError, TapError)):
+            raise in_context(net_label(net), exc) from exc
+        raise
+    try:
+        vectors = IrqfdMsiVectors(router, irqfds, vector_count(device), name)
+    except BaseException:
+        device.close()
+        raise
+    try:
+        return VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+    except BaseException:
+        device.close()
+        vectors.close()
+        raise
+
+
 def attach_nets(
     nets: Sequence[NetConfig],
     *,
@@ -187,49 +315,18 @@ def attach_nets(
     router: MsiRouter,
     irqfds: Irqfds,
     ioeventfds: Ioeventfds,
-) -> list[VirtioPciDevice]:
-    """Open (or create) every tap, one /dev/vhost-net per queue pair, and plug one virtio-net each. On
-    failure everything attached so far is unplugged and closed (taps pyvmm created disappear)."""
-    from pyvmm.devices.virtio.net import NetParams, VirtioNet
-    from pyvmm.errors import in_context
-    from pyvmm.host.tap import Tap, TapError, TapSetup
-    from pyvmm.vhost.backend import VhostError
-    from pyvmm.vhost.net import VhostNet
-
+) -> list[tuple[VirtioPciDevice, PciAddress]]:
+    """Plug one virtio-net per NIC (open_net); each transport and where it went. On failure everything
+    attached so far is unplugged and closed (taps pyvmm created disappear)."""
     attached: list[VirtioPciDevice] = []
     plugged: list[PciAddress] = []
     try:
         for n, net in enumerate(nets):
-            name = f"virtio-net-{net.id or n}"
-            try:
-                tap = Tap.open(net.tap, net.queue_pairs, TapSetup(net.ip, net.mask, net.host_mac, net.mtu),
-                               TapSetup(NET_DEFAULT_IP, NET_DEFAULT_MASK))
-            except TapError as exc:
-                raise in_context(net_label(net), exc) from exc
-            vhosts: list[VhostNet] = []
-            try:
-                offloads = tap.supported_offloads()
-                for _ in range(net.queue_pairs):
-                    vhosts.append(VhostNet.open("/dev/vhost-net"))
-                params = NetParams(net.mac, net.queue_pairs, net.queue_size, net.mtu, net.offload_csum,
-                                   net.offload_tso, net.offload_ufo)
-                device = VirtioNet(params, tap, vhosts, offloads)
-            except BaseException as exc:
-                for vhost in vhosts:
-                    vhost.close()
-                tap.close()
-                if isinstance(exc, (VhostError, TapError)):
-                    raise in_context(net_label(net), exc) from exc
-                raise
-            try:
-                vectors = IrqfdMsiVectors(router, irqfds, vector_count(device), name)
-            except BaseException:
-                device.close()
-                raise
-            dev = VirtioPciDevice(device, memory, vectors, bar64=True, ioeventfds=ioeventfds, name=name)
+            dev = open_net(net, name=f"virtio-net-{net.id or n}", memory=memory, router=router,
+                           irqfds=irqfds, ioeventfds=ioeventfds)
             attached.append(dev)
             plugged.append(platform.attach(dev, net.pci_segment, net.pci_device_id))
     except BaseException:
         _unplug_and_close(platform, plugged, attached)
         raise
-    return attached
+    return list(zip(attached, plugged, strict=True))

@@ -16,6 +16,7 @@ class VirtioDeviceType(IntEnum):
     CONSOLE = 3
     RNG = 4
     VSOCK = 19
+    FS = 26
 
 
 class DeviceStatus(IntFlag):
