@@ -153,7 +153,8 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
 
     hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request)
     vfio = _add_vfio_devices(config, memory, platform, router, vm, stack, host_request)
-    hotplug.adopt(vfio, config.devices, disks, nets)
+    hotplug.adopt(vfio, config.devices, disks, nets, fs_ids=[f.id for f in config.fs],
+                  vsock_ids=[config.vsock.id] if config.vsock is not None else [])
     _closing(stack, hotplug)  # before the boot-time VFIO side: hot-plugged functions may be in its container
     _check_plan(plan, platform)
 

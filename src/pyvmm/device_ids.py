@@ -2,7 +2,8 @@
 (docs/api.md#endpoints).
 
 As cloud-hypervisor names them: a device without `id=` gets its kind's prefix and the next number of one
-VM-wide counter (`_disk0`, `_net1`, `_vfio2`, `_disk3`, ...), skipping names that are taken; a user's
+VM-wide counter (`_disk0`, `_net1`, `_fs2`, `_vsock3`, `_vfio4`, `_disk5`, ...), skipping names that are
+taken; a user's
 `id=` is used as given (it must be new and must not start with `__`, which the VMM keeps for its own
 devices: `__rng`, `__console`). An id leaves the space when its device leaves the VM; numbers are not
 handed out again.
@@ -11,11 +12,18 @@ handed out again.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyvmm.config import VmConfig
 
 from pyvmm.errors import UsageError
 
 DISK_PREFIX = "_disk"
 NET_PREFIX = "_net"
+FS_PREFIX = "_fs"
+VSOCK_PREFIX = "_vsock"
 VFIO_PREFIX = "_vfio"
 RESERVED_PREFIX = "__"
 
@@ -70,15 +78,32 @@ class DeviceIds:
         self._taken = set(taken)
 
 
-def boot_ids(disk_ids: Iterable[str | None], device_ids: Iterable[str | None],
-             net_ids: Iterable[str | None] = ()) -> tuple[DeviceIds, list[str]]:
-    """The id space of a VM at boot and the names of its --disks, then --devices, then --nets: given ids
-    kept, the others numbered in cloud-hypervisor's creation order (disks, nets, devices). Generated names
-    skip every given id, whichever device comes first."""
-    disks, devices, nets = list(disk_ids), list(device_ids), list(net_ids)
+@dataclass(frozen=True)
+class BootNames:
+    """The names of a VM's boot-time devices, by kind, each list in its config's order."""
+
+    disks: list[str]
+    nets: list[str]
+    fs: list[str]
+    vsock: list[str]
+    devices: list[str]
+
+
+def boot_ids(disk_ids: Iterable[str | None] = (), net_ids: Iterable[str | None] = (),
+             fs_ids: Iterable[str | None] = (), vsock_ids: Iterable[str | None] = (),
+             device_ids: Iterable[str | None] = ()) -> tuple[DeviceIds, BootNames]:
+    """The id space of a VM at boot and the names of its --disks, --nets, --fs, --vsock and --devices:
+    given ids kept, the others numbered in cloud-hypervisor's creation order (disks, nets, fs, vsock,
+    passed-through functions). Generated names skip every given id, whichever device comes first."""
+    groups = [(DISK_PREFIX, list(disk_ids)), (NET_PREFIX, list(net_ids)), (FS_PREFIX, list(fs_ids)),
+              (VSOCK_PREFIX, list(vsock_ids)), (VFIO_PREFIX, list(device_ids))]
     ids = DeviceIds()
-    ids._taken.update(i for i in disks + nets + devices if i is not None)  # CH's boot id list
-    named: dict[str, list[str]] = {}
-    for prefix, items in ((DISK_PREFIX, disks), (NET_PREFIX, nets), (VFIO_PREFIX, devices)):
-        named[prefix] = [ident if ident is not None else ids.new(prefix) for ident in items]
-    return ids, named[DISK_PREFIX] + named[VFIO_PREFIX] + named[NET_PREFIX]
+    ids._taken.update(i for _prefix, items in groups for i in items if i is not None)  # CH's boot id list
+    named = [[ident if ident is not None else ids.new(prefix) for ident in items] for prefix, items in groups]
+    return ids, BootNames(*named)
+
+
+def vm_boot_ids(config: VmConfig) -> tuple[DeviceIds, BootNames]:
+    """`boot_ids` of a VM config's devices."""
+    return boot_ids([d.id for d in config.disks], [n.id for n in config.nets], [f.id for f in config.fs],
+                    [config.vsock.id] if config.vsock is not None else [], [d.id for d in config.devices])

@@ -134,22 +134,22 @@ class PciHotplug:
     # ---- boot-time devices -------------------------------------------------------------------------------
 
     def adopt(self, vfio: VfioPassthrough | None, devices: Sequence[DeviceLike],
-              disks: Sequence[BootDisk] = (), nets: Sequence[BootDisk] = ()) -> None:
+              disks: Sequence[BootDisk] = (), nets: Sequence[BootDisk] = (),
+              fs_ids: Sequence[str | None] = (), vsock_ids: Sequence[str | None] = ()) -> None:
         """The builder's devices: its --disks, --nets and its VFIO side (None without --device), whose
         `devices` are the --device configs in order. They get their ids (one space with what is hot-plugged
         later: pyvmm.device_ids) and can be removed like hot-plugged ones; hot-plugged functions join the
-        VFIO side's container."""
-        self._ids, names = boot_ids([d.id for d in disks], [c.id for c in devices], [n.id for n in nets])
-        virtio = list(zip(disks, names, strict=False)) + list(zip(nets, names[len(names) - len(nets):],
-                                                                  strict=True))
+        VFIO side's container. The --fs and --vsock devices take their ids in the space (not removable)."""
+        self._ids, names = boot_ids([d.id for d in disks], [n.id for n in nets], fs_ids, vsock_ids,
+                                    [c.id for c in devices])
+        virtio = list(zip(disks, names.disks, strict=True)) + list(zip(nets, names.nets, strict=True))
         for boot, ident in virtio:
             self._devices[ident] = _Plugged(ident, boot.transport.name, boot.address, None,
                                             virtio=boot.transport, boot=True)
         if vfio is None:
             return
         self._vfio = vfio
-        for ident, (model, address) in zip(names[len(disks):len(names) - len(nets)], vfio.plugged(),
-                                           strict=True):
+        for ident, (model, address) in zip(names.devices, vfio.plugged(), strict=True):
             self._devices[ident] = _Plugged(ident, model.device.name, address, None, boot=True)
 
     def host_asked_back(self, name: str) -> None:

@@ -239,8 +239,15 @@ def test_device_names_as_ch_gives_them() -> None:
         "payload": {"kernel": "/k"},
         "disks": [{"path": "/a"}, {"path": "/b", "id": "data"}],
         "devices": [{"path": "/sys/bus/pci/devices/0000:00:04.0"}],
+        "memory": {"size": 536870912, "shared": True},
+        "fs": [{"tag": "kataShared", "socket": "/run/fs.sock"}],
+        "vsock": {"cid": 3, "socket": "/run/kata.hvsock"},
     })
-    assert device_ids(config) == ("__console", "__rng", ["_disk0", "data", "_vfio1"])
+    console, rng, names = device_ids(config)
+    assert (console, rng) == ("__console", "__rng")
+    # one counter in CH's creation order: disks, nets, fs, vsock, then passed-through functions
+    assert (names.disks, names.fs, names.vsock, names.devices) == (["_disk0", "data"], ["_fs1"], ["_vsock2"],
+                                                                   ["_vfio3"])
 
 
 def test_server_thread_is_named_for_proc(api) -> None:

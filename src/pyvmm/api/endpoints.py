@@ -29,7 +29,7 @@ from pyvmm.api.vmconfig import (
 )
 from pyvmm.api.vmm import NOT_CREATED, NOT_RUNNING, ApiCallError, ApiVmm
 from pyvmm.config import ConsoleMode, DeviceConfig, DiskConfig, NetConfig, VmConfig
-from pyvmm.device_ids import boot_ids
+from pyvmm.device_ids import BootNames, vm_boot_ids
 from pyvmm.errors import PyvmmError
 from pyvmm.pci.bar import BarKind
 
@@ -129,11 +129,12 @@ def _info(vmm: ApiVmm, request: Request) -> Response:
     return json_response(Status.OK, info)
 
 
-def device_ids(config: VmConfig) -> tuple[str | None, str, list[str]]:
-    """The names of the console (None when off), the rng, and the disks + devices: their `id=` or, as CH
-    names them, `_disk<n>` / `_vfio<n>` from one counter in creation order (pyvmm.device_ids)."""
+def device_ids(config: VmConfig) -> tuple[str | None, str, BootNames]:
+    """The names of the console (None when off), the rng, and the other boot-time devices: their `id=`
+    or, as CH names them, `_disk<n>`, `_net<n>`, `_fs<n>`, `_vsock<n>`, `_vfio<n>` from one counter in
+    creation order (pyvmm.device_ids)."""
     console = None if config.console.mode is ConsoleMode.OFF else (config.console.id or "__console")
-    _ids, names = boot_ids([d.id for d in config.disks], [d.id for d in config.devices])
+    _ids, names = vm_boot_ids(config)
     return console, "__rng", names
 
 
@@ -144,13 +145,15 @@ def device_tree(config: VmConfig, machine: Any) -> dict[str, Any]:
     """Every PCI device of the running VM by name: its BARs and `pci_bdf` (what Kata and ch-remote read).
     Passed-through functions as the VM has them now (hot-plugged ones in, ejected ones out), by the ids
     vm.remove-device takes."""
-    console, rng, _names = device_ids(config)
-    # the builder plugs the console, the disks, the nets and the rng first, then the boot-time --devices;
-    # disks, nets and devices as the VM has them now (hot-plugged in, ejected out) come from its hot-plug
-    # side
+    console, rng, names = device_ids(config)
+    # the builder plugs the console, the disks, the nets, the rng, the --fs and the --vsock first, then the
+    # boot-time --devices; disks, nets and devices as the VM has them now (hot-plugged in, ejected out)
+    # come from its hot-plug side
     addresses = machine.pci_addresses
     placed = [] if console is None else [(console, addresses[0])]
-    placed.append((rng, addresses[len(placed) + len(config.disks) + len(config.nets)]))
+    rng_at = len(placed) + len(config.disks) + len(config.nets)
+    placed.append((rng, addresses[rng_at]))
+    placed += [(name, addresses[rng_at + 1 + i]) for i, name in enumerate(names.fs + names.vsock)]
     placed += sorted(machine.hotplug.devices().items(), key=lambda item: (item[1].segment, item[1].slot))
     tree: dict[str, Any] = {}
     for name, address in placed:

@@ -286,20 +286,20 @@ class ApiVmm:
         config, machine = self.config, self.machine
         if config is None or machine is None:
             return config
-        from pyvmm.device_ids import boot_ids
+        from pyvmm.device_ids import vm_boot_ids
 
-        _ids, names = boot_ids([d.id for d in config.disks], [d.id for d in config.devices],
-                               [n.id for n in config.nets])
+        _ids, names = vm_boot_ids(config)
         present = machine.hotplug.devices()
-        n_disks, n_devices = len(config.disks), len(config.devices)
-        disk_names, device_names = names[:n_disks], names[n_disks:n_disks + n_devices]
-        net_names = names[n_disks + n_devices:]
-        disks = [dataclasses.replace(d, id=n) for d, n in zip(config.disks, disk_names, strict=True)
+        disks = [dataclasses.replace(d, id=n) for d, n in zip(config.disks, names.disks, strict=True)
                  if n in present]
-        devices = [dataclasses.replace(d, id=n) for d, n in zip(config.devices, device_names, strict=True)
+        devices = [dataclasses.replace(d, id=n) for d, n in zip(config.devices, names.devices, strict=True)
                    if n in present]
-        nets = [dataclasses.replace(d, id=n) for d, n in zip(config.nets, net_names, strict=True)
+        nets = [dataclasses.replace(d, id=n) for d, n in zip(config.nets, names.nets, strict=True)
                 if n in present]
+        # --fs and --vsock stay for the VM's life; they show their ids as CH's config does
+        fs = tuple(dataclasses.replace(f, id=n) for f, n in zip(config.fs, names.fs, strict=True))
+        vsock = (dataclasses.replace(config.vsock, id=names.vsock[0]) if config.vsock is not None
+                 else None)
         for _ident, added in machine.hotplug.hot_plugged():
             if isinstance(added, DiskConfig):
                 disks.append(added)
@@ -307,7 +307,8 @@ class ApiVmm:
                 nets.append(added)
             else:
                 devices.append(added)
-        return dataclasses.replace(config, disks=tuple(disks), devices=tuple(devices), nets=tuple(nets))
+        return dataclasses.replace(config, disks=tuple(disks), devices=tuple(devices), nets=tuple(nets),
+                                   fs=fs, vsock=vsock)
 
     def reboot(self) -> None:
         if self.machine is None:

@@ -453,6 +453,10 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     assert info["state"] == "Running", info
     bdfs = {name: node["pci_bdf"] for name, node in info["device_tree"].items()}
     assert bdfs.get("__rng", "").startswith("0000:00:"), bdfs
+    # CH's names from one counter (net, fs, vsock): the fs on segment 1 as Kata asked
+    assert bdfs.get("_fs1", "").startswith("0001:00:"), bdfs
+    assert bdfs.get("_vsock2", "").startswith("0000:00:"), bdfs
+    assert [f["id"] for f in info["config"]["fs"]] == ["_fs1"] and info["config"]["vsock"]["id"] == "_vsock2"
     comms = thread_names(vmm.pid)
     assert "vcpu0" in comms and "http-server" in comms, comms
     assert VSOCK.is_socket(), "no listener on the vsock's socket"  # where Kata's runtime reaches its agent
