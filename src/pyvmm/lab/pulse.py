@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import select
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,10 +25,12 @@ ANSWER = b"PULSE"
 class Pulse:
     """Connects to the lab's pulse socket (QEMU's server end of ttyS1), pokes, and times the answers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, connect_for: float = 10.0) -> None:
         self.path = path
+        self._connect_for = connect_for  # QEMU makes the socket as it starts
         self.answers = 0
         self.last_answer: float | None = None  # time.monotonic() of the latest answer
+        self.connected = False  # a pulse that never reached QEMU's socket judges nothing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lab-pulse", daemon=True)
 
@@ -38,21 +41,27 @@ class Pulse:
         self._stop.set()
 
     def silent_for(self, since: float, now: float) -> float:
-        """Seconds without an answer, counted from `since` at the earliest (the lab's ready time)."""
+        """Seconds without an answer, counted from `since` at the earliest (the lab's ready time); 0 when
+        the pulse could not connect (then it cannot tell a stalled lab from its own failure)."""
+        if not self.connected:
+            return 0.0
         last = self.last_answer if self.last_answer is not None else since
         return now - max(last, since)
 
     def _run(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            for _ in range(100):  # QEMU makes the socket as it starts
+            for _ in range(max(1, int(self._connect_for / 0.1))):
                 try:
                     sock.connect(str(self.path))
+                    self.connected = True
                     break
                 except OSError:
                     if self._stop.wait(0.1):
                         return
             else:
+                print(f"pyvmm-lab: no pulse (cannot connect to {self.path}): a stalled lab is found only by "
+                      "its timeouts", file=sys.stderr)
                 return
             pending = b""
             next_poke = time.monotonic()
