@@ -44,13 +44,20 @@ def _push(ring: CoalescedRing, addr: int, size: int, value: int, pio: bool) -> N
     ring.header.last = (ring.header.last + 1) % ring.capacity
 
 
-def test_replays_in_order_across_the_wrap_onto_the_right_bus() -> None:
-    _keep, address = _page()
-    log: list = []
+def _recorded_ring(log: list, pio_ranges: list[tuple[int, int]],
+                   mmio_ranges: list[tuple[int, int]]) -> tuple[mmap.mmap, CoalescedRing]:
+    """A ring on a fresh page whose buses record every write into `log` (the page must be kept alive)."""
+    page, address = _page()
     pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
-    pio.insert(0xCF8, 4, Recorder(0xCF8, log))
-    mmio.insert(0xD000_0000, 0x1000, Recorder(0xD000_0000, log))
-    ring = CoalescedRing(address, mmap.PAGESIZE, pio, mmio)
+    for bus, ranges in ((pio, pio_ranges), (mmio, mmio_ranges)):
+        for base, length in ranges:
+            bus.insert(base, length, Recorder(base, log))
+    return page, CoalescedRing(address, mmap.PAGESIZE, pio, mmio)
+
+
+def test_replays_in_order_across_the_wrap_onto_the_right_bus() -> None:
+    log: list = []
+    _keep, ring = _recorded_ring(log, [(0xCF8, 4)], [(0xD000_0000, 0x1000)])
     assert ring.capacity == (mmap.PAGESIZE - ctypes.sizeof(kvm_coalesced_mmio_ring)) // ctypes.sizeof(
         kvm_coalesced_mmio
     )
@@ -69,12 +76,8 @@ def test_replays_in_order_across_the_wrap_onto_the_right_bus() -> None:
 
 
 def test_a_run_of_byte_writes_to_a_burst_port_is_one_call_in_order_with_the_rest() -> None:
-    _keep, address = _page()
     log: list = []
-    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
-    pio.insert(0xCF8, 4, Recorder(0xCF8, log))
-    pio.insert(0x3F8, 8, Recorder(0x3F8, log))
-    ring = CoalescedRing(address, mmap.PAGESIZE, pio, mmio)
+    _keep, ring = _recorded_ring(log, [(0xCF8, 4), (0x3F8, 8)], [])
     ring.add_burst(0x3F8, lambda data: log.append(("burst", data)))
     ring.header.first = ring.header.last = ring.capacity - 3  # the first run wraps
     for addr, size, value in [
