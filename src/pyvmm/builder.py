@@ -10,11 +10,13 @@ before the error propagates (one line, its own exit status: see pyvmm.errors).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pyvmm import layout
+from pyvmm import layout, sandbox
 from pyvmm.acpi.platform import AcpiPciHotplug, AcpiPciSegment, AcpiPlatform
 from pyvmm.acpi.tables import build_acpi_tables
 from pyvmm.boot import (
@@ -50,6 +52,7 @@ from pyvmm.machine import ExitKind, ExitLatch, Service, VirtualMachine
 from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.pci.planning import PciPlan, reserve_slots
 from pyvmm.pci.platform import PciAddress, PciPlatform
+from pyvmm.vhost.storage_daemon import DiskService, disk_service, shares_ram_for_disks, storage_daemon_binary
 from pyvmm.vmplan import vm_plan
 
 if TYPE_CHECKING:
@@ -118,8 +121,14 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     vm.create_irqchip()
     vm.create_pit2()
 
+    disk_services = _disk_services(config)
+    memory_config = config.memory
+    if shares_ram_for_disks([service for service, _ in disk_services]) and not memory_config.shared:
+        # A qemu-storage-daemon serves a disk: it maps guest RAM, so RAM is a shared memfd
+        # (docs/virtio-blk.md#who-serves-a-disk).
+        memory_config = dataclasses.replace(memory_config, shared=True)
     try:
-        memory = GuestMemory.for_config(config.memory)
+        memory = GuestMemory.for_config(memory_config)
     except GuestMemoryError as exc:
         raise in_context(f"--memory size={config.memory.size >> 20}M", exc) from exc
     _closing(stack, memory)
@@ -137,7 +146,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     router = MsiRouter(vm, config.platform.x_max_msi_routes)  # one VM-wide GSI table, virtio and VFIO
     # cloud-hypervisor's creation order, which the plan follows: console, disks, rng, passthrough devices
     services += _add_console(config, memory, platform, router, vm, stack)
-    disks = _add_disks(config, memory, platform, router, vm, stack)
+    disks = _add_disks(config, disk_services, memory, platform, router, vm, stack)
     nets = _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
     fses = _add_fs(config, memory, platform, router, vm, stack)
@@ -306,16 +315,32 @@ def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
     return [MuxerService(device.muxer)]
 
 
-def _add_disks(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
+def _disk_services(config: VmConfig) -> list[tuple[DiskService, str | None]]:
+    """Who serves each --disk, and the qemu-storage-daemon to start for it (vhost/storage_daemon.py). A
+    program can be started only before pyvmm's seccomp filter is on: `pyvmm --api-socket` installs it before
+    it builds, so its disks are the worker's."""
+    if not config.disks:
+        return []
+    daemon = storage_daemon_binary()
+    can_start = not sandbox.filtered()
+    host_cpus = len(os.sched_getaffinity(0))
+    return [(disk_service(disk, config.memory, daemon, can_start=can_start, vcpus=config.cpus.boot,
+                          host_cpus=host_cpus), daemon)
+            for disk in config.disks]
+
+
+def _add_disks(config: VmConfig, services: list[tuple[DiskService, str | None]], memory: GuestMemory,
+               platform: PciPlatform, router: MsiRouter, vm: Vm,
                stack: contextlib.ExitStack) -> list[BootDisk]:
-    """Open and lock every --disk image and plug one virtio-blk each (before VFIO, as CH orders them)."""
+    """Open and lock every --disk image (starting its qemu-storage-daemon, or the worker) and plug one
+    virtio-blk each (before VFIO, as CH orders them)."""
     if not config.disks:
         return []
     # The virtio and VFIO stacks are imported only by VMs that use them: start-up time matters.
     from pyvmm.devices.virtio.attach import attach_disks
 
     attached = attach_disks(config.disks, memory=memory, platform=platform, router=router, irqfds=vm,
-                            ioeventfds=vm)
+                            ioeventfds=vm, services=services)
     for transport, _address in attached:
         _closing(stack, transport)  # also when the guest ejected it first (closing twice is harmless)
     return [BootDisk(disk.id, transport, address)
@@ -342,13 +367,14 @@ def _watch_vhost_user_backends(transports: list[VirtioPciDevice], latch: ExitLat
     (docs/virtio-blk.md#a-dead-backend)."""
     if not any(transport.device.external_queues for transport in transports):
         return []  # nothing to watch: the vhost-user modules stay unloaded
-    from pyvmm.devices.virtio.attach import vhost_user_sockets
+    from pyvmm.devices.virtio.attach import hangup_messages, vhost_user_sockets
     from pyvmm.vhost.hangup import HangupWatch
 
     sockets = vhost_user_sockets(transports)
+    messages = hangup_messages(transports)
 
     def stop(label: str) -> None:
-        latch.request(ExitKind.ERROR, f"{label}: the vhost-user backend closed the connection; the VM stops")
+        latch.request(ExitKind.ERROR, messages[label]())
 
     watch = HangupWatch(sockets, stop)
     _closing(stack, watch)  # also when the build fails before the VM runs

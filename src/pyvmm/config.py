@@ -192,6 +192,9 @@ class DiskConfig:
     pci_device_id: int | None = None
     serial: str | None = None
     image_type: ImageType = ImageType.RAW
+    # CH's hidden `_disable_io_uring`: the qemu-storage-daemon serving the disk reads and writes with a
+    # thread pool instead of io_uring (docs/virtio-blk.md#who-serves-a-disk)
+    disable_io_uring: bool = False
     # served by the vhost-user backend on `socket` (docs/virtio-blk.md#vhost-user-blk)
     vhost_user: bool = False
     socket: Path | None = None
@@ -678,8 +681,9 @@ def disk_from_options(opts: Options, vhost_user_allowed: bool = False) -> DiskCo
         if opts.has("socket"):
             raise OptionError("socket= is a vhost-user backend's: add vhost_user=on")
     _refuse_unsupported(opts, _DISK_UNSUPPORTED, _DISK_HINTS)
-    # pyvmm uses neither io_uring nor AIO, so the hidden switches that disable them are no-ops.
-    opts.toggle("_disable_io_uring", False)
+    # The daemon serving a disk uses io_uring unless told not to; nothing uses Linux AIO, so the hidden
+    # switch that disables it has nothing to disable.
+    disable_io_uring = opts.toggle("_disable_io_uring", False)
     opts.toggle("_disable_aio", False)
     path = opts.get("path")
     if path is None:
@@ -715,6 +719,7 @@ def disk_from_options(opts: Options, vhost_user_allowed: bool = False) -> DiskCo
         pci_device_id=slot,
         serial=serial,
         image_type=image_type,
+        disable_io_uring=disable_io_uring,
     )
 
 

@@ -47,10 +47,20 @@ def test_boot_from_disk_and_guest_writes_reach_the_image(lab) -> None:
         'sha_after=$(sha256sum "$PYVMM_GUEST_DISK" | cut -d" " -f1); '
         '[ "$sha_before" != "$sha_after" ] && echo IMAGE-CHANGED'
     )
+    script = script.replace(f"{PYVMM} --disk", f"{PYVMM} -v --disk", 1) + (
+        # the qemu-storage-daemon pyvmm started is gone with pyvmm, and its private directory too
+        '; echo "DAEMONS-LEFT=$(pgrep -c -x qemu-storage-da)"; '
+        "ls -d /tmp/pyvmm-disk-* 2>/dev/null | sed s/^/LEFT:/"
+    )
     proc = lab(script, devices="none")
     out = proc.stdout
     assert "PYVMM-STATUS=0" in out, out
     assert "PYVMM-GUEST-EXIT=0" in out, out
+    # the default --disk is served by a qemu-storage-daemon pyvmm supervises (docs/virtio-blk.md)
+    assert re.search(r"^pyvmm: INFO: --disk path=\S+: served by a qemu-storage-daemon pyvmm started, over "
+                     r"vhost-user \(1 queue\(s\) of 128, io_uring, an iothread (not )?polling.*, through the "
+                     r"page cache; pyvmm sees no request\)$", out, re.M), out
+    assert _line(out, "DAEMONS-LEFT=0") and "LEFT:" not in out, out
     assert re.search(r"^/dev/vda1 / ext4 rw", out, re.M), out  # root is the disk's first partition
     assert "IMAGE: written-by-the-pyvmm-guest" in out, out  # found in the image by debugfs afterwards
     assert _line(out, "IMAGE-CHANGED"), out
@@ -81,8 +91,10 @@ def test_readonly_disk_guest_write_fails_and_image_unchanged(lab) -> None:
 
 
 def test_image_errors_before_boot(lab) -> None:
-    """Missing image, a directory, and an image another pyvmm is writing: one line each, exit 2."""
-    hold = _run('path="$PYVMM_GUEST_DISK"', 'console=ttyS0 root=/dev/vda1 pyvmm.cmd="sleep 60"')
+    """Missing image, a directory, and an image another pyvmm is writing: one line each, exit 2. Then the
+    qemu-storage-daemon serving that other pyvmm's disk is killed: it stops in one line naming the disk and
+    the daemon, exit 1 (docs/virtio-blk.md#a-dead-backend)."""
+    hold = _run('path="$PYVMM_GUEST_DISK"', 'console=ttyS0 root=/dev/vda1 pyvmm.cmd="sleep 600"')
     script = (
         f"({hold}) > /tmp/first.log 2>&1 & "
         "i=0; while ! grep -q pyvmm-guest /tmp/first.log && [ $i -lt 600 ]; do sleep 0.5; i=$((i+1)); done; "
@@ -91,7 +103,8 @@ def test_image_errors_before_boot(lab) -> None:
         'for opts in path=/nonexistent.img path=/tmp "path=$d" "path=$d,readonly=on"; do '
         "  pv --disk \"$opts\" --cmdline console=ttyS0 > /tmp/out.log 2>&1 < /dev/null; "
         '  echo "CASE $opts STATUS=$? LINES=$(wc -l < /tmp/out.log)"; sed "s/^/ERR: /" /tmp/out.log; '
-        "done; wait"
+        "done; "
+        'pkill -KILL -x qemu-storage-da && echo DAEMON-KILLED; wait; sed "s/^/FIRST: /" /tmp/first.log'
     )
     proc = lab(script, devices="none")
     out = proc.stdout
@@ -101,6 +114,10 @@ def test_image_errors_before_boot(lab) -> None:
         assert status == "2" and lines == "1", out
     assert re.search(r"no such file|does not exist", out) and "directory" in out, out
     assert out.count("in use by another VM") == 2, out
+    assert _line(out, "DAEMON-KILLED"), out
+    assert re.search(r"^FIRST: pyvmm: --disk path=\S+: the qemu-storage-daemon serving it \(pid \d+\) "
+                     r"exited: .*; the VM stops$", out, re.M), out
+    assert _line(out, "FIRST: PYVMM-STATUS=1"), out
 
 
 def test_several_disks_and_scratch_io(lab) -> None:

@@ -129,9 +129,10 @@ def test_full_file_system_gives_io_errors_and_a_deleted_image_keeps_working(lab)
     assert int(v["IO-ERRORS"]) >= 1, full
     # What it wrote before the file system filled up reads back, in the guest and outside.
     assert v["R1-BACK"] == v["R1-SHA"] and v["HEAD-BACK"] == v["HEAD-SHA"], full
-    # pyvmm's stderr holds the write failures (ENOSPC) as warnings and nothing else: no traceback.
+    # pyvmm's stderr holds nothing but ENOSPC warnings: no traceback. (The default --disk is served by a
+    # qemu-storage-daemon, which answers the guest IOERR without a word; the in-process worker's warning
+    # is tests/unit/test_virtio_blk.py's.)
     assert v["tracebacks"] == "0" and "OTHER-STDERR" not in full, full
-    assert int(v["enospc-warnings"]) >= 1, full
     assert v["avail-kb"] == "0", full  # the file system really was full
     # Outside: size unchanged, every byte the guest did not write as it was, its first write there.
     assert v["size"] == str(64 * MIB), full

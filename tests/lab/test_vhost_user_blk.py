@@ -6,20 +6,20 @@ Before the boot, a socket nobody serves is one line and exit status 1, with no g
 
 The guest (`--memory size=512M,shared=on`) gets three things. As /dev/vda, a 257 MiB image (256 MiB of a
 known pattern, then 1 MiB of zeros) on qemu-storage-daemon's vhost-user-blk export, and as /dev/vdb a copy
-of it on pyvmm's in-process virtio-blk: it reads 256 MiB of each with dd (the MB/s of both are printed:
-informative, not asserted), unbinds and binds vda's driver again (a device reset and a new setup), hashes
-all of vda (SHA-256 against the lab's) and writes a line to a sector of vda that the lab then finds in the
-image. As `--fs tag=myfs`, a lab directory holding a 1 MiB file of random bytes, and as `tag=other` a second
-one, each with its own virtiofsd: the guest mounts myfs (`-t virtiofs myfs /mnt`), hashes the file, writes
-a file the lab then finds in the directory with the guest's content, mounts other beside it and reads it,
-unmounts both, unbinds and binds their driver again (device resets, then a new setup), mounts myfs and
-hashes once more. Then the lab kills qemu-storage-daemon while the guest goes on reading vda: pyvmm stops
-the VM with one line naming the disk and exit status 1, within seconds.
+of it on pyvmm's in-process virtio-blk (PYVMM_STORAGE_DAEMON=off): it reads 256 MiB of each with dd (the
+MB/s of both are printed: informative, not asserted), unbinds and binds vda's driver again (a device reset
+and a new setup), hashes all of vda (SHA-256 against the lab's) and writes a line to a sector of vda that
+the lab then finds in the image. As `--fs tag=myfs`, a lab directory holding a 1 MiB file of random bytes,
+and as `tag=other` a second one, each with its own virtiofsd: the guest mounts myfs (`-t virtiofs myfs
+/mnt`), hashes the file, writes a file the lab then finds in the directory with the guest's content, mounts
+other beside it and reads it, unmounts both, unbinds and binds their driver again (device resets, then a new
+setup), mounts myfs and hashes once more. Then the lab kills qemu-storage-daemon while the guest goes on
+reading vda: pyvmm stops the VM with one line naming the disk and exit status 1, within seconds.
 
 Then a second VM with myfs on a fresh virtiofsd: once it runs (its vCPU thread up, so connected to
-virtiofsd), the lab kills that virtiofsd while the guest boots: pyvmm stops the VM with one line naming
-that `--fs` device and exit status 1, within seconds. (Killed under the guest's reads, as qemu-storage-daemon
-is, it would cost a second guest boot, ~50 s here; the hang-up watch is the same code for both.)
+virtiofsd), the lab kills that virtiofsd while the guest boots: pyvmm stops the VM with one line naming that
+`--fs` device and exit status 1, within seconds. (Killed under the guest's reads, as qemu-storage-daemon is,
+it would cost a second guest boot, ~50 s here; the hang-up watch is the same code for both.)
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ $VFSD --socket-path=$FSSOCK -o source=$SHARE -o cache=none > $TMPDIR/vfsd.log 2>
 $VFSD --socket-path=$TMPDIR/other.sock -o source=$OTHER -o cache=none > $TMPDIR/other.log 2>&1 &
 i=0; while { [ ! -S $SOCK ] || [ ! -S $FSSOCK ] || [ ! -S $TMPDIR/other.sock ]; } && [ $i -lt 100 ]; do
   sleep 0.1; i=$((i + 1)); done
-$PYVMM --disk vhost_user=on,socket=$SOCK --disk path=$COPY \
+PYVMM_STORAGE_DAEMON=off $PYVMM --disk vhost_user=on,socket=$SOCK --disk path=$COPY \
   --fs tag=myfs,socket=$FSSOCK tag=other,socket=$TMPDIR/other.sock \
   --cmdline "console=ttyS0 quiet pyvmm.cmd=\"$(cat $TMPDIR/guest_cmd)\"" </dev/null \
   > $TMPDIR/guest.out 2> $TMPDIR/guest.err &

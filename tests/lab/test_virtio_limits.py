@@ -18,6 +18,9 @@ Each request is published and kicked on its own and its status byte and used len
 Then the driver is bound again (a device reset) and the workload runs once more. The lab reads pyvmm's
 VmHWM when the guest starts the hostile part and when it has finished: it must not grow by more than
 HWM_GROWTH_BOUND, and stays under HWM_BOUND in all (the guest has 512 MiB).
+
+These are the limits of pyvmm's in-process worker, so the disk is served by it (PYVMM_STORAGE_DAEMON=off);
+a default --disk's requests go to a qemu-storage-daemon and never reach pyvmm.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ python3 - <<'EOF'
 GUEST = open("/tmp/guest.sh").read()
 @MAKE_IMAGE@
 EOF
-pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" --cpus boot=1 --memory size=512M \
+PYVMM_STORAGE_DAEMON=off pyvmm --kernel "$PYVMM_GUEST_KERNEL" --initramfs "$PYVMM_GUEST_INITRAMFS" \
+  --cpus boot=1 --memory size=512M \
   --serial tty --console off --disk path=/tmp/hostile.img --cmdline @CMDLINE@ \
   > /tmp/guest.log 2>&1 < /dev/null &
 PID=$!

@@ -363,7 +363,7 @@ def test_disk_keys() -> None:
     ).disks[0]  # fmt: skip
     assert disk == DiskConfig(
         path=Path("/img"), readonly=True, direct=True, id="root", num_queues=2, queue_size=256,
-        pci_device_id=3, serial="abc", image_type=ImageType.RAW,
+        pci_device_id=3, serial="abc", image_type=ImageType.RAW, disable_io_uring=True,
     )  # fmt: skip
     assert parse("--disk", "path=/img").disks[0] == DiskConfig(path=Path("/img"))
 

@@ -298,6 +298,9 @@ _VSOCK_MUXER = (
 # (a lock). poll/ppoll, the eventfd read and the thread's end are all the runtime's: nothing on top.
 _VHOST_USER = (
     Allowed("ioctl", "nothing of its own: the runtime's (a traceback's TCGETS)", _ioctls(_RUNTIME_IOCTLS)),
+    # The stop message of a disk served by a qemu-storage-daemon pyvmm started says whether the daemon
+    # exited (StorageDaemon.hangup_cause polls its pidfd: the runtime's poll) and its last line of output
+    # (its log: the runtime's read-only open): nothing on top either.
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,6 +334,12 @@ _VMM = (
     Allowed("renameat", "give-back: the journal replaced atomically (relative to its directory)"),
     Allowed("renameat2", "give-back: as renameat, on newer glibc"),
     Allowed("mkdir", "give-back: /run/pyvmm re-created if it vanished"),
+    # A --disk's qemu-storage-daemon (vhost/storage_daemon.py) is stopped through the pidfd opened when it
+    # was started, so pyvmm can signal no other process (kill stays refused).
+    Allowed("pidfd_send_signal", "teardown: the qemu-storage-daemon of a --disk stopped "
+                                 "(StorageDaemon.close: SIGTERM, SIGKILL after 5 s)"),
+    Allowed("waitid", "teardown: that daemon reaped (waitid(P_PIDFD))"),
+    Allowed("rmdir", "teardown: that daemon's private directory removed (its socket and log unlinked)"),
     Allowed("mkdirat", "give-back: as mkdir, relative"),
     Allowed("fchmod", "give-back: journal files kept at mode 0600"),
     Allowed("getuid", "give-back: the journal directory's owner checked"),

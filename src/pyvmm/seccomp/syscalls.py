@@ -55,6 +55,7 @@ SYSCALLS: dict[str, int] = {
     "getcwd": 79,
     "rename": 82,
     "mkdir": 83,
+    "rmdir": 84,
     "unlink": 87,
     "readlink": 89,
     "fchmod": 91,
@@ -78,6 +79,7 @@ SYSCALLS: dict[str, int] = {
     "epoll_ctl": 233,
     "tgkill": 234,
     "kexec_load": 246,
+    "waitid": 247,
     "openat": 257,
     "mkdirat": 258,
     "newfstatat": 262,
@@ -107,6 +109,7 @@ SYSCALLS: dict[str, int] = {
     "pwritev2": 328,
     "statx": 332,
     "rseq": 334,
+    "pidfd_send_signal": 424,
     "clone3": 435,
     "faccessat2": 439,
 }

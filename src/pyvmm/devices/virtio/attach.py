@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,8 +28,10 @@ from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarInfo, BarKind
 from pyvmm.pci.platform import PciAddress, PciPlatform
+from pyvmm.vhost.storage_daemon import DiskServer, DiskService, describe
 
 if TYPE_CHECKING:
+    from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlock
     from pyvmm.vhost.user import VhostUserFrontend
 
 log = logging.getLogger("pyvmm")
@@ -90,14 +92,23 @@ def open_disk(
     irqfds: Irqfds,
     ioeventfds: Ioeventfds | None,
     hotplug: bool = False,
+    service: DiskService | None = None,
+    daemon: str | None = None,
 ) -> VirtioPciDevice:
     """Open and lock `disk`'s image (DiskImageError: missing, unreadable, locked), or connect to its
     vhost-user backend (VhostUserError), and put a virtio-blk transport over it, not yet plugged; the
-    transport owns the image or the connection."""
+    transport owns the image or the connection (and the daemon pyvmm started for it). `service`: who serves
+    it (vhost/storage_daemon.py; None: the worker, or the user's vhost-user backend), `daemon` the
+    qemu-storage-daemon to start for DiskServer.STORAGE_DAEMON."""
+    if service is None:
+        service = DiskService(DiskServer.VHOST_USER) if disk.vhost_user else DiskService(DiskServer.WORKER)
     blk: VirtioDevice
-    log.info("%s: served by %s", disk.label, disk.data_path)
+    log.info("%s: served by %s", disk.label, describe(disk, service))
     if disk.vhost_user:
-        blk = _open_vhost_user(disk, memory)
+        blk = _open_vhost_user(disk.socket, disk, memory)
+    elif service.server is DiskServer.STORAGE_DAEMON:
+        assert daemon is not None
+        blk = _open_with_daemon(daemon, disk, memory, service.poll)
     else:
         params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
         blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
@@ -115,20 +126,41 @@ def open_disk(
         raise
 
 
-def _open_vhost_user(disk: DiskConfig, memory: GuestMemory) -> VirtioDevice:
-    """Connect to the disk's backend and negotiate (docs/virtio-blk.md#vhost-user-blk); errors name the
-    disk."""
+def _open_with_daemon(daemon: str, disk: DiskConfig, memory: GuestMemory, poll: bool) -> VirtioDevice:
+    """Lock the image as the worker would (the same refusals), start a qemu-storage-daemon serving it and
+    connect to it; the device owns the lock and the daemon (docs/virtio-blk.md#who-serves-a-disk)."""
+    from pyvmm.devices.virtio.image import RawImage
+    from pyvmm.vhost.storage_daemon import StorageDaemon
+
+    image = RawImage(str(disk.path), readonly=disk.readonly, direct=disk.direct)
+    try:
+        supervised = StorageDaemon(daemon, disk, disk.label, poll)
+    except BaseException:
+        image.close()
+        raise
+    try:
+        device = _open_vhost_user(supervised.socket, disk, memory)
+    except BaseException:
+        supervised.close()
+        image.close()
+        raise
+    device.hold(supervised, image, cause=supervised.hangup_cause)  # stopped, unlocked after the connection
+    return device
+
+
+def _open_vhost_user(socket: Path | None, disk: DiskConfig, memory: GuestMemory) -> VhostUserBlock:
+    """Connect to the disk's backend on `socket` and negotiate (docs/virtio-blk.md#vhost-user-blk); errors
+    name the disk."""
     from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlkParams, VhostUserBlock
     from pyvmm.errors import in_context
     from pyvmm.vhost.user import VhostUserError
 
     try:
-        frontend = _connect_vhost_user(disk.socket, memory)
+        frontend = _connect_vhost_user(socket, memory)
     except VhostUserError as exc:
         raise in_context(disk.label, exc) from None
     try:
-        return VhostUserBlock(frontend, VhostUserBlkParams(disk.num_queues, disk.queue_size),
-                              f"--disk socket={disk.socket}")
+        return VhostUserBlock(frontend, VhostUserBlkParams(disk.num_queues, disk.queue_size), disk.label)
     except BaseException as exc:
         frontend.close()
         if isinstance(exc, VhostUserError):
@@ -213,6 +245,14 @@ def vhost_user_sockets(transports: Sequence[VirtioPciDevice]) -> list[tuple[int,
             for t in transports if isinstance(t.device, VhostUserDevice)]
 
 
+def hangup_messages(transports: Sequence[VirtioPciDevice]) -> dict[str, Callable[[], str]]:
+    """By label, what stops the VM when that vhost-user device's backend hangs up."""
+    from pyvmm.devices.virtio.vhost_user import VhostUserDevice
+
+    return {t.device.label: t.device.hangup_message
+            for t in transports if isinstance(t.device, VhostUserDevice)}
+
+
 def attach_disks(
     disks: Sequence[DiskConfig],
     *,
@@ -221,9 +261,11 @@ def attach_disks(
     router: MsiRouter,
     irqfds: Irqfds,
     ioeventfds: Ioeventfds,
+    services: Sequence[tuple[DiskService, str | None]] = (),
 ) -> list[tuple[VirtioPciDevice, PciAddress]]:
     """Open every image (DiskImageError: missing, unreadable, locked) and plug one virtio-blk each; each
-    transport and where it went.
+    transport and where it went. `services`: who serves each disk and the daemon to start (none: the
+    worker, or the user's vhost-user backend).
 
     Explicit `pci_device_id` slots should already be reserved on the platform. On failure everything
     attached so far is unplugged and closed again (images unlocked) before the exception propagates.
@@ -232,8 +274,9 @@ def attach_disks(
     plugged: list[PciAddress] = []
     try:
         for n, disk in enumerate(disks):
+            service, daemon = services[n] if services else (None, None)
             dev = open_disk(disk, name=f"virtio-blk-{disk.id or n}", memory=memory, router=router,
-                            irqfds=irqfds, ioeventfds=ioeventfds)
+                            irqfds=irqfds, ioeventfds=ioeventfds, service=service, daemon=daemon)
             attached.append(dev)  # closed below if anything later fails
             plugged.append(platform.attach(dev, disk.pci_segment, disk.pci_device_id))
     except BaseException:

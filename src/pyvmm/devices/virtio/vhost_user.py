@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +25,10 @@ from pyvmm.vhost.user import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class VhostUserBackend(Protocol):
@@ -109,6 +113,20 @@ class VhostUserDevice(VirtioDevice):
         self.transport_features = TRANSPORT_FEATURES & backend_features
         self.external_queues = frozenset(range(len(queue_sizes)))
         self._started: list[int] = []
+        self._held: list[Closable] = []
+        self._cause: Callable[[], str] | None = None
+
+    def hold(self, *resources: Closable, cause: Callable[[], str] | None = None) -> None:
+        """Close `resources` (in order) after the connection: a backend process pyvmm started, the image
+        lock it keeps for it. `cause()` says what happened to that backend when it hangs up."""
+        self._held.extend(resources)
+        self._cause = cause
+
+    def hangup_message(self) -> str:
+        """Why the VM stops when the backend hangs up (docs/virtio-blk.md#a-dead-backend)."""
+        if self._cause is not None:
+            return f"{self.label}: {self._cause()}; the VM stops"
+        return f"{self.label}: the vhost-user backend closed the connection; the VM stops"
 
     def start_external(self, rings: Sequence[VringSpec]) -> None:
         """DRIVER_OK: the acked features, the memory table (the RAM memfds), then each enabled ring."""
@@ -143,3 +161,9 @@ class VhostUserDevice(VirtioDevice):
         with contextlib.suppress(Exception):
             self._stop_rings()
         self.backend.close()
+        held, self._held = self._held, []
+        for resource in held:
+            try:
+                resource.close()
+            except Exception:
+                log.debug("%s: closing %r failed", self.label, resource, exc_info=True)
