@@ -90,7 +90,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "nvme_randread_qd32", "passthrough NVMe: 4 KiB random read, QD32", "IOPS", "higher", PT_VMMS, PT_GOALS
     ),
-    # pyvmm `--disk path=...` (the in-process worker) against QEMU's virtio-blk-pci
+    # pyvmm `--disk path=...` (as served by default: docs/virtio-blk.md#who-serves-a-disk) against QEMU's
+    # virtio-blk-pci
     *(
         Metric(f"blk_{k}", f"virtio-blk: {what}", unit, "higher", VM_PAIR, (Goal(QEMU, 0.95),))
         for k, what, unit in BLK_ROWS

@@ -101,7 +101,11 @@ def open_disk(
     it (vhost/storage_daemon.py; None: the worker, or the user's vhost-user backend), `daemon` the
     qemu-storage-daemon to start for DiskServer.STORAGE_DAEMON."""
     if service is None:
-        service = DiskService(DiskServer.VHOST_USER) if disk.vhost_user else DiskService(DiskServer.WORKER)
+        if disk.vhost_user:
+            service = DiskService(DiskServer.VHOST_USER)
+        else:
+            why = "a hot-plugged disk: pyvmm starts no program once the guest runs" if hotplug else ""
+            service = DiskService(DiskServer.WORKER, why)
     blk: VirtioDevice
     log.info("%s: served by %s", disk.label, describe(disk, service))
     if disk.vhost_user:
