@@ -299,8 +299,9 @@ def inside(a: argparse.Namespace) -> int:
             print(f"ab_virtio: {sha}: python imports pyvmm from {where!r}, not {src}", flush=True)
             return 1
     env = os.environ
-    s = harness.Settings(1, SPAN, IO_SECONDS, 0, IDLE_SECONDS, env["PYVMM_GUEST_KERNEL"], a.initramfs,
-                         env["PYVMM_GUEST_DISK"], "", vm_timeout=a.vm_timeout)
+    s = harness.Settings(1, SPAN, IO_SECONDS, 0, IDLE_SECONDS, env["PYVMM_GUEST_KERNEL"],
+                         env["PYVMM_GUEST_VMLINUX"], a.initramfs, env["PYVMM_GUEST_DISK"], "",
+                         vm_timeout=a.vm_timeout)
     disk = os.path.join(env.get("TMPDIR", "/tmp"), "bench-disk.raw")
     shutil.copyfile(s.disk, disk)
     cmd = f"sh /bench/virtio.sh {SPAN} {IO_SECONDS:g} {IDLE_SECONDS:g}"

@@ -38,6 +38,7 @@ class Metric:
     better: str  # "lower" or "higher"
     vmms: tuple[str, ...]
     goals: tuple[Goal, ...] = ()
+    smoke: bool = True  # measured by `bench/run.py --smoke` too (the suite's run)
 
     @property
     def baseline(self) -> str:
@@ -46,6 +47,7 @@ class Metric:
 
 
 BOOT_VMMS = (PYVMM, QEMU_Q35, QEMU_MICROVM)
+VARIANT_VMMS = (PYVMM, QEMU_Q35)  # the boot variants: a verbose console, the PVH entry (no microvm: issue 17)
 PT_VMMS = (PYVMM, QEMU, NATIVE)
 VM_PAIR = (PYVMM, QEMU)
 PT_GOALS = (Goal(QEMU, 0.95), Goal(NATIVE, 0.9))
@@ -75,6 +77,31 @@ METRICS: tuple[Metric, ...] = (
         "lower",
         BOOT_VMMS,
         (Goal(QEMU_Q35, 0.5),),
+    ),
+    # issue 17: what cloud-hypervisor's users boot: a PVH vmlinux, a console without `quiet`
+    Metric(
+        "boot_exit_verbose",
+        "boot: VMM start to exit, bzImage, verbose console (no `quiet`)",
+        "s",
+        "lower",
+        VARIANT_VMMS,
+        smoke=False,
+    ),
+    Metric("boot_exit_pvh", "boot: VMM start to exit, PVH vmlinux, quiet", "s", "lower", VARIANT_VMMS),
+    Metric(
+        "boot_exit_pvh_verbose",
+        "boot: VMM start to exit, PVH vmlinux, verbose console",
+        "s",
+        "lower",
+        VARIANT_VMMS,
+        (Goal(QEMU_Q35, 1.0),),
+    ),
+    Metric(
+        "console_line_ms",
+        "boot: one console line (PVH verbose less quiet, per kernel log line)",
+        "ms",
+        "lower",
+        VARIANT_VMMS,
     ),
     Metric(
         "nvme_seq_read",

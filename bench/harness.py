@@ -82,6 +82,7 @@ class Settings:
     trap_seconds: float
     idle_seconds: float
     kernel: str
+    vmlinux: str  # the same kernel as an ELF vmlinux, entered through PVH
     initramfs: str
     disk: str
     helpers: str  # directory with bench-io and bench-trap for the lab-native runs
@@ -215,10 +216,19 @@ def show_kernel_log(levels: str = "emerg,alert,crit,err,warn") -> None:
 
 
 # -- the VMM command lines -------------------------------------------------------------------------------
+def cmdline(cmd: str, quiet: bool = True) -> str:
+    """The guest's command line; without `quiet` the kernel prints its whole log on the console, as the
+    command lines of cloud-hypervisor's docs have it."""
+    text = CMDLINE if quiet else CMDLINE.replace(" quiet", "")
+    return f'{text} pyvmm.cmd="{cmd}"'
+
+
 def pyvmm_argv(
     s: Settings,
     cmd: str,
     disk: str | None = None,
+    kernel: str | None = None,
+    quiet: bool = True,
     device: str | None = None,
     shared: bool = False,
     net: bool = False,
@@ -229,7 +239,7 @@ def pyvmm_argv(
     argv = [
         "pyvmm",
         "--kernel",
-        s.kernel,
+        kernel or s.kernel,
         "--initramfs",
         s.initramfs,
         "--cpus",
@@ -241,7 +251,7 @@ def pyvmm_argv(
         "--console",
         "off",
         "--cmdline",
-        f'{CMDLINE} pyvmm.cmd="{cmd}"',
+        cmdline(cmd, quiet),
     ]
     if disk:
         argv += ["--disk", f"path={disk}"]
@@ -259,6 +269,8 @@ def qemu_argv(
     cmd: str,
     machine: str = "q35",
     disk: str | None = None,
+    kernel: str | None = None,
+    quiet: bool = True,
     device: str | None = None,
     shared: bool = False,
     net: bool = False,
@@ -283,11 +295,11 @@ def qemu_argv(
         "-serial",
         "stdio",
         "-kernel",
-        s.kernel,
+        kernel or s.kernel,
         "-initrd",
         s.initramfs,
         "-append",
-        f'{CMDLINE} pyvmm.cmd="{cmd}"',
+        cmdline(cmd, quiet),
     ]
     # the virtio-rng every pyvmm (and cloud-hypervisor) guest has: the guest's cost of it is the same here
     argv += ["-device", "virtio-rng-device" if machine == "microvm" else "virtio-rng-pci"]
@@ -385,6 +397,34 @@ class Bench:
         self.add("boot_init", vmm, init - result.started)
         self.add("boot_exit", vmm, result.exited - result.started)
         say(f"{label}: init {init - result.started:.2f} s, exit {result.exited - result.started:.2f} s")
+
+    def boot_variants(self, vmm: str, rep: int) -> None:
+        """Issue 17's boots: a bzImage with a verbose console, a PVH vmlinux quiet and verbose, and from
+        the PVH pair what one console line costs (the smoke run: the PVH pair only)."""
+        variants = [("boot_exit_pvh", self.s.vmlinux, True), ("boot_exit_pvh_verbose", self.s.vmlinux, False)]
+        if not self.s.one_boot:
+            variants.insert(0, ("boot_exit_verbose", self.s.kernel, False))
+        exits: dict[str, float] = {}
+        lines = 0
+        for key, kernel, quiet in variants:
+            if vmm == an.PYVMM:
+                argv = pyvmm_argv(self.s, "true", kernel=kernel, quiet=quiet)
+            else:
+                argv = qemu_argv(self.s, "true", kernel=kernel, quiet=quiet)
+            label = f"rep {rep} {key} {vmm}"
+            result = self.run(label, argv)
+            if not self._guest_ok(label, result):
+                continue
+            exits[key] = result.exited - result.started
+            self.add(key, vmm, exits[key])
+            if key == "boot_exit_pvh_verbose":
+                lines = sum(an.kernel_log_stamp(line) is not None for _, line in result.lines)
+            say(f"{label}: exit {exits[key]:.2f} s")
+        if {"boot_exit_pvh", "boot_exit_pvh_verbose"} <= exits.keys() and lines:
+            cost = (exits["boot_exit_pvh_verbose"] - exits["boot_exit_pvh"]) / lines * 1000
+            self.add("console_line_ms", vmm, cost)
+            self.add_extra("console_line_ms.lines", vmm, lines)
+            say(f"rep {rep} console lines {vmm}: {lines} lines, {cost:.1f} ms each")
 
     def _io(self, label: str, vmm: str, spans: dict[str, an.Span], table: dict[str, str]) -> None:
         parts = []
@@ -633,6 +673,8 @@ class Bench:
         if "boot" in s.only:
             for vmm in boots:
                 self.boot(vmm, rep)
+            for vmm in pair:
+                self.boot_variants(an.QEMU_Q35 if vmm == an.QEMU else vmm, rep)
         merged = s.one_boot and "virtio" in s.only and bool(s.only & {"net", "vhost"})
         if "virtio" in s.only:
             for vmm in pair:
@@ -832,6 +874,7 @@ def main() -> int:
         a.trap_seconds,
         a.idle_seconds,
         env["PYVMM_GUEST_KERNEL"],
+        env["PYVMM_GUEST_VMLINUX"],
         a.initramfs,
         env["PYVMM_GUEST_DISK"],
         a.helpers,

@@ -220,7 +220,7 @@ def test_data_plane_rows_and_their_goals() -> None:
 def test_data_plane_command_lines() -> None:
     import harness
 
-    s = harness.Settings(1, "8M", 0.5, 0.3, 0, "K", "I", "D", "H")
+    s = harness.Settings(1, "8M", 0.5, 0.3, 0, "K", "V", "I", "D", "H")
     pyvmm = " ".join(harness.pyvmm_argv(s, "c", shared=True, net=True, vhost_socket="/t/vu.sock"))
     assert "--memory size=512M,shared=on" in pyvmm
     assert "--disk vhost_user=on,socket=/t/vu.sock" in pyvmm
@@ -233,3 +233,16 @@ def test_data_plane_command_lines() -> None:
     # without the options, the other rows' command lines are as before
     assert "shared" not in " ".join(harness.pyvmm_argv(s, "c", disk="/d"))
     assert "memory-backend" not in " ".join(harness.qemu_argv(s, "c", disk="/d"))
+
+
+def test_boot_variant_command_lines() -> None:
+    """Issue 17's boot rows: the vmlinux through PVH, and the console verbose (no `quiet`) for both VMMs."""
+    import harness
+
+    s = harness.Settings(1, "8M", 0.5, 0.3, 0, "K", "V", "I", "D", "H")
+    for argv in (harness.pyvmm_argv(s, "true", kernel="V", quiet=False),
+                 harness.qemu_argv(s, "true", kernel="V", quiet=False)):
+        line = " ".join(argv)
+        assert " V " in line and " K " not in line
+        assert "quiet" not in line and 'panic=-1 hugepages=4 pyvmm.cmd="true"' in line
+    assert "console=ttyS0 quiet panic=-1" in " ".join(harness.pyvmm_argv(s, "true"))
