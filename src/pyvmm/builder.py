@@ -316,13 +316,15 @@ def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
 
 
 def _disk_services(config: VmConfig) -> list[tuple[DiskService, str | None]]:
-    """Who serves each --disk, and the qemu-storage-daemon to start for it (vhost/storage_daemon.py). A
-    program can be started only before pyvmm's seccomp filter is on: `pyvmm --api-socket` installs it before
-    it builds, so its disks are the worker's."""
+    """Who serves each --disk, and the qemu-storage-daemon to start for it (vhost/storage_daemon.py). Under
+    pyvmm's seccomp filter (`pyvmm --api-socket` installs it before it builds) only the spawner it started
+    beforehand can start one (vhost/spawner.py)."""
     if not config.disks:
         return []
+    from pyvmm.vhost.spawner import spawner
+
     daemon = storage_daemon_binary()
-    can_start = not sandbox.filtered()
+    can_start = not sandbox.filtered() or spawner() is not None
     host_cpus = len(os.sched_getaffinity(0))
     return [(disk_service(disk, config.memory, daemon, can_start=can_start, vcpus=config.cpus.boot,
                           host_cpus=host_cpus), daemon)

@@ -20,6 +20,7 @@ from pyvmm.devices.virtio.block import BlkFeature
 from pyvmm.devices.virtio.spec import bit
 from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlkParams, VhostUserBlock
 from pyvmm.errors import UsageError, VmError
+from pyvmm.vhost.spawner import DaemonSpawner
 from pyvmm.vhost.storage_daemon import (
     STORAGE_DAEMON_ENV,
     DiskServer,
@@ -196,3 +197,32 @@ def test_the_daemon_dies_with_a_killed_pyvmm(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@needs_daemon
+def test_the_spawner_starts_and_stops_daemons_for_a_filtered_vmm(tmp_path: Path) -> None:
+    """`pyvmm --api-socket` runs under a filter that forbids starting programs: the spawner it starts first
+    starts the daemons (vhost/spawner.py). A daemon it started serves the image; a refused start is one line;
+    a daemon killed is seen through the pidfd handed over; stop and the spawner's end leave no daemon."""
+    assert QSD is not None
+    spawner = DaemonSpawner(QSD)
+    try:
+        daemon = spawner.spawn(DiskConfig(path=_image(tmp_path), num_queues=2), "--disk path=A", poll=False)
+        device = VhostUserBlock(VhostUserFrontend.connect(str(daemon.socket)), VhostUserBlkParams(2, 64))
+        assert device.capacity == (4 << 20) // 512
+        device.close()
+        directory = daemon.socket.parent
+        daemon.close()
+        assert _gone(daemon.pid) and not directory.exists()  # stopped when close returns
+
+        with pytest.raises(VmError, match=r"^--disk path=B: qemu-storage-daemon exited at start: .+"):
+            spawner.spawn(DiskConfig(path=_image(tmp_path), num_queues=0), "--disk path=B", poll=False)
+
+        killed = spawner.spawn(DiskConfig(path=_image(tmp_path)), "--disk path=C", poll=False)
+        os.kill(killed.pid, signal.SIGKILL)
+        cause = killed.hangup_cause()
+        assert cause.startswith(f"the qemu-storage-daemon serving it (pid {killed.pid}) exited"), cause
+        left = spawner.spawn(DiskConfig(path=_image(tmp_path), readonly=True), "--disk path=D", poll=False)
+    finally:
+        spawner.close()
+    assert _gone(left.pid)  # the spawner's end stops what it still had

@@ -20,7 +20,9 @@ def serve(command_line: CommandLine, events: EventMonitor | None = None) -> int:
     from pyvmm.api.server import ApiServer, open_listener
     from pyvmm.api.vmm import ApiCallError, ApiVmm, report_exit
     from pyvmm.errors import PyvmmError, VmError
-    from pyvmm.sandbox import ThreadKind
+    from pyvmm.sandbox import SeccompMode, ThreadKind
+    from pyvmm.vhost.spawner import start_spawner
+    from pyvmm.vhost.storage_daemon import storage_daemon_binary
 
     api = command_line.api_socket
     assert api is not None
@@ -28,7 +30,10 @@ def serve(command_line: CommandLine, events: EventMonitor | None = None) -> int:
     listener = open_listener(api)
     server = ApiServer(listener, vmm.submit, path=api.path)
     # Before the first call is served: VMs are built and hot-plugged under the API_VMM filter, and the
-    # server thread takes its own as it starts (docs/seccomp.md#when).
+    # server thread takes its own as it starts (docs/seccomp.md#when). The filter allows no new program:
+    # the disks' qemu-storage-daemons are started by a spawner started now (vhost/spawner.py).
+    if command_line.seccomp is not SeccompMode.FALSE:
+        start_spawner(storage_daemon_binary())
     seccomp.install(command_line.seccomp, ThreadKind.API_VMM)
     server.start()
     try:

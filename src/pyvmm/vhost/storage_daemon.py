@@ -132,13 +132,44 @@ def daemon_arguments(image: Path, socket: Path, *, readonly: bool, direct: bool,
             "--blockdev", blockdev, "--export", export]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL when pyvmm's building thread ends (pyvmm killed included)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-class StorageDaemon:
+class DaemonHandle:
+    """What the disk that owns a daemon needs of it: its pid, a pidfd to see it end, its log."""
+
+    pid = 0
+    log: Path
+    _pidfd = -1
+
+    def exited(self, wait: float = 0.0) -> bool:
+        """Whether the daemon has ended, waiting up to `wait` seconds (its pidfd is readable then)."""
+        if self._pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(int(wait * 1000)))
+
+    def last_words(self) -> str:
+        """The daemon's last line of output."""
+        with contextlib.suppress(OSError):
+            text = self.log.read_text(errors="replace")
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if lines:
+                return lines[-1]
+        return "no output"
+
+    def hangup_cause(self) -> str:
+        """What the VM's stop message says when the daemon's connection hangs up."""
+        # A killed process's sockets close before it has finished exiting: give it a moment.
+        state = "exited" if self.exited(wait=HANGUP_GRACE) else "closed the connection"
+        return f"the {STORAGE_DAEMON} serving it (pid {self.pid}) {state}: {self.last_words()}"
+
+
+class StorageDaemon(DaemonHandle):
     """One qemu-storage-daemon serving one image, listening on `socket` in a private directory; `close`
     stops it and removes the directory. It is signalled and reaped through a pidfd, so that pyvmm's seccomp
     filter need not let it signal any process by number."""
@@ -163,7 +194,7 @@ class StorageDaemon:
                 process = subprocess.Popen(
                     [binary, *arguments], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     close_fds=True, start_new_session=True,  # the terminal's ^C is pyvmm's to handle
-                    preexec_fn=_die_with_parent)  # prctl only, before exec
+                    preexec_fn=die_with_parent)  # prctl only, before exec
             self.pid = process.pid
             self._pidfd = os.pidfd_open(process.pid)
             process.returncode = 0  # reaped through the pidfd here, never by subprocess
@@ -171,15 +202,6 @@ class StorageDaemon:
         except BaseException:
             self.close()
             raise
-
-    def exited(self, wait: float = 0.0) -> bool:
-        """Whether the daemon has ended, waiting up to `wait` seconds (its pidfd is readable then; it is
-        reaped in close)."""
-        if self._pidfd < 0:
-            return True
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        return bool(poller.poll(int(wait * 1000)))
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -190,21 +212,6 @@ class StorageDaemon:
                 raise VmError(f"{self.label}: {STORAGE_DAEMON} did not listen within {START_TIMEOUT:.0f} s: "
                               f"{self.last_words()}")
             time.sleep(0.005)
-
-    def last_words(self) -> str:
-        """The daemon's last line of output."""
-        with contextlib.suppress(OSError):
-            text = self.log.read_text(errors="replace")
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            if lines:
-                return lines[-1]
-        return "no output"
-
-    def hangup_cause(self) -> str:
-        """What the VM's stop message says when the daemon's connection hangs up."""
-        # A killed process's sockets close before it has finished exiting: give it a moment.
-        state = "exited" if self.exited(wait=HANGUP_GRACE) else "closed the connection"
-        return f"the {STORAGE_DAEMON} serving it (pid {self.pid}) {state}: {self.last_words()}"
 
     def close(self) -> None:
         pidfd, self._pidfd = self._pidfd, -1

@@ -133,12 +133,19 @@ def open_disk(
 def _open_with_daemon(daemon: str, disk: DiskConfig, memory: GuestMemory, poll: bool) -> VirtioDevice:
     """Lock the image as the worker would (the same refusals), start a qemu-storage-daemon serving it and
     connect to it; the device owns the lock and the daemon (docs/virtio-blk.md#who-serves-a-disk)."""
+    from pyvmm import sandbox
     from pyvmm.devices.virtio.image import RawImage
+    from pyvmm.vhost.spawner import RemoteDaemon, spawner
     from pyvmm.vhost.storage_daemon import StorageDaemon
 
     image = RawImage(str(disk.path), readonly=disk.readonly, direct=disk.direct)
     try:
-        supervised = StorageDaemon(daemon, disk, disk.label, poll)
+        supervised: StorageDaemon | RemoteDaemon
+        launcher = spawner()
+        if sandbox.filtered() and launcher is not None:  # `pyvmm --api-socket` (vhost/spawner.py)
+            supervised = launcher.spawn(disk, disk.label, poll)
+        else:
+            supervised = StorageDaemon(daemon, disk, disk.label, poll)
     except BaseException:
         image.close()
         raise
