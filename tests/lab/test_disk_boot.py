@@ -47,10 +47,12 @@ def test_boot_from_disk_and_guest_writes_reach_the_image(lab) -> None:
         'sha_after=$(sha256sum "$PYVMM_GUEST_DISK" | cut -d" " -f1); '
         '[ "$sha_before" != "$sha_after" ] && echo IMAGE-CHANGED'
     )
-    script = script.replace(f"{PYVMM} --disk", f"{PYVMM} -v --disk", 1) + (
-        # the qemu-storage-daemon pyvmm started is gone with pyvmm, and its private directory too
+    # the qemu-storage-daemon pyvmm started is gone with pyvmm, and its private directory too (the lab shows
+    # the outside /tmp: only this run's directories count)
+    script = "ls -d /tmp/pyvmm-disk-* > /tmp/dirs-before 2>/dev/null; " + script.replace(
+        f"{PYVMM} --disk", f"{PYVMM} -v --disk", 1) + (
         '; echo "DAEMONS-LEFT=$(pgrep -c -x qemu-storage-da)"; '
-        "ls -d /tmp/pyvmm-disk-* 2>/dev/null | sed s/^/LEFT:/"
+        "ls -d /tmp/pyvmm-disk-* 2>/dev/null | grep -vxF -f /tmp/dirs-before | sed s/^/LEFT:/"
     )
     proc = lab(script, devices="none")
     out = proc.stdout

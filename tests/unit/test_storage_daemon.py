@@ -5,6 +5,7 @@ KVM needed)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -181,12 +182,14 @@ def test_the_daemon_dies_with_a_killed_pyvmm(tmp_path: Path) -> None:
          "from pyvmm.config import DiskConfig\n"
          "from pyvmm.vhost.storage_daemon import StorageDaemon\n"
          f"d = StorageDaemon({QSD!r}, DiskConfig(path={str(image)!r}), 'x')\n"
-         "print(d.pid, flush=True)\n"
+         "print(d.pid, d.directory, flush=True)\n"
          "time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True)
+    directory = ""
     try:
         assert child.stdout is not None
-        pid = int(child.stdout.readline())
+        pid_text, directory = child.stdout.readline().split()
+        pid = int(pid_text)
         assert not _gone(pid)
         child.kill()
         child.wait()
@@ -197,6 +200,7 @@ def test_the_daemon_dies_with_a_killed_pyvmm(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+        shutil.rmtree(directory, ignore_errors=True)  # a killed pyvmm leaves its empty directory
 
 
 @needs_daemon
