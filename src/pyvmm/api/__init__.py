@@ -21,7 +21,7 @@ def serve(command_line: CommandLine, events: EventMonitor | None = None) -> int:
     from pyvmm.api.vmm import ApiCallError, ApiVmm, report_exit
     from pyvmm.errors import PyvmmError, VmError
     from pyvmm.sandbox import SeccompMode, ThreadKind
-    from pyvmm.vhost.spawner import start_spawner
+    from pyvmm.vhost.spawner import start_spawner, stop_spawner
     from pyvmm.vhost.storage_daemon import storage_daemon_binary
 
     api = command_line.api_socket
@@ -48,4 +48,5 @@ def serve(command_line: CommandLine, events: EventMonitor | None = None) -> int:
         result = vmm.run()
     finally:
         server.close()
+        stop_spawner()
     return report_exit(result)

@@ -393,6 +393,8 @@ _API_VMM = (
         "through an AF_INET datagram socket (Tap._configure); the queue worker's AF_UNIX connects",
         ArgCheck(0, (AF_UNIX, AF_INET)),
     ),
+    Allowed("sched_getaffinity", "vm.boot: the CPUs pyvmm may run on, against the vCPUs (whether a disk's "
+                                 "qemu-storage-daemon polls: builder._disk_services)"),
     Allowed("kcmp", "vm.boot and vm.add-net: tap fds (--net fd=[...], SCM_RIGHTS), two of them the same "
                     "open file? (host/tap.check_tap_fds; fstat cannot tell queue files apart)"),
     Allowed("bind", "vm.boot: --vsock's listener bound to PATH"),

@@ -70,6 +70,7 @@ SYSCALLS: dict[str, int] = {
     "init_module": 175,
     "gettid": 186,
     "futex": 202,
+    "sched_getaffinity": 204,
     "getdents64": 217,
     "restart_syscall": 219,
     "clock_gettime": 228,

@@ -16,6 +16,7 @@ import array
 import contextlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pyvmm.errors import VmError
 from pyvmm.vhost.storage_daemon import STORAGE_DAEMON, DaemonHandle, StorageDaemon, die_with_parent
 
 MAX_MESSAGE = 64 * 1024
+CLOSE_TIMEOUT_MS = 10_000  # for the spawner to stop its daemons and end
 
 
 def _send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
@@ -68,12 +70,16 @@ class DaemonSpawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         try:
-            self._process = subprocess.Popen(
+            process = subprocess.Popen(
                 [sys.executable, "-m", "pyvmm.vhost.spawner", binary, str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), start_new_session=True,
                 preexec_fn=die_with_parent)  # prctl only, before exec
         finally:
             theirs.close()
+        # Reaped through a pidfd (waitid, in the filter's lists), never by subprocess: its wait4 is in no
+        # list, and a Popen collected at exit would make it.
+        self._pidfd = os.pidfd_open(process.pid)
+        process.returncode = 0
 
     def spawn(self, disk: DiskConfig, label: str, poll: bool) -> RemoteDaemon:
         """A daemon serving `disk`, listening; VmError (one line) when it cannot start."""
@@ -99,10 +105,18 @@ class DaemonSpawner:
             _receive(self._sock)
 
     def close(self) -> None:
-        """Closing the pair ends the spawner, which stops every daemon it still has."""
+        """Closing the pair ends the spawner, which stops every daemon it still has; then it is reaped."""
         self._sock.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(10)
+        pidfd, self._pidfd = self._pidfd, -1
+        if pidfd < 0:
+            return
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if poller.poll(CLOSE_TIMEOUT_MS):
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        finally:
+            os.close(pidfd)
 
 
 _spawner: DaemonSpawner | None = None
@@ -117,6 +131,14 @@ def start_spawner(binary: str | None) -> None:
 
 def spawner() -> DaemonSpawner | None:
     return _spawner
+
+
+def stop_spawner() -> None:
+    """End the spawner (its daemons with it), at pyvmm's exit."""
+    global _spawner
+    if _spawner is not None:
+        _spawner.close()
+        _spawner = None
 
 
 # ---- the spawner process --------------------------------------------------------------------------------
