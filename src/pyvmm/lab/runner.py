@@ -115,6 +115,8 @@ class Lab:
                 # The lab root is an overlay on a tmpfs: writing this path copies it up inside the lab,
                 # so every run starts from the pristine image and the outside copy is never changed.
                 "PYVMM_GUEST_DISK": str(self.paths.guest_disk),
+                # The Debian systemd root disk: a fresh copy in every lab run the same way.
+                "PYVMM_GUEST_DISTRO_DISK": str(self.paths.distro_disk),
                 "PYVMM_LAB_SD_SHA256": self.manifest.sd_sha256,
                 "PYVMM_LAB_NVME_SHA256": self.manifest.nvme_sha256,
                 "PYVMM_LAB_CWD": os.getcwd(),
