@@ -42,6 +42,7 @@ t0=$(date +%s.%N); : >> "$PYVMM_GUEST_DISTRO_DISK"; t1=$(date +%s.%N)
 awk -v a=$t0 -v b=$t1 'BEGIN { printf "COPY-SECONDS=%.2f\n", b - a }'
 du -k --apparent-size "$PYVMM_GUEST_DISTRO_DISK" | sed 's/\t.*//; s/^/DISK-KIB=/'
 echo "HOST-DATE=$(date -u '+%F %T')"
+echo "LAB-NPT=$(cat /sys/module/kvm_amd/parameters/npt)"
 pyvmm-host bind $SD > /dev/null; echo "bind=$?"
 for kernel in PYVMM_GUEST_VMLINUX PYVMM_GUEST_KERNEL; do
   eval k=\$$kernel
@@ -74,10 +75,16 @@ def _session(out: str, label: str) -> dict[str, str]:
 
 
 def test_guide_command_line_boots_debian_systemd(lab) -> None:
-    proc = lab(SCRIPT, devices="sd-port", cpus=2, timeout=1500)
+    # npt=False: the lab's KVM shadows the guest's page tables. With nested paging (QEMU's emulated nested
+    # page walks) the 4-vCPU Debian guest triple-faulted in 4 of 11 boots, once taking the lab down with it;
+    # without, none did (README.md, the distro disk).
+    proc = lab(SCRIPT, devices="sd-port", cpus=2, timeout=1500, npt=False)
     out = proc.stdout
+    # How each boot went, first: a failed assertion below shows one thing, this shows both boots.
+    print("\n".join(re.findall(r"^(?:SESSION .*|LAB-NPT=.*|.*Startup finished in .*)$", out, re.M)))
     assert proc.returncode == 0, out
     parts = sections(out)
+    assert "LAB-NPT=N" in out, out  # the lab's kvm_amd took npt=0
     want_sd = re.search(r"^WANT-SD=(\w{64})$", parts["want"], re.M).group(1)
     report = [re.search(r"COPY-SECONDS=\S+", out).group(0), re.search(r"DISK-KIB=\d+", out).group(0)]
     for label in ("PYVMM_GUEST_VMLINUX", "PYVMM_GUEST_KERNEL"):
@@ -87,7 +94,8 @@ def test_guide_command_line_boots_debian_systemd(lab) -> None:
         assert got["state"] == "running", (label, got["failed"], out)
         assert got["failed"] == "", (label, out)
         assert got["cpus"] == "4", (label, out)
-        assert re.match(r"/dev/vda1 ext4 rw\b", got["root"]), (label, got["root"])
+        source, fstype, options = got["root"].split()  # findmnt pads its columns
+        assert (source, fstype, options.split(",")[0]) == ("/dev/vda1", "ext4", "rw"), (label, got["root"])
         assert got["init"].splitlines()[0].endswith("/systemd"), (label, got["init"])
         release, installed, loaded = got["modules"].splitlines()[:3]
         # systemd loaded autofs4 from the disk's module tree: the guest initramfs has no autofs4

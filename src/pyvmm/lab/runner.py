@@ -73,6 +73,9 @@ class LabOptions:
     # answers within a second or two even with a nested guest keeping its CPUs busy.
     pulse_timeout: float = 120.0
     restarts: int = 1  # new labs for a command whose lab stalled
+    # The lab's KVM gives its guests nested paging (kvm_amd npt=1, the module's default); off, it shadows
+    # their page tables instead (the emulated CPU's nested page walks are then not used).
+    npt: bool = True
     verbose: bool = False
 
 
@@ -154,6 +157,8 @@ class Lab:
             "nokaslr",
             f"pyvmm_lab.run={run_dir}", f"pyvmm_lab.kernel_root={self.kernel_root}",
         ]
+        if not options.npt:
+            append.append("kvm_amd.npt=0")  # modprobe takes a module's parameters from the command line
         if interactive:
             append.append("pyvmm_lab.interactive=1")
         devices = qemu_device_args(options.devices, str(self.paths.sd_image), str(self.paths.nvme_image))
