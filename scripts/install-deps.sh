@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages pyvmm and its lab need; does nothing when they are all present.
 set -euo pipefail
-packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs fdisk kmod pciutils hwdata pci.ids gcc libc6-dev acpica-tools)
+packages=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs fdisk kmod pciutils hwdata pci.ids gcc libc6-dev acpica-tools debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

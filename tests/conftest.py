@@ -71,6 +71,7 @@ def _lab_run(
     stall: float | None = None,
     alone: bool = False,
     pulse: float | None = None,
+    npt: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run `command` (a shell string, or an argv list) as root inside a freshly booted lab.
 
@@ -91,6 +92,8 @@ def _lab_run(
         argv += ["--stall-timeout", str(stall)]
     if pulse is not None:
         argv += ["--pulse-timeout", str(pulse)]
+    if not npt:
+        argv += ["--npt", "off"]
     argv.append("--")
     argv += ["sh", "-c", command] if isinstance(command, str) else list(command)
     with lab_slots(LAB_SLOTS if alone else (cpus or 1)):
@@ -120,7 +123,7 @@ def _lab_run(
 @pytest.fixture
 def lab() -> LabRun:
     """`lab(command, devices=None, timeout=900, memory=None, cpus=None, check=False, stall=None,
-    alone=False)` runs in the lab."""
+    alone=False, pulse=None, npt=True)` runs in the lab."""
     return _lab_run
 
 

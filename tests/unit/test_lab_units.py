@@ -118,3 +118,13 @@ def test_several_lab_cpus_run_on_several_host_threads(tmp_path) -> None:
     argv = lab.qemu_argv(tmp_path, LabOptions(devices=[], cpus=2), interactive=False)
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
     assert argv[argv.index("-smp") + 1] == "2"
+
+
+def test_the_labs_kvm_can_run_without_nested_paging(tmp_path) -> None:
+    lab = object.__new__(Lab)
+    lab.paths = AssetPaths(tmp_path)
+    lab.manifest = Manifest("k", "6.1", "", "", "")
+    default = lab.qemu_argv(tmp_path, LabOptions(devices=[]), interactive=False)
+    assert "kvm_amd.npt" not in default[default.index("-append") + 1]
+    argv = lab.qemu_argv(tmp_path, LabOptions(devices=[], npt=False), interactive=False)
+    assert "kvm_amd.npt=0" in argv[argv.index("-append") + 1].split()

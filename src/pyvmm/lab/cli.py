@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         "4-vCPU guest)")
         sp.add_argument("--timeout", type=float, default=900, metavar="S",
                         help="give up after S seconds (900)")
+        sp.add_argument("--npt", choices=("on", "off"), default="on",
+                        help="nested paging in the lab's KVM (kvm_amd npt; on)")
         sp.add_argument("-v", "--verbose", action="store_true", help="show the lab's boot messages")
 
     run = sub.add_parser("run", help="boot the lab and run a command in it as root")
@@ -71,7 +73,7 @@ def _options(args: argparse.Namespace) -> LabOptions:
         raise DeviceSpecError("--restarts: give 0 or more")
     return LabOptions(devices=parse_device_spec(args.devices), memory_mib=args.memory, cpus=args.cpus,
                       timeout=args.timeout, stall_timeout=stall, pulse_timeout=pulse, restarts=restarts,
-                      verbose=args.verbose)
+                      npt=args.npt == "on", verbose=args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ class AssetPaths:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or cache_dir()
         self.debs = self.root / "debs"
+        self.distro_debs = self.root / "distro-debs"  # debootstrap's package cache for the distro disk
         self.kernel_root = self.root / "kernel"  # the unpacked linux-image package (boot/, lib/modules/)
         self.assets = self.root / "assets"
         self.runs = self.root / "runs"
@@ -46,6 +47,11 @@ class AssetPaths:
     @property
     def guest_disk(self) -> Path:
         return self.assets / "guest-disk.raw"
+
+    @property
+    def distro_disk(self) -> Path:
+        """The Debian root disk with systemd (lab/distro.py)."""
+        return self.assets / "distro-disk.raw"
 
     @property
     def sd_image(self) -> Path:

@@ -73,6 +73,9 @@ class LabOptions:
     # answers within a second or two even with a nested guest keeping its CPUs busy.
     pulse_timeout: float = 120.0
     restarts: int = 1  # new labs for a command whose lab stalled
+    # The lab's KVM gives its guests nested paging (kvm_amd npt=1, the module's default); off, it shadows
+    # their page tables instead (the emulated CPU's nested page walks are then not used).
+    npt: bool = True
     verbose: bool = False
 
 
@@ -115,6 +118,8 @@ class Lab:
                 # The lab root is an overlay on a tmpfs: writing this path copies it up inside the lab,
                 # so every run starts from the pristine image and the outside copy is never changed.
                 "PYVMM_GUEST_DISK": str(self.paths.guest_disk),
+                # The Debian systemd root disk: a fresh copy in every lab run the same way.
+                "PYVMM_GUEST_DISTRO_DISK": str(self.paths.distro_disk),
                 "PYVMM_LAB_SD_SHA256": self.manifest.sd_sha256,
                 "PYVMM_LAB_NVME_SHA256": self.manifest.nvme_sha256,
                 "PYVMM_LAB_CWD": os.getcwd(),
@@ -152,6 +157,8 @@ class Lab:
             "nokaslr",
             f"pyvmm_lab.run={run_dir}", f"pyvmm_lab.kernel_root={self.kernel_root}",
         ]
+        if not options.npt:
+            append.append("kvm_amd.npt=0")  # modprobe takes a module's parameters from the command line
         if interactive:
             append.append("pyvmm_lab.interactive=1")
         devices = qemu_device_args(options.devices, str(self.paths.sd_image), str(self.paths.nvme_image))
