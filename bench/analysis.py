@@ -87,7 +87,8 @@ METRICS: tuple[Metric, ...] = (
         VARIANT_VMMS,
         smoke=False,
     ),
-    Metric("boot_exit_pvh", "boot: VMM start to exit, PVH vmlinux, quiet", "s", "lower", VARIANT_VMMS),
+    Metric("boot_exit_pvh", "boot: VMM start to exit, PVH vmlinux, quiet", "s", "lower", VARIANT_VMMS,
+           smoke=False),
     Metric(
         "boot_exit_pvh_verbose",
         "boot: VMM start to exit, PVH vmlinux, verbose console",
@@ -95,6 +96,7 @@ METRICS: tuple[Metric, ...] = (
         "lower",
         VARIANT_VMMS,
         (Goal(QEMU_Q35, 1.0),),
+        smoke=False,
     ),
     Metric(
         "console_line_ms",
@@ -102,6 +104,7 @@ METRICS: tuple[Metric, ...] = (
         "ms",
         "lower",
         VARIANT_VMMS,
+        smoke=False,
     ),
     Metric(
         "nvme_seq_read",

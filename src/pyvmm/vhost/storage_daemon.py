@@ -53,7 +53,7 @@ class DiskServer(Enum):
 
 @dataclass(frozen=True)
 class DiskService:
-    """Who serves one disk and, when it is the worker by default's exception, why."""
+    """Who serves one disk, and why the worker does when it serves instead of the daemon."""
 
     server: DiskServer
     why_worker: str = ""
@@ -132,10 +132,13 @@ def daemon_arguments(image: Path, socket: Path, *, readonly: bool, direct: bool,
             "--blockdev", blockdev, "--export", export]
 
 
+# Looked up once, before any fork: the child of a threaded parent must not load libraries.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def die_with_parent() -> None:
     """In the child before exec: SIGKILL when pyvmm's building thread ends (pyvmm killed included)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class DaemonHandle:
