@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pyvmm import layout, sandbox
+from pyvmm import layout
 from pyvmm.acpi.platform import AcpiPciHotplug, AcpiPciSegment, AcpiPlatform
 from pyvmm.acpi.tables import build_acpi_tables
 from pyvmm.boot import (
@@ -123,7 +123,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
 
     disk_services = _disk_services(config)
     memory_config = config.memory
-    if shares_ram_for_disks([service for service, _ in disk_services]) and not memory_config.shared:
+    if shares_ram_for_disks(disk_services) and not memory_config.shared:
         # A qemu-storage-daemon serves a disk: it maps guest RAM, so RAM is a shared memfd
         # (docs/virtio-blk.md#who-serves-a-disk).
         memory_config = dataclasses.replace(memory_config, shared=True)
@@ -315,23 +315,23 @@ def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
     return [MuxerService(device.muxer)]
 
 
-def _disk_services(config: VmConfig) -> list[tuple[DiskService, str | None]]:
+def _disk_services(config: VmConfig) -> list[DiskService]:
     """Who serves each --disk, and the qemu-storage-daemon to start for it (vhost/storage_daemon.py). Under
     pyvmm's seccomp filter (`pyvmm --api-socket` installs it before it builds) only the spawner it started
     beforehand can start one (vhost/spawner.py)."""
     if not config.disks:
         return []
-    from pyvmm.vhost.spawner import spawner
+    from pyvmm.vhost.spawner import can_start_daemons
 
     daemon = storage_daemon_binary()
-    can_start = not sandbox.filtered() or spawner() is not None
+    can_start = can_start_daemons()
     host_cpus = len(os.sched_getaffinity(0))
-    return [(disk_service(disk, config.memory, daemon, can_start=can_start, vcpus=config.cpus.boot,
-                          host_cpus=host_cpus), daemon)
+    return [disk_service(disk, config.memory, daemon, can_start=can_start, vcpus=config.cpus.boot,
+                         host_cpus=host_cpus)
             for disk in config.disks]
 
 
-def _add_disks(config: VmConfig, services: list[tuple[DiskService, str | None]], memory: GuestMemory,
+def _add_disks(config: VmConfig, services: list[DiskService], memory: GuestMemory,
                platform: PciPlatform, router: MsiRouter, vm: Vm,
                stack: contextlib.ExitStack) -> list[BootDisk]:
     """Open and lock every --disk image (starting its qemu-storage-daemon, or the worker) and plug one

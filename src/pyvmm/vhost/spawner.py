@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pyvmm import sandbox
 from pyvmm.config import DiskConfig
 from pyvmm.errors import VmError
 from pyvmm.vhost.storage_daemon import STORAGE_DAEMON, DaemonHandle, StorageDaemon, die_with_parent
@@ -129,8 +130,16 @@ def start_spawner(binary: str | None) -> None:
         _spawner = DaemonSpawner(binary)
 
 
-def spawner() -> DaemonSpawner | None:
-    return _spawner
+def can_start_daemons() -> bool:
+    """Whether a disk's daemon can be started now: before the seccomp filter, or through the spawner."""
+    return not sandbox.filtered() or _spawner is not None
+
+
+def start_daemon(binary: str, disk: DiskConfig, label: str, poll: bool) -> DaemonHandle:
+    """A daemon serving `disk`, listening: started here, or by the spawner under the filter."""
+    if sandbox.filtered() and _spawner is not None:
+        return _spawner.spawn(disk, label, poll)
+    return StorageDaemon(binary, disk, label, poll)
 
 
 def stop_spawner() -> None:

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -58,6 +58,7 @@ class DiskService:
     server: DiskServer
     why_worker: str = ""
     poll: bool = False  # the daemon's iothread polls (a host CPU is left beside the vCPUs)
+    binary: str | None = field(default=None, compare=False)  # the daemon to start (STORAGE_DAEMON)
 
 
 def storage_daemon_binary(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -93,7 +94,7 @@ def disk_service(disk: DiskConfig, memory: MemoryConfig, daemon: str | None, *, 
     if disk.serial is not None:
         return DiskService(DiskServer.WORKER, f"serial= is the worker's: {STORAGE_DAEMON} answers every "
                                               "GET_ID with its own")
-    return DiskService(DiskServer.STORAGE_DAEMON, poll=host_cpus > vcpus)
+    return DiskService(DiskServer.STORAGE_DAEMON, poll=host_cpus > vcpus, binary=daemon)
 
 
 def describe(disk: DiskConfig, service: DiskService) -> str:
@@ -145,8 +146,12 @@ class DaemonHandle:
     """What the disk that owns a daemon needs of it: its pid, a pidfd to see it end, its log."""
 
     pid = 0
+    socket: Path
     log: Path
     _pidfd = -1
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     def exited(self, wait: float = 0.0) -> bool:
         """Whether the daemon has ended, waiting up to `wait` seconds (its pidfd is readable then)."""

@@ -93,13 +93,11 @@ def open_disk(
     ioeventfds: Ioeventfds | None,
     hotplug: bool = False,
     service: DiskService | None = None,
-    daemon: str | None = None,
 ) -> VirtioPciDevice:
     """Open and lock `disk`'s image (DiskImageError: missing, unreadable, locked), or connect to its
     vhost-user backend (VhostUserError), and put a virtio-blk transport over it, not yet plugged; the
     transport owns the image or the connection (and the daemon pyvmm started for it). `service`: who serves
-    it (vhost/storage_daemon.py; None: the worker, or the user's vhost-user backend), `daemon` the
-    qemu-storage-daemon to start for DiskServer.STORAGE_DAEMON."""
+    it (vhost/storage_daemon.py; None: the worker, or the user's vhost-user backend)."""
     if service is None:
         if disk.vhost_user:
             service = DiskService(DiskServer.VHOST_USER)
@@ -111,8 +109,7 @@ def open_disk(
     if disk.vhost_user:
         blk = _open_vhost_user(disk.socket, disk, memory)
     elif service.server is DiskServer.STORAGE_DAEMON:
-        assert daemon is not None
-        blk = _open_with_daemon(daemon, disk, memory, service.poll)
+        blk = _open_with_daemon(service, disk, memory)
     else:
         params = BlockParams(num_queues=disk.num_queues, queue_size=disk.queue_size, serial=disk.serial)
         blk = VirtioBlock.open(str(disk.path), readonly=disk.readonly, direct=disk.direct, params=params)
@@ -130,22 +127,16 @@ def open_disk(
         raise
 
 
-def _open_with_daemon(daemon: str, disk: DiskConfig, memory: GuestMemory, poll: bool) -> VirtioDevice:
+def _open_with_daemon(service: DiskService, disk: DiskConfig, memory: GuestMemory) -> VirtioDevice:
     """Lock the image as the worker would (the same refusals), start a qemu-storage-daemon serving it and
     connect to it; the device owns the lock and the daemon (docs/virtio-blk.md#who-serves-a-disk)."""
-    from pyvmm import sandbox
     from pyvmm.devices.virtio.image import RawImage
-    from pyvmm.vhost.spawner import RemoteDaemon, spawner
-    from pyvmm.vhost.storage_daemon import StorageDaemon
+    from pyvmm.vhost.spawner import start_daemon
 
+    assert service.binary is not None
     image = RawImage(str(disk.path), readonly=disk.readonly, direct=disk.direct)
     try:
-        supervised: StorageDaemon | RemoteDaemon
-        launcher = spawner()
-        if sandbox.filtered() and launcher is not None:  # `pyvmm --api-socket` (vhost/spawner.py)
-            supervised = launcher.spawn(disk, disk.label, poll)
-        else:
-            supervised = StorageDaemon(daemon, disk, disk.label, poll)
+        supervised = start_daemon(service.binary, disk, disk.label, service.poll)
     except BaseException:
         image.close()
         raise
@@ -272,11 +263,11 @@ def attach_disks(
     router: MsiRouter,
     irqfds: Irqfds,
     ioeventfds: Ioeventfds,
-    services: Sequence[tuple[DiskService, str | None]] = (),
+    services: Sequence[DiskService] = (),
 ) -> list[tuple[VirtioPciDevice, PciAddress]]:
     """Open every image (DiskImageError: missing, unreadable, locked) and plug one virtio-blk each; each
-    transport and where it went. `services`: who serves each disk and the daemon to start (none: the
-    worker, or the user's vhost-user backend).
+    transport and where it went. `services`: who serves each disk (none: the worker, or the user's
+    vhost-user backend).
 
     Explicit `pci_device_id` slots should already be reserved on the platform. On failure everything
     attached so far is unplugged and closed again (images unlocked) before the exception propagates.
@@ -285,9 +276,9 @@ def attach_disks(
     plugged: list[PciAddress] = []
     try:
         for n, disk in enumerate(disks):
-            service, daemon = services[n] if services else (None, None)
+            service = services[n] if services else None
             dev = open_disk(disk, name=f"virtio-blk-{disk.id or n}", memory=memory, router=router,
-                            irqfds=irqfds, ioeventfds=ioeventfds, service=service, daemon=daemon)
+                            irqfds=irqfds, ioeventfds=ioeventfds, service=service)
             attached.append(dev)  # closed below if anything later fails
             plugged.append(platform.attach(dev, disk.pci_segment, disk.pci_device_id))
     except BaseException:
