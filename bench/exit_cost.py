@@ -13,10 +13,14 @@ real mode reaches them). One row per exit path:
              exit) -- `make bench`'s MSI-X table row
   serial     Linux's console: an LSR read, then 16 bytes to THR (queued in the ring as pyvmm does):
              per 16-byte burst
+  char       Linux's console while booting (before user space opens the port, the 8250 driver polls LSR
+             before every byte): an LSR read, then one byte to THR; per byte
 
 Each row runs `--reps` times; the median and the range are printed in microseconds per access (per burst
-for `serial`). `--no-coalesce` makes every access exit (as on a KVM without KVM_CAP_COALESCED_PIO).
-Usage: python bench/exit_cost.py [--rows pio,cf8,ecam,msix,serial] [--count N] [--reps R] [--no-coalesce]
+for `serial`). `--no-coalesce` makes every access exit (as on a KVM without KVM_CAP_COALESCED_PIO);
+`--no-read-ahead` makes the LSR reads replay the ring first (as before the console's read-ahead).
+Usage: python bench/exit_cost.py [--rows pio,cf8,ecam,msix,serial,char] [--count N] [--reps R]
+                                 [--no-coalesce] [--no-read-ahead]
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ def program(row: str, count: int) -> bytes:
         setup = [0xBA, 0xF8, 0x03]  # mov dx, 0x3f8
         body = [0x83, 0xC2, 0x05, 0xEC, 0x83, 0xEA, 0x05]  # add dx, 5; in al, dx (LSR); sub dx, 5
         body += [0xB0, 0x2E, 0xEE] * 16  # 16 x (mov al, '.'; out dx, al)
+        return _loop(setup, body, count)
+    if row == "char":
+        setup = [0xBA, 0xF8, 0x03]  # mov dx, 0x3f8
+        body = [0x83, 0xC2, 0x05, 0xEC, 0x83, 0xEA, 0x05, 0xB0, 0x2E, 0xEE]  # LSR; mov al, '.'; out dx, al
         return _loop(setup, body, count)
     raise ValueError(row)
 
@@ -166,7 +174,7 @@ def passthrough_function():  # -> VfioPciDevice (imported here: the other rows n
     return VfioPciDevice(StandIn(), hypervisor, MsiRouter(hypervisor), memory_slots=hypervisor)
 
 
-def measure(row: str, count: int, coalesce: bool = True) -> float:
+def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True) -> float:
     """Seconds for `count` iterations of `row`'s access."""
     install_kick_handler()
     memory = GuestMemory([(0, 0x10000)])
@@ -192,22 +200,31 @@ def measure(row: str, count: int, coalesce: bool = True) -> float:
             ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1, burst=serial.write_thr_bytes)
             serial.batch_output = True
             ring.after_drain.append(serial.flush_output)
+            if read_ahead:
+                ring.add_read_ahead(layout.SERIAL_COM1_PORT + 5, serial.read_lsr_ahead)
+                ring.sweeper.start()
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus, coalesced=ring)
         start = time.perf_counter()
         thread = loop.start_thread()
-        if not done.event.wait(300):
-            raise TimeoutError(f"{row}: the guest did not finish")
-        loop.request_stop()
-        thread.join(5)
+        try:
+            if not done.event.wait(300):
+                raise TimeoutError(f"{row}: the guest did not finish")
+        finally:
+            loop.request_stop()
+            thread.join(5)
+            if ring is not None:
+                ring.sweeper.close()
         return done.at - start
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="pio,cf8,ecam,msix,serial", help="comma-separated rows to run")
+    parser.add_argument("--rows", default="pio,cf8,ecam,msix,serial,char", help="comma-separated rows to run")
     parser.add_argument("--count", type=int, default=20000, help=f"accesses per run (at most {MAX_COUNT})")
     parser.add_argument("--reps", type=int, default=5, help="runs per row (the median is reported)")
     parser.add_argument("--no-coalesce", action="store_true", help="every access exits")
+    parser.add_argument("--no-read-ahead", action="store_true",
+                        help="LSR reads replay the ring first (as before the console's read-ahead)")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not 0 < args.count <= MAX_COUNT:
@@ -217,8 +234,9 @@ def main() -> int:
           f"{'coalescing on' if coalesce else 'every access exits'})")
     for row in rows:
         count = max(1, args.count // 16) if row == "serial" else args.count
-        measure(row, 100, coalesce)  # warm up (imports, first VM)
-        samples = [measure(row, count, coalesce) * 1e6 / count for _ in range(args.reps)]
+        read_ahead = not args.no_read_ahead
+        measure(row, 100, coalesce, read_ahead)  # warm up (imports, first VM)
+        samples = [measure(row, count, coalesce, read_ahead) * 1e6 / count for _ in range(args.reps)]
         print(f"{row:8} {statistics.median(samples):10.2f} {min(samples):8.2f} {max(samples):8.2f}")
     return 0
 

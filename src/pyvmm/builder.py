@@ -38,6 +38,7 @@ from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.cmos import CmosDevice
 from pyvmm.devices.i8042 import I8042Device
+from pyvmm.devices.serial import Reg as SerialReg
 from pyvmm.devices.serial import Serial
 from pyvmm.errors import UsageError, VmError, in_context
 from pyvmm.hotplug import BootDisk, PciHotplug
@@ -198,6 +199,8 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     state = boot_vcpu_state(memory, kernel)
     _set_boot_state(vcpus[0], state)
     coalesced = _coalesce_writes(vm, vcpus[0], pio_bus, mmio_bus, serial)
+    if coalesced is not None and coalesced.read_ahead:
+        services.append(coalesced.sweeper)
     loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
     return VirtualMachine(vcpus=vcpus, loops=loops, latch=latch, memory=memory, platform=platform,
                           pci_addresses=[PciAddress(d.item.segment, d.slot) for d in plan.devices],
@@ -217,6 +220,8 @@ def _coalesce_writes(vm: Vm, vcpu: Vcpu, pio_bus: IoBus, mmio_bus: IoBus,
         ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1, burst=serial.write_thr_bytes)
         serial.batch_output = True
         ring.after_drain.append(serial.flush_output)
+        # While Linux boots, its console polls LSR before every byte: those reads need not replay the ring.
+        ring.add_read_ahead(layout.SERIAL_COM1_PORT + SerialReg.LSR, serial.read_lsr_ahead)
     return ring
 
 

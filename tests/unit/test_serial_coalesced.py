@@ -298,3 +298,140 @@ def test_thr_writes_are_queued_by_kvm_and_reach_the_uart_in_the_guests_order() -
     assert output.chunks == [b"ABC", b"D", b"E"]
     assert regs.rbx & 0xFFFF == 0x0001  # DLL = 1 and DLM untouched (0x00 of the default 0x000C)
     assert line.history == [True]  # THRI on: THRE raised, and still pending after 'E'
+
+
+# --- the booting console's LSR polls, answered ahead of the queued bytes ----------------------------------
+
+
+def run_read_ahead_script(steps: list[Step]) -> tuple[ScriptedVcpu, Output, Line, CoalescedRing, list[int]]:
+    """As the builder wires it: THR bursts, and LSR reads answered by the UART ahead of the ring. Also
+    returns how many writes were replayed when each LSR read reached the UART's read-ahead."""
+    line, output = Line(), Output()
+    uart = Serial16550(line, output)
+    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
+    pio.insert(COM1, 8, uart)
+    vcpu = ScriptedVcpu(steps)
+    ring = CoalescedRing(vcpu.run_address + RING_OFFSET, PAGE, pio, mmio)
+    vcpu.ring = ring
+    uart.batch_output = True
+    ring.after_drain.append(uart.flush_output)
+    ring.add_burst(COM1, uart.write_thr_bytes)
+    replayed_at_lsr: list[int] = []
+
+    def read_lsr_ahead() -> int:
+        value = uart.read_lsr_ahead()
+        if value >= 0:
+            replayed_at_lsr.append(ring.replayed)
+        return value
+
+    ring.add_read_ahead(COM1 + LSR, read_lsr_ahead)
+    result = VcpuLoop(vcpu, pio, mmio, coalesced=ring).run()
+    assert result.reason is StopReason.HALTED, result.describe()
+    return vcpu, output, line, ring, replayed_at_lsr
+
+
+def test_the_booting_consoles_lsr_polls_do_not_replay_the_ring_and_its_ier_write_does() -> None:
+    # Linux's console before user space opens the port: IER saved and cleared, LSR before every byte, LSR
+    # for TEMT, IER restored (the trapped write that replays the line).
+    text = b"[    0.000000] x\n"
+    steps = [inb(IER), outb(IER, 0)]
+    for byte in text:
+        steps += [inb(LSR), queued(byte)]
+    steps += [inb(LSR), outb(IER, 0), inb(IER), halt]
+    vcpu, output, line, ring, replayed_at_lsr = run_read_ahead_script(steps)
+    assert vcpu.answers == [0, *[LSR_THRE_TEMT] * (len(text) + 1), 0]
+    assert replayed_at_lsr == [0] * (len(text) + 1)  # no LSR read waited for a replay
+    assert output.chunks == [text]  # one write for the line, at the IER write
+    assert ring.replayed == len(text) and not any(line.history)
+
+
+def test_with_thri_on_or_in_loopback_lsr_reads_replay_first() -> None:
+    # Interrupt-driven transmit: the bytes' THRE interrupt must be raised before the guest goes on.
+    steps = [outb(IER, IER_THRI), inb(IIR), inb(LSR), queued(*b"ab"), inb(LSR), inb(IIR), outb(IER, 0)]
+    # Loopback (MCR bit 4): a THR byte comes back as received data, which LSR shows.
+    steps += [outb(4, 0x10), queued(ord("z")), inb(LSR), inb(THR), outb(4, 0), halt]
+    vcpu, output, line, _, replayed_at_lsr = run_read_ahead_script(steps)
+    assert replayed_at_lsr == []
+    assert [vcpu.answers[0] & 0x0F, vcpu.answers[1], vcpu.answers[2], vcpu.answers[3] & 0x0F] == [
+        IIR_THRI, LSR_THRE_TEMT, LSR_THRE_TEMT, IIR_THRI]
+    assert vcpu.answers[4] == LSR_THRE_TEMT | 0x01 and vcpu.answers[5] == ord("z")  # DR, then the byte
+    assert output.data == b"ab" and line.history[:2] == [True, False]
+
+
+def test_the_sweeper_writes_out_bytes_left_in_the_ring_and_goes_back_to_sleep() -> None:
+    output = Output()
+    uart = Serial16550(Line(), output)
+    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
+    pio.insert(COM1, 8, uart)
+    vcpu = ScriptedVcpu([])
+    ring = CoalescedRing(vcpu.run_address + RING_OFFSET, PAGE, pio, mmio)
+    vcpu.ring = ring
+    uart.batch_output = True
+    ring.after_drain.append(uart.flush_output)
+    ring.add_burst(COM1, uart.write_thr_bytes)
+    ring.sweeper.start()
+    try:
+        for byte in b"login: ":
+            vcpu.queue(COM1, byte)
+        uart.write(THR, 1, ord("!"))  # a byte that exited on a full ring waits in the UART for a flush
+        assert output.chunks == [] and not ring.sweeper.awake
+        ring.sweeper.wake()  # what a vCPU does after answering a read ahead
+        deadline = threading.Event()
+        for _ in range(100):
+            if not ring.sweeper.awake:
+                break
+            deadline.wait(0.01)
+        assert not ring.sweeper.awake  # asleep again after one sweep found no new read ahead
+        assert output.data == b"!login: " and not ring.pending()
+    finally:
+        ring.sweeper.close()
+
+
+# Real mode: Linux's console while it boots, three times (LSR, then a byte to THR), then it idles in HLT
+# with interrupts off, which KVM handles without an exit: nothing but the sweeper can write the bytes out.
+IDLING_CONSOLE = bytes(
+    [
+        0xBA, 0xFD, 0x03, 0xEC, 0xBA, 0xF8, 0x03, 0xB0, 0x41, 0xEE,  # LSR; 'A'
+        0xBA, 0xFD, 0x03, 0xEC, 0xBA, 0xF8, 0x03, 0xB0, 0x42, 0xEE,  # LSR; 'B'
+        0xBA, 0xFD, 0x03, 0xEC, 0xBA, 0xF8, 0x03, 0xB0, 0x43, 0xEE,  # LSR; 'C'
+        0xFA, 0xF4,                                                  # cli; hlt
+    ]
+)  # fmt: skip
+
+
+def test_bytes_written_after_an_lsr_read_ahead_come_out_while_the_guest_idles_in_hlt() -> None:
+    try:
+        kvm = Kvm()
+    except KvmError as e:
+        pytest.skip(f"KVM unavailable: {e}")
+    memory = GuestMemory([(0, 0x10000)])
+    memory.write(0x1000, IDLING_CONSOLE)
+    output = Output()
+    uart = Serial16550(Line(), output)
+    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
+    pio.insert(COM1, 8, uart)
+    with kvm, kvm.create_vm() as vm:
+        vcpu = real_mode_vcpu(vm, memory, 0x1000)
+        ring = open_coalesced_ring(vm, vcpu, pio, mmio)
+        if ring is None:
+            pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")
+        ring.register_ports(vm, COM1, 1, burst=uart.write_thr_bytes)
+        uart.batch_output = True
+        ring.after_drain.append(uart.flush_output)
+        ring.add_read_ahead(COM1 + LSR, uart.read_lsr_ahead)
+        ring.sweeper.start()
+        loop = VcpuLoop(vcpu, pio, mmio, coalesced=ring)
+        thread = loop.start_thread()
+        try:
+            waited = threading.Event()
+            for _ in range(200):
+                if output.data == b"ABC":
+                    break
+                waited.wait(0.01)
+            assert output.data == b"ABC"
+            assert thread.is_alive()  # the vCPU is still in KVM_RUN: the sweeper wrote them out
+            assert ring.replayed == 3
+        finally:
+            loop.request_stop()
+            thread.join(5)
+            ring.sweeper.close()

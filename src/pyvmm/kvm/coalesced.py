@@ -9,6 +9,12 @@ Devices that want to act once per replayed run (the UART writes its transmitted 
 told after each drain that replayed something (`after_drain`). A port registered with a `burst` handler
 gets a run of consecutive byte writes to it in one call (the console's 16 bytes per LSR poll), instead of
 one bus dispatch per byte.
+
+A port may also have a byte read answered *ahead* of the queued writes (`add_read_ahead`), when its device
+can tell that they cannot change the answer: the booting console's LSR poll before every byte then costs
+an exit but no replay. The writes stay queued until the next exit that replays, or the ring's sweeper
+thread (`RingSweeper`), which replays them within SWEEP_DELAY of such a read: a guest may poll, write and
+then idle in HLT, which KVM handles without an exit.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from pyvmm import sandbox
 from pyvmm.kvm.bindings import KvmCap, kvm_coalesced_mmio, kvm_coalesced_mmio_ring
 from pyvmm.kvm.bus import Bus
 from pyvmm.kvm.system import Vcpu, Vm
@@ -48,6 +55,9 @@ class CoalescedRing:
         self._bursts: dict[int, Callable[[bytes], object]] = {}  # port -> handler of a run of byte writes
         self._lock = threading.Lock()
         self.replayed = 0  # writes replayed so far
+        # port -> answer of a byte read that needs no replay first, or -1 when it does (see the docstring)
+        self.read_ahead: dict[int, Callable[[], int]] = {}
+        self.sweeper = RingSweeper(self)  # a Service: whoever runs the VM starts and closes it
 
     def pending(self) -> bool:
         header = self.header
@@ -92,6 +102,20 @@ class CoalescedRing:
                 hook()
         return done
 
+    def sweep(self) -> None:
+        """Replay what is queued and run the after-drain hooks even if nothing was: a write that exited on
+        a full ring may be waiting in its device for the next flush."""
+        if self.drain():
+            return
+        with self._lock:
+            for hook in self.after_drain:
+                hook()
+
+    def add_read_ahead(self, port: int, read: Callable[[], int]) -> None:
+        """Answer byte reads of `port` with `read()` without replaying the queued writes first; `read`
+        returns -1 when they must be (then the read goes the usual way). Called on vCPU threads, unlocked."""
+        self.read_ahead[port] = read
+
     def register_ports(self, vm: Vm, port: int, size: int,
                        burst: Callable[[bytes], object] | None = None) -> None:
         """Have KVM queue guest writes to ports [port, port+size) here (an access must lie wholly inside
@@ -104,6 +128,49 @@ class CoalescedRing:
     def add_burst(self, port: int, burst: Callable[[bytes], object]) -> None:
         """Replay consecutive queued byte writes to `port` as one call of `burst` with their bytes."""
         self._bursts[port] = burst
+
+
+SWEEP_DELAY = 0.02  # seconds a queued write waits at most after a read answered ahead of it
+
+
+class RingSweeper:
+    """Replays the ring from its own thread after reads answered ahead of it. Blocked until a vCPU answers
+    one (`wake`); then it replays every `delay` seconds until a sweep finds no such read since the last."""
+
+    def __init__(self, ring: CoalescedRing, delay: float = SWEEP_DELAY) -> None:
+        self._ring = ring
+        self.delay = delay
+        # Read by vCPU threads without a lock: they call wake() only when it is False. The sweeper clears it
+        # before it replays, so writes queued before a read that saw True are replayed by that sweep.
+        self.awake = False
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self.awake = True
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ring-sweeper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sandbox.enter(sandbox.ThreadKind.VCPU)  # it replays as a vCPU's next exit would: the same calls
+        while True:
+            self._wake.wait()
+            if self._closed.wait(self.delay):
+                return
+            self._wake.clear()
+            self.awake = False
+            self._ring.sweep()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
 
 
 def open_coalesced_ring(vm: Vm, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus) -> CoalescedRing | None:

@@ -196,11 +196,17 @@ class VcpuLoop:
     def _loop(self) -> RunResult:
         vcpu = self.vcpu
         run = vcpu.kvm_run
+        page = self._page
+        unpack_io = _IO_EXIT.unpack_from
         io_exit = self._io_exit
         mmio_exit = self._mmio_exit
         debug = self.debug
-        # Writes KVM queued in the coalesced ring happened before this exit: devices see them first.
-        drain = self.coalesced.drain if self.coalesced is not None else None
+        ring = self.coalesced
+        # Writes KVM queued in the coalesced ring happened before this exit: devices see them first,
+        drain = ring.drain if ring is not None else None
+        # except for the byte reads their device answers ahead of them (kvm/coalesced.py).
+        read_ahead = ring.read_ahead if ring is not None else {}
+        sweeper = ring.sweeper if ring is not None else None
         try:
             sandbox.enter(sandbox.ThreadKind.VCPU)  # this thread's seccomp filter, when --seccomp is on
             while not self._stop:
@@ -208,9 +214,17 @@ class VcpuLoop:
                 if debug:
                     log.debug("vCPU %d: exit %s", vcpu.index, _exit_name(reason))
                 if reason == _EXIT_IO:
+                    direction, size, port, count, offset = unpack_io(page, _EXIT_U_OFFSET)
+                    if read_ahead and direction != _IO_OUT and size == 1 and count == 1:
+                        read = read_ahead.get(port)
+                        if read is not None and (value := read()) >= 0:
+                            page[offset] = value
+                            if sweeper is not None and not sweeper.awake:
+                                sweeper.wake()
+                            continue
                     if drain is not None:
                         drain()
-                    io_exit()
+                    io_exit(direction, size, port, count, offset)
                 elif reason == _EXIT_MMIO:
                     if drain is not None:
                         drain()
@@ -225,9 +239,8 @@ class VcpuLoop:
             return self._error(f"{type(e).__name__}: {e}", with_registers=debug)
         return RunResult(StopReason.STOPPED, vcpu.index)
 
-    def _io_exit(self) -> None:
+    def _io_exit(self, direction: int, size: int, port: int, count: int, offset: int) -> None:
         page = self._page
-        direction, size, port, count, offset = _IO_EXIT.unpack_from(page, _EXIT_U_OFFSET)
         item = _ITEM[size]
         bus = self.pio_bus
         # count > 1 for string I/O (rep ins/outs): the elements are consecutive in the data area.
