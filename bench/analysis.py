@@ -107,6 +107,14 @@ METRICS: tuple[Metric, ...] = (
         smoke=False,
     ),
     Metric(
+        "distro_multi_user",
+        "boot: the VFIO guide's Debian systemd disk, VMM start to multi-user (PVH, 4 vCPUs, verbose console)",
+        "s",
+        "lower",
+        VARIANT_VMMS,
+        smoke=False,
+    ),
+    Metric(
         "nvme_seq_read",
         "passthrough NVMe: sequential read, 1 MiB O_DIRECT, one segment",
         "MB/s",

@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -71,7 +72,13 @@ CMDLINE = "console=ttyS0 quiet panic=-1 hugepages=4"
 STALL_IN_REP = int(os.environ.get("PYVMM_BENCH_STALL_IN_REP", "0"))
 
 # passthrough includes the lab-native and trap runs; net and vhost share one boot per VMM when both run
-PARTS = frozenset({"boot", "virtio", "vhost", "net", "passthrough"})
+PARTS = frozenset({"boot", "virtio", "vhost", "net", "passthrough", "distro"})
+# distro: cloud-hypervisor's VFIO-guide line (without the device) on the Debian systemd disk, pyvmm and QEMU
+# q35 with the same PVH vmlinux; bench/run.py runs it in a lab of its own, without nested paging (README.md,
+# the distro disk: QEMU 7.2's emulated nested paging triple-faults such guests).
+DISTRO_CMDLINE = "console=ttyS0 root=/dev/vda1 rw"  # the guide's, verbatim: a verbose console
+DISTRO_CPUS = 4
+MULTI_USER = "Multi-User System"  # systemd's "[  OK  ] Reached target multi-user.target - Multi-User System."
 
 
 @dataclass
@@ -87,6 +94,8 @@ class Settings:
     disk: str
     helpers: str  # directory with bench-io and bench-trap for the lab-native runs
     vm_timeout: float = 300.0
+    distro_disk: str = ""  # PYVMM_GUEST_DISTRO_DISK
+    guest_initramfs: str = ""  # PYVMM_GUEST_INITRAMFS: mounts root= and hands over to its init
     only: frozenset[str] = PARTS  # which parts to run (a subset while working on one of them)
     first_rep: int = 1  # a lab that continues a stalled run starts at the repetition that stalled
     # --smoke: the data-plane devices join the virtio-blk run's boot (two boots fewer per repetition; the
@@ -264,6 +273,26 @@ def pyvmm_argv(
     return argv
 
 
+def distro_pyvmm_argv(s: Settings, disk: str) -> list[str]:
+    """cloud-hypervisor's VFIO-guide line without its --device, and the initramfs the guest kernel needs."""
+    return [
+        "pyvmm", "--kernel", s.vmlinux, "--initramfs", s.guest_initramfs, "--disk", f"path={disk}",
+        "--console", "off", "--serial", "tty", "--cmdline", DISTRO_CMDLINE,
+        "--cpus", str(DISTRO_CPUS), "--memory", f"size={GUEST_RAM >> 20}M",
+    ]  # fmt: skip
+
+
+def distro_qemu_argv(s: Settings, disk: str) -> list[str]:
+    """The same guest on QEMU q35: the PVH vmlinux, virtio-blk and virtio-rng on PCI, the console on COM1."""
+    return [
+        "qemu-system-x86_64", "-enable-kvm", "-M", "q35", "-cpu", "host", "-m", str(GUEST_RAM >> 20),
+        "-smp", str(DISTRO_CPUS), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-serial", "stdio", "-kernel", s.vmlinux, "-initrd", s.guest_initramfs, "-append", DISTRO_CMDLINE,
+        "-device", "virtio-rng-pci",
+        "-drive", f"file={disk},if=none,id=d0,format=raw", "-device", "virtio-blk-pci,drive=d0",
+    ]  # fmt: skip
+
+
 def qemu_argv(
     s: Settings,
     cmd: str,
@@ -424,6 +453,32 @@ class Bench:
             self.add("console_line_ms", vmm, cost)
             self.add_extra("console_line_ms.lines", vmm, lines)
             say(f"rep {rep} console lines {vmm}: {lines} lines, {cost:.1f} ms each")
+
+    def distro(self, vmm: str, rep: int) -> None:
+        """VMM start to systemd's multi-user target on a fresh copy of the Debian disk (the copy is not
+        timed); the VMM then gets SIGTERM, and its stop is not timed either."""
+        s = self.s
+        disk = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-distro.raw")
+        shutil.copyfile(s.distro_disk, disk)
+        argv = distro_pyvmm_argv(s, disk) if vmm == an.PYVMM else distro_qemu_argv(s, disk)
+
+        def stop_at_multi_user(pid: int, line: str, probes: dict[str, float]) -> None:
+            if "reached" not in probes and MULTI_USER in line and "Reached target" in line:
+                probes["reached"] = time.monotonic()
+                os.kill(pid, signal.SIGTERM)
+
+        label = f"rep {rep} distro {vmm}"
+        try:
+            result = self.run(label, argv, stop_at_multi_user)
+        finally:
+            os.unlink(disk)
+        reached = next((t for t, line in result.lines if "Reached target" in line and MULTI_USER in line),
+                       None)
+        if reached is None:
+            self.fail(label, result, "systemd did not reach the multi-user target")
+            return
+        self.add("distro_multi_user", vmm, reached - result.started)
+        say(f"{label}: multi-user {reached - result.started:.2f} s")
 
     def _io(self, label: str, vmm: str, spans: dict[str, an.Span], table: dict[str, str]) -> None:
         parts = []
@@ -677,6 +732,9 @@ class Bench:
             if not s.one_boot:
                 for vmm in pair:
                     self.boot_variants(an.QEMU_Q35 if vmm == an.QEMU else vmm, rep)
+        if "distro" in s.only:
+            for vmm in pair:
+                self.distro(an.QEMU_Q35 if vmm == an.QEMU else vmm, rep)
         merged = s.one_boot and "virtio" in s.only and bool(s.only & {"net", "vhost"})
         if "virtio" in s.only:
             for vmm in pair:
@@ -881,6 +939,8 @@ def main() -> int:
         env["PYVMM_GUEST_DISK"],
         a.helpers,
         a.vm_timeout,
+        env.get("PYVMM_GUEST_DISTRO_DISK", ""),
+        env.get("PYVMM_GUEST_INITRAMFS", ""),
         frozenset(a.only.split(",")),
         a.first_rep,
         a.one_boot,

@@ -142,6 +142,11 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
             f"The lab stalled {len(restarts)} time(s) ({'; '.join(restarts)}); each time a new lab ran the "
             "rest of the run from the repetition that stalled (bench/README.md)."
         )
+    if data.get("distro_lab"):
+        lines.append(
+            "The distro rows' guests have 4 vCPUs (cloud-hypervisor's VFIO guide), in a second lab with "
+            f"{data.get('settings', {}).get('lab_cpus', '?')} CPUs, its KVM with {data['distro_lab']}."
+        )
     if data.get("wall_seconds"):
         lines.append(f"The whole run took {data['wall_seconds'] / 60:.1f} min.")
     source = data.get("pyvmm_source") or {}

@@ -57,34 +57,28 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.reps < 1:
         p.error("--reps: at least 1")
-    parts = a.only.split(",") if a.only else sorted(harness.PARTS)
+    # The distro rows are not in the smoke run (the suite's time: two systemd boots per repetition).
+    parts = a.only.split(",") if a.only else sorted(harness.PARTS - ({"distro"} if a.smoke else set()))
     if not parts or not set(parts) <= harness.PARTS:
         p.error(f"--only: choose from {', '.join(sorted(harness.PARTS))}")
     sizes = SMOKE if a.smoke else FULL
     initramfs = guest_build.build()
     helpers = guest_build.bench_dir()
+    lab_parts = [part for part in parts if part != "distro"]  # the distro rows have a lab of their own
     per_rep = (200 if a.smoke else 360) + (60 if a.smoke else 160) * bool({"net", "vhost"} & set(parts))
     per_rep += (0 if a.smoke else 200) * ("boot" in parts)  # issue 17's boot variants (6 boots)
     timeout = 600 + per_rep * a.reps
-    command = [
-        sys.executable,
-        str(BENCH / "harness.py"),
-        "--span",
-        str(sizes["span"]),
-        "--io-seconds",
-        str(sizes["io_seconds"]),
-        "--trap-seconds",
-        str(sizes["trap_seconds"]),
-        "--idle-seconds",
-        str(sizes["idle_seconds"]),
-        "--initramfs",
-        str(initramfs),
-        "--helpers",
-        str(helpers),
-        "--only",
-        ",".join(parts),
-        *(["--one-boot"] if a.smoke else []),  # the data-plane devices in the virtio-blk boot
-    ]
+
+    def harness_command(only: list[str]) -> list[str]:
+        return [
+            sys.executable, str(BENCH / "harness.py"), "--span", str(sizes["span"]),
+            "--io-seconds", str(sizes["io_seconds"]), "--trap-seconds", str(sizes["trap_seconds"]),
+            "--idle-seconds", str(sizes["idle_seconds"]), "--initramfs", str(initramfs),
+            "--helpers", str(helpers), "--only", ",".join(only),
+            *(["--one-boot"] if a.smoke else []),  # the data-plane devices in the virtio-blk boot
+        ]  # fmt: skip
+
+    command = harness_command(lab_parts)
     lab = [
         sys.executable,
         "-m",
@@ -116,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] | None = None
     restarts: list[str] = []
     first = 1
-    while True:
+    status = 0
+    while lab_parts:
         reps = ["--first-rep", str(first), "--reps", str(a.reps - first + 1)]
         status, part = _run_lab([*lab, *command, *reps])
         if part is not None:
@@ -129,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
         # finished are kept, and a new lab runs the rest from the one that stalled.
         restarts.append(f"the lab stalled in repetition {first}")
         print(f"bench: the lab stalled in repetition {first}; a new lab goes on from there", flush=True)
+    if "distro" in parts:
+        # Without nested paging (kvm_amd npt=0): with it, QEMU 7.2's emulation triple-faults systemd guests
+        # (README.md, the distro disk). Both VMMs run in this lab, so their figures compare.
+        distro_lab = [*lab[: lab.index("--devices")], "--devices", "none", "--cpus", str(a.lab_cpus),
+                      "--npt", "off", "--timeout", str(600 + 400 * a.reps),
+                      "--stall-timeout", str(a.stall_timeout), "--restarts", "0", "--"]
+        print(f"bench: the distro rows in a lab without nested paging ({a.lab_cpus} CPUs)", flush=True)
+        status, part = _run_lab([*distro_lab, *harness_command(["distro"]), "--first-rep", "1",
+                                 "--reps", str(a.reps)])
+        if part is not None:
+            if payload is not None:
+                part.pop("reps_done", None)  # the repetitions are the main lab's
+            payload = part if payload is None else merge(payload, part)
+            payload["distro_lab"] = "nested paging off (kvm_amd npt=0)"
     if payload is None:
         print(f"bench: the lab ended (status {status}) without results", file=sys.stderr)
         return 1

@@ -246,3 +246,21 @@ def test_boot_variant_command_lines() -> None:
         assert " V " in line and " K " not in line
         assert "quiet" not in line and 'panic=-1 hugepages=4 pyvmm.cmd="true"' in line
     assert "console=ttyS0 quiet panic=-1" in " ".join(harness.pyvmm_argv(s, "true"))
+
+
+def test_distro_command_lines() -> None:
+    """Issue 17's distro row: cloud-hypervisor's VFIO-guide line (less its --device) for pyvmm, the same
+    guest for QEMU q35; the row is not in the suite's smoke run."""
+    import harness
+
+    s = harness.Settings(1, "8M", 0.5, 0.3, 0, "K", "V", "I", "D", "H", distro_disk="DD",
+                         guest_initramfs="GI")
+    pyvmm = harness.distro_pyvmm_argv(s, "/t/d.raw")
+    assert pyvmm == ["pyvmm", "--kernel", "V", "--initramfs", "GI", "--disk", "path=/t/d.raw",
+                     "--console", "off", "--serial", "tty", "--cmdline", "console=ttyS0 root=/dev/vda1 rw",
+                     "--cpus", "4", "--memory", "size=512M"]
+    qemu = " ".join(harness.distro_qemu_argv(s, "/t/d.raw"))
+    assert "-smp 4 " in qemu and "-kernel V -initrd GI -append console=ttyS0 root=/dev/vda1 rw " in qemu
+    assert "file=/t/d.raw,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0" in qemu
+    metric = next(m for m in an.METRICS if m.key == "distro_multi_user")
+    assert metric.vmms == an.VARIANT_VMMS and not metric.smoke
