@@ -142,6 +142,12 @@ def markdown(data: dict[str, Any], png_name: str | None) -> str:
             f"The lab stalled {len(restarts)} time(s) ({'; '.join(restarts)}); each time a new lab ran the "
             "rest of the run from the repetition that stalled (bench/README.md)."
         )
+    retried = data.get("retried") or []
+    if retried:
+        lines.append(
+            f"{len(retried)} run(s) were taken again because the guest died under them (the emulated lab "
+            f"kills a nested guest now and then; bench/README.md): {'; '.join(retried)}."
+        )
     if data.get("distro_lab"):
         lines.append(
             "The distro rows' guests have 4 vCPUs (cloud-hypervisor's VFIO guide), in a second lab with "

@@ -212,7 +212,7 @@ def merge(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     for k, v in after.get("notes", {}).items():
         notes.setdefault(k, set()).update(v)
     out["notes"] = {k: sorted(v) for k, v in notes.items()}
-    for key in ("errors", "runs", "reps_done"):
+    for key in ("errors", "retried", "runs", "reps_done"):
         out[key] = before.get(key, []) + after.get(key, [])
     out["lab_seconds"] = before.get("lab_seconds", 0) + after.get("lab_seconds", 0)
     return out

@@ -264,3 +264,28 @@ def test_distro_command_lines() -> None:
     assert "file=/t/d.raw,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0" in qemu
     metric = next(m for m in an.METRICS if m.key == "distro_multi_user")
     assert metric.vmms == an.VARIANT_VMMS and not metric.smoke
+
+
+def test_a_run_whose_guest_died_is_taken_once_more_and_listed() -> None:
+    """The emulated lab kills a nested guest now and then: such a measurement is taken again once (the
+    first failure listed in `retried`); a second death, or any other failure, stays an error."""
+    import harness
+
+    bench = harness.Bench(harness.Settings(1, "8M", 0.5, 0.3, 0, "K", "V", "I", "D", "H"))
+    calls: list[int] = []
+
+    def dies_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            bench.fail("rep 1 boot qemu-q35", None, harness.GUEST_DIED)
+        else:
+            bench.add("boot_init", an.QEMU_Q35, 1.0)
+
+    bench.again(dies_once)
+    assert len(calls) == 2 and bench.errors == [] and bench.samples["boot_init"][an.QEMU_Q35] == [1.0]
+    assert bench.retried == [f"rep 1 boot qemu-q35: {harness.GUEST_DIED}"]
+    bench.again(lambda: bench.fail("rep 2 boot pyvmm", None, harness.GUEST_DIED))
+    assert bench.errors == [f"rep 2 boot pyvmm: {harness.GUEST_DIED}"] and len(bench.retried) == 2
+    bench.again(lambda: bench.fail("rep 3 virtio pyvmm", None, "idle probes missing"))
+    assert bench.errors[-1] == "rep 3 virtio pyvmm: idle probes missing" and len(bench.retried) == 2
+    assert bench.result()["retried"] == bench.retried
