@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"the lab has stalled when it answers no pulse for S seconds "
                      f"({LabOptions.pulse_timeout:.0f})")
     run.add_argument("--restarts", type=int, default=LabOptions.restarts, metavar="N",
-                     help=f"run the command again in up to N new labs when its lab stalls "
+                     help=f"run the command again in up to N new labs when its lab stalls, is reset or "
+                     f"panics "
                      f"({LabOptions.restarts})")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     shell = sub.add_parser("shell", help="boot the lab with an interactive shell")

@@ -31,6 +31,7 @@ FAIL_MARKER = "PYVMM-LAB-FAIL:"
 EXIT_TIMEOUT = 124
 EXIT_LAB_FAILED = 125
 EXIT_LAB_STALLED = 126  # internal: the lab stopped answering its pulse (a new lab may run the command)
+EXIT_LAB_DIED = 127  # internal: the lab was reset or its kernel panicked under the command (likewise)
 # Printed on stdout before a command runs again in a new lab: what came before it is the stalled lab's.
 RESTART_MARKER = "PYVMM-LAB-RESTART"
 
@@ -202,16 +203,18 @@ class Lab:
                 print("pyvmm-lab: booting the lab again", file=sys.stderr)
                 status, ready = _supervise(argv, options, run_dir)
             attempt = 1
-            while status == EXIT_LAB_STALLED and attempt <= options.restarts:
-                # The emulated host stalled under the command (not the command's doing: a process of the
-                # lab's own stopped running); the lab keeps nothing between runs, so a new one starts over.
+            while status in (EXIT_LAB_STALLED, EXIT_LAB_DIED) and attempt <= options.restarts:
+                # The emulated host stalled under the command (a process of the lab's own stopped running),
+                # or died under it (QEMU's emulation of nested virtualization has reset the lab, and
+                # overflowed its kernel's stack in the exception entry during a guest's KVM_RUN); the lab
+                # keeps nothing between runs, so a new one starts over.
                 attempt += 1
                 print(f"pyvmm-lab: running the command again in a new lab (attempt {attempt})",
                       file=sys.stderr, flush=True)
                 print(RESTART_MARKER, flush=True)
                 self._prepare(run_dir, command, attempt)
                 status, ready = _supervise(argv, options, run_dir)
-            return EXIT_TIMEOUT if status == EXIT_LAB_STALLED else status
+            return {EXIT_LAB_STALLED: EXIT_TIMEOUT, EXIT_LAB_DIED: EXIT_LAB_FAILED}.get(status, status)
 
     def shell(self, options: LabOptions) -> int:
         compile_pyvmm()
@@ -467,4 +470,5 @@ def _supervise(argv: list[str], options: LabOptions, run_dir: Path) -> tuple[int
               file=sys.stderr)
         print("\n".join(logged), file=sys.stderr)
     print(f"pyvmm-lab: {failure}", file=sys.stderr)
-    return EXIT_LAB_FAILED, ready.is_set()
+    died = ready.is_set() and (shutdown.reason in ("guest-reset", "guest-panic") or "Kernel panic" in tail)
+    return (EXIT_LAB_DIED if died else EXIT_LAB_FAILED), ready.is_set()
