@@ -8,10 +8,11 @@ ring (no exit); then an exit for a trapped access is returned. The last test run
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,7 +23,7 @@ from pyvmm.kvm.bindings import KvmExit, kvm_run
 from pyvmm.kvm.coalesced import CoalescedRing, open_coalesced_ring
 from pyvmm.kvm.runloop import StopReason, VcpuLoop, install_kick_handler
 from pyvmm.kvm.selftest import real_mode_vcpu
-from pyvmm.kvm.system import Kvm, KvmError
+from pyvmm.kvm.system import Kvm, KvmError, Vcpu
 from pyvmm.memory import GuestMemory
 
 COM1 = layout.SERIAL_COM1_PORT
@@ -135,9 +136,11 @@ def burst(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-def run_script(steps: list[Step], burst: bool) -> tuple[ScriptedVcpu, Serial16550, Output, Line,
-                                                        CoalescedRing]:
-    """Wire a UART the way the builder does when KVM can queue THR writes, and run the script to its HLT."""
+def run_script(steps: list[Step], burst: bool, read_ahead: bool = False) -> tuple[
+        ScriptedVcpu, Serial16550, Output, Line, CoalescedRing, list[int]]:
+    """Wire a UART the way the builder does when KVM can queue THR writes, and run the script to its HLT.
+    With `read_ahead`, LSR reads are answered ahead of the ring as the builder has them; the last value is
+    how many writes had been replayed when each such read reached the UART."""
     line, output = Line(), Output()
     uart = Serial16550(line, output)
     pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
@@ -149,16 +152,26 @@ def run_script(steps: list[Step], burst: bool) -> tuple[ScriptedVcpu, Serial1655
     ring.after_drain.append(uart.flush_output)
     if burst:
         ring.add_burst(COM1, uart.write_thr_bytes)
+    replayed_at_lsr: list[int] = []
+    if read_ahead:
+
+        def read_lsr_ahead() -> int:
+            value = uart.read_lsr_ahead()
+            if value >= 0:
+                replayed_at_lsr.append(ring.replayed)
+            return value
+
+        ring.add_read_ahead(COM1 + LSR, read_lsr_ahead)
     result = VcpuLoop(vcpu, pio, mmio, coalesced=ring).run()
     assert result.reason is StopReason.HALTED, result.describe()
-    return vcpu, uart, output, line, ring
+    return vcpu, uart, output, line, ring, replayed_at_lsr
 
 
 def test_a_polled_console_burst_is_one_write_and_comes_out_before_the_next_lsr_answer(burst: bool) -> None:
     # Linux's console: LSR once, up to 16 bytes to THR, LSR again; at the end it waits for TEMT.
     line1, line2 = b"[    0.000000] L", b"inux version 6.1"
     steps = [inb(LSR), queued(*line1), inb(LSR), queued(*line2), inb(LSR), halt]
-    vcpu, _, output, line, ring = run_script(steps, burst)
+    vcpu, _, output, line, ring, _ = run_script(steps, burst)
     assert vcpu.answers == [LSR_THRE_TEMT] * 3
     assert output.chunks == [line1, line2]  # one write per burst, none per byte
     assert ring.replayed == 32 and not ring.pending()
@@ -175,7 +188,7 @@ def test_bytes_queued_before_dlab_is_set_are_thr_bytes_and_after_it_the_divisor(
         outb(LCR, LCR_DLAB | LCR_8N1), inb(THR), inb(IER),  # the divisor read back
         outb(LCR, LCR_8N1), halt,
     ]  # fmt: skip
-    vcpu, _, output, _, _ = run_script(steps, burst)
+    vcpu, _, output, _, _, _ = run_script(steps, burst)
     assert output.data == b"ok!"
     assert vcpu.answers == [0x01, 0x00]
 
@@ -191,7 +204,7 @@ def test_the_thre_interrupt_for_a_queued_fifo_load_is_raised_at_the_handlers_nex
         inb(IIR), inb(LSR), outb(IER, 0),  # nothing left to send: THRI off
         inb(IIR), halt,
     ]  # fmt: skip
-    vcpu, _, output, line, _ = run_script(steps, burst)
+    vcpu, _, output, line, _, _ = run_script(steps, burst)
     iir = [a & 0x0F for a in vcpu.answers[0::2]]
     assert iir == [IIR_THRI, IIR_THRI, IIR_THRI, IIR_NO_INT]
     assert output.chunks == [b"0123456789abcdef", b"tail"]
@@ -201,14 +214,14 @@ def test_the_thre_interrupt_for_a_queued_fifo_load_is_raised_at_the_handlers_nex
 def test_disabling_thri_after_queued_bytes_leaves_no_interrupt_pending(burst: bool) -> None:
     # Bytes queued while THRI is on, then IER = 0 (trapped): replayed first, so IER = 0 is the last word.
     steps = [outb(IER, IER_THRI), inb(IIR), queued(*b"xy"), outb(IER, 0), inb(IIR), halt]
-    vcpu, _, output, line, _ = run_script(steps, burst)
+    vcpu, _, output, line, _, _ = run_script(steps, burst)
     assert [a & 0x0F for a in vcpu.answers] == [IIR_THRI, IIR_NO_INT]
     assert line.history[-1] is False and output.data == b"xy"
 
 
 def test_bytes_still_queued_when_the_vcpu_stops_are_written_out(burst: bool) -> None:
     steps = [inb(LSR), queued(*b"reboot: Power down\n", port=COM1), halt]
-    _, _, output, _, ring = run_script(steps, burst)
+    _, _, output, _, ring, _ = run_script(steps, burst)
     assert output.data == b"reboot: Power down\n" and not ring.pending()
 
 
@@ -259,17 +272,33 @@ PROGRAM = bytes(
 )  # fmt: skip
 
 
-def test_thr_writes_are_queued_by_kvm_and_reach_the_uart_in_the_guests_order() -> None:
+@contextlib.contextmanager
+def uart_guest(program: bytes, burst: bool) -> Iterator[tuple[Vcpu, CoalescedRing, Serial16550, Output, Line,
+                                                                IoBus]]:
+    """A real-mode `program` at 0x1000 on /dev/kvm, COM1 wired as the builder wires it (its THR writes
+    queued in the ring; with `burst`, replayed as runs); skipped where KVM cannot do that."""
     try:
         kvm = Kvm()
     except KvmError as e:
         pytest.skip(f"KVM unavailable: {e}")
     memory = GuestMemory([(0, 0x10000)])
-    memory.write(0x1000, PROGRAM)
+    memory.write(0x1000, program)
     line, output = Line(), Output()
     uart = Serial16550(line, output)
     pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
     pio.insert(COM1, 8, uart)
+    with kvm, kvm.create_vm() as vm:
+        vcpu = real_mode_vcpu(vm, memory, 0x1000)
+        ring = open_coalesced_ring(vm, vcpu, pio, mmio)
+        if ring is None:
+            pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")
+        ring.register_ports(vm, COM1, 1, burst=uart.write_thr_bytes if burst else None)
+        uart.batch_output = True
+        ring.after_drain.append(uart.flush_output)
+        yield vcpu, ring, uart, output, line, pio
+
+
+def test_thr_writes_are_queued_by_kvm_and_reach_the_uart_in_the_guests_order() -> None:
     done = threading.Event()
 
     class Done:
@@ -279,16 +308,9 @@ def test_thr_writes_are_queued_by_kvm_and_reach_the_uart_in_the_guests_order() -
         def write(self, offset: int, size: int, value: int) -> None:
             done.set()
 
-    pio.insert(0x14, 1, Done())
-    with kvm, kvm.create_vm() as vm:
-        vcpu = real_mode_vcpu(vm, memory, 0x1000)
-        ring = open_coalesced_ring(vm, vcpu, pio, mmio)
-        if ring is None:
-            pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")
-        ring.register_ports(vm, COM1, 1)
-        uart.batch_output = True
-        ring.after_drain.append(uart.flush_output)
-        loop = VcpuLoop(vcpu, pio, mmio, coalesced=ring)
+    with uart_guest(PROGRAM, burst=False) as (vcpu, ring, _, output, line, pio):
+        pio.insert(0x14, 1, Done())
+        loop = VcpuLoop(vcpu, pio, ring.mmio_bus, coalesced=ring)
         thread = loop.start_thread()
         assert done.wait(10), "the guest did not finish"
         loop.request_stop()
@@ -303,33 +325,6 @@ def test_thr_writes_are_queued_by_kvm_and_reach_the_uart_in_the_guests_order() -
 # --- the booting console's LSR polls, answered ahead of the queued bytes ----------------------------------
 
 
-def run_read_ahead_script(steps: list[Step]) -> tuple[ScriptedVcpu, Output, Line, CoalescedRing, list[int]]:
-    """As the builder wires it: THR bursts, and LSR reads answered by the UART ahead of the ring. Also
-    returns how many writes were replayed when each LSR read reached the UART's read-ahead."""
-    line, output = Line(), Output()
-    uart = Serial16550(line, output)
-    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
-    pio.insert(COM1, 8, uart)
-    vcpu = ScriptedVcpu(steps)
-    ring = CoalescedRing(vcpu.run_address + RING_OFFSET, PAGE, pio, mmio)
-    vcpu.ring = ring
-    uart.batch_output = True
-    ring.after_drain.append(uart.flush_output)
-    ring.add_burst(COM1, uart.write_thr_bytes)
-    replayed_at_lsr: list[int] = []
-
-    def read_lsr_ahead() -> int:
-        value = uart.read_lsr_ahead()
-        if value >= 0:
-            replayed_at_lsr.append(ring.replayed)
-        return value
-
-    ring.add_read_ahead(COM1 + LSR, read_lsr_ahead)
-    result = VcpuLoop(vcpu, pio, mmio, coalesced=ring).run()
-    assert result.reason is StopReason.HALTED, result.describe()
-    return vcpu, output, line, ring, replayed_at_lsr
-
-
 def test_the_booting_consoles_lsr_polls_do_not_replay_the_ring_and_its_ier_write_does() -> None:
     # Linux's console before user space opens the port: IER saved and cleared, LSR before every byte, LSR
     # for TEMT, IER restored (the trapped write that replays the line).
@@ -338,7 +333,7 @@ def test_the_booting_consoles_lsr_polls_do_not_replay_the_ring_and_its_ier_write
     for byte in text:
         steps += [inb(LSR), queued(byte)]
     steps += [inb(LSR), outb(IER, 0), inb(IER), halt]
-    vcpu, output, line, ring, replayed_at_lsr = run_read_ahead_script(steps)
+    vcpu, _, output, line, ring, replayed_at_lsr = run_script(steps, burst=True, read_ahead=True)
     assert vcpu.answers == [0, *[LSR_THRE_TEMT] * (len(text) + 1), 0]
     assert replayed_at_lsr == [0] * (len(text) + 1)  # no LSR read waited for a replay
     assert output.chunks == [text]  # one write for the line, at the IER write
@@ -350,7 +345,7 @@ def test_with_thri_on_or_in_loopback_lsr_reads_replay_first() -> None:
     steps = [outb(IER, IER_THRI), inb(IIR), inb(LSR), queued(*b"ab"), inb(LSR), inb(IIR), outb(IER, 0)]
     # Loopback (MCR bit 4): a THR byte comes back as received data, which LSR shows.
     steps += [outb(4, 0x10), queued(ord("z")), inb(LSR), inb(THR), outb(4, 0), halt]
-    vcpu, output, line, _, replayed_at_lsr = run_read_ahead_script(steps)
+    vcpu, _, output, line, _, replayed_at_lsr = run_script(steps, burst=True, read_ahead=True)
     assert replayed_at_lsr == []
     assert [vcpu.answers[0] & 0x0F, vcpu.answers[1], vcpu.answers[2], vcpu.answers[3] & 0x0F] == [
         IIR_THRI, LSR_THRE_TEMT, LSR_THRE_TEMT, IIR_THRI]
@@ -400,27 +395,10 @@ IDLING_CONSOLE = bytes(
 
 
 def test_bytes_written_after_an_lsr_read_ahead_come_out_while_the_guest_idles_in_hlt() -> None:
-    try:
-        kvm = Kvm()
-    except KvmError as e:
-        pytest.skip(f"KVM unavailable: {e}")
-    memory = GuestMemory([(0, 0x10000)])
-    memory.write(0x1000, IDLING_CONSOLE)
-    output = Output()
-    uart = Serial16550(Line(), output)
-    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
-    pio.insert(COM1, 8, uart)
-    with kvm, kvm.create_vm() as vm:
-        vcpu = real_mode_vcpu(vm, memory, 0x1000)
-        ring = open_coalesced_ring(vm, vcpu, pio, mmio)
-        if ring is None:
-            pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")
-        ring.register_ports(vm, COM1, 1, burst=uart.write_thr_bytes)
-        uart.batch_output = True
-        ring.after_drain.append(uart.flush_output)
+    with uart_guest(IDLING_CONSOLE, burst=True) as (vcpu, ring, uart, output, _, pio):
         ring.add_read_ahead(COM1 + LSR, uart.read_lsr_ahead)
         ring.sweeper.start()
-        loop = VcpuLoop(vcpu, pio, mmio, coalesced=ring)
+        loop = VcpuLoop(vcpu, pio, ring.mmio_bus, coalesced=ring)
         thread = loop.start_thread()
         try:
             waited = threading.Event()
