@@ -20,7 +20,7 @@ from pyvmm import layout
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.serial import Serial16550
 from pyvmm.kvm.bindings import KvmExit, kvm_run
-from pyvmm.kvm.coalesced import CoalescedRing, open_coalesced_ring
+from pyvmm.kvm.coalesced import CoalescedRing, RingSweeper, open_coalesced_ring
 from pyvmm.kvm.runloop import StopReason, VcpuLoop, install_kick_handler
 from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu
@@ -413,3 +413,33 @@ def test_bytes_written_after_an_lsr_read_ahead_come_out_while_the_guest_idles_in
             loop.request_stop()
             thread.join(5)
             ring.sweeper.close()
+
+
+def test_a_close_landing_just_as_the_sweepers_delay_runs_out_ends_it() -> None:
+    """close() between the sweeper's delay and its next sweep must not be lost: the full suite once found a
+    VM's teardown waiting 5 s for a sweeper that had cleared close()'s wake and slept on. Here close()'s two
+    steps happen exactly there, inside the delay's wait as it times out."""
+    vcpu = ScriptedVcpu([])
+    ring = CoalescedRing(vcpu.run_address + RING_OFFSET, PAGE, IoBus("pio", 1 << 16), IoBus("mmio"))
+    sweeper = RingSweeper(ring, delay=0.001)
+
+    class ClosedAsTheDelayRunsOut(threading.Event):
+        fired = False
+
+        def wait(self, timeout: float | None = None) -> bool:
+            done = super().wait(timeout)
+            if timeout is not None and not done and not self.fired:
+                self.fired = True
+                self.set()  # what close() does, in its order
+                sweeper._wake.set()
+            return done
+
+    sweeper._closed = ClosedAsTheDelayRunsOut()
+    sweeper.start()
+    thread = sweeper._thread
+    assert thread is not None
+    sweeper.wake()
+    thread.join(2.0)
+    alive = thread.is_alive()
+    sweeper.close()
+    assert not alive and sweeper._closed.fired

@@ -159,9 +159,11 @@ class RingSweeper:
         sandbox.enter(sandbox.ThreadKind.VCPU)  # it replays as a vCPU's next exit would: the same calls
         while True:
             self._wake.wait()
-            if self._closed.wait(self.delay):
-                return
+            # Cleared before `_closed` is looked at: a close() after this sets `_wake` again, so it is never
+            # lost (clearing it after the delay could swallow close()'s wake, and the thread then slept on).
             self._wake.clear()
+            if self._closed.is_set() or self._closed.wait(self.delay):
+                return
             self.awake = False
             self._ring.sweep()
 
