@@ -31,7 +31,7 @@ from pyvmm.boot import (
     host_phys_bits,
     load_kernel,
 )
-from pyvmm.config import ConfigError, ConsoleMode, VmConfig
+from pyvmm.config import ConfigError, ConsoleMode, MemoryConfig, VmConfig
 from pyvmm.console import ConsoleOutput, TerminalInput, TerminalResize, terminal_size
 from pyvmm.devices.acpi_hotplug import AcpiGed
 from pyvmm.devices.acpi_pm import RESET_VALUE, AcpiPmDevice, PmRegister
@@ -53,12 +53,12 @@ from pyvmm.machine import ExitKind, ExitLatch, Service, VirtualMachine
 from pyvmm.memory import GuestMemory, GuestMemoryError
 from pyvmm.pci.planning import PciPlan, reserve_slots
 from pyvmm.pci.platform import PciAddress, PciPlatform
-from pyvmm.vhost.storage_daemon import DiskService, disk_service, shares_ram_for_disks, storage_daemon_binary
 from pyvmm.vmplan import vm_plan
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.pci import VirtioPciDevice
     from pyvmm.vfio.passthrough import VfioPassthrough
+    from pyvmm.vhost.storage_daemon import DiskService
 
 log = logging.getLogger("pyvmm")
 
@@ -123,13 +123,8 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     vm.create_pit2()
 
     disk_services = _disk_services(config)
-    memory_config = config.memory
-    if shares_ram_for_disks(disk_services) and not memory_config.shared:
-        # A qemu-storage-daemon serves a disk: it maps guest RAM, so RAM is a shared memfd
-        # (docs/virtio-blk.md#who-serves-a-disk).
-        memory_config = dataclasses.replace(memory_config, shared=True)
     try:
-        memory = GuestMemory.for_config(memory_config)
+        memory = GuestMemory.for_config(_memory_for_disks(config, disk_services))
     except GuestMemoryError as exc:
         raise in_context(f"--memory size={config.memory.size >> 20}M", exc) from exc
     _closing(stack, memory)
@@ -327,6 +322,7 @@ def _disk_services(config: VmConfig) -> list[DiskService]:
     if not config.disks:
         return []
     from pyvmm.vhost.spawner import can_start_daemons
+    from pyvmm.vhost.storage_daemon import disk_service, storage_daemon_binary
 
     daemon = storage_daemon_binary()
     can_start = can_start_daemons()
@@ -334,6 +330,18 @@ def _disk_services(config: VmConfig) -> list[DiskService]:
     return [disk_service(disk, config.memory, daemon, can_start=can_start, vcpus=config.cpus.boot,
                          host_cpus=host_cpus)
             for disk in config.disks]
+
+
+def _memory_for_disks(config: VmConfig, services: list[DiskService]) -> MemoryConfig:
+    """--memory, with RAM a shared memfd when a qemu-storage-daemon serves a disk: it maps guest RAM
+    (docs/virtio-blk.md#who-serves-a-disk)."""
+    if not services or config.memory.shared:
+        return config.memory
+    from pyvmm.vhost.storage_daemon import shares_ram_for_disks
+
+    if not shares_ram_for_disks(services):
+        return config.memory
+    return dataclasses.replace(config.memory, shared=True)
 
 
 def _add_disks(config: VmConfig, services: list[DiskService], memory: GuestMemory,

@@ -7,9 +7,16 @@ dma (guest RAM in the IOMMU), passthrough (one VM's VFIO side and
 `attach_vfio_devices`, the builder's entry point).
 """
 
-from pyvmm.vfio.errors import VfioError
-from pyvmm.vfio.passthrough import VfioPassthrough, attach_vfio_devices
-from pyvmm.vfio.pci import VfioPciDevice
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pyvmm.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from pyvmm.vfio.errors import VfioError
+    from pyvmm.vfio.passthrough import VfioPassthrough, attach_vfio_devices
+    from pyvmm.vfio.pci import VfioPciDevice
 
 __all__ = [
     "VfioError",
@@ -17,3 +24,11 @@ __all__ = [
     "VfioPciDevice",
     "attach_vfio_devices",
 ]
+
+# Imported on first use (pyvmm/lazy.py): a VM without passthrough never needs most of them.
+__getattr__ = lazy_exports(__name__, {
+    "VfioError": "errors",
+    "VfioPassthrough": "passthrough",
+    "VfioPciDevice": "pci",
+    "attach_vfio_devices": "passthrough",
+})

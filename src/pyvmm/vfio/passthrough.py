@@ -499,6 +499,7 @@ def bind_groups(names: list[str], allow_unsafe_interrupts: bool = False) -> list
     """Bind the IOMMU groups of the host functions `names` to vfio-pci through pyvmm.host (journalled under
     /run/pyvmm); the functions this changed, for give_back(). Signals are the caller's business."""
     from pyvmm import host  # the host layer is only needed for managed devices
+    from pyvmm.host import restoring  # noqa: F401 - give_back() runs late, under the seccomp filter: load it now
 
     try:
         outcome = host.bind_to_vfio(names, group=True, allow_unsafe_interrupts=allow_unsafe_interrupts)

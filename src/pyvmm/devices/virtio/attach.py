@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyvmm.config import NET_DEFAULT_IP, NET_DEFAULT_MASK, DiskConfig, FsConfig, NetConfig, net_label
-from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.pci import (
     VIRTIO_BAR64_ALIGN,
@@ -28,10 +27,10 @@ from pyvmm.interrupts import IrqfdMsiVectors, MsiRouter
 from pyvmm.memory import GuestMemory
 from pyvmm.pci.bar import BarInfo, BarKind
 from pyvmm.pci.platform import PciAddress, PciPlatform
-from pyvmm.vhost.storage_daemon import DiskServer, DiskService, describe
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlock
+    from pyvmm.vhost.storage_daemon import DiskService
     from pyvmm.vhost.user import VhostUserFrontend
 
 log = logging.getLogger("pyvmm")
@@ -98,6 +97,11 @@ def open_disk(
     vhost-user backend (VhostUserError), and put a virtio-blk transport over it, not yet plugged; the
     transport owns the image or the connection (and the daemon pyvmm started for it). `service`: who serves
     it (vhost/storage_daemon.py; None: the worker, or the user's vhost-user backend)."""
+    # Imported here, not at the top: a VM without disks (its virtio-rng and console come through this
+    # module) does not load the disk stack at start-up (docs/ARCHITECTURE.md#start-up).
+    from pyvmm.devices.virtio.block import BlockParams, VirtioBlock
+    from pyvmm.vhost.storage_daemon import DiskServer, DiskService, describe
+
     if service is None:
         if disk.vhost_user:
             service = DiskService(DiskServer.VHOST_USER)

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from dataclasses import dataclass
 from enum import IntEnum
 
-from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.device import RateLimitedWarnings, VirtioDevice
 from pyvmm.devices.virtio.image import SECTOR_SIZE, DiskImageError, RawImage
 from pyvmm.devices.virtio.queue import (
     ChainError,
@@ -79,34 +78,6 @@ class BlkStatus(IntEnum):
 
 
 _OK = int(BlkStatus.OK)
-
-
-class RateLimitedWarnings:
-    """At most `burst` warnings per `interval` seconds, then one line saying how many were dropped: a
-    guest can send a million bad requests a second, and each must not cost a log line."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0,
-                 name: str = "virtio-blk") -> None:
-        self._log = logger
-        self._name = name
-        self._burst = burst
-        self._interval = interval
-        self._window_start = -interval
-        self._count = 0
-        self._dropped = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._window_start >= self._interval:
-            if self._dropped:
-                self._log.warning("%s: %d more warnings like these were not logged", self._name,
-                                  self._dropped)
-            self._window_start, self._count, self._dropped = now, 0, 0
-        if self._count < self._burst:
-            self._count += 1
-            self._log.warning(msg, *args)
-        else:
-            self._dropped += 1
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ import threading
 from collections.abc import Callable
 from enum import IntEnum
 
-from pyvmm.devices.virtio.block import RateLimitedWarnings
-from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.device import RateLimitedWarnings, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue, scatter
 from pyvmm.devices.virtio.spec import VirtioDeviceType, bit
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -101,3 +103,31 @@ class VirtioDevice(ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release host resources (files, sockets)."""
+
+
+class RateLimitedWarnings:
+    """At most `burst` warnings per `interval` seconds, then one line saying how many were dropped: a
+    guest can send a million bad requests a second, and each must not cost a log line."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, interval: float = 5.0,
+                 name: str = "virtio-blk") -> None:
+        self._log = logger
+        self._name = name
+        self._burst = burst
+        self._interval = interval
+        self._window_start = -interval
+        self._count = 0
+        self._dropped = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self._interval:
+            if self._dropped:
+                self._log.warning("%s: %d more warnings like these were not logged", self._name,
+                                  self._dropped)
+            self._window_start, self._count, self._dropped = now, 0, 0
+        if self._count < self._burst:
+            self._count += 1
+            self._log.warning(msg, *args)
+        else:
+            self._dropped += 1

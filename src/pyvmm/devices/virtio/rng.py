@@ -14,8 +14,7 @@ import logging
 import os
 import stat
 
-from pyvmm.devices.virtio.block import RateLimitedWarnings
-from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.device import RateLimitedWarnings, VirtioDevice
 from pyvmm.devices.virtio.queue import DescriptorChain, split_views
 from pyvmm.devices.virtio.spec import VirtioDeviceType
 from pyvmm.errors import UsageError, VmError

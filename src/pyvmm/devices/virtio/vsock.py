@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 
-from pyvmm.devices.virtio.block import RateLimitedWarnings
-from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.device import RateLimitedWarnings, VirtioDevice
 from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue, gather, split_views
 from pyvmm.devices.virtio.spec import VirtioDeviceType
 from pyvmm.devices.virtio.vsock_muxer import VsockMuxer, listen_unix

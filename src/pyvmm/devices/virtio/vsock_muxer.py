@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pyvmm import sandbox
-from pyvmm.devices.virtio.block import RateLimitedWarnings
+from pyvmm.devices.virtio.device import RateLimitedWarnings
 from pyvmm.devices.virtio.queue import Virtqueue, gather, scatter, split_views
 from pyvmm.devices.virtio.vsock_proto import (
     HEADER_SIZE,
