@@ -18,7 +18,7 @@ real mode reaches them). One row per exit path:
 
 Each row runs `--reps` times; the median and the range are printed in microseconds per access (per burst
 for `serial`). `--no-coalesce` makes every access exit (as on a KVM without KVM_CAP_COALESCED_PIO);
-`--no-read-ahead` makes the LSR reads replay the ring first (as before the console's read-ahead).
+`--no-read-ahead` makes the LSR and 0xCFC reads replay the ring first (as before their read-ahead).
 Usage: python bench/exit_cost.py [--rows pio,cf8,ecam,msix,serial,char] [--count N] [--reps R]
                                  [--no-coalesce] [--no-read-ahead]
 """
@@ -34,9 +34,9 @@ import threading
 import time
 
 from pyvmm import layout
+from pyvmm.builder import coalesce_writes
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.serial import Serial16550
-from pyvmm.kvm.coalesced import open_coalesced_ring
 from pyvmm.kvm.runloop import VcpuLoop, install_kick_handler
 from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm
@@ -181,7 +181,8 @@ def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True
     memory.write(CODE_GPA, program(row, count))
     pio_bus, mmio_bus = IoBus("pio", 1 << 16), IoBus("mmio")
     segment = planning_platform(plan_windows([(1, 1)], 1 << 30, 40)).segments[0]
-    pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, PciConfigIo(segment))
+    config_io = PciConfigIo(segment)
+    pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, config_io)
     mmio_bus.insert(ECAM_GPA, 0x10000, PciConfigMmio(segment))  # slots 0 and 1 of the 1 MiB window
     serial = Serial16550(NoLine(), lambda data: None)  # the console output is discarded
     pio_bus.insert(layout.SERIAL_COM1_PORT, 8, serial)
@@ -194,15 +195,11 @@ def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True
     pio_bus.insert(DONE_PORT, 1, done)
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = real_mode_vcpu(vm, memory, CODE_GPA)
-        ring = open_coalesced_ring(vm, vcpu, pio_bus, mmio_bus) if coalesce else None
-        if ring is not None:  # as the builder registers them
-            ring.register_ports(vm, layout.PCI_CONFIG_IO_PORT, 4)
-            ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1, burst=serial.write_thr_bytes)
-            serial.batch_output = True
-            ring.after_drain.append(serial.flush_output)
-            if read_ahead:
-                ring.add_read_ahead(layout.SERIAL_COM1_PORT + 5, serial.read_lsr_ahead)
-                ring.sweeper.start()
+        ring = None
+        if coalesce:  # wired as the builder wires it
+            ring = coalesce_writes(vm, vcpu, pio_bus, mmio_bus, serial, config_io, read_ahead)
+        if ring is not None and ring.read_ahead:
+            ring.sweeper.start()
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus, coalesced=ring)
         start = time.perf_counter()
         thread = loop.start_thread()

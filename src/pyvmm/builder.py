@@ -51,6 +51,7 @@ from pyvmm.kvm.runloop import VcpuLoop
 from pyvmm.kvm.system import Kvm, KvmError, Vcpu, Vm
 from pyvmm.machine import ExitKind, ExitLatch, Service, VirtualMachine
 from pyvmm.memory import GuestMemory, GuestMemoryError
+from pyvmm.pci.bus import PciConfigIo
 from pyvmm.pci.planning import PciPlan, reserve_slots
 from pyvmm.pci.platform import PciAddress, PciPlatform
 from pyvmm.vmplan import vm_plan
@@ -193,7 +194,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     vcpus = _create_vcpus(config, vm, kvm_supported=supported, phys_bits=phys_bits)
     state = boot_vcpu_state(memory, kernel)
     _set_boot_state(vcpus[0], state)
-    coalesced = _coalesce_writes(vm, vcpus[0], pio_bus, mmio_bus, serial)
+    coalesced = coalesce_writes(vm, vcpus[0], pio_bus, mmio_bus, serial, platform.config_io)
     if coalesced is not None and coalesced.read_ahead:
         services.append(coalesced.sweeper)
     loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
@@ -202,21 +203,29 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
                           hotplug=hotplug, services=services, resources=stack)
 
 
-def _coalesce_writes(vm: Vm, vcpu: Vcpu, pio_bus: IoBus, mmio_bus: IoBus,
-                     serial: Serial | None) -> CoalescedRing | None:
-    """Port writes that need no answer are queued by KVM instead of exiting (docs/ARCHITECTURE.md)."""
+def coalesce_writes(vm: Vm, vcpu: Vcpu, pio_bus: IoBus, mmio_bus: IoBus, serial: Serial | None,
+                    config_io: PciConfigIo, read_ahead: bool = True) -> CoalescedRing | None:
+    """Port writes that need no answer are queued by KVM instead of exiting (docs/ARCHITECTURE.md), and
+    the reads that need no replay are answered ahead of them (bench/exit_cost.py measures both, wired by
+    this function; its --no-read-ahead is `read_ahead=False`)."""
     ring = open_coalesced_ring(vm, vcpu, pio_bus, mmio_bus)
     if ring is None:
         return None
-    # Linux's early PCI probes (an AGP-bridge search over all 256 buses) write 0xCF8 thousands of times.
-    ring.register_ports(vm, layout.PCI_CONFIG_IO_PORT, 4)
+    # Linux's early PCI probes (two searches for an AGP bridge over all 256 buses, 8,192 config reads
+    # each) write 0xCF8 before every 0xCFC read: the writes are queued, and the reads taken ahead of the
+    # ring when only those writes are queued (kvm/coalesced.py).
+    cf8 = layout.PCI_CONFIG_IO_PORT
+    ring.register_ports(vm, cf8, 4)
+    if read_ahead:
+        ring.add_latch_read_ahead(config_io, cf8, cf8, range(cf8 + 4, cf8 + layout.PCI_CONFIG_IO_SIZE))
     if serial is not None:
         # Byte writes to COM1's THR (DLL while DLAB is set): the console's bytes, up to 16 per LSR poll.
         ring.register_ports(vm, layout.SERIAL_COM1_PORT, 1, burst=serial.write_thr_bytes)
         serial.batch_output = True
         ring.after_drain.append(serial.flush_output)
         # While Linux boots, its console polls LSR before every byte: those reads need not replay the ring.
-        ring.add_read_ahead(layout.SERIAL_COM1_PORT + SerialReg.LSR, serial.read_lsr_ahead)
+        if read_ahead:
+            ring.add_read_ahead(layout.SERIAL_COM1_PORT + SerialReg.LSR, serial.read_lsr_ahead)
     return ring
 
 

@@ -1,4 +1,5 @@
-"""The coalesced-write ring: replay order and wrap-around on a plain page; 0xCF8 coalescing on /dev/kvm."""
+"""The coalesced-write ring: replay order and wrap-around on a plain page, the 0xCF8 latch taken off it for
+reads answered ahead; 0xCF8 coalescing on /dev/kvm, with and without those reads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from pyvmm import layout
 from pyvmm.devices.bus import IoBus
 from pyvmm.kvm.bindings import kvm_coalesced_mmio, kvm_coalesced_mmio_ring
-from pyvmm.kvm.coalesced import CoalescedRing, coalesce_port_writes
+from pyvmm.kvm.coalesced import NOTHING_QUEUED, OTHERS_QUEUED, CoalescedRing, coalesce_port_writes
 from pyvmm.kvm.runloop import VcpuLoop, install_kick_handler
 from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm, KvmError
@@ -101,6 +102,48 @@ def test_an_index_beyond_the_ring_is_dropped_not_followed() -> None:
     assert not ring.pending()
 
 
+def test_only_latch_writes_queued_are_taken_off_the_ring_and_the_last_one_counts() -> None:
+    log: list = []
+    _keep, ring = _recorded_ring(log, [(0xCF8, 8), (0x3F8, 8)], [])
+    assert ring.take_latch_writes(0xCF8) == NOTHING_QUEUED
+    ring.header.first = ring.header.last = ring.capacity - 1  # the run wraps
+    for value in (0x8000_0000, 0x8001_0000, 0x8002_0800):
+        _push(ring, 0xCF8, 4, value, True)
+    assert ring.take_latch_writes(0xCF8) == 0x8002_0800
+    assert not ring.pending() and ring.replayed == 3 and log == []  # taken, not written: the caller latches
+    # Anything else queued (a UART byte, a partial write of the latch) must reach its device in order first.
+    for addr, size in [(0x3F8, 1), (0xCF8, 2)]:
+        _push(ring, 0xCF8, 4, 0x8000_0800, True)
+        _push(ring, addr, size, 0x41, True)
+        assert ring.take_latch_writes(0xCF8) == OTHERS_QUEUED
+        assert ring.drain() == 2 and log[-2:] == [(0xCF8, 4, 0x8000_0800), (addr, size, 0x41)]
+
+
+def test_config_data_reads_are_answered_ahead_when_only_address_writes_are_queued() -> None:
+    _keep, address = _page()
+    pio = IoBus("pio", 1 << 16)
+    segment = planning_platform(plan_windows([(1, 1)], 1 << 30, 40)).segments[0]
+    config_io = PciConfigIo(segment)
+    pio.insert(0xCF8, 8, config_io)
+    uart: list = []
+    pio.insert(0x3F8, 8, Recorder(0x3F8, uart))
+    ring = CoalescedRing(address, mmap.PAGESIZE, pio, IoBus("mmio"))
+    ring.add_latch_read_ahead(config_io, 0xCF8, 0xCF8, range(0xCFC, 0xD00))
+    assert sorted(ring.read_ahead) == [0xCFC, 0xCFD, 0xCFE, 0xCFF]
+    _push(ring, 0xCF8, 4, 0x8001_0000, True)  # bus 1: nothing there
+    _push(ring, 0xCF8, 4, 0x8000_0000, True)  # the host bridge
+    assert ring.read_ahead[0xCFC](4) == HOST_BRIDGE_DEVICE_ID << 16 | HOST_BRIDGE_VENDOR_ID
+    assert ring.read_ahead[0xCFE](2) == HOST_BRIDGE_DEVICE_ID
+    assert ring.read_ahead[0xCFD](1) == HOST_BRIDGE_VENDOR_ID >> 8
+    assert config_io.address == 0x8000_0000 and not ring.pending()
+    _push(ring, 0xCF8, 4, 0x8001_0000, True)
+    assert ring.read_ahead[0xCFC](4) == 0xFFFF_FFFF
+    _push(ring, 0xCF8, 4, 0x8000_0000, True)
+    _push(ring, 0x3F8, 1, 0x41, True)
+    assert ring.read_ahead[0xCFC](4) == -1  # the usual way: the UART's byte first
+    assert ring.pending() and config_io.address == 0x8001_0000 and uart == []
+
+
 # Real mode: the host bridge's ID through 0xCF8/0xCFC, an empty bus, then the address register read back.
 PROGRAM = bytes(
     [
@@ -124,7 +167,20 @@ PROGRAM = bytes(
 )  # fmt: skip
 
 
-def test_config_address_writes_are_queued_by_kvm_and_seen_in_order() -> None:
+class CountingBus(IoBus):
+    """The port bus, counting the reads that went through it (not answered ahead of the ring)."""
+
+    def __init__(self) -> None:
+        super().__init__("pio", 1 << 16)
+        self.reads: list[int] = []
+
+    def read(self, addr: int, size: int) -> int:
+        self.reads.append(addr)
+        return super().read(addr, size)
+
+
+@pytest.mark.parametrize("read_ahead", [False, True], ids=["replayed", "read-ahead"])
+def test_config_address_writes_are_queued_by_kvm_and_seen_in_order(read_ahead: bool) -> None:
     try:
         kvm = Kvm()
     except KvmError as e:
@@ -132,9 +188,10 @@ def test_config_address_writes_are_queued_by_kvm_and_seen_in_order() -> None:
     install_kick_handler()
     memory = GuestMemory([(0, 0x10000)])
     memory.write(0x1000, PROGRAM)
-    pio, mmio = IoBus("pio", 1 << 16), IoBus("mmio")
+    pio, mmio = CountingBus(), IoBus("mmio")
     segment = planning_platform(plan_windows([(1, 1)], 1 << 30, 40)).segments[0]
-    pio.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, PciConfigIo(segment))
+    config_io = PciConfigIo(segment)
+    pio.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, config_io)
     done = threading.Event()
     done_port = Recorder(0x14, [])
     done_port.write = lambda offset, size, value: done.set()  # type: ignore[method-assign]
@@ -144,6 +201,8 @@ def test_config_address_writes_are_queued_by_kvm_and_seen_in_order() -> None:
         ring = coalesce_port_writes(vm, vcpu, layout.PCI_CONFIG_IO_PORT, 4, pio, mmio)
         if ring is None:
             pytest.skip("this KVM cannot coalesce port I/O (KVM_CAP_COALESCED_PIO)")
+        if read_ahead:
+            ring.add_latch_read_ahead(config_io, 0xCF8, 0xCF8, range(0xCFC, 0xD00))
         loop = VcpuLoop(vcpu, pio, mmio, coalesced=ring)
         thread = loop.start_thread()
         finished = done.wait(10)
@@ -155,4 +214,6 @@ def test_config_address_writes_are_queued_by_kvm_and_seen_in_order() -> None:
     assert regs.rsi & 0xFFFFFFFF == 0xFFFFFFFF
     assert regs.rax & 0xFFFFFFFF == 0x80010800
     assert ring.replayed == 2  # both address writes went through the ring, none exited
+    # Answered ahead, the data reads never reach the bus; the address register's read always does.
+    assert pio.reads == ([0xCF8] if read_ahead else [0xCFC, 0xCFC, 0xCF8])
     memory.close()

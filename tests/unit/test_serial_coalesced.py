@@ -155,8 +155,8 @@ def run_script(steps: list[Step], burst: bool, read_ahead: bool = False) -> tupl
     replayed_at_lsr: list[int] = []
     if read_ahead:
 
-        def read_lsr_ahead() -> int:
-            value = uart.read_lsr_ahead()
+        def read_lsr_ahead(size: int) -> int:
+            value = uart.read_lsr_ahead(size)
             if value >= 0:
                 replayed_at_lsr.append(ring.replayed)
             return value

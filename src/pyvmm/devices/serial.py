@@ -159,12 +159,12 @@ class Serial16550:
         # Only the addressed register answers; the upper bytes of a wider access read like an empty bus.
         return value | (((1 << (8 * size)) - 1) & ~0xFF)
 
-    def read_lsr_ahead(self) -> int:
+    def read_lsr_ahead(self, size: int = 1) -> int:
         """LSR for a read that may be answered before the THR bytes still queued in KVM's ring are replayed,
         or -1 when it may not. Those bytes cannot change LSR (THR is empty after every byte), only the
         interrupt line (with THRI on) or the receiver (in loopback); and reading an overrun clears it. The
         console polls LSR before every byte while it boots: this answer costs no replay and no lock."""
-        if self._ier & _IER_THRE or self._mcr & _MCR_LOOP or self._overrun:
+        if size != 1 or self._ier & _IER_THRE or self._mcr & _MCR_LOOP or self._overrun:
             return -1
         return _LSR_EMPTY | _LSR_DR if self._rx else _LSR_EMPTY
 

@@ -10,16 +10,20 @@ told after each drain that replayed something (`after_drain`). A port registered
 gets a run of consecutive byte writes to it in one call (the console's 16 bytes per LSR poll), instead of
 one bus dispatch per byte.
 
-A port may also have a byte read answered *ahead* of the queued writes (`add_read_ahead`), when its device
+A port may also have a read answered *ahead* of the queued writes (`add_read_ahead`), when its device
 can tell that they cannot change the answer: the booting console's LSR poll before every byte then costs
 an exit but no replay. The writes stay queued until the next exit that replays, or the ring's sweeper
 thread (`RingSweeper`), which replays them within SWEEP_DELAY of such a read: a guest may poll, write and
-then idle in HLT, which KVM handles without an exit.
+then idle in HLT, which KVM handles without an exit. A latch register (0xCF8, the PCI configuration
+address: only its last write counts) can take its queued writes off the ring itself (`take_latch_writes`)
+when nothing else is queued, so Linux's PCI probes (thousands of 0xCF8 writes, each followed by a 0xCFC
+read) answer each read without a replay either.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import struct
 import threading
@@ -55,8 +59,8 @@ class CoalescedRing:
         self._bursts: dict[int, Callable[[bytes], object]] = {}  # port -> handler of a run of byte writes
         self._lock = threading.Lock()
         self.replayed = 0  # writes replayed so far
-        # port -> answer of a byte read that needs no replay first, or -1 when it does (see the docstring)
-        self.read_ahead: dict[int, Callable[[], int]] = {}
+        # port -> answer of a read (of the given size) that needs no replay first, or -1 when it does
+        self.read_ahead: dict[int, Callable[[int], int]] = {}
         self.sweeper = RingSweeper(self)  # a Service: whoever runs the VM starts and closes it
 
     def pending(self) -> bool:
@@ -111,10 +115,54 @@ class CoalescedRing:
             for hook in self.after_drain:
                 hook()
 
-    def add_read_ahead(self, port: int, read: Callable[[], int]) -> None:
-        """Answer byte reads of `port` with `read()` without replaying the queued writes first; `read`
+    def add_read_ahead(self, port: int, read: Callable[[int], int]) -> None:
+        """Answer reads of `port` with `read(size)` without replaying the queued writes first; `read`
         returns -1 when they must be (then the read goes the usual way). Called on vCPU threads, unlocked."""
         self.read_ahead[port] = read
+
+    def add_latch_read_ahead(self, device: Bus, base: int, latch: int, data: range) -> None:
+        """Answer reads of the ports in `data` ahead of the ring whenever only 4-byte writes to the latch
+        at `latch` are queued: the last of them is written to `device` as a replay would (`device` sits at
+        `base` on the port bus and is read and written by offset), then the read goes to the device."""
+
+        def read(size: int, offset: int) -> int:
+            queued = self.take_latch_writes(latch)
+            if queued == OTHERS_QUEUED:
+                return -1
+            if queued != NOTHING_QUEUED:
+                device.write(latch - base, 4, queued)
+            return device.read(offset, size)
+
+        for port in data:
+            self.add_read_ahead(port, functools.partial(read, offset=port - base))
+
+    def take_latch_writes(self, port: int) -> int:
+        """For a latch at `port` (a register only whose last full write counts, 0xCF8): when every queued
+        write is a 4-byte write to `port`, take them off the ring and return the last one's value, which the
+        caller then latches as a replay would. NOTHING_QUEUED when the ring is empty; OTHERS_QUEUED when
+        anything else is queued (that must be replayed in order first) or another thread is replaying."""
+        header = self.header
+        if header.first == header.last:
+            return NOTHING_QUEUED
+        if not self._lock.acquire(blocking=False):
+            return OTHERS_QUEUED
+        try:
+            first, last, capacity, page = header.first, header.last, self.capacity, self._page
+            if first >= capacity or last >= capacity:
+                return OTHERS_QUEUED  # drain() deals with what the kernel never writes
+            value, taken = NOTHING_QUEUED, 0
+            while first != last:
+                addr, length, pio, data = _ENTRY.unpack_from(page, _HEADER_SIZE + first * _ENTRY_SIZE)
+                if addr != port or length != 4 or not pio:
+                    return OTHERS_QUEUED
+                value = int.from_bytes(data[:4], "little")
+                first = first + 1 if first + 1 < capacity else 0
+                taken += 1
+            header.first = first
+            self.replayed += taken
+            return value
+        finally:
+            self._lock.release()
 
     def register_ports(self, vm: Vm, port: int, size: int,
                        burst: Callable[[bytes], object] | None = None) -> None:
@@ -131,6 +179,9 @@ class CoalescedRing:
 
 
 SWEEP_DELAY = 0.02  # seconds a queued write waits at most after a read answered ahead of it
+# take_latch_writes(): the ring was empty; something other than the latch's writes is queued
+NOTHING_QUEUED = -2
+OTHERS_QUEUED = -1
 
 
 class RingSweeper:

@@ -204,7 +204,7 @@ class VcpuLoop:
         ring = self.coalesced
         # Writes KVM queued in the coalesced ring happened before this exit: devices see them first,
         drain = ring.drain if ring is not None else None
-        # except for the byte reads their device answers ahead of them (kvm/coalesced.py).
+        # except for the reads their device answers ahead of them (kvm/coalesced.py).
         read_ahead = ring.read_ahead if ring is not None else {}
         sweeper = ring.sweeper if ring is not None else None
         try:
@@ -215,10 +215,13 @@ class VcpuLoop:
                     log.debug("vCPU %d: exit %s", vcpu.index, _exit_name(reason))
                 if reason == _EXIT_IO:
                     direction, size, port, count, offset = unpack_io(page, _EXIT_U_OFFSET)
-                    if read_ahead and direction != _IO_OUT and size == 1 and count == 1:
+                    if read_ahead and direction != _IO_OUT and count == 1:
                         read = read_ahead.get(port)
-                        if read is not None and (value := read()) >= 0:
-                            page[offset] = value
+                        if read is not None and (value := read(size)) >= 0:
+                            if size == 1:
+                                page[offset] = value
+                            else:
+                                _ITEM[size].pack_into(page, offset, value)
                             if sweeper is not None and not sweeper.awake:
                                 sweeper.wake()
                             continue

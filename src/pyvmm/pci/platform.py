@@ -77,7 +77,8 @@ class PciPlatform:
         self.refused_moves = 0  # BAR moves the buses refused (an overlap the allocators did not see)
         for segment in self.segments:
             mmio_bus.insert(segment.ecam_base, layout.PCI_MMCONFIG_SIZE_PER_SEGMENT, PciConfigMmio(segment))
-        pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, PciConfigIo(self.segments[0]))
+        self.config_io = PciConfigIo(self.segments[0])  # 0xCF8-0xCFF
+        pio_bus.insert(layout.PCI_CONFIG_IO_PORT, layout.PCI_CONFIG_IO_SIZE, self.config_io)
 
     def __repr__(self) -> str:
         return f"PciPlatform({len(self.segments)} segments)"
