@@ -103,6 +103,7 @@ class Settings:
     # --smoke: the data-plane devices join the virtio-blk run's boot (two boots fewer per repetition; the
     # suite's time). Its figures are not compared, and the command lines and helpers are the same.
     one_boot: bool = False
+    boot_vmms: frozenset[str] = frozenset(an.BOOT_VMMS)  # who boots for the boot rows (a subset: --boot-vmms)
 
 
 @dataclass
@@ -744,7 +745,7 @@ class Bench:
         flip = rep % 2 == 0
         pair = [an.PYVMM, an.QEMU][:: -1 if flip else 1]
         boots = [an.PYVMM, an.QEMU_Q35, an.QEMU_MICROVM]
-        boots = boots[rep % 3 :] + boots[: rep % 3]
+        boots = [vmm for vmm in boots[rep % 3 :] + boots[: rep % 3] if vmm in s.boot_vmms]
         if "boot" in s.only:
             for vmm in boots:
                 self.again(lambda: self.boot(vmm, rep))  # noqa: B023 (called before the loop goes on)
@@ -947,6 +948,7 @@ def main() -> int:
     p.add_argument("--first-rep", type=int, default=1, help="number the repetitions from this one")
     p.add_argument("--one-boot", action="store_true", help="virtio, net and vhost in one boot per VMM")
     p.add_argument("--only", default=",".join(sorted(PARTS)), help="comma-separated parts to run")
+    p.add_argument("--boot-vmms", default=",".join(an.BOOT_VMMS), help="who boots for the boot rows")
     a = p.parse_args()
     env = os.environ
     settings = Settings(
@@ -966,6 +968,7 @@ def main() -> int:
         frozenset(a.only.split(",")),
         a.first_rep,
         a.one_boot,
+        frozenset(a.boot_vmms.split(",")),
     )
     bench = Bench(settings)  # pyvmm's bytecode is there: `pyvmm-lab run` compiles the package first
     started = time.monotonic()

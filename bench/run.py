@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+import analysis  # noqa: E402
 import guest_build  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="run some parts only: a comma-separated subset of "
                    f"{','.join(sorted(harness.PARTS))} (results then go to <date>-<parts>.json, "
                    "which git ignores)")
+    p.add_argument("--boot-vmms", default=",".join(analysis.BOOT_VMMS),
+                   help="who boots for the boot rows: a comma-separated subset of "
+                   f"{','.join(analysis.BOOT_VMMS)} (while working on one; the others' cells stay empty)")
     p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                    help=f"new labs after stalled ones, per run ({MAX_RESTARTS})")
     p.add_argument("--stall-timeout", type=float, default=STALL_SECONDS,
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = a.only.split(",") if a.only else sorted(harness.PARTS - ({"distro"} if a.smoke else set()))
     if not parts or not set(parts) <= harness.PARTS:
         p.error(f"--only: choose from {', '.join(sorted(harness.PARTS))}")
+    boot_vmms = a.boot_vmms.split(",")
+    if not boot_vmms or not set(boot_vmms) <= set(analysis.BOOT_VMMS):
+        p.error(f"--boot-vmms: choose from {', '.join(analysis.BOOT_VMMS)}")
     sizes = SMOKE if a.smoke else FULL
     initramfs = guest_build.build()
     helpers = guest_build.bench_dir()
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.executable, str(BENCH / "harness.py"), "--span", str(sizes["span"]),
             "--io-seconds", str(sizes["io_seconds"]), "--trap-seconds", str(sizes["trap_seconds"]),
             "--idle-seconds", str(sizes["idle_seconds"]), "--initramfs", str(initramfs),
-            "--helpers", str(helpers), "--only", ",".join(only),
+            "--helpers", str(helpers), "--only", ",".join(only), "--boot-vmms", ",".join(boot_vmms),
             *(["--one-boot"] if a.smoke else []),  # the data-plane devices in the virtio-blk boot
         ]  # fmt: skip
 
