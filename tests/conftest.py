@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def lab_slots(count: int) -> Iterator[None]:
     finally:
         for f in files:
             f.close()  # closing drops the lock
+
+
+class LabRestarted(UserWarning):
+    """A lab stalled, was reset or panicked under a test's command, which then ran again in a new lab."""
 
 
 def _take_any(files: list) -> bool:
@@ -115,6 +120,11 @@ def _lab_run(
         print(proc.stdout)
         proc.before_restart = "".join(lines[: restarts[-1]])  # type: ignore[attr-defined]
         proc.stdout = "".join(lines[restarts[-1] + 1 :])
+        # In the run's warnings summary even when the test passes: a new lab runs the whole command again,
+        # and that is where a slow suite's minutes go.
+        why = [line.strip() for line in lines[: restarts[-1]] if line.startswith("pyvmm-lab: the lab")]
+        warnings.warn(LabRestarted(f"the command ran again in a new lab ({len(restarts)}x): "
+                                   + ("; ".join(why) or "no reason printed")), stacklevel=2)
     if check and proc.returncode != 0:
         raise AssertionError(f"lab command failed ({proc.returncode}):\n{proc.stdout}")
     return proc

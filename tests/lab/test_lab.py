@@ -81,6 +81,7 @@ def test_exit_status_is_the_commands(lab) -> None:
     assert lab("exit 7", devices="none").returncode == 7
 
 
+@pytest.mark.filterwarnings("ignore:the command ran again in a new lab")  # the restart is the point
 def test_a_stalled_lab_is_replaced_and_a_stalled_command_gets_the_labs_backtraces(lab) -> None:
     """The pulse (pyvmm/lab/pulse.py) and --stall-timeout. In the first lab the command stops the process
     that answers the pulse, as a stalled emulated host would: after --pulse-timeout the lab shows its
@@ -111,6 +112,7 @@ def test_a_stalled_lab_is_replaced_and_a_stalled_command_gets_the_labs_backtrace
     assert "CPU#0" in out and "RIP=" in out  # and, from QEMU's monitor, where each lab CPU is
 
 
+@pytest.mark.filterwarnings("ignore:the command ran again in a new lab")  # the restart is the point
 def test_a_lab_that_ends_early_says_why(lab) -> None:
     """A lab that stops before its command finishes says whether the emulated host was reset or powered
     itself off (QMP's SHUTDOWN reason): under -no-reboot both end QEMU with status 0. A reset lab runs the
