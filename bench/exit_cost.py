@@ -198,7 +198,7 @@ def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True
         ring = None
         if coalesce:  # wired as the builder wires it
             ring = coalesce_writes(vm, vcpu, pio_bus, mmio_bus, serial, config_io, read_ahead)
-        if ring is not None and ring.read_ahead:
+        if ring is not None and ring.sweep_after:
             ring.sweeper.start()
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus, coalesced=ring)
         start = time.perf_counter()

@@ -195,7 +195,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     state = boot_vcpu_state(memory, kernel)
     _set_boot_state(vcpus[0], state)
     coalesced = coalesce_writes(vm, vcpus[0], pio_bus, mmio_bus, serial, platform.config_io)
-    if coalesced is not None and coalesced.read_ahead:
+    if coalesced is not None and coalesced.sweep_after:
         services.append(coalesced.sweeper)
     loops = [VcpuLoop(v, pio_bus, mmio_bus, on_stop=latch.vcpu_stopped, coalesced=coalesced) for v in vcpus]
     return VirtualMachine(vcpus=vcpus, loops=loops, latch=latch, memory=memory, platform=platform,

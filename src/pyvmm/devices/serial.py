@@ -159,7 +159,7 @@ class Serial16550:
         # Only the addressed register answers; the upper bytes of a wider access read like an empty bus.
         return value | (((1 << (8 * size)) - 1) & ~0xFF)
 
-    def read_lsr_ahead(self, size: int = 1) -> int:
+    def read_lsr_ahead(self, size: int) -> int:
         """LSR for a read that may be answered before the THR bytes still queued in KVM's ring are replayed,
         or -1 when it may not. Those bytes cannot change LSR (THR is empty after every byte), only the
         interrupt line (with THRI on) or the receiver (in loopback); and reading an overrun clears it. The

@@ -61,6 +61,7 @@ class CoalescedRing:
         self.replayed = 0  # writes replayed so far
         # port -> answer of a read (of the given size) that needs no replay first, or -1 when it does
         self.read_ahead: dict[int, Callable[[int], int]] = {}
+        self.sweep_after: set[int] = set()  # ports of those whose answer leaves writes queued (the sweeper's)
         self.sweeper = RingSweeper(self)  # a Service: whoever runs the VM starts and closes it
 
     def pending(self) -> bool:
@@ -115,10 +116,14 @@ class CoalescedRing:
             for hook in self.after_drain:
                 hook()
 
-    def add_read_ahead(self, port: int, read: Callable[[int], int]) -> None:
+    def add_read_ahead(self, port: int, read: Callable[[int], int], *,
+                       leaves_writes_queued: bool = True) -> None:
         """Answer reads of `port` with `read(size)` without replaying the queued writes first; `read`
-        returns -1 when they must be (then the read goes the usual way). Called on vCPU threads, unlocked."""
+        returns -1 when they must be (then the read goes the usual way). Called on vCPU threads, unlocked.
+        When an answer leaves the writes queued (the default), the sweeper replays them within SWEEP_DELAY."""
         self.read_ahead[port] = read
+        if leaves_writes_queued:
+            self.sweep_after.add(port)
 
     def add_latch_read_ahead(self, device: Bus, base: int, latch: int, data: range) -> None:
         """Answer reads of the ports in `data` ahead of the ring whenever only 4-byte writes to the latch
@@ -134,7 +139,8 @@ class CoalescedRing:
             return device.read(offset, size)
 
         for port in data:
-            self.add_read_ahead(port, functools.partial(read, offset=port - base))
+            # Nothing is left queued behind these answers: no sweep to wake.
+            self.add_read_ahead(port, functools.partial(read, offset=port - base), leaves_writes_queued=False)
 
     def take_latch_writes(self, port: int) -> int:
         """For a latch at `port` (a register only whose last full write counts, 0xCF8): when every queued
@@ -213,7 +219,7 @@ class RingSweeper:
             # Cleared before `_closed` is looked at: a close() after this sets `_wake` again, so it is never
             # lost (clearing it after the delay could swallow close()'s wake, and the thread then slept on).
             self._wake.clear()
-            if self._closed.is_set() or self._closed.wait(self.delay):
+            if self._closed.wait(self.delay):
                 return
             self.awake = False
             self._ring.sweep()

@@ -206,6 +206,7 @@ class VcpuLoop:
         drain = ring.drain if ring is not None else None
         # except for the reads their device answers ahead of them (kvm/coalesced.py).
         read_ahead = ring.read_ahead if ring is not None else {}
+        sweep_after = ring.sweep_after if ring is not None else set()
         sweeper = ring.sweeper if ring is not None else None
         try:
             sandbox.enter(sandbox.ThreadKind.VCPU)  # this thread's seccomp filter, when --seccomp is on
@@ -222,7 +223,7 @@ class VcpuLoop:
                                 page[offset] = value
                             else:
                                 _ITEM[size].pack_into(page, offset, value)
-                            if sweeper is not None and not sweeper.awake:
+                            if sweeper is not None and not sweeper.awake and port in sweep_after:
                                 sweeper.wake()
                             continue
                     if drain is not None:
