@@ -22,8 +22,11 @@ LINE = "pyvmm-net-pattern-0123456789abc"  # `yes` adds the newline: 32 bytes, so
 
 # Guest -> lab goes through busybox httpd, which sends the file with sendfile(): busybox nc writes 1 KiB at a
 # time, one packet each, and then the guest's per-packet cost (not pyvmm's) sets the pace.
+# `dmesg -n 1` first: the kernel's messages after boot (eth0's link coming up) would otherwise be printed into
+# the middle of the lines the test reads (seen: "GUEST-QUEUES=rx-0,tx-0,[   10.95] IPv6: ... link becomes
+# ready"). The boot itself stays verbose.
 GUEST_CMD = (
-    "ip link set eth0 up; ip addr add 192.168.249.2/24 dev eth0; "
+    "dmesg -n 1; ip link set eth0 up; ip addr add 192.168.249.2/24 dev eth0; "
     "echo GUEST-QUEUES=$(ls /sys/class/net/eth0/queues | tr '\\n' ,); "
     "ping -c 3 -W 10 192.168.249.1 >/dev/null && echo PING-OK; "
     f"mkdir /tmp/www; yes {LINE} | head -c {TRANSFER} > /tmp/www/data; httpd -p 8080 -h /tmp/www; "
