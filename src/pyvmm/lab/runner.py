@@ -80,7 +80,7 @@ class LabOptions:
     verbose: bool = False
 
 
-# The lab's CPU: every feature TCG emulates (SVM for the nested KVM among them), as AMD family 0x14. `max`
+# A 1-CPU lab's CPU: every feature TCG emulates (SVM for the nested KVM among them), as AMD family 0x14. `max`
 # alone says family 0xf (K8), one of the families Linux believes has a GART (amd_gart_present()), so every
 # kernel the lab boots, the lab's own and all its guests (a VMM hands them the lab's family), searched all
 # 256 PCI buses for an AGP bridge twice at boot: 16,384 config-space reads, each an exit to the guest's VMM
@@ -89,9 +89,9 @@ class LabOptions:
 # reports spectre_v2 "not affected" there, where family 0xf got retpolines; the kernel's table puts 0x17
 # and 0x19 under retbleed and SRSO). README.md, the lab.
 LAB_CPU = "max,family=0x14,model=0"
-# A lab with more than one CPU (multi-threaded TCG) keeps plain `max`: as family 0x14 it stalled, 2 labs
-# out of 2 under 2-vCPU guests (both lab CPUs spinning on a lock in try_to_wake_up from kvm_vcpu_kick), and
-# twice in one `make bench`, where `max` ran the same load through; why is not known yet.
+# A lab with more than one CPU (multi-threaded TCG) keeps plain `max`: as family 0x14 a 2-CPU lab stalled
+# within minutes under eight 2-vCPU boots that `max` ran through, and twice in one `make bench` (both lab
+# CPUs spinning on a lock in try_to_wake_up from kvm_vcpu_kick); why is not known yet.
 LAB_CPU_SMP = "max"
 
 
