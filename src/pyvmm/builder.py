@@ -57,8 +57,10 @@ from pyvmm.pci.platform import PciAddress, PciPlatform
 from pyvmm.vmplan import vm_plan
 
 if TYPE_CHECKING:
+    from pyvmm.config import DiskConfig
     from pyvmm.devices.virtio.pci import VirtioPciDevice
     from pyvmm.vfio.passthrough import VfioPassthrough
+    from pyvmm.vhost.hangup import HangupWatch
     from pyvmm.vhost.storage_daemon import DiskService
 
 log = logging.getLogger("pyvmm")
@@ -147,7 +149,9 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
     nets = _add_nets(config, memory, platform, router, vm, stack)
     _add_rng(config, memory, platform, router, vm, stack)
     fses = _add_fs(config, memory, platform, router, vm, stack)
-    services += _watch_vhost_user_backends([d.transport for d in disks] + fses, latch, stack)
+    hangups = _watch_vhost_user_backends([d.transport for d in disks] + fses, memory, latch, stack)
+    if hangups is not None:
+        services.append(hangups)
     services += _add_vsock(config, memory, platform, router, vm, stack)
 
     def host_request(name: str, message: str) -> None:
@@ -157,7 +161,7 @@ def _build(config: VmConfig, stack: contextlib.ExitStack,
             on_host_request(name)
         latch.request(ExitKind.ERROR, message)
 
-    hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request)
+    hotplug = _add_hotplug(config, vm, memory, platform, router, mmio_bus, phys_bits, host_request, hangups)
     vfio = _add_vfio_devices(config, memory, platform, router, vm, stack, host_request)
     hotplug.adopt(vfio, config.devices, disks, nets, fs_ids=[f.id for f in config.fs],
                   vsock_ids=[config.vsock.id] if config.vsock is not None else [])
@@ -353,6 +357,31 @@ def _memory_for_disks(config: VmConfig, services: list[DiskService]) -> MemoryCo
     return dataclasses.replace(config.memory, shared=True)
 
 
+def _hotplug_disk_service(config: VmConfig, memory: GuestMemory) -> Callable[[DiskConfig], DiskService]:
+    """Who serves a disk hot-plugged into this VM (vm.add-disk): as for --disk, except that a daemon needs
+    guest RAM to be shared memory already, which it is only if the VM booted with it (--memory shared=on,
+    or a daemon-served --disk: docs/virtio-blk.md#who-serves-a-disk)."""
+    from pyvmm.vhost.storage_daemon import DiskServer, DiskService
+
+    if any(region.fd is None for region in memory.regions):
+        def worker(disk: DiskConfig) -> DiskService:
+            if disk.vhost_user:
+                return DiskService(DiskServer.VHOST_USER)
+            return DiskService(DiskServer.WORKER, "a hot-plugged disk in a VM whose RAM is private (a "
+                                                  "daemon maps guest RAM: boot with --memory shared=on)")
+        return worker
+    from pyvmm.vhost.spawner import can_start_daemons
+    from pyvmm.vhost.storage_daemon import disk_service, storage_daemon_binary
+
+    daemon = storage_daemon_binary()
+    host_cpus = len(os.sched_getaffinity(0))
+
+    def choose(disk: DiskConfig) -> DiskService:
+        return disk_service(disk, config.memory, daemon, can_start=can_start_daemons(),
+                            vcpus=config.cpus.boot, host_cpus=host_cpus)
+    return choose
+
+
 def _add_disks(config: VmConfig, services: list[DiskService], memory: GuestMemory,
                platform: PciPlatform, router: MsiRouter, vm: Vm,
                stack: contextlib.ExitStack) -> list[BootDisk]:
@@ -385,24 +414,22 @@ def _add_fs(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router
     return attached
 
 
-def _watch_vhost_user_backends(transports: list[VirtioPciDevice], latch: ExitLatch,
-                               stack: contextlib.ExitStack) -> list[Service]:
+def _watch_vhost_user_backends(transports: list[VirtioPciDevice], memory: GuestMemory, latch: ExitLatch,
+                               stack: contextlib.ExitStack) -> HangupWatch | None:
     """A vhost-user backend that hangs up stops the VM with one line naming the disk or file system
-    (docs/virtio-blk.md#a-dead-backend)."""
-    if not any(transport.device.external_queues for transport in transports):
-        return []  # nothing to watch: the vhost-user modules stay unloaded
-    from pyvmm.devices.virtio.attach import hangup_messages, vhost_user_sockets
+    (docs/virtio-blk.md#a-dead-backend). The watch runs whenever guest RAM is shared memory, the one case
+    where a vhost-user device can be there, at boot or hot-plugged later (docs/hotplug.md)."""
+    if any(region.fd is None for region in memory.regions):
+        return None  # no vhost-user device possible: the vhost-user modules stay unloaded
+    from pyvmm.devices.virtio.attach import backend_socket
     from pyvmm.vhost.hangup import HangupWatch
 
-    sockets = vhost_user_sockets(transports)
-    messages = hangup_messages(transports)
+    def stop(message: str) -> None:
+        latch.request(ExitKind.ERROR, message)
 
-    def stop(label: str) -> None:
-        latch.request(ExitKind.ERROR, messages[label]())
-
-    watch = HangupWatch(sockets, stop)
+    watch = HangupWatch(stop, [s for t in transports if (s := backend_socket(t)) is not None])
     _closing(stack, watch)  # also when the build fails before the VM runs
-    return [watch]
+    return watch
 
 
 def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router: MsiRouter, vm: Vm,
@@ -423,7 +450,8 @@ def _add_nets(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rout
 
 
 def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPlatform, router: MsiRouter,
-                 mmio_bus: IoBus, phys_bits: int, host_request: Callable[[str, str], None]) -> PciHotplug:
+                 mmio_bus: IoBus, phys_bits: int, host_request: Callable[[str, str], None],
+                 hangups: HangupWatch | None) -> PciHotplug:
     """The Generic Event Device and the PCI hot-plug registers in the platform area, and the object that adds
     and removes passed-through functions while the VM runs (docs/hotplug.md)."""
     ged = AcpiGed(KvmIrqLine(vm, layout.GED_IRQ))
@@ -443,7 +471,8 @@ def _add_hotplug(config: VmConfig, vm: Vm, memory: GuestMemory, platform: PciPla
     hotplug = PciHotplug(platform=platform, ged=ged, memory=memory, router=router, irqfds=vm,
                          ioeventfds=vm, registry=kvm_vfio_device, p2p_dma=config.platform.vfio_p2p_dma,
                          allow_unsafe_interrupts=config.platform.allow_unsafe_interrupts,
-                         on_host_request=host_request)
+                         on_host_request=host_request, hangups=hangups,
+                         disk_service=_hotplug_disk_service(config, memory))
     mmio_bus.insert(layout.pci_hotplug_base(phys_bits), layout.PCI_HOTPLUG_SIZE, hotplug.registers)
     return hotplug
 

@@ -16,7 +16,9 @@ VM's one id space (pyvmm.device_ids) for the disks and functions added at boot a
   waits for the last of its devices to leave: the guest need not wait for the host's driver probes, and
   the vCPU threads' seccomp filter need not allow sysfs writes (docs/seccomp.md#hot-plug). A disk leaves
   the platform and its transport closes (worker thread, ioeventfds, irqfds, image file) on the vCPU thread;
-  a NIC the same way (vhost-net instances, its tap files, ioeventfds, irqfds and routes).
+  a NIC the same way (vhost-net instances, its tap files, ioeventfds, irqfds and routes). A disk on a
+  vhost-user backend (a qemu-storage-daemon pyvmm started, when guest RAM is shared: `disk_service`) joins
+  the hang-up watch when it is plugged and leaves it before its socket closes (vhost/hangup.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from pyvmm.config import DiskConfig, NetConfig
     from pyvmm.devices.virtio.pci import VirtioPciDevice
     from pyvmm.vfio.passthrough import DeviceLike, VfioPassthrough
+    from pyvmm.vhost.hangup import HangupWatch
+    from pyvmm.vhost.storage_daemon import DiskService
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,10 @@ class PciHotplug:
 
     `registry` creates the KVM VFIO device the first time a VM without boot-time --devices gets one.
     `on_host_request(name, message)` is what the builder does when the host asks a function back (stop the
-    VM). `on_removed(id, address)`, when set, is told on the vCPU thread each time the guest has ejected a
-    device and it is released (the `device-removed` event).
+    VM). `hangups`: the VM's vhost-user hang-up watch (None when guest RAM is private: no vhost-user device
+    can be plugged). `disk_service(config)`: who serves a hot-plugged disk (None: the worker, or the
+    user's vhost-user backend). `on_removed(id, address)`, when set, is told on the vCPU thread each time
+    the guest has ejected a device and it is released (the `device-removed` event).
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class PciHotplug:
         p2p_dma: bool = True,
         allow_unsafe_interrupts: bool = False,
         on_host_request: Callable[[str, str], None] | None = None,
+        hangups: HangupWatch | None = None,
+        disk_service: Callable[[DiskConfig], DiskService] | None = None,
     ) -> None:
         self.platform = platform
         self.registers = PciHotplugController(len(platform.segments), self._eject)
@@ -122,6 +130,8 @@ class PciHotplug:
         self._p2p_dma = p2p_dma
         self._allow_unsafe_interrupts = allow_unsafe_interrupts
         self._on_host_request = on_host_request
+        self._hangups = hangups
+        self._disk_service = disk_service
         self.on_removed: Callable[[str, PciAddress], None] | None = None
         self._lock = threading.Lock()
         self._vfio: VfioPassthrough | None = None
@@ -331,15 +341,17 @@ class PciHotplug:
                     ident = self._ids.assign(DISK_PREFIX, config.id)
                 except DeviceIdError as exc:
                     raise HotplugError(f"{label}: {exc}") from None
+                service = self._disk_service(config) if self._disk_service is not None else None
                 transport = open_disk(config, name=f"virtio-blk-{ident}", memory=self._memory,
                                       router=self._router, irqfds=self._irqfds, ioeventfds=self._ioeventfds,
-                                      hotplug=True)
+                                      hotplug=True, service=service)
                 try:
                     address = self.platform.attach(transport, config.pci_segment, config.pci_device_id)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         transport.close()
                     raise
+                self._watch(transport)
             except BaseException:
                 self._ids.rollback(mark)
                 raise
@@ -424,8 +436,9 @@ class PciHotplug:
                 return
             if plugged.virtio is not None:
                 self.platform.detach(address)
-                # worker thread, ioeventfds, irqfds and routes; the image file, or vhost-net and the tap files
-                plugged.virtio.close()
+                # worker thread, ioeventfds, irqfds and routes; the image file, or vhost-net and the tap
+                # files, or the backend's connection (and the daemon pyvmm started for it)
+                self._close_virtio(plugged.virtio)
             else:
                 assert self._vfio is not None
                 self._vfio.release(plugged.function)
@@ -438,6 +451,24 @@ class PciHotplug:
             log.info("%s: %s ejected by the guest and released", plugged.id, address)
         if self.on_removed is not None:
             self.on_removed(plugged.id, address)
+
+    def _watch(self, transport: VirtioPciDevice) -> None:
+        """A vhost-user device's backend joins the hang-up watch (a dead backend stops the VM)."""
+        from pyvmm.devices.virtio.attach import backend_socket
+
+        watched = backend_socket(transport)
+        if watched is not None and self._hangups is not None:
+            self._hangups.add(*watched)
+
+    def _close_virtio(self, transport: VirtioPciDevice) -> None:
+        """Close a disk's or NIC's transport; a vhost-user backend's socket leaves the hang-up watch first
+        (closed while polled, it would read as a hang-up and stop the VM)."""
+        from pyvmm.devices.virtio.attach import backend_socket
+
+        watched = backend_socket(transport)
+        if watched is not None and self._hangups is not None:
+            self._hangups.remove(watched[0])
+        transport.close()
 
     def _wait_to_give_back(self, batch: _Batch) -> None:
         """Started by the thread that plugged `batch` (under its filter, which may write sysfs): gives the
@@ -460,7 +491,7 @@ class PciHotplug:
             for plugged in list(self._devices.values()):
                 if plugged.virtio is not None and not plugged.boot:
                     with contextlib.suppress(Exception):
-                        plugged.virtio.close()
+                        self._close_virtio(plugged.virtio)
                     del self._devices[plugged.id]
                     continue
                 if plugged.batch is None:

@@ -43,6 +43,10 @@ def test_kata_start_stop_errors_and_remote(lab) -> None:
     # the hot-plugged NIC's id continues the VM's one counter: _net0, then _fs1 and _vsock2, as CH counts
     assert '"bdf": "0000:00:' in steps["nics"] and '"id": "_net3"' in steps["nics"], steps
     assert "ticks_while_paused=0" in steps["pause-resume"], steps
+    # issue 20: a disk hot-plugged into the VM (RAM shared for virtio-fs) is served by a qemu-storage-daemon,
+    # read by the guest, ejected: its daemon stops and the VM goes on (then plugged again for the boots)
+    assert steps["hotplug-daemon"].startswith(
+        "daemons_added=1 read=kdisk-by-a-daemon daemons_removed=0 state=Running"), steps
     # three boots of the VM (start, vm.reboot, vm.shutdown + vm.boot), the guest waited for at the first and
     # the last, which saw the disk hot-plugged before vm.reboot
     # and after vm.reboot, vm.shutdown and vm.boot: one qemu-storage-daemon for kdisk, none, one again

@@ -224,8 +224,9 @@ def test_a_killed_daemon_is_seen_as_a_hangup(daemon: tuple[subprocess.Popen[byte
     frontend = VhostUserFrontend.connect(str(sock))
     device = VhostUserBlock(frontend, VhostUserBlkParams())
     seen: list[str] = []
-    watch = HangupWatch([(frontend.fileno(), "--disk socket=x")], seen.append)
+    watch = HangupWatch(seen.append)
     watch.start()
+    watch.add(frontend.fileno(), lambda: "--disk socket=x")  # while it runs, as a hot-plugged disk joins
     try:
         time.sleep(0.1)
         assert seen == []

@@ -406,7 +406,7 @@ def test_a_killed_virtiofsd_is_seen_as_a_hangup(virtiofsd: tuple[subprocess.Pope
     frontend = VhostUserFrontend.connect(str(sock))
     device = VhostUserFs(frontend, VhostUserFsParams("myfs"), "--fs tag=myfs,socket=x")
     seen: list[str] = []
-    watch = HangupWatch([(frontend.fileno(), device.label)], seen.append)
+    watch = HangupWatch(seen.append, [(frontend.fileno(), lambda: device.label)])
     watch.start()
     try:
         time.sleep(0.1)

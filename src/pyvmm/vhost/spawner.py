@@ -20,6 +20,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ class DaemonSpawner:
     def __init__(self, binary: str) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
+        # One request and its reply at a time: a hot-plugged disk's daemon starts on the API's thread while
+        # an ejected one's stops on a vCPU thread (docs/hotplug.md).
+        self._lock = threading.Lock()
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pyvmm.vhost.spawner", binary, str(theirs.fileno())],
@@ -88,8 +92,9 @@ class DaemonSpawner:
                    "num_queues": disk.num_queues, "disable_io_uring": disk.disable_io_uring, "label": label,
                    "poll": poll}
         try:
-            _send(self._sock, request)
-            reply, fds = _receive(self._sock)
+            with self._lock:
+                _send(self._sock, request)
+                reply, fds = _receive(self._sock)
         except OSError as exc:
             raise VmError(f"{label}: the {STORAGE_DAEMON} spawner is gone ({exc.strerror or exc})") from None
         if reply is None or "error" in reply or len(fds) != 1:
@@ -101,7 +106,7 @@ class DaemonSpawner:
 
     def stop(self, ident: int) -> None:
         """Stop daemon `ident` and wait until it has (it has ended when this returns)."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), self._lock:
             _send(self._sock, {"op": "stop", "id": ident})
             _receive(self._sock)
 

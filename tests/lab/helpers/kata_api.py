@@ -45,11 +45,17 @@ VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 FS_SOCK = WORK / "virtiofsd.sock"
 VSOCK = WORK / "clh.sock"  # the agent's hybrid vsock (docs/vsock.md)
 FS_NOTE = "shared-by-the-lab-through-virtiofsd"
+# The disk Kata hot-plugs (vm.add-disk) into a VM whose RAM is shared (for virtio-fs): a qemu-storage-daemon
+# serves it (pyvmm's spawner starts it), the guest reads its first bytes, and when it is ejected says so.
+KDISK_NOTE = b"kdisk-by-a-daemon"
+KDISK_CMD = ("if [ ! -e /tmp/kd ] && [ -b /dev/vda ]; then "
+             f"echo KDISK''-READ=$(head -c {len(KDISK_NOTE)} /dev/vda); touch /tmp/kd; fi; "
+             "if [ -e /tmp/kd ] && [ ! -b /dev/vda ]; then echo KDISK-GO''NE; rm /tmp/kd; fi; ")
 # disks=: how many virtio-blk disks the guest found at boot (the reboot steps); on a boot after the NICs'
 # removal the NIC part finds no eth0 and waits for eth1 in vain, which costs that guest nothing it is asked.
 GUEST_CMD = ("mkdir -p /mnt; mount -t virtiofs kataShared /mnt && echo KATA-FS=$(cat /mnt/note); "
              "echo KATA-GUEST-UP disks=$(ls /sys/block | grep -c vd); dmesg | grep 'PCI Root Bridge'; "
-             + NET_CMD + "while true; do echo TICK; sleep 1; done")
+             + NET_CMD + "modprobe virtio_blk; while true; do echo TICK; " + KDISK_CMD + "sleep 1; done")
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 
@@ -176,6 +182,33 @@ def wait_count(text: str, count: int, seconds: float) -> list[str]:
         if len(lines) >= count or time.monotonic() > end:
             return lines
         time.sleep(0.2)
+
+
+def hotplug_daemon(conn: Conn, kdisk: bytes) -> None:
+    """vm.add-disk into the running VM (its RAM shared for virtio-fs): a qemu-storage-daemon serves the disk
+    and the guest reads it; vm.remove-device: the guest ejects it, the daemon stops and the VM goes on (the
+    socket left the hang-up watch before it closed: docs/hotplug.md)."""
+    start = time.monotonic()
+    plugged = conn.call("PUT", "vm.add-disk", kdisk)
+    assert plugged.status == 200 and json.loads(plugged.body)["id"] == "kdisk", plugged
+    added = storage_daemons()
+    read = wait_count("KDISK-READ=", 1, 120)
+    assert read == [f"KDISK-READ={KDISK_NOTE.decode()}"], read
+    removed = conn.call("PUT", "vm.remove-device", json.dumps({"id": "kdisk"}).encode())
+    assert removed.status == 204, removed
+    assert wait_for("KDISK-GONE", 120), "the guest did not eject the hot-plugged disk"
+    end = time.monotonic() + 10
+    while storage_daemons() and time.monotonic() < end:
+        time.sleep(0.1)
+    left = storage_daemons()
+    ticks = LOG.read_text(errors="replace").count("TICK")
+    end = time.monotonic() + 30
+    while LOG.read_text(errors="replace").count("TICK") < ticks + 2 and time.monotonic() < end:
+        time.sleep(0.2)
+    assert LOG.read_text(errors="replace").count("TICK") >= ticks + 2, "the guest stopped after the removal"
+    state = json.loads(conn.call("GET", "vm.info").body)["state"]
+    step("hotplug-daemon", daemons_added=added, read=read[0].split("=")[1], daemons_removed=left, state=state,
+         seconds=f"{time.monotonic() - start:.1f}")
 
 
 def storage_daemons() -> int:
@@ -506,8 +539,10 @@ def run(vmm: subprocess.Popen, start: float) -> None:
     # the disk by vm.info (built from the new VM's devices) without waiting for that guest's boot; after
     # vm.shutdown and vm.boot the guest sees it at boot (virtio_blk loaded by modalias, /sys/block/vda).
     image = WORK / "kdisk.img"
-    image.write_bytes(b"\0" * (1 << 20))
-    plugged = conn.call("PUT", "vm.add-disk", json.dumps({"path": str(image), "id": "kdisk"}).encode())
+    image.write_bytes(KDISK_NOTE + b"\0" * ((1 << 20) - len(KDISK_NOTE)))
+    kdisk = json.dumps({"path": str(image), "id": "kdisk"}).encode()
+    hotplug_daemon(conn, kdisk)
+    plugged = conn.call("PUT", "vm.add-disk", kdisk)
     assert plugged.status == 200 and json.loads(plugged.body)["id"] == "kdisk", plugged
     sent = time.monotonic()
     rebooted = conn.call("PUT", "vm.reboot")

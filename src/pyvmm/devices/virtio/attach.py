@@ -242,21 +242,15 @@ def attach_fs(
     return attached
 
 
-def vhost_user_sockets(transports: Sequence[VirtioPciDevice]) -> list[tuple[int, str]]:
-    """(socket fd, the device's label) of every vhost-user device among `transports` (disks and file
-    systems), for the hang-up watch."""
+def backend_socket(transport: VirtioPciDevice) -> tuple[int, Callable[[], str]] | None:
+    """(socket fd, what stops the VM when the backend hangs up) of a vhost-user device (a disk or a file
+    system), for the hang-up watch; None for any other device."""
     from pyvmm.devices.virtio.vhost_user import VhostUserDevice
 
-    return [(t.device.backend.fileno(), t.device.label)
-            for t in transports if isinstance(t.device, VhostUserDevice)]
-
-
-def hangup_messages(transports: Sequence[VirtioPciDevice]) -> dict[str, Callable[[], str]]:
-    """By label, what stops the VM when that vhost-user device's backend hangs up."""
-    from pyvmm.devices.virtio.vhost_user import VhostUserDevice
-
-    return {t.device.label: t.device.hangup_message
-            for t in transports if isinstance(t.device, VhostUserDevice)}
+    device = transport.device
+    if not isinstance(device, VhostUserDevice):
+        return None
+    return device.backend.fileno(), device.hangup_message
 
 
 def attach_disks(
