@@ -16,27 +16,43 @@ real mode reaches them). One row per exit path:
   char       Linux's console while booting (before user space opens the port, the 8250 driver polls LSR
              before every byte): an LSR read, then one byte to THR; per byte
 
+and two floors under them, the `pio` row's guest run without pyvmm's loop:
+
+  bare       a Python loop of ctypes KVM_RUN calls that answers every exit without looking at it (no
+             bus, no device): what any Python VMM pays per exit
+  c          the same loop in C (bench/exit_floor.c, built with `cc -O2` when a compiler is there; the
+             row is skipped otherwise): what a VMM in C pays
+
 Each row runs `--reps` times; the median and the range are printed in microseconds per access (per burst
 for `serial`). `--no-coalesce` makes every access exit (as on a KVM without KVM_CAP_COALESCED_PIO);
 `--no-read-ahead` makes the LSR and 0xCFC reads replay the ring first (as before their read-ahead).
-Usage: python bench/exit_cost.py [--rows pio,cf8,ecam,msix,serial,char] [--count N] [--reps R]
+Usage: python bench/exit_cost.py [--rows c,bare,pio,cf8,ecam,msix,serial,char] [--count N] [--reps R]
                                  [--no-coalesce] [--no-read-ahead]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import os
+import shutil
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from pyvmm import layout
 from pyvmm.builder import coalesce_writes
 from pyvmm.devices.bus import IoBus
 from pyvmm.devices.serial import Serial16550
+from pyvmm.ioctl import libc_ioctl
+from pyvmm.kvm.bindings import KvmExit, KvmIoctl, kvm_run
 from pyvmm.kvm.runloop import VcpuLoop, install_kick_handler
 from pyvmm.kvm.selftest import real_mode_vcpu
 from pyvmm.kvm.system import Kvm
@@ -174,6 +190,50 @@ def passthrough_function():  # -> VfioPciDevice (imported here: the other rows n
     return VfioPciDevice(StandIn(), hypervisor, MsiRouter(hypervisor), memory_slots=hypervisor)
 
 
+def measure_bare(count: int) -> float:
+    """Seconds for `count` iterations of the `pio` row's access in a Python loop of bare ctypes KVM_RUN
+    calls: no bus, no device, the exit's data answered without decoding it."""
+    memory = GuestMemory([(0, 0x10000)])
+    memory.write(CODE_GPA, program("pio", count))
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        vcpu = real_mode_vcpu(vm, memory, CODE_GPA)
+        page = memoryview((ctypes.c_char * vcpu.mmap_size).from_address(vcpu.run_address)).cast("B")
+        run, fd = vcpu.kvm_run, vcpu.fd
+        io_exit = struct.Struct("<BBHIQ").unpack_from
+        start = time.perf_counter()
+        while True:
+            libc_ioctl(fd, KvmIoctl.KVM_RUN, 0)
+            if run.exit_reason != KvmExit.KVM_EXIT_IO:
+                raise RuntimeError(f"bare: unexpected exit {run.exit_reason}")
+            _direction, _size, port, _count, offset = io_exit(page, kvm_run.u.offset)
+            if port == DONE_PORT:
+                return time.perf_counter() - start
+            page[offset] = 0
+
+
+def floor_binary() -> Path | None:
+    """bench/exit_floor.c built with cc -O2 (cached beside the asset cache), or None without a compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = Path(__file__).with_name("exit_floor.c")
+    binary = Path(tempfile.gettempdir()) / f"pyvmm-exit-floor-{os.getuid()}-{int(source.stat().st_mtime)}"
+    if not binary.exists():
+        subprocess.run([compiler, "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def measure_c(binary: Path, count: int) -> float:
+    """Seconds for `count` iterations of the `pio` row's access under bench/exit_floor.c's loop."""
+    with tempfile.NamedTemporaryFile(prefix="exit-floor-", suffix=".bin") as code:
+        code.write(program("pio", count))
+        code.flush()
+        out = subprocess.run([str(binary), code.name, hex(CODE_GPA), hex(DONE_PORT),
+                              hex(layout.KVM_TSS_START), hex(layout.KVM_IDENTITY_MAP_START)],
+                             capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True) -> float:
     """Seconds for `count` iterations of `row`'s access."""
     install_kick_handler()
@@ -216,7 +276,8 @@ def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="pio,cf8,ecam,msix,serial,char", help="comma-separated rows to run")
+    parser.add_argument("--rows", default="c,bare,pio,cf8,ecam,msix,serial,char",
+                        help="comma-separated rows to run")
     parser.add_argument("--count", type=int, default=20000, help=f"accesses per run (at most {MAX_COUNT})")
     parser.add_argument("--reps", type=int, default=5, help="runs per row (the median is reported)")
     parser.add_argument("--no-coalesce", action="store_true", help="every access exits")
@@ -232,8 +293,19 @@ def main() -> int:
     for row in rows:
         count = max(1, args.count // 16) if row == "serial" else args.count
         read_ahead = not args.no_read_ahead
-        measure(row, 100, coalesce, read_ahead)  # warm up (imports, first VM)
-        samples = [measure(row, count, coalesce, read_ahead) * 1e6 / count for _ in range(args.reps)]
+        run: Callable[[int], float]
+        if row == "c":
+            binary = floor_binary()
+            if binary is None:
+                print(f"{row:8} (no C compiler: cc or gcc)")
+                continue
+            run = functools.partial(measure_c, binary)
+        elif row == "bare":
+            run = measure_bare
+        else:
+            run = functools.partial(measure, row, coalesce=coalesce, read_ahead=read_ahead)
+        run(100)  # warm up (imports, first VM)
+        samples = [run(count) * 1e6 / count for _ in range(args.reps)]
         print(f"{row:8} {statistics.median(samples):10.2f} {min(samples):8.2f} {max(samples):8.2f}")
     return 0
 
