@@ -20,6 +20,11 @@ Then a second VM with myfs on a fresh virtiofsd: once it runs (its vCPU thread u
 virtiofsd), the lab kills that virtiofsd while the guest boots: pyvmm stops the VM with one line naming that
 `--fs` device and exit status 1, within seconds. (Killed under the guest's reads, as qemu-storage-daemon is,
 it would cost a second guest boot, ~50 s here; the hang-up watch is the same code for both.)
+
+Then a third VM, `--memory shared=on` and `--api-socket` with no disk, gets one through `pyvmm-remote
+add-disk` while it runs: pyvmm's spawner starts a qemu-storage-daemon for it and its socket joins the
+hang-up watch while the watch runs (docs/hotplug.md). The lab kills that daemon: pyvmm stops the VM with one
+line naming the disk and its daemon, exit status 1.
 """
 
 from __future__ import annotations
@@ -149,6 +154,20 @@ kill -KILL $vfsd; killed=$(date +%s.%N)
 stopped $pv $killed
 sed 's/^/err: /' $TMPDIR/fs.err
 grep -e PYVMM-GUEST-EXIT $TMPDIR/fs.out
+
+sec hotplug-killed
+head -c 1048576 /dev/zero > $TMPDIR/hp.img
+$PYVMM --api-socket path=$TMPDIR/api.sock --cmdline "console=ttyS0 quiet pyvmm.cmd=\"sleep 600\"" \
+  </dev/null > $TMPDIR/hp.out 2> $TMPDIR/hp.err &
+pv=$!
+i=0; while ! vcpu $pv && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+vcpu $pv && echo vm=running || echo vm=not-running
+pyvmm-remote --api-socket $TMPDIR/api.sock add-disk path=$TMPDIR/hp.img,id=hp; echo "add-rc=$?"
+qsd=$(pgrep -x qemu-storage-da); echo "daemons=$(echo $qsd | wc -w)"
+sleep 1
+kill -KILL $qsd; killed=$(date +%s.%N)
+stopped $pv $killed
+sed 's/^/err: /' $TMPDIR/hp.err
 # under --seccomp true (the default): the kernel's records of a call a filter refused (none expected)
 echo "seccomp-records=$(dmesg | grep -c 'type=1326')"
 sec diagnostics
@@ -229,4 +248,16 @@ def test_vhost_user_blk_and_fs_read_write_and_killed_backends(lab) -> None:
     assert re.fullmatch(r"pyvmm: --fs tag=myfs,socket=\S+fs2\.sock: the vhost-user backend closed the "
                         r"connection; the VM stops", errors[0]), errors
     assert "PYVMM-GUEST-EXIT" not in fs, fs
-    assert _value(fs, "seccomp-records") == "0", fs
+
+    # a disk hot-plugged into the running VM (RAM shared): served by a daemon the spawner started, watched
+    # from its plug on; that daemon killed: the same stop, one line naming the disk and the daemon
+    hp = out["hotplug-killed"]
+    assert _value(hp, "vm") == "running" and _value(hp, "add-rc") == "0", hp
+    assert _value(hp, "daemons") == "1", hp
+    assert "pyvmm=ended" in hp and "rc=1" in hp, hp
+    assert float(_value(hp, "stop-seconds")) < 15, hp
+    errors = _errors(hp)
+    assert len(errors) == 1, hp
+    assert re.fullmatch(r"pyvmm: --disk path=\S+hp\.img: the qemu-storage-daemon serving it \(pid \d+\) "
+                        r"exited: .*; the VM stops", errors[0]), errors
+    assert _value(hp, "seccomp-records") == "0", hp
