@@ -39,6 +39,9 @@ class FakeVcpu:
         self.steps = list(steps)
         self.runs = 0
 
+    def run_call(self) -> Callable[[], int]:
+        return self.run
+
     def run(self) -> int:
         self.runs += 1
         if not self.steps:

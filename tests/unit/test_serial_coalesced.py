@@ -76,6 +76,9 @@ class ScriptedVcpu:
         self.answers: list[int] = []  # what each port read returned to the guest, in order
         self._pending_read = False
 
+    def run_call(self) -> Callable[[], int]:
+        return self.run
+
     def run(self) -> int:
         if self._pending_read:  # the loop has filled in the previous exit's read
             self.answers.append(ctypes.string_at(self.run_address + DATA_OFFSET, 1)[0])

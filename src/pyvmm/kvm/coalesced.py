@@ -49,6 +49,9 @@ class CoalescedRing:
 
     def __init__(self, address: int, page_size: int, pio_bus: Bus, mmio_bus: Bus) -> None:
         self.header = kvm_coalesced_mmio_ring.from_address(address)
+        # the header's two indices as bytes, for the run loop's check for queued writes on every exit
+        self.header_view = memoryview((ctypes.c_char * ctypes.sizeof(kvm_coalesced_mmio_ring))
+                                      .from_address(address)).cast("B")
         self.capacity = (page_size - _HEADER_SIZE) // _ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
         self.entries = (kvm_coalesced_mmio * self.capacity).from_address(address + _HEADER_SIZE)
         # The drain decodes entries with struct from a byte view: a ctypes entry object costs far more.

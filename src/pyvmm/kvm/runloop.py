@@ -52,6 +52,7 @@ _IO_EXIT = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO_EXIT = struct.Struct("<QQIB")  # phys_addr, data[8] (little endian), len, is_write
 _ITEM = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 _U64 = _ITEM[8]
+_RING_INDICES = struct.Struct("<II")  # struct kvm_coalesced_mmio_ring: first, last
 # Per MMIO length: the mask of its bytes, and of the data bytes KVM left beyond them (kept as they were).
 _MMIO_MASKS = {n: ((1 << (8 * n)) - 1, ~((1 << (8 * n)) - 1) & 0xFFFF_FFFF_FFFF_FFFF) for n in range(1, 9)}
 assert (_kvm_run_io.direction.offset, _kvm_run_io.size.offset, _kvm_run_io.port.offset,
@@ -92,8 +93,13 @@ class RunnableVcpu(Protocol):
     kvm_run: kvm_run
 
     def run(self) -> int: ...
+    def run_call(self) -> Callable[[], int]: ...
     def get_regs(self) -> kvm_regs: ...
     def get_sregs(self) -> kvm_sregs: ...
+
+
+def _nothing_queued() -> int:
+    return 0
 
 
 def install_kick_handler(signum: int = KICK_SIGNAL) -> None:
@@ -197,13 +203,19 @@ class VcpuLoop:
         vcpu = self.vcpu
         run = vcpu.kvm_run
         page = self._page
+        # KVM_RUN as one call that returns the exit reason: the hot path's fewest Python frames
+        # (bench/exit_cost.py's `pio` row against its `bare` floor).
+        run_vcpu = vcpu.run_call()
         unpack_io = _IO_EXIT.unpack_from
         io_exit = self._io_exit
         mmio_exit = self._mmio_exit
         debug = self.debug
         ring = self.coalesced
         # Writes KVM queued in the coalesced ring happened before this exit: devices see them first,
-        drain = ring.drain if ring is not None else None
+        drain: Callable[[], int] = ring.drain if ring is not None else _nothing_queued
+        # the ring's first and last index in one read: the common empty ring costs no call to drain
+        ring_page = ring.header_view if ring is not None else None
+        ring_indices = _RING_INDICES.unpack_from
         # except for the reads their device answers ahead of them (kvm/coalesced.py).
         read_ahead = ring.read_ahead if ring is not None else {}
         sweep_after = ring.sweep_after if ring is not None else set()
@@ -211,7 +223,7 @@ class VcpuLoop:
         try:
             sandbox.enter(sandbox.ThreadKind.VCPU)  # this thread's seccomp filter, when --seccomp is on
             while not self._stop:
-                reason = vcpu.run()
+                reason = run_vcpu()
                 if debug:
                     log.debug("vCPU %d: exit %s", vcpu.index, _exit_name(reason))
                 if reason == _EXIT_IO:
@@ -226,12 +238,16 @@ class VcpuLoop:
                             if sweeper is not None and not sweeper.awake and port in sweep_after:
                                 sweeper.wake()
                             continue
-                    if drain is not None:
-                        drain()
+                    if ring_page is not None:
+                        first, last = ring_indices(ring_page)
+                        if first != last:
+                            drain()
                     io_exit(direction, size, port, count, offset)
                 elif reason == _EXIT_MMIO:
-                    if drain is not None:
-                        drain()
+                    if ring_page is not None:
+                        first, last = ring_indices(ring_page)
+                        if first != last:
+                            drain()
                     mmio_exit()
                 elif reason != _EXIT_INTR:
                     result = self._other_exit(reason, run)

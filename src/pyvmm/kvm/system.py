@@ -6,7 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -358,6 +358,22 @@ class Vcpu(_Fd):
                 return _EXIT_INTR
             raise IoctlError(err, f"KVM_RUN failed on vCPU {self.index}: {os.strerror(err)}")
         return self.kvm_run.exit_reason
+
+    def run_call(self) -> Callable[[], int]:
+        """`run` as a closure over what it needs (the fd, the kvm_run page): the vCPU loop's KVM_RUN
+        without an attribute or method lookup per exit."""
+        fd, index, kvm_run = self.fd, self.index, self.kvm_run
+        ioctl, request, get_errno = libc_ioctl, _KVM_RUN, ctypes.get_errno
+
+        def run() -> int:
+            if ioctl(fd, request, 0) < 0:
+                err = get_errno()
+                if err in (errno.EINTR, errno.EAGAIN):
+                    return _EXIT_INTR
+                raise IoctlError(err, f"KVM_RUN failed on vCPU {index}: {os.strerror(err)}")
+            return kvm_run.exit_reason
+
+        return run
 
     def enable_cap(self, cap: KvmCap | int, *args: int, flags: int = 0) -> None:
         self._enable_cap(cap, args, flags)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _F = VfioIrqSetFlag
 _MAX_CAPS = 64  # a capability chain longer than this is taken to be a loop
+_CONFIG_REGION = int(VfioPciRegion.VFIO_PCI_CONFIG_REGION_INDEX)  # a plain int: read on every config exit
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class VfioDevice:
 
     def config_dword(self, offset: int) -> int:
         """`read_config(offset, 4)` in one pread: the dword reads a guest's config-space exits make."""
-        region = self.regions.get(VfioPciRegion.VFIO_PCI_CONFIG_REGION_INDEX)
+        region = self.regions.get(_CONFIG_REGION)
         if region is None or offset < 0 or offset + 4 > region.size:
             return 0xFFFF_FFFF
         try:

@@ -241,6 +241,10 @@ class VfioPciDevice(PciDevice):
         self._msix_phys_table = 0
         self._msix_given: set[int] = set()  # MSI-X vectors whose eventfd VFIO has (guest unmasked them once)
         self._emulated: frozenset[int] | None = None  # see _emulated_dwords
+        # Fixed once the model is built; looked up on every trapped BAR access (a vCPU exit) instead of
+        # being derived again from the shadow and the MSI-X capability.
+        self._bar_sizes: dict[int, int] = {}  # BAR index -> size (0: not implemented)
+        self._msix_areas: tuple[tuple[str, int, int, int], ...] = ()  # see _msix_target
         self._msix_warned = False
         try:
             # The device was reset before the model exists (VfioPassthrough.reset): MSI/MSI-X control words
@@ -317,10 +321,16 @@ class VfioPciDevice(PciDevice):
                 layout.table_offset, pba_bir, pba_off, layout.pba_offset,
             )  # fmt: skip
         self._msix_sink = _VectorSink(self, _MSIX, self._vectors(size))
-        self.msix = MsixCapability(
+        self.msix = msix = MsixCapability(
             self._msix_sink, size, table_bir, layout.table_offset, pba_bir, layout.pba_offset
         )
         self._msix_off = offset
+        self._msix_areas = tuple((name, bir, start, start + length) for name, bir, start, length in (
+            ("table", msix.table_bir, msix.table_offset, msix.table_length),
+            ("pba", msix.pba_bir, msix.pba_offset, msix.pba_length),
+            # The physical table left behind by a relocation: never the device's (the guest's is above).
+            ("straddle", msix.table_bir, self._msix_phys_table, msix.table_length),
+        ))
 
     def _build_shadow(self) -> PciConfiguration:
         read = self.device.read_config
@@ -658,7 +668,7 @@ class VfioPciDevice(PciDevice):
         return self._emulated
 
     def _read_dword(self, offset: int) -> int:
-        if offset not in self._emulated_dwords():
+        if offset not in (self._emulated or self._emulated_dwords()):
             return self.device.config_dword(offset)
         if offset in _BAR_DWORDS:
             return self.shadow.read(offset, 4)
@@ -734,25 +744,22 @@ class VfioPciDevice(PciDevice):
     def _msix_target(self, index: int, offset: int, size: int) -> str | None:
         """"table" or "pba" for an access inside one of them, "straddle" for one that only partly overlaps
         them (never forwarded: its other bytes would reach the device's own table or PBA), else None."""
-        msix = self.msix
-        if msix is None:
-            return None
-        for name, bir, start, length in (
-            ("table", msix.table_bir, msix.table_offset, msix.table_length),
-            ("pba", msix.pba_bir, msix.pba_offset, msix.pba_length),
-            # The physical table left behind by a relocation: never the device's (the guest's is above).
-            ("straddle", msix.table_bir, self._msix_phys_table, msix.table_length),
-        ):
-            if index != bir or not (offset < start + length and start < offset + size):
+        end = offset + size
+        for name, bir, start, stop in self._msix_areas:
+            if index != bir or not (offset < stop and start < end):
                 continue
-            return name if start <= offset and offset + size <= start + length else "straddle"
+            return name if start <= offset and end <= stop else "straddle"
         return None
 
     def _bar_size(self, index: int) -> int:
-        try:
-            return self.shadow.bar_info(index).size
-        except ValueError:
-            return 0
+        size = self._bar_sizes.get(index)
+        if size is None:
+            try:
+                size = self.shadow.bar_info(index).size
+            except ValueError:
+                size = 0
+            self._bar_sizes[index] = size
+        return size
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if size not in (1, 2, 4, 8) or offset < 0 or offset + size > self._bar_size(index):
