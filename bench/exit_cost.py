@@ -26,6 +26,9 @@ and two floors under them, the `pio` row's guest run without pyvmm's loop:
 Each row runs `--reps` times; the median and the range are printed in microseconds per access (per burst
 for `serial`). `--no-coalesce` makes every access exit (as on a KVM without KVM_CAP_COALESCED_PIO);
 `--no-read-ahead` makes the LSR and 0xCFC reads replay the ring first (as before their read-ahead).
+`--seccomp` runs each measurement in a child process that puts pyvmm's filters on once its VM is built, as
+`pyvmm` does (the VMM filter on every thread, the vCPU filter on the vCPU thread): what they add to an
+exit (not for the `c` row).
 Usage: python bench/exit_cost.py [--rows c,bare,pio,cf8,ecam,msix,serial,char] [--count N] [--reps R]
                                  [--no-coalesce] [--no-read-ahead]
 """
@@ -190,9 +193,10 @@ def passthrough_function():  # -> VfioPciDevice (imported here: the other rows n
     return VfioPciDevice(StandIn(), hypervisor, MsiRouter(hypervisor), memory_slots=hypervisor)
 
 
-def measure_bare(count: int) -> float:
+def measure_bare(count: int, before_run: Callable[[], None] | None = None) -> float:
     """Seconds for `count` iterations of the `pio` row's access in a Python loop of bare ctypes KVM_RUN
-    calls: no bus, no device, the exit's data answered without decoding it."""
+    calls: no bus, no device, the exit's data answered without decoding it. `before_run` is called once
+    the VM is built."""
     memory = GuestMemory([(0, 0x10000)])
     memory.write(CODE_GPA, program("pio", count))
     with Kvm() as kvm, kvm.create_vm() as vm:
@@ -200,6 +204,8 @@ def measure_bare(count: int) -> float:
         page = memoryview((ctypes.c_char * vcpu.mmap_size).from_address(vcpu.run_address)).cast("B")
         run, fd = vcpu.kvm_run, vcpu.fd
         io_exit = struct.Struct("<BBHIQ").unpack_from
+        if before_run is not None:
+            before_run()
         start = time.perf_counter()
         while True:
             libc_ioctl(fd, KvmIoctl.KVM_RUN, 0)
@@ -234,8 +240,9 @@ def measure_c(binary: Path, count: int) -> float:
     return float(out.stdout)
 
 
-def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True) -> float:
-    """Seconds for `count` iterations of `row`'s access."""
+def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True,
+            before_run: Callable[[], None] | None = None) -> float:
+    """Seconds for `count` iterations of `row`'s access; `before_run` is called once the VM is built."""
     install_kick_handler()
     memory = GuestMemory([(0, 0x10000)])
     memory.write(CODE_GPA, program(row, count))
@@ -261,6 +268,8 @@ def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True
         if ring is not None and ring.sweep_after:
             ring.sweeper.start()
         loop = VcpuLoop(vcpu, pio_bus, mmio_bus, coalesced=ring)
+        if before_run is not None:
+            before_run()
         start = time.perf_counter()
         thread = loop.start_thread()
         try:
@@ -274,6 +283,35 @@ def measure(row: str, count: int, coalesce: bool = True, read_ahead: bool = True
         return done.at - start
 
 
+def filtered(run: Callable[..., float]) -> Callable[[int], float]:
+    """`run(count)` in a child process that puts pyvmm's seccomp filters on once its VM is built (the
+    filters allow no new VM, so each measurement needs a fresh process)."""
+    from pyvmm.sandbox import SeccompMode
+    from pyvmm.seccomp.install import install
+
+    def in_child(count: int) -> float:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report, and leave without Python's teardown
+            os.close(read_end)
+            status = 1
+            try:
+                seconds = run(count, before_run=lambda: install(SeccompMode.TRUE))
+                os.write(write_end, f"{seconds!r}".encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as answer:
+            text = answer.read()
+        _pid, status = os.waitpid(pid, 0)
+        if status != 0 or not text:
+            raise RuntimeError(f"the filtered measurement failed (wait status {status:#x})")
+        return float(text)
+
+    return in_child
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="c,bare,pio,cf8,ecam,msix,serial,char",
@@ -283,13 +321,16 @@ def main() -> int:
     parser.add_argument("--no-coalesce", action="store_true", help="every access exits")
     parser.add_argument("--no-read-ahead", action="store_true",
                         help="LSR reads replay the ring first (as before the console's read-ahead)")
+    parser.add_argument("--seccomp", action="store_true",
+                        help="pyvmm's seccomp filters on in each measurement, as pyvmm runs")
     args = parser.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not 0 < args.count <= MAX_COUNT:
         parser.error(f"--count: 1 to {MAX_COUNT}")
     coalesce = not args.no_coalesce
     print(f"{'row':8} {'median us':>10} {'min':>8} {'max':>8}   ({args.count} accesses x {args.reps} runs, "
-          f"{'coalescing on' if coalesce else 'every access exits'})")
+          f"{'coalescing on' if coalesce else 'every access exits'}"
+          f"{', seccomp filters on' if args.seccomp else ''})")
     for row in rows:
         count = max(1, args.count // 16) if row == "serial" else args.count
         read_ahead = not args.no_read_ahead
@@ -299,11 +340,12 @@ def main() -> int:
             if binary is None:
                 print(f"{row:8} (no C compiler: cc or gcc)")
                 continue
-            run = functools.partial(measure_c, binary)
+            run = functools.partial(measure_c, binary)  # a program of its own: never filtered
         elif row == "bare":
-            run = measure_bare
+            run = filtered(measure_bare) if args.seccomp else measure_bare
         else:
-            run = functools.partial(measure, row, coalesce=coalesce, read_ahead=read_ahead)
+            one = functools.partial(measure, row, coalesce=coalesce, read_ahead=read_ahead)
+            run = filtered(one) if args.seccomp else one
         run(100)  # warm up (imports, first VM)
         samples = [run(count) * 1e6 / count for _ in range(args.reps)]
         print(f"{row:8} {statistics.median(samples):10.2f} {min(samples):8.2f} {max(samples):8.2f}")
