@@ -370,15 +370,15 @@ def _hotplug_disk_service(config: VmConfig, memory: GuestMemory) -> Callable[[Di
             return DiskService(DiskServer.WORKER, "a hot-plugged disk in a VM whose RAM is private (a "
                                                   "daemon maps guest RAM: boot with --memory shared=on)")
         return worker
-    from pyvmm.vhost.spawner import can_start_daemons
-    from pyvmm.vhost.storage_daemon import disk_service, storage_daemon_binary
-
-    daemon = storage_daemon_binary()
-    host_cpus = len(os.sched_getaffinity(0))
 
     def choose(disk: DiskConfig) -> DiskService:
-        return disk_service(disk, config.memory, daemon, can_start=can_start_daemons(),
-                            vcpus=config.cpus.boot, host_cpus=host_cpus)
+        # Looked up at each vm.add-disk, not at build: a VM that never gets one is not refused for a bad
+        # PYVMM_STORAGE_DAEMON (the call is, in one line).
+        from pyvmm.vhost.spawner import can_start_daemons
+        from pyvmm.vhost.storage_daemon import disk_service, storage_daemon_binary
+
+        return disk_service(disk, config.memory, storage_daemon_binary(), can_start=can_start_daemons(),
+                            vcpus=config.cpus.boot, host_cpus=len(os.sched_getaffinity(0)))
     return choose
 
 
