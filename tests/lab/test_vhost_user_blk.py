@@ -193,6 +193,16 @@ def _errors(text: str) -> list[str]:
     return [line[len("err: "):] for line in text.splitlines() if line.startswith("err: ")]
 
 
+def _stopped_with_one_line(section: str, line: str) -> None:
+    """A backend killed under a running VM (`section` of the script): pyvmm ended by itself within 15 s,
+    exit status 1, its only stderr line matching the pattern `line`, the guest not the one that ended it."""
+    assert "pyvmm=ended" in section and "rc=1" in section, section
+    assert float(_value(section, "stop-seconds")) < 15, section
+    errors = _errors(section)
+    assert len(errors) == 1 and re.fullmatch(line, errors[0]), section
+    assert "PYVMM-GUEST-EXIT" not in section, section  # stopped by pyvmm, not ended by the guest
+
+
 def test_vhost_user_blk_and_fs_read_write_and_killed_backends(lab) -> None:
     script = (f"cat > $TMPDIR/guest_cmd <<'EOF'\n{GUEST}\nEOF\n"
               f"cat > $TMPDIR/fs_guest_cmd <<'EOF'\n{FS_GUEST}\nEOF\n" + SCRIPT)
@@ -230,34 +240,20 @@ def test_vhost_user_blk_and_fs_read_write_and_killed_backends(lab) -> None:
     assert _value(boot, "FS-SHA2") == _value(boot, "want-fs-sha"), boot
 
     # the daemon killed under a running guest: the VM stops, one line naming the disk, exit status 1
-    assert "pyvmm=ended" in boot and "rc=1" in boot, boot
-    assert float(_value(boot, "stop-seconds")) < 15, boot
-    errors = _errors(boot)
-    assert len(errors) == 1, boot
-    assert re.fullmatch(r"pyvmm: --disk socket=\S+vu\.sock: the vhost-user backend closed the connection; "
-                        r"the VM stops", errors[0]), errors
-    assert "PYVMM-GUEST-EXIT" not in boot, boot  # stopped by pyvmm, not ended by the guest
+    _stopped_with_one_line(boot, r"pyvmm: --disk socket=\S+vu\.sock: the vhost-user backend closed the "
+                                 r"connection; the VM stops")
 
     # virtiofsd killed under a running VM (its guest booting): the same, one line naming that --fs
     fs = out["fs-killed"]
     assert _value(fs, "vm") == "running", fs
-    assert "pyvmm=ended" in fs and "rc=1" in fs, fs
-    assert float(_value(fs, "stop-seconds")) < 15, fs
-    errors = _errors(fs)
-    assert len(errors) == 1, fs
-    assert re.fullmatch(r"pyvmm: --fs tag=myfs,socket=\S+fs2\.sock: the vhost-user backend closed the "
-                        r"connection; the VM stops", errors[0]), errors
-    assert "PYVMM-GUEST-EXIT" not in fs, fs
+    _stopped_with_one_line(fs, r"pyvmm: --fs tag=myfs,socket=\S+fs2\.sock: the vhost-user backend closed the "
+                               r"connection; the VM stops")
 
     # a disk hot-plugged into the running VM (RAM shared): served by a daemon the spawner started, watched
     # from its plug on; that daemon killed: the same stop, one line naming the disk and the daemon
     hp = out["hotplug-killed"]
     assert _value(hp, "vm") == "running" and _value(hp, "add-rc") == "0", hp
     assert _value(hp, "daemons") == "1", hp
-    assert "pyvmm=ended" in hp and "rc=1" in hp, hp
-    assert float(_value(hp, "stop-seconds")) < 15, hp
-    errors = _errors(hp)
-    assert len(errors) == 1, hp
-    assert re.fullmatch(r"pyvmm: --disk path=\S+hp\.img: the qemu-storage-daemon serving it \(pid \d+\) "
-                        r"exited: .*; the VM stops", errors[0]), errors
+    _stopped_with_one_line(hp, r"pyvmm: --disk path=\S+hp\.img: the qemu-storage-daemon serving it "
+                               r"\(pid \d+\) exited: .*; the VM stops")
     assert _value(hp, "seccomp-records") == "0", hp
