@@ -218,7 +218,8 @@ def measure_bare(count: int, before_run: Callable[[], None] | None = None) -> fl
 
 
 def floor_binary() -> Path | None:
-    """bench/exit_floor.c built with cc -O2 (cached beside the asset cache), or None without a compiler."""
+    """bench/exit_floor.c built with cc -O2 (kept in the temporary directory until the source changes), or
+    None without a compiler."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pyvmm import layout
@@ -328,11 +328,13 @@ def _add_vsock(config: VmConfig, memory: GuestMemory, platform: PciPlatform, rou
     return [MuxerService(device.muxer)]
 
 
-def _disk_services(config: VmConfig) -> list[DiskService]:
-    """Who serves each --disk, and the qemu-storage-daemon to start for it (vhost/storage_daemon.py). Under
-    pyvmm's seccomp filter (`pyvmm --api-socket` installs it before it builds) only the spawner it started
-    beforehand can start one (vhost/spawner.py)."""
-    if not config.disks:
+def _disk_services(config: VmConfig, disks: Sequence[DiskConfig] | None = None,
+                   private_ram: bool = False) -> list[DiskService]:
+    """Who serves each of `disks` (the --disks by default), and the qemu-storage-daemon to start for it
+    (vhost/storage_daemon.py). Under pyvmm's seccomp filter (`pyvmm --api-socket` installs it before it
+    builds) only the spawner it started beforehand can start one (vhost/spawner.py)."""
+    disks = config.disks if disks is None else disks
+    if not disks:
         return []
     from pyvmm.vhost.spawner import can_start_daemons
     from pyvmm.vhost.storage_daemon import disk_service, storage_daemon_binary
@@ -341,8 +343,8 @@ def _disk_services(config: VmConfig) -> list[DiskService]:
     can_start = can_start_daemons()
     host_cpus = len(os.sched_getaffinity(0))
     return [disk_service(disk, config.memory, daemon, can_start=can_start, vcpus=config.cpus.boot,
-                         host_cpus=host_cpus)
-            for disk in config.disks]
+                         host_cpus=host_cpus, private_ram=private_ram)
+            for disk in disks]
 
 
 def _memory_for_disks(config: VmConfig, services: list[DiskService]) -> MemoryConfig:
@@ -359,27 +361,11 @@ def _memory_for_disks(config: VmConfig, services: list[DiskService]) -> MemoryCo
 
 def _hotplug_disk_service(config: VmConfig, memory: GuestMemory) -> Callable[[DiskConfig], DiskService]:
     """Who serves a disk hot-plugged into this VM (vm.add-disk): as for --disk, except that a daemon needs
-    guest RAM to be shared memory already, which it is only if the VM booted with it (--memory shared=on,
-    or a daemon-served --disk: docs/virtio-blk.md#who-serves-a-disk)."""
-    from pyvmm.vhost.storage_daemon import DiskServer, DiskService
-
-    if any(region.fd is None for region in memory.regions):
-        def worker(disk: DiskConfig) -> DiskService:
-            if disk.vhost_user:
-                return DiskService(DiskServer.VHOST_USER)
-            return DiskService(DiskServer.WORKER, "a hot-plugged disk in a VM whose RAM is private (a "
-                                                  "daemon maps guest RAM: boot with --memory shared=on)")
-        return worker
-
-    def choose(disk: DiskConfig) -> DiskService:
-        # Looked up at each vm.add-disk, not at build: a VM that never gets one is not refused for a bad
-        # PYVMM_STORAGE_DAEMON (the call is, in one line).
-        from pyvmm.vhost.spawner import can_start_daemons
-        from pyvmm.vhost.storage_daemon import disk_service, storage_daemon_binary
-
-        return disk_service(disk, config.memory, storage_daemon_binary(), can_start=can_start_daemons(),
-                            vcpus=config.cpus.boot, host_cpus=len(os.sched_getaffinity(0)))
-    return choose
+    guest RAM to be a shared memfd already, which it is only if the VM booted with it (--memory shared=on,
+    or a daemon-served --disk: docs/virtio-blk.md#who-serves-a-disk). Asked at each vm.add-disk, not at
+    build: a VM that never gets one is not refused for a bad PYVMM_STORAGE_DAEMON (the call is)."""
+    private_ram = not memory.backing.memfd
+    return lambda disk: _disk_services(config, [disk], private_ram)[0]
 
 
 def _add_disks(config: VmConfig, services: list[DiskService], memory: GuestMemory,
@@ -417,9 +403,9 @@ def _add_fs(config: VmConfig, memory: GuestMemory, platform: PciPlatform, router
 def _watch_vhost_user_backends(transports: list[VirtioPciDevice], memory: GuestMemory, latch: ExitLatch,
                                stack: contextlib.ExitStack) -> HangupWatch | None:
     """A vhost-user backend that hangs up stops the VM with one line naming the disk or file system
-    (docs/virtio-blk.md#a-dead-backend). The watch runs whenever guest RAM is shared memory, the one case
+    (docs/virtio-blk.md#a-dead-backend). The watch runs whenever guest RAM is a shared memfd, the one case
     where a vhost-user device can be there, at boot or hot-plugged later (docs/hotplug.md)."""
-    if any(region.fd is None for region in memory.regions):
+    if not memory.backing.memfd:
         return None  # no vhost-user device possible: the vhost-user modules stay unloaded
     from pyvmm.devices.virtio.attach import backend_socket
     from pyvmm.vhost.hangup import HangupWatch

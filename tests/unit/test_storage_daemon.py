@@ -56,6 +56,7 @@ def test_the_daemon_serves_by_default_and_the_worker_where_it_cannot() -> None:
         "seccomp filter": disk_service(disk, memory, DAEMON, can_start=False),
         "mergeable=on": disk_service(disk, MemoryConfig(mergeable=True), DAEMON, can_start=True),
         "serial=": disk_service(parse_disk("path=/img.raw,serial=abc"), memory, DAEMON, can_start=True),
+        "RAM is private": disk_service(disk, memory, DAEMON, can_start=True, private_ram=True),
     }
     for why, service in cases.items():
         assert service.server is DiskServer.WORKER

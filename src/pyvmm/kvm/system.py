@@ -352,16 +352,12 @@ class Vcpu(_Fd):
 
     def run(self) -> int:
         """One KVM_RUN; returns kvm_run.exit_reason, or KVM_EXIT_INTR when interrupted by a signal."""
-        if libc_ioctl(self._fd, _KVM_RUN, 0) < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINTR, errno.EAGAIN):
-                return _EXIT_INTR
-            raise IoctlError(err, f"KVM_RUN failed on vCPU {self.index}: {os.strerror(err)}")
-        return self.kvm_run.exit_reason
+        return self.run_call()()
 
     def run_call(self) -> Callable[[], int]:
         """`run` as a closure over what it needs (the fd, the kvm_run page): the vCPU loop's KVM_RUN
-        without an attribute or method lookup per exit."""
+        without an attribute or method lookup per exit. Returns kvm_run.exit_reason, or KVM_EXIT_INTR when
+        interrupted by a signal."""
         fd, index, kvm_run = self.fd, self.index, self.kvm_run
         ioctl, request, get_errno = libc_ioctl, _KVM_RUN, ctypes.get_errno
 

@@ -294,8 +294,9 @@ _VSOCK_MUXER = (
 )
 
 # The vhost-user hang-up watch (vhost/hangup.py, HangupWatch._run; a service started beside the vCPUs): it
-# polls the backends' sockets for POLLHUP and its stop eventfd, and on a hang-up sets the VM's exit latch
-# (a lock). poll/ppoll, the eventfd read and the thread's end are all the runtime's: nothing on top.
+# polls the backends' sockets for POLLHUP and its wake eventfd (a socket added or removed, the watch
+# stopped), and on a hang-up sets the VM's exit latch (a lock). poll/ppoll, the eventfd read and the
+# thread's end are all the runtime's: nothing on top.
 _VHOST_USER = (
     Allowed("ioctl", "nothing of its own: the runtime's (a traceback's TCGETS)", _ioctls(_RUNTIME_IOCTLS)),
     # The stop message of a disk served by a qemu-storage-daemon pyvmm started says whether the daemon

@@ -77,10 +77,11 @@ def storage_daemon_binary(environ: Mapping[str, str] = os.environ) -> str | None
 
 
 def disk_service(disk: DiskConfig, memory: MemoryConfig, daemon: str | None, *, can_start: bool,
-                 vcpus: int = 1, host_cpus: int = 1) -> DiskService:
+                 vcpus: int = 1, host_cpus: int = 1, private_ram: bool = False) -> DiskService:
     """Who serves `disk`. `daemon`: storage_daemon_binary(); `can_start`: pyvmm may start a program now (it
-    may not under its seccomp filter, which `pyvmm --api-socket` installs before it builds a VM, nor for a
-    hot-plugged disk); `vcpus` the guest's, `host_cpus` the CPUs pyvmm may run on."""
+    may not under its seccomp filter, which `pyvmm --api-socket` installs before it builds a VM, unless its
+    spawner is there); `vcpus` the guest's, `host_cpus` the CPUs pyvmm may run on; `private_ram`: guest RAM
+    is private and stays so (a disk hot-plugged into a running VM booted without shared RAM)."""
     if disk.vhost_user:
         return DiskService(DiskServer.VHOST_USER)
     if daemon is None:
@@ -91,6 +92,9 @@ def disk_service(disk: DiskConfig, memory: MemoryConfig, daemon: str | None, *, 
     if memory.mergeable:
         return DiskService(DiskServer.WORKER, "mergeable=on keeps guest RAM private, which the daemon "
                                               "cannot reach")
+    if private_ram:
+        return DiskService(DiskServer.WORKER, "a hot-plugged disk in a VM whose RAM is private (a daemon "
+                                              "maps guest RAM: boot with --memory shared=on)")
     if disk.serial is not None:
         return DiskService(DiskServer.WORKER, f"serial= is the worker's: {STORAGE_DAEMON} answers every "
                                               "GET_ID with its own")
